@@ -311,7 +311,7 @@ static void *mhc_calloc(size_t count, size_t size) {
 }
 
 static char *mhc_strdup(const char *s) {
-    char *d = mhc_calloc(strlen(s) + 1, 1);
+    char *d = (char *)mhc_calloc(strlen(s) + 1, 1);
     memcpy(d, s, strlen(s));
     return d;
 }
@@ -428,16 +428,15 @@ void mhc_config_finish(MhcConfig *cfg) {
 
 /* SPEC §13. Fields not listed keep the §1 defaults set first. */
 int mhc_preset(MhcConfig *c, const char *name) {
-    *c = (MhcConfig){
-        .residual = MHC_RESIDUAL_MHC, .hc_mult = 4, .sinkhorn_iters = 20, .sinkhorn_eps = 1e-6,
-        .mhc_init = MHC_INIT_IDENTITY, .mhc_alpha_init = 0.01,
-        .q_lora_rank = 0, .kv_lora_rank = 512, .qk_nope_head_dim = 128, .qk_rope_head_dim = 64,
-        .v_head_dim = 128, .rope_theta = 10000.0, .first_k_dense = 1, .route_scale = 1.0,
-        .n_expert_groups = 1, .n_limited_groups = 1, .bias_update_speed = 0.001, .seq_aux_alpha = 1e-4,
-        .rms_eps = 1e-6, .init_std = 0.006,
-        .lr_schedule = MHC_SCHEDULE_STEP, .adam_beta1 = 0.9, .adam_beta2 = 0.95, .adam_eps = 1e-8,
-        .weight_decay = 0.1, .grad_clip = 1.0,
-    };
+    memset(c, 0, sizeof *c);
+    c->residual = MHC_RESIDUAL_MHC; c->hc_mult = 4; c->sinkhorn_iters = 20; c->sinkhorn_eps = 1e-6;
+    c->mhc_init = MHC_INIT_IDENTITY; c->mhc_alpha_init = 0.01;
+    c->q_lora_rank = 0; c->kv_lora_rank = 512; c->qk_nope_head_dim = 128; c->qk_rope_head_dim = 64;
+    c->v_head_dim = 128; c->rope_theta = 10000.0; c->first_k_dense = 1; c->route_scale = 1.0;
+    c->n_expert_groups = 1; c->n_limited_groups = 1; c->bias_update_speed = 0.001; c->seq_aux_alpha = 1e-4;
+    c->rms_eps = 1e-6; c->init_std = 0.006;
+    c->lr_schedule = MHC_SCHEDULE_STEP; c->adam_beta1 = 0.9; c->adam_beta2 = 0.95; c->adam_eps = 1e-8;
+    c->weight_decay = 0.1; c->grad_clip = 1.0;
     /*                  L   C     H   dc   dn   dr  dv  E   Ns K  I     V       T     B     steps  lr      W */
     struct { const char *name; int L, C, H, dc, dn, dr, dv, E, Ns, K, I, V, T, B, steps; double lr; int warmup; } p[] = {
         {"tiny",  4,  128,  4,  64,  32,  16, 32,  8, 1, 2, 128,  50257, 256,  8,    500,   1e-3,   50},
@@ -597,7 +596,7 @@ static void mhc_layout(const MhcConfig *c, MhcLayoutWalk *w, MhcParams *p) {
 
 /* SPEC §13: total from the layout; active = total - Emb - unselected routed experts */
 void mhc_count_params(const MhcConfig *c, int64_t *total, int64_t *active) {
-    MhcLayoutWalk w = {0};
+    MhcLayoutWalk w = {NULL, 0, 0, NULL};
     mhc_layout(c, &w, NULL);
     int moe_layers = c->n_layers - c->first_k_dense;
     *total = (int64_t)w.offset;
@@ -633,24 +632,24 @@ int mhc_model_init(MhcModel *m, const MhcConfig *cfg) {
         return -1;
     }
     const MhcConfig *c = &m->cfg;
-    MhcLayoutWalk count = {0};
+    MhcLayoutWalk count = {NULL, 0, 0, NULL};
     mhc_layout(c, &count, NULL);
     m->n_tensors = count.n;
     m->n_params = count.offset;
-    m->tensors = mhc_calloc((size_t)m->n_tensors, sizeof(MhcTensor));
-    m->params = mhc_calloc(m->n_params, sizeof(mhc_real));
-    m->grads = mhc_calloc(m->n_params, sizeof(mhc_real));
-    m->adam_m = mhc_calloc(m->n_params, sizeof(mhc_real));
-    m->adam_v = mhc_calloc(m->n_params, sizeof(mhc_real));
-    m->p.blk = mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
-    m->g.blk = mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
-    m->p.sub = mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
-    m->g.sub = mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
+    m->tensors = (MhcTensor *)mhc_calloc((size_t)m->n_tensors, sizeof(MhcTensor));
+    m->params = (mhc_real *)mhc_calloc(m->n_params, sizeof(mhc_real));
+    m->grads = (mhc_real *)mhc_calloc(m->n_params, sizeof(mhc_real));
+    m->adam_m = (mhc_real *)mhc_calloc(m->n_params, sizeof(mhc_real));
+    m->adam_v = (mhc_real *)mhc_calloc(m->n_params, sizeof(mhc_real));
+    m->p.blk = (MhcBlock *)mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
+    m->g.blk = (MhcBlock *)mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
+    m->p.sub = (MhcStreamParams *)mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
+    m->g.sub = (MhcStreamParams *)mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
     MhcLayoutWalk wp = {m->tensors, 0, 0, m->params}, wg = {NULL, 0, 0, m->grads};
     mhc_layout(c, &wp, &m->p);
     mhc_layout(c, &wg, &m->g);
-    m->expert_bias = mhc_calloc((size_t)c->n_layers * c->n_routed_experts, sizeof(mhc_real));
-    m->expert_load = mhc_calloc((size_t)c->n_layers * c->n_routed_experts, sizeof(int64_t));
+    m->expert_bias = (mhc_real *)mhc_calloc((size_t)c->n_layers * c->n_routed_experts, sizeof(mhc_real));
+    m->expert_load = (int64_t *)mhc_calloc((size_t)c->n_layers * c->n_routed_experts, sizeof(int64_t));
     return 0;
 }
 
@@ -904,8 +903,8 @@ void mhc_sinkhorn_forward(mhc_real *H, const mhc_real *Lam, int n, int iters, do
    dLam = (not accumulated) gradient w.r.t. Lam, from dH = gradient w.r.t. H_res. */
 void mhc_sinkhorn_backward(mhc_real *dLam, const mhc_real *dH, const mhc_real *Lam, int n, int iters, double eps) {
     int nn = n * n, steps = 2 * iters;
-    double *Y = mhc_calloc((size_t)(steps + 1) * nn, sizeof(double));   /* Y[0] = M_0, Y[k] after step k */
-    double *sums = mhc_calloc((size_t)steps * n, sizeof(double));
+    double *Y = (double *)mhc_calloc((size_t)(steps + 1) * nn, sizeof(double));   /* Y[0] = M_0, Y[k] after step k */
+    double *sums = (double *)mhc_calloc((size_t)steps * n, sizeof(double));
     int am[16];
     for (int j = 0; j < n; j++) {
         double mu = Lam[j];
@@ -1456,7 +1455,7 @@ static void moe_group_by_expert(int *order, int *start, const int *sel, int N, i
     for (int e = 0; e <= E; e++) start[e] = 0;
     for (int p = 0; p < N * K; p++) start[sel[p] + 1]++;
     for (int e = 0; e < E; e++) start[e + 1] += start[e];
-    int *fill = mhc_calloc((size_t)E, sizeof(int));
+    int *fill = (int *)mhc_calloc((size_t)E, sizeof(int));
     for (int p = 0; p < N * K; p++) order[start[sel[p]] + fill[sel[p]]++] = p;
     free(fill);
 }
@@ -1468,7 +1467,8 @@ static double moe_balance_loss(mhc_real *ds, const mhc_real *s, const int *sel, 
     int E = c->n_routed_experts, K = c->n_activated_experts;
     double alpha = c->seq_aux_alpha, total = 0;
     if (alpha == 0) return 0;
-    double *f = mhc_calloc((size_t)E, sizeof(double)), *P = mhc_calloc((size_t)E, sizeof(double));
+    double *f = (double *)mhc_calloc((size_t)E, sizeof(double));
+    double *P = (double *)mhc_calloc((size_t)E, sizeof(double));
     for (int b = 0; b < B; b++) {
         for (int i = 0; i < E; i++) f[i] = P[i] = 0;
         for (int t = b * T; t < (b + 1) * T; t++) {
@@ -1557,8 +1557,8 @@ static void moe_backward(MhcModel *md, MhcActs *A, int l, const mhc_real *u, con
     moe_group_by_expert(A->expert_order, A->expert_start, sel, N, K, E);
 #pragma omp parallel
     {
-        mhc_real *dh = mhc_calloc((size_t)I, sizeof(mhc_real)), *da = mhc_calloc((size_t)I, sizeof(mhc_real));
-        mhc_real *dg = mhc_calloc((size_t)I, sizeof(mhc_real)), *dy = mhc_calloc((size_t)C, sizeof(mhc_real));
+        mhc_real *dh = (mhc_real *)mhc_calloc((size_t)I, sizeof(mhc_real)), *da = (mhc_real *)mhc_calloc((size_t)I, sizeof(mhc_real));
+        mhc_real *dg = (mhc_real *)mhc_calloc((size_t)I, sizeof(mhc_real)), *dy = (mhc_real *)mhc_calloc((size_t)C, sizeof(mhc_real));
 #pragma omp for schedule(dynamic)
         for (int e = 0; e < E; e++) {          /* each thread owns expert e's weight gradients */
             const mhc_real *W1 = b->w1 + (size_t)e * I * C, *W3 = b->w3 + (size_t)e * I * C, *W2 = b->w2 + (size_t)e * C * I;
@@ -1649,64 +1649,64 @@ static void mhc_acts_init(MhcActs *a, const MhcConfig *c, int B, int T, int with
     size_t wide = H * dv > F ? H * dv : F;
     mhc_acts_free(a);
     a->B = B; a->T = T;
-    a->X = mhc_calloc((S + 1) * N * n * C, sizeof(mhc_real));
-    a->coef_a = mhc_calloc(S * N * m, sizeof(mhc_real));
-    a->coef_h = mhc_calloc(S * N * m, sizeof(mhc_real));
-    a->coef_H = mhc_calloc(S * N * m, sizeof(mhc_real));
-    a->coef_r = mhc_calloc(S * N * n, sizeof(mhc_real));
-    a->y = mhc_calloc(S * N * C, sizeof(mhc_real));
-    a->u = mhc_calloc(S * N * C, sizeof(mhc_real));
-    a->u_rstd = mhc_calloc(S * N, sizeof(mhc_real));
-    a->f = mhc_calloc(S * N * C, sizeof(mhc_real));
-    a->q = mhc_calloc(L * N * H * dqk, sizeof(mhc_real));
-    a->cq_raw = mhc_calloc(L * N * dq, sizeof(mhc_real));
-    a->cq = mhc_calloc(L * N * dq, sizeof(mhc_real));
-    a->cq_rstd = mhc_calloc(L * N, sizeof(mhc_real));
-    a->c_raw = mhc_calloc(L * N * dc, sizeof(mhc_real));
-    a->c = mhc_calloc(L * N * dc, sizeof(mhc_real));
-    a->c_rstd = mhc_calloc(L * N, sizeof(mhc_real));
-    a->kpe = mhc_calloc(L * N * dr, sizeof(mhc_real));
-    a->kv = mhc_calloc(L * N * H * (dn + dv), sizeof(mhc_real));
-    a->att = mhc_calloc(L * B * H * T * T, sizeof(mhc_real));
-    a->o = mhc_calloc(L * N * H * dv, sizeof(mhc_real));
-    a->ffn_a = mhc_calloc(L * N * F, sizeof(mhc_real));
-    a->ffn_g = mhc_calloc(L * N * F, sizeof(mhc_real));
-    a->ffn_h = mhc_calloc(L * N * F, sizeof(mhc_real));
-    a->moe_s = mhc_calloc(L * N * E, sizeof(mhc_real));
-    a->moe_sel = mhc_calloc(L * N * K, sizeof(int));
-    a->moe_w = mhc_calloc(L * N * K, sizeof(mhc_real));
-    a->moe_eo = mhc_calloc(L * N * K * C, sizeof(mhc_real));
-    a->expert_order = mhc_calloc(N * K, sizeof(int));
-    a->expert_start = mhc_calloc(E + 1, sizeof(int));
-    a->z = mhc_calloc(N * C, sizeof(mhc_real));
-    a->hf = mhc_calloc(N * C, sizeof(mhc_real));
-    a->hf_rstd = mhc_calloc(N, sizeof(mhc_real));
-    a->logits = mhc_calloc(N * V, sizeof(mhc_real));
-    a->losses = mhc_calloc(N, sizeof(mhc_real));
-    a->Xt = mhc_calloc(N * n * C, sizeof(mhc_real));
+    a->X = (mhc_real *)mhc_calloc((S + 1) * N * n * C, sizeof(mhc_real));
+    a->coef_a = (mhc_real *)mhc_calloc(S * N * m, sizeof(mhc_real));
+    a->coef_h = (mhc_real *)mhc_calloc(S * N * m, sizeof(mhc_real));
+    a->coef_H = (mhc_real *)mhc_calloc(S * N * m, sizeof(mhc_real));
+    a->coef_r = (mhc_real *)mhc_calloc(S * N * n, sizeof(mhc_real));
+    a->y = (mhc_real *)mhc_calloc(S * N * C, sizeof(mhc_real));
+    a->u = (mhc_real *)mhc_calloc(S * N * C, sizeof(mhc_real));
+    a->u_rstd = (mhc_real *)mhc_calloc(S * N, sizeof(mhc_real));
+    a->f = (mhc_real *)mhc_calloc(S * N * C, sizeof(mhc_real));
+    a->q = (mhc_real *)mhc_calloc(L * N * H * dqk, sizeof(mhc_real));
+    a->cq_raw = (mhc_real *)mhc_calloc(L * N * dq, sizeof(mhc_real));
+    a->cq = (mhc_real *)mhc_calloc(L * N * dq, sizeof(mhc_real));
+    a->cq_rstd = (mhc_real *)mhc_calloc(L * N, sizeof(mhc_real));
+    a->c_raw = (mhc_real *)mhc_calloc(L * N * dc, sizeof(mhc_real));
+    a->c = (mhc_real *)mhc_calloc(L * N * dc, sizeof(mhc_real));
+    a->c_rstd = (mhc_real *)mhc_calloc(L * N, sizeof(mhc_real));
+    a->kpe = (mhc_real *)mhc_calloc(L * N * dr, sizeof(mhc_real));
+    a->kv = (mhc_real *)mhc_calloc(L * N * H * (dn + dv), sizeof(mhc_real));
+    a->att = (mhc_real *)mhc_calloc(L * B * H * T * T, sizeof(mhc_real));
+    a->o = (mhc_real *)mhc_calloc(L * N * H * dv, sizeof(mhc_real));
+    a->ffn_a = (mhc_real *)mhc_calloc(L * N * F, sizeof(mhc_real));
+    a->ffn_g = (mhc_real *)mhc_calloc(L * N * F, sizeof(mhc_real));
+    a->ffn_h = (mhc_real *)mhc_calloc(L * N * F, sizeof(mhc_real));
+    a->moe_s = (mhc_real *)mhc_calloc(L * N * E, sizeof(mhc_real));
+    a->moe_sel = (int *)mhc_calloc(L * N * K, sizeof(int));
+    a->moe_w = (mhc_real *)mhc_calloc(L * N * K, sizeof(mhc_real));
+    a->moe_eo = (mhc_real *)mhc_calloc(L * N * K * C, sizeof(mhc_real));
+    a->expert_order = (int *)mhc_calloc(N * K, sizeof(int));
+    a->expert_start = (int *)mhc_calloc(E + 1, sizeof(int));
+    a->z = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
+    a->hf = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
+    a->hf_rstd = (mhc_real *)mhc_calloc(N, sizeof(mhc_real));
+    a->logits = (mhc_real *)mhc_calloc(N * V, sizeof(mhc_real));
+    a->losses = (mhc_real *)mhc_calloc(N, sizeof(mhc_real));
+    a->Xt = (mhc_real *)mhc_calloc(N * n * C, sizeof(mhc_real));
     if (!with_grad) return;
-    a->dX = mhc_calloc(N * n * C, sizeof(mhc_real));
-    a->dX2 = mhc_calloc(N * n * C, sizeof(mhc_real));
-    a->dH = mhc_calloc(N * m, sizeof(mhc_real));
-    a->dcoef = mhc_calloc(N * m, sizeof(mhc_real));
-    a->dXt = mhc_calloc(N * n * C, sizeof(mhc_real));
-    a->df = mhc_calloc(N * C, sizeof(mhc_real));
-    a->du = mhc_calloc(N * C, sizeof(mhc_real));
-    a->dy = mhc_calloc(N * C, sizeof(mhc_real));
-    a->dq = mhc_calloc(N * H * dqk, sizeof(mhc_real));
-    a->dkv = mhc_calloc(N * H * (dn + dv), sizeof(mhc_real));
-    a->dkpe = mhc_calloc(N * dr, sizeof(mhc_real));
-    a->dkpe_h = mhc_calloc(N * H * dr, sizeof(mhc_real));
-    a->dlat = mhc_calloc(N * dc, sizeof(mhc_real));
-    a->dlat_raw = mhc_calloc(N * dc, sizeof(mhc_real));
-    a->dcq = mhc_calloc(N * dq, sizeof(mhc_real));
-    a->dcq_raw = mhc_calloc(N * dq, sizeof(mhc_real));
-    a->dwide = mhc_calloc(N * wide, sizeof(mhc_real));
-    a->dffn_a = mhc_calloc(N * F, sizeof(mhc_real));
-    a->dffn_g = mhc_calloc(N * F, sizeof(mhc_real));
-    a->dslot = mhc_calloc(N * K * C, sizeof(mhc_real));
-    a->dscore = mhc_calloc(N * E, sizeof(mhc_real));
-    a->dgw = mhc_calloc(N * K, sizeof(mhc_real));
+    a->dX = (mhc_real *)mhc_calloc(N * n * C, sizeof(mhc_real));
+    a->dX2 = (mhc_real *)mhc_calloc(N * n * C, sizeof(mhc_real));
+    a->dH = (mhc_real *)mhc_calloc(N * m, sizeof(mhc_real));
+    a->dcoef = (mhc_real *)mhc_calloc(N * m, sizeof(mhc_real));
+    a->dXt = (mhc_real *)mhc_calloc(N * n * C, sizeof(mhc_real));
+    a->df = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
+    a->du = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
+    a->dy = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
+    a->dq = (mhc_real *)mhc_calloc(N * H * dqk, sizeof(mhc_real));
+    a->dkv = (mhc_real *)mhc_calloc(N * H * (dn + dv), sizeof(mhc_real));
+    a->dkpe = (mhc_real *)mhc_calloc(N * dr, sizeof(mhc_real));
+    a->dkpe_h = (mhc_real *)mhc_calloc(N * H * dr, sizeof(mhc_real));
+    a->dlat = (mhc_real *)mhc_calloc(N * dc, sizeof(mhc_real));
+    a->dlat_raw = (mhc_real *)mhc_calloc(N * dc, sizeof(mhc_real));
+    a->dcq = (mhc_real *)mhc_calloc(N * dq, sizeof(mhc_real));
+    a->dcq_raw = (mhc_real *)mhc_calloc(N * dq, sizeof(mhc_real));
+    a->dwide = (mhc_real *)mhc_calloc(N * wide, sizeof(mhc_real));
+    a->dffn_a = (mhc_real *)mhc_calloc(N * F, sizeof(mhc_real));
+    a->dffn_g = (mhc_real *)mhc_calloc(N * F, sizeof(mhc_real));
+    a->dslot = (mhc_real *)mhc_calloc(N * K * C, sizeof(mhc_real));
+    a->dscore = (mhc_real *)mhc_calloc(N * E, sizeof(mhc_real));
+    a->dgw = (mhc_real *)mhc_calloc(N * K, sizeof(mhc_real));
 }
 
 int mhc_acts_alloc(MhcModel *m, int B, int T) {
@@ -1899,11 +1899,11 @@ int mhc_cache_init(MhcCache *c, const MhcConfig *cfg, int max_len) {
     memset(c, 0, sizeof *c);
     if (max_len < 1) return -1;
     c->max_len = max_len;
-    c->ckv = mhc_calloc((size_t)cfg->n_layers * max_len * cfg->kv_lora_rank, sizeof(mhc_real));
-    c->kpe = mhc_calloc((size_t)cfg->n_layers * max_len * cfg->qk_rope_head_dim, sizeof(mhc_real));
-    c->qabs = mhc_calloc((size_t)cfg->n_heads * cfg->kv_lora_rank, sizeof(mhc_real));
-    c->olat = mhc_calloc((size_t)cfg->n_heads * cfg->kv_lora_rank, sizeof(mhc_real));
-    c->scores = mhc_calloc((size_t)max_len, sizeof(mhc_real));
+    c->ckv = (mhc_real *)mhc_calloc((size_t)cfg->n_layers * max_len * cfg->kv_lora_rank, sizeof(mhc_real));
+    c->kpe = (mhc_real *)mhc_calloc((size_t)cfg->n_layers * max_len * cfg->qk_rope_head_dim, sizeof(mhc_real));
+    c->qabs = (mhc_real *)mhc_calloc((size_t)cfg->n_heads * cfg->kv_lora_rank, sizeof(mhc_real));
+    c->olat = (mhc_real *)mhc_calloc((size_t)cfg->n_heads * cfg->kv_lora_rank, sizeof(mhc_real));
+    c->scores = (mhc_real *)mhc_calloc((size_t)max_len, sizeof(mhc_real));
     mhc_acts_init(&c->acts, cfg, 1, 1, 0);
     return 0;
 }
@@ -2030,9 +2030,9 @@ static int mhc_st_parse(MhcSafetensors *st, char *err, size_t es) {
     MhcJson j = {st->json, st->json + strlen(st->json)};
     char key[256], value[1024];
     int cap = 64, mcap = 64;
-    st->entries = mhc_calloc((size_t)cap, sizeof(MhcStEntry));
-    st->meta_keys = mhc_calloc((size_t)mcap, sizeof(char *));
-    st->meta_values = mhc_calloc((size_t)mcap, sizeof(char *));
+    st->entries = (MhcStEntry *)mhc_calloc((size_t)cap, sizeof(MhcStEntry));
+    st->meta_keys = (char **)mhc_calloc((size_t)mcap, sizeof(char *));
+    st->meta_values = (char **)mhc_calloc((size_t)mcap, sizeof(char *));
     if (!json_take(&j, '{')) { mhc_errf(err, es, "header is not a JSON object"); return -1; }
     if (json_take(&j, '}')) return 0;
     do {
@@ -2049,8 +2049,8 @@ static int mhc_st_parse(MhcSafetensors *st, char *err, size_t es) {
                 }
                 if (st->n_meta == mcap) {
                     mcap *= 2;
-                    st->meta_keys = realloc(st->meta_keys, sizeof(char *) * mcap);
-                    st->meta_values = realloc(st->meta_values, sizeof(char *) * mcap);
+                    st->meta_keys = (char **)realloc(st->meta_keys, sizeof(char *) * mcap);
+                    st->meta_values = (char **)realloc(st->meta_values, sizeof(char *) * mcap);
                     if (!st->meta_keys || !st->meta_values) { mhc_errf(err, es, "out of memory"); return -1; }
                 }
                 st->meta_keys[st->n_meta] = mhc_strdup(key);
@@ -2062,7 +2062,7 @@ static int mhc_st_parse(MhcSafetensors *st, char *err, size_t es) {
         }
         if (st->n_entries == cap) {
             cap *= 2;
-            st->entries = realloc(st->entries, sizeof(MhcStEntry) * cap);
+            st->entries = (MhcStEntry *)realloc(st->entries, sizeof(MhcStEntry) * cap);
             if (!st->entries) { mhc_errf(err, es, "out of memory"); return -1; }
         }
         MhcStEntry *e = &st->entries[st->n_entries];
@@ -2135,9 +2135,9 @@ int mhc_st_open(MhcSafetensors *st, const char *path, char *err, size_t es) {
         fclose(fp);
         return -1;
     }
-    st->json = mhc_calloc(hlen + 1, 1);
+    st->json = (char *)mhc_calloc(hlen + 1, 1);
     st->data_size = fsize - 8 - hlen;
-    st->data = mhc_calloc(st->data_size, 1);
+    st->data = (unsigned char *)mhc_calloc(st->data_size, 1);
     if (fread(st->json, 1, hlen, fp) != hlen || fread(st->data, 1, st->data_size, fp) != st->data_size) {
         mhc_errf(err, es, "%s: read error", path);
         fclose(fp);
@@ -2196,7 +2196,7 @@ int mhc_st_write(const char *path, const MhcStTensor *t, int n, const char *cons
                  char *err, size_t es) {
     size_t cap = 4096 + (size_t)n * 256, len = 0;
     for (int k = 0; k < n_meta; k++) cap += strlen(mk[k]) + strlen(mv[k]) + 16;
-    char *h = mhc_calloc(cap, 1);
+    char *h = (char *)mhc_calloc(cap, 1);
     len += (size_t)snprintf(h + len, cap - len, "{\"__metadata__\":{");
     for (int k = 0; k < n_meta; k++)                 /* keys and values are plain ASCII names and numbers */
         len += (size_t)snprintf(h + len, cap - len, "%s\"%s\":\"%s\"", k ? "," : "", mk[k], mv[k]);
@@ -2256,8 +2256,8 @@ static int mhc_config_meta(MhcConfig *cfg, int step, char (*keys)[48], char (*va
 int mhc_save_weights(const MhcModel *m, const char *path, char *err, size_t es) {
     const MhcConfig *c = &m->cfg;
     int moe_layers = c->n_layers - c->first_k_dense, nt = m->n_tensors + moe_layers;
-    MhcStTensor *t = mhc_calloc((size_t)nt, sizeof(MhcStTensor));
-    char (*names)[64] = mhc_calloc((size_t)moe_layers + 1, 64);
+    MhcStTensor *t = (MhcStTensor *)mhc_calloc((size_t)nt, sizeof(MhcStTensor));
+    char (*names)[64] = (char (*)[64])mhc_calloc((size_t)moe_layers + 1, 64);
     for (int k = 0; k < m->n_tensors; k++) {
         const MhcTensor *x = &m->tensors[k];
         t[k] = (MhcStTensor){x->name, mhc_real_dtype(), x->ndim, {x->shape[0], x->shape[1], x->shape[2], 0},
@@ -2360,7 +2360,8 @@ int mhc_save_optimizer(const MhcModel *m, const char *path, const char *const *e
                        char *err, size_t es) {
     MhcStTensor t[2] = {{"adam_m", mhc_real_dtype(), 1, {(int64_t)m->n_params, 0, 0, 0}, m->adam_m},
                         {"adam_v", mhc_real_dtype(), 1, {(int64_t)m->n_params, 0, 0, 0}, m->adam_v}};
-    const char **keys = mhc_calloc((size_t)n_extra + 1, sizeof(char *)), **values = mhc_calloc((size_t)n_extra + 1, sizeof(char *));
+    const char **keys = (const char **)mhc_calloc((size_t)n_extra + 1, sizeof(char *));
+    const char **values = (const char **)mhc_calloc((size_t)n_extra + 1, sizeof(char *));
     char step[32];
     snprintf(step, sizeof step, "%d", m->step);
     keys[0] = "step";
@@ -2437,7 +2438,7 @@ int mhc_shard_read(const char *path, uint32_t **tokens, int64_t *ntok, int *vers
         return -1;
     }
     fseek(fp, 1024, SEEK_SET);
-    uint32_t *t = mhc_calloc((size_t)n, sizeof(uint32_t));
+    uint32_t *t = (uint32_t *)mhc_calloc((size_t)n, sizeof(uint32_t));
     int ok = 1;
     for (int64_t i = 0; i < n && ok; i++) {
         if (width == 2) { uint16_t v; ok = fread(&v, 2, 1, fp) == 1; t[i] = v; }
