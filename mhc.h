@@ -182,6 +182,7 @@ int mhc_model_init(MhcModel *m, const MhcConfig *cfg);   /* allocates parameters
 void mhc_model_free(MhcModel *m);
 void mhc_init_params(MhcModel *m, uint64_t seed);          /* SPEC §12, §6, §7.1 */
 int mhc_acts_alloc(MhcModel *m, int B, int T);             /* 0 ok */
+size_t mhc_acts_bytes(const MhcConfig *cfg, int B, int T); /* activation memory of one B x T step */
 
 /* forward: returns the loss CE_mean + L_aux (targets may be NULL: logits only, loss 0) */
 double mhc_forward(MhcModel *m, const int *tokens, const int *targets, int B, int T);
@@ -1626,87 +1627,125 @@ double mhc_max_violation(const MhcModel *m, int layer) {
 
 /* ---------------------------------------------------------------------------------------------
    7. The model (SPEC §2): embed, expand once, S = 2L sublayers, reduce once, norm, head, CE.      */
-static void mhc_acts_free(MhcActs *a) {
-    mhc_real **reals[] = {&a->X, &a->coef_a, &a->coef_h, &a->coef_H, &a->coef_r, &a->y, &a->u, &a->u_rstd, &a->f,
-                          &a->q, &a->cq_raw, &a->cq, &a->cq_rstd, &a->c_raw, &a->c, &a->c_rstd, &a->kpe, &a->kv,
-                          &a->att, &a->o, &a->ffn_a, &a->ffn_g, &a->ffn_h, &a->moe_s, &a->moe_w, &a->moe_eo,
-                          &a->z, &a->hf, &a->hf_rstd, &a->logits, &a->losses, &a->dX, &a->dX2, &a->dH, &a->dcoef,
-                          &a->Xt, &a->dXt, &a->df, &a->du, &a->dy, &a->dq, &a->dkv, &a->dkpe, &a->dkpe_h, &a->dlat,
-                          &a->dlat_raw, &a->dcq, &a->dcq_raw, &a->dwide, &a->dffn_a, &a->dffn_g, &a->dslot,
-                          &a->dscore, &a->dgw};
-    for (size_t k = 0; k < sizeof reals / sizeof reals[0]; k++) { free(*reals[k]); *reals[k] = NULL; }
-    free(a->moe_sel); free(a->expert_order); free(a->expert_start);
-    a->moe_sel = a->expert_order = a->expert_start = NULL;
-    a->B = a->T = 0;
+/* Every activation buffer with its element count: one table allocates, frees and sizes them. */
+typedef struct {
+    mhc_real **real;    /* exactly one of real / integer is set */
+    int **integer;
+    size_t count;
+    int grad;           /* backward scratch only */
+} MhcBuffer;
+
+static MhcBuffer mhc_buf(mhc_real **real, size_t count, int grad) {
+    MhcBuffer b = {real, NULL, count, grad};
+    return b;
+}
+static MhcBuffer mhc_buf_int(int **integer, size_t count) {
+    MhcBuffer b = {NULL, integer, count, 0};
+    return b;
 }
 
-/* backward scratch is allocated only when with_grad is set (decode needs none) */
-static void mhc_acts_init(MhcActs *a, const MhcConfig *c, int B, int T, int with_grad) {
+#define MHC_MAX_BUFFERS 64
+static int mhc_acts_table(MhcActs *a, const MhcConfig *c, int B, int T, MhcBuffer *t) {
     size_t N = (size_t)B * T, C = c->d_model, n = c->hc_mult, m = mhc_m(c), S = 2 * (size_t)c->n_layers;
     size_t L = c->n_layers, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     size_t dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, dq = c->q_lora_rank, V = c->vocab_size;
     size_t E = c->n_routed_experts, K = c->n_activated_experts, F = mhc_ffn_width(c);
     size_t wide = H * dv > F ? H * dv : F;
+    int k = 0;
+    t[k++] = mhc_buf(&a->X, (S + 1) * N * n * C, 0);
+    t[k++] = mhc_buf(&a->coef_a, S * N * m, 0);
+    t[k++] = mhc_buf(&a->coef_h, S * N * m, 0);
+    t[k++] = mhc_buf(&a->coef_H, S * N * m, 0);
+    t[k++] = mhc_buf(&a->coef_r, S * N * n, 0);
+    t[k++] = mhc_buf(&a->y, S * N * C, 0);
+    t[k++] = mhc_buf(&a->u, S * N * C, 0);
+    t[k++] = mhc_buf(&a->u_rstd, S * N, 0);
+    t[k++] = mhc_buf(&a->f, S * N * C, 0);
+    t[k++] = mhc_buf(&a->q, L * N * H * dqk, 0);
+    t[k++] = mhc_buf(&a->cq_raw, L * N * dq, 0);
+    t[k++] = mhc_buf(&a->cq, L * N * dq, 0);
+    t[k++] = mhc_buf(&a->cq_rstd, L * N, 0);
+    t[k++] = mhc_buf(&a->c_raw, L * N * dc, 0);
+    t[k++] = mhc_buf(&a->c, L * N * dc, 0);
+    t[k++] = mhc_buf(&a->c_rstd, L * N, 0);
+    t[k++] = mhc_buf(&a->kpe, L * N * dr, 0);
+    t[k++] = mhc_buf(&a->kv, L * N * H * (dn + dv), 0);
+    t[k++] = mhc_buf(&a->att, L * B * H * T * T, 0);
+    t[k++] = mhc_buf(&a->o, L * N * H * dv, 0);
+    t[k++] = mhc_buf(&a->ffn_a, L * N * F, 0);
+    t[k++] = mhc_buf(&a->ffn_g, L * N * F, 0);
+    t[k++] = mhc_buf(&a->ffn_h, L * N * F, 0);
+    t[k++] = mhc_buf(&a->moe_s, L * N * E, 0);
+    t[k++] = mhc_buf_int(&a->moe_sel, L * N * K);
+    t[k++] = mhc_buf(&a->moe_w, L * N * K, 0);
+    t[k++] = mhc_buf(&a->moe_eo, L * N * K * C, 0);
+    t[k++] = mhc_buf_int(&a->expert_order, N * K);
+    t[k++] = mhc_buf_int(&a->expert_start, E + 1);
+    t[k++] = mhc_buf(&a->z, N * C, 0);
+    t[k++] = mhc_buf(&a->hf, N * C, 0);
+    t[k++] = mhc_buf(&a->hf_rstd, N, 0);
+    t[k++] = mhc_buf(&a->logits, N * V, 0);
+    t[k++] = mhc_buf(&a->losses, N, 0);
+    t[k++] = mhc_buf(&a->Xt, N * n * C, 0);
+    t[k++] = mhc_buf(&a->dX, N * n * C, 1);
+    t[k++] = mhc_buf(&a->dX2, N * n * C, 1);
+    t[k++] = mhc_buf(&a->dH, N * m, 1);
+    t[k++] = mhc_buf(&a->dcoef, N * m, 1);
+    t[k++] = mhc_buf(&a->dXt, N * n * C, 1);
+    t[k++] = mhc_buf(&a->df, N * C, 1);
+    t[k++] = mhc_buf(&a->du, N * C, 1);
+    t[k++] = mhc_buf(&a->dy, N * C, 1);
+    t[k++] = mhc_buf(&a->dq, N * H * dqk, 1);
+    t[k++] = mhc_buf(&a->dkv, N * H * (dn + dv), 1);
+    t[k++] = mhc_buf(&a->dkpe, N * dr, 1);
+    t[k++] = mhc_buf(&a->dkpe_h, N * H * dr, 1);
+    t[k++] = mhc_buf(&a->dlat, N * dc, 1);
+    t[k++] = mhc_buf(&a->dlat_raw, N * dc, 1);
+    t[k++] = mhc_buf(&a->dcq, N * dq, 1);
+    t[k++] = mhc_buf(&a->dcq_raw, N * dq, 1);
+    t[k++] = mhc_buf(&a->dwide, N * wide, 1);
+    t[k++] = mhc_buf(&a->dffn_a, N * F, 1);
+    t[k++] = mhc_buf(&a->dffn_g, N * F, 1);
+    t[k++] = mhc_buf(&a->dslot, N * K * C, 1);
+    t[k++] = mhc_buf(&a->dscore, N * E, 1);
+    t[k++] = mhc_buf(&a->dgw, N * K, 1);
+    return k;
+}
+
+static void mhc_acts_free(MhcActs *a) {
+    MhcConfig zero;
+    MhcBuffer t[MHC_MAX_BUFFERS];
+    memset(&zero, 0, sizeof zero);
+    int n = mhc_acts_table(a, &zero, 0, 0, t);
+    for (int k = 0; k < n; k++) {
+        if (t[k].real) { free(*t[k].real); *t[k].real = NULL; }
+        else { free(*t[k].integer); *t[k].integer = NULL; }
+    }
+    a->B = a->T = 0;
+}
+
+/* backward scratch is allocated only when with_grad is set (decode needs none) */
+static void mhc_acts_init(MhcActs *a, const MhcConfig *c, int B, int T, int with_grad) {
+    MhcBuffer t[MHC_MAX_BUFFERS];
     mhc_acts_free(a);
-    a->B = B; a->T = T;
-    a->X = (mhc_real *)mhc_calloc((S + 1) * N * n * C, sizeof(mhc_real));
-    a->coef_a = (mhc_real *)mhc_calloc(S * N * m, sizeof(mhc_real));
-    a->coef_h = (mhc_real *)mhc_calloc(S * N * m, sizeof(mhc_real));
-    a->coef_H = (mhc_real *)mhc_calloc(S * N * m, sizeof(mhc_real));
-    a->coef_r = (mhc_real *)mhc_calloc(S * N * n, sizeof(mhc_real));
-    a->y = (mhc_real *)mhc_calloc(S * N * C, sizeof(mhc_real));
-    a->u = (mhc_real *)mhc_calloc(S * N * C, sizeof(mhc_real));
-    a->u_rstd = (mhc_real *)mhc_calloc(S * N, sizeof(mhc_real));
-    a->f = (mhc_real *)mhc_calloc(S * N * C, sizeof(mhc_real));
-    a->q = (mhc_real *)mhc_calloc(L * N * H * dqk, sizeof(mhc_real));
-    a->cq_raw = (mhc_real *)mhc_calloc(L * N * dq, sizeof(mhc_real));
-    a->cq = (mhc_real *)mhc_calloc(L * N * dq, sizeof(mhc_real));
-    a->cq_rstd = (mhc_real *)mhc_calloc(L * N, sizeof(mhc_real));
-    a->c_raw = (mhc_real *)mhc_calloc(L * N * dc, sizeof(mhc_real));
-    a->c = (mhc_real *)mhc_calloc(L * N * dc, sizeof(mhc_real));
-    a->c_rstd = (mhc_real *)mhc_calloc(L * N, sizeof(mhc_real));
-    a->kpe = (mhc_real *)mhc_calloc(L * N * dr, sizeof(mhc_real));
-    a->kv = (mhc_real *)mhc_calloc(L * N * H * (dn + dv), sizeof(mhc_real));
-    a->att = (mhc_real *)mhc_calloc(L * B * H * T * T, sizeof(mhc_real));
-    a->o = (mhc_real *)mhc_calloc(L * N * H * dv, sizeof(mhc_real));
-    a->ffn_a = (mhc_real *)mhc_calloc(L * N * F, sizeof(mhc_real));
-    a->ffn_g = (mhc_real *)mhc_calloc(L * N * F, sizeof(mhc_real));
-    a->ffn_h = (mhc_real *)mhc_calloc(L * N * F, sizeof(mhc_real));
-    a->moe_s = (mhc_real *)mhc_calloc(L * N * E, sizeof(mhc_real));
-    a->moe_sel = (int *)mhc_calloc(L * N * K, sizeof(int));
-    a->moe_w = (mhc_real *)mhc_calloc(L * N * K, sizeof(mhc_real));
-    a->moe_eo = (mhc_real *)mhc_calloc(L * N * K * C, sizeof(mhc_real));
-    a->expert_order = (int *)mhc_calloc(N * K, sizeof(int));
-    a->expert_start = (int *)mhc_calloc(E + 1, sizeof(int));
-    a->z = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
-    a->hf = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
-    a->hf_rstd = (mhc_real *)mhc_calloc(N, sizeof(mhc_real));
-    a->logits = (mhc_real *)mhc_calloc(N * V, sizeof(mhc_real));
-    a->losses = (mhc_real *)mhc_calloc(N, sizeof(mhc_real));
-    a->Xt = (mhc_real *)mhc_calloc(N * n * C, sizeof(mhc_real));
-    if (!with_grad) return;
-    a->dX = (mhc_real *)mhc_calloc(N * n * C, sizeof(mhc_real));
-    a->dX2 = (mhc_real *)mhc_calloc(N * n * C, sizeof(mhc_real));
-    a->dH = (mhc_real *)mhc_calloc(N * m, sizeof(mhc_real));
-    a->dcoef = (mhc_real *)mhc_calloc(N * m, sizeof(mhc_real));
-    a->dXt = (mhc_real *)mhc_calloc(N * n * C, sizeof(mhc_real));
-    a->df = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
-    a->du = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
-    a->dy = (mhc_real *)mhc_calloc(N * C, sizeof(mhc_real));
-    a->dq = (mhc_real *)mhc_calloc(N * H * dqk, sizeof(mhc_real));
-    a->dkv = (mhc_real *)mhc_calloc(N * H * (dn + dv), sizeof(mhc_real));
-    a->dkpe = (mhc_real *)mhc_calloc(N * dr, sizeof(mhc_real));
-    a->dkpe_h = (mhc_real *)mhc_calloc(N * H * dr, sizeof(mhc_real));
-    a->dlat = (mhc_real *)mhc_calloc(N * dc, sizeof(mhc_real));
-    a->dlat_raw = (mhc_real *)mhc_calloc(N * dc, sizeof(mhc_real));
-    a->dcq = (mhc_real *)mhc_calloc(N * dq, sizeof(mhc_real));
-    a->dcq_raw = (mhc_real *)mhc_calloc(N * dq, sizeof(mhc_real));
-    a->dwide = (mhc_real *)mhc_calloc(N * wide, sizeof(mhc_real));
-    a->dffn_a = (mhc_real *)mhc_calloc(N * F, sizeof(mhc_real));
-    a->dffn_g = (mhc_real *)mhc_calloc(N * F, sizeof(mhc_real));
-    a->dslot = (mhc_real *)mhc_calloc(N * K * C, sizeof(mhc_real));
-    a->dscore = (mhc_real *)mhc_calloc(N * E, sizeof(mhc_real));
-    a->dgw = (mhc_real *)mhc_calloc(N * K, sizeof(mhc_real));
+    int n = mhc_acts_table(a, c, B, T, t);
+    for (int k = 0; k < n; k++) {
+        if (t[k].grad && !with_grad) continue;
+        if (t[k].real) *t[k].real = (mhc_real *)mhc_calloc(t[k].count, sizeof(mhc_real));
+        else *t[k].integer = (int *)mhc_calloc(t[k].count, sizeof(int));
+    }
+    a->B = B;
+    a->T = T;
+}
+
+size_t mhc_acts_bytes(const MhcConfig *c, int B, int T) {
+    MhcActs a;
+    MhcBuffer t[MHC_MAX_BUFFERS];
+    size_t bytes = 0;
+    memset(&a, 0, sizeof a);
+    int n = mhc_acts_table(&a, c, B, T, t);
+    for (int k = 0; k < n; k++) bytes += t[k].count * (t[k].real ? sizeof(mhc_real) : sizeof(int));
+    return bytes;
 }
 
 int mhc_acts_alloc(MhcModel *m, int B, int T) {
