@@ -722,70 +722,110 @@ void mhc_init_params(MhcModel *m, uint64_t seed) {
 }
 
 /* ---------------------------------------------------------------------------------------------
-   3. Primitives. Tiles of MHC_TILE rows x MHC_TILE outputs keep both operands in cache; the
-      innermost loops are contiguous so the compiler vectorises them (omp simd permits the
-      reordered fp sum; the order is fixed per build, so results are deterministic).             */
+   3. Primitives. Every matrix product goes through gemm_dot: out[i][j] (+)= A[i,:] . B[j,:], computed
+      in 4 x 4 register blocks inside cache tiles, the reduction split into fixed chunks. Each output
+      is owned by one thread and summed in a fixed order, so results are deterministic.            */
 #define MHC_TILE 64
+#define MHC_KCHUNK 256
 static int mhc_min(int a, int b) { return a < b ? a : b; }
 static mhc_real mhc_sigmoid(mhc_real z) { return (mhc_real)(1.0 / (1.0 + exp(-(double)z))); }
 
-/* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row) */
-static void matmul_forward(mhc_real *out, const mhc_real *in, const mhc_real *W, int N, int Ci, int O) {
+/* out[0..3][0..3] (+)= the 16 dot products of 4 rows of A with 4 rows of B over k values */
+static void dot_block4x4(mhc_real *out, int ldo, const mhc_real *A, int lda, const mhc_real *B, int ldb, int k, int add) {
+    const mhc_real *a0 = A, *a1 = A + lda, *a2 = A + 2 * (size_t)lda, *a3 = A + 3 * (size_t)lda;
+    const mhc_real *b0 = B, *b1 = B + ldb, *b2 = B + 2 * (size_t)ldb, *b3 = B + 3 * (size_t)ldb;
+    mhc_real s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+    mhc_real s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+    for (int i = 0; i < k; i++) {
+        s00 += a0[i] * b0[i]; s01 += a0[i] * b1[i]; s02 += a0[i] * b2[i]; s03 += a0[i] * b3[i];
+        s10 += a1[i] * b0[i]; s11 += a1[i] * b1[i]; s12 += a1[i] * b2[i]; s13 += a1[i] * b3[i];
+        s20 += a2[i] * b0[i]; s21 += a2[i] * b1[i]; s22 += a2[i] * b2[i]; s23 += a2[i] * b3[i];
+        s30 += a3[i] * b0[i]; s31 += a3[i] * b1[i]; s32 += a3[i] * b2[i]; s33 += a3[i] * b3[i];
+    }
+    mhc_real s[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) out[(size_t)r * ldo + c] = (add ? out[(size_t)r * ldo + c] : 0) + s[r][c];
+}
+
+/* out[M,N] (+)= A[M,K] @ B[N,K]^T  (add = 0 overwrites) */
+static void gemm_dot(mhc_real *out, const mhc_real *A, const mhc_real *B, int M, int N, int K, int add) {
 #pragma omp parallel for collapse(2) schedule(dynamic)
-    for (int n0 = 0; n0 < N; n0 += MHC_TILE)
-        for (int o0 = 0; o0 < O; o0 += MHC_TILE) {
-            int n1 = mhc_min(n0 + MHC_TILE, N), o1 = mhc_min(o0 + MHC_TILE, O);
-            for (int n = n0; n < n1; n++) {
-                const mhc_real *x = in + (size_t)n * Ci;
-                for (int o = o0; o < o1; o++) {
-                    const mhc_real *w = W + (size_t)o * Ci;
-                    mhc_real sum = 0;
-#pragma omp simd reduction(+ : sum)
-                    for (int i = 0; i < Ci; i++) sum += x[i] * w[i];
-                    out[(size_t)n * O + o] = sum;
-                }
+    for (int m0 = 0; m0 < M; m0 += MHC_TILE)
+        for (int n0 = 0; n0 < N; n0 += MHC_TILE) {
+            int m1 = mhc_min(m0 + MHC_TILE, M), n1 = mhc_min(n0 + MHC_TILE, N);
+            for (int k0 = 0; k0 < K || k0 == 0; k0 += MHC_KCHUNK) {
+                int k = mhc_min(MHC_KCHUNK, K - k0), first = k0 == 0 && !add;
+                for (int m = m0; m < m1; m += 4)
+                    for (int n = n0; n < n1; n += 4) {
+                        const mhc_real *a = A + (size_t)m * K + k0, *b = B + (size_t)n * K + k0;
+                        mhc_real *o = out + (size_t)m * N + n;
+                        if (m + 4 <= m1 && n + 4 <= n1) {
+                            dot_block4x4(o, N, a, K, b, K, k, !first);
+                            continue;
+                        }
+                        for (int r = 0; r < mhc_min(4, m1 - m); r++)     /* edge of the matrix */
+                            for (int c = 0; c < mhc_min(4, n1 - n); c++) {
+                                mhc_real sum = first ? 0 : o[(size_t)r * N + c];
+                                for (int i = 0; i < k; i++) sum += a[(size_t)r * K + i] * b[(size_t)c * K + i];
+                                o[(size_t)r * N + c] = sum;
+                            }
+                    }
+                if (K == 0) break;
             }
         }
 }
 
-/* din[N,Ci] += dout[N,O] @ W[O,Ci]   (din may be NULL);   dW[O,Ci] += dout^T @ in   (dW may be NULL) */
+/* dst[cols, rows] = src[rows, cols]^T, src rows have stride ld; 32 x 32 blocks stay in cache */
+static void transpose(mhc_real *dst, const mhc_real *src, int rows, int cols, int ld) {
+#pragma omp parallel for collapse(2)
+    for (int r0 = 0; r0 < rows; r0 += 32)
+        for (int c0 = 0; c0 < cols; c0 += 32)
+            for (int r = r0; r < mhc_min(r0 + 32, rows); r++)
+                for (int c = c0; c < mhc_min(c0 + 32, cols); c++) dst[(size_t)c * rows + r] = src[(size_t)r * ld + c];
+}
+
+/* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row) */
+static void matmul_forward(mhc_real *out, const mhc_real *in, const mhc_real *W, int N, int Ci, int O) {
+    gemm_dot(out, in, W, N, O, Ci, 0);
+}
+
+/* din[N,Ci] += dout[N,O] @ W[O,Ci]   (din may be NULL);   dW[O,Ci] += dout^T @ in   (dW may be NULL).
+   Large N: gemm_dot on transposed operands, dW summed over row chunks of MHC_KCHUNK in order.
+   Small N (one token's expert): plain row updates, no transposes. */
 static void matmul_backward(mhc_real *din, mhc_real *dW, const mhc_real *dout, const mhc_real *in,
                             const mhc_real *W, int N, int Ci, int O) {
-    if (din) {
-#pragma omp parallel for schedule(dynamic)
-        for (int n0 = 0; n0 < N; n0 += MHC_TILE) {
-            int n1 = mhc_min(n0 + MHC_TILE, N);
-            for (int o0 = 0; o0 < O; o0 += MHC_TILE) {
-                int o1 = mhc_min(o0 + MHC_TILE, O);
-                for (int n = n0; n < n1; n++) {
-                    mhc_real *dx = din + (size_t)n * Ci;
-                    for (int o = o0; o < o1; o++) {
-                        mhc_real d = dout[(size_t)n * O + o];
-                        const mhc_real *w = W + (size_t)o * Ci;
-#pragma omp simd
-                        for (int i = 0; i < Ci; i++) dx[i] += d * w[i];
-                    }
-                }
+    if (N < 16) {
+        for (int n = 0; n < N; n++)
+            for (int o = 0; o < O; o++) {
+                mhc_real d = dout[(size_t)n * O + o];
+                const mhc_real *w = W + (size_t)o * Ci, *x = in + (size_t)n * Ci;
+                mhc_real *dx = din ? din + (size_t)n * Ci : NULL, *dw = dW ? dW + (size_t)o * Ci : NULL;
+                if (dx)
+                    for (int i = 0; i < Ci; i++) dx[i] += d * w[i];
+                if (dw)
+                    for (int i = 0; i < Ci; i++) dw[i] += d * x[i];
             }
-        }
+        return;
+    }
+    if (din) {
+        mhc_real *WT = (mhc_real *)mhc_calloc((size_t)Ci * O, sizeof(mhc_real));
+        transpose(WT, W, O, Ci, Ci);
+        gemm_dot(din, dout, WT, N, Ci, O, 1);
+        free(WT);
     }
     if (dW) {
-#pragma omp parallel for schedule(dynamic)
-        for (int o0 = 0; o0 < O; o0 += MHC_TILE) {   /* each thread owns rows of dW: deterministic */
-            int o1 = mhc_min(o0 + MHC_TILE, O);
-            for (int n0 = 0; n0 < N; n0 += MHC_TILE) {
-                int n1 = mhc_min(n0 + MHC_TILE, N);
-                for (int o = o0; o < o1; o++) {
-                    mhc_real *dw = dW + (size_t)o * Ci;
-                    for (int n = n0; n < n1; n++) {
-                        mhc_real d = dout[(size_t)n * O + o];
-                        const mhc_real *x = in + (size_t)n * Ci;
-#pragma omp simd
-                        for (int i = 0; i < Ci; i++) dw[i] += d * x[i];
-                    }
-                }
-            }
+        int chunk = mhc_min(N, MHC_KCHUNK);
+        mhc_real *doutT = (mhc_real *)mhc_calloc((size_t)O * chunk, sizeof(mhc_real));
+        mhc_real *inT = (mhc_real *)mhc_calloc((size_t)Ci * chunk, sizeof(mhc_real));
+        for (int n0 = 0; n0 < N; n0 += chunk) {
+            int rows = mhc_min(chunk, N - n0);
+            transpose(doutT, dout + (size_t)n0 * O, rows, O, O);
+            transpose(inT, in + (size_t)n0 * Ci, rows, Ci, Ci);
+            gemm_dot(dW, doutT, inT, O, Ci, rows, 1);
         }
+        free(doutT);
+        free(inT);
     }
 }
 
