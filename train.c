@@ -1306,7 +1306,7 @@ int main(int argc, char **argv) {
                step + 1, c->steps, loss, ce, aux, lr, norm, tps, eta, isnan(val_ce) ? "\n" : "");
         if (!isnan(val_ce)) printf(" | val ce %.4f\n", val_ce);
         fflush(stdout);
-        fprintf(log, "%d,%.6f,%.6f,%.6f,%.6e,%.6f,%.6f,%.6f,%.4f,%.1f\n", step, loss, ce, aux, lr, norm, stream_norm, val_ce,
+        fprintf(log, "%d,%.17g,%.17g,%.6g,%.6e,%.6f,%.6f,%.6f,%.4f,%.1f\n", step, loss, ce, aux, lr, norm, stream_norm, val_ce,
                 maxvio, tps);
         fflush(log);
         history_add(&hist, step, ce, norm, val_ce);

