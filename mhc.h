@@ -183,6 +183,10 @@ void mhc_model_free(MhcModel *m);
 void mhc_init_params(MhcModel *m, uint64_t seed);          /* SPEC §12, §6, §7.1 */
 int mhc_acts_alloc(MhcModel *m, int B, int T);             /* 0 ok */
 size_t mhc_acts_bytes(const MhcConfig *cfg, int B, int T); /* activation memory of one B x T step */
+/* a separate activation set (e.g. a B = 1 probe beside the training batch): forward only */
+void mhc_acts_create(MhcActs *a, const MhcConfig *cfg, int B, int T);
+void mhc_acts_destroy(MhcActs *a);
+double mhc_forward_acts(MhcModel *m, MhcActs *a, const int *tokens, const int *targets, int B, int T);
 
 /* forward: returns the loss CE_mean + L_aux (targets may be NULL: logits only, loss 0) */
 double mhc_forward(MhcModel *m, const int *tokens, const int *targets, int B, int T);
@@ -1866,6 +1870,17 @@ static double model_forward(MhcModel *md, MhcActs *A, const int *tokens, const i
 double mhc_forward(MhcModel *m, const int *tokens, const int *targets, int B, int T) {
     mhc_acts_alloc(m, B, T);
     return model_forward(m, &m->acts, tokens, targets, B, T, NULL);
+}
+
+void mhc_acts_create(MhcActs *a, const MhcConfig *cfg, int B, int T) {
+    memset(a, 0, sizeof *a);
+    mhc_acts_init(a, cfg, B, T, 0);
+}
+
+void mhc_acts_destroy(MhcActs *a) { mhc_acts_free(a); }
+
+double mhc_forward_acts(MhcModel *m, MhcActs *a, const int *tokens, const int *targets, int B, int T) {
+    return model_forward(m, a, tokens, targets, B, T, NULL);
 }
 
 void mhc_zero_grad(MhcModel *m) { memset(m->grads, 0, sizeof(mhc_real) * m->n_params); }

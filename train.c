@@ -1189,6 +1189,19 @@ static void load_checkpoint(Trainer *tr, MhcLoader *loader, const char *dir) {
     mhc_st_close(&st);
 }
 
+/* mkdir -p */
+static int make_dirs(const char *dir) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s", dir);
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(path, 0755) && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    return mkdir(path, 0755) && errno != EEXIST ? -1 : 0;
+}
+
 static double now_seconds(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -1233,7 +1246,7 @@ int main(int argc, char **argv) {
     MhcLoader train, val;
     open_loader(&train, o.train_files, o.n_train, c);
     open_loader(&val, o.val_files, o.n_val, c);
-    if (mkdir(o.out_dir, 0755) && errno != EEXIST) { fprintf(stderr, "train: cannot create %s: %s\n", o.out_dir, strerror(errno)); return 1; }
+    if (make_dirs(o.out_dir)) { fprintf(stderr, "train: cannot create %s: %s\n", o.out_dir, strerror(errno)); return 1; }
 
     Trainer tr;
     memset(&tr, 0, sizeof tr);
