@@ -733,6 +733,8 @@ void mhc_init_params(MhcModel *m, uint64_t seed) {
 #define MHC_KCHUNK 256
 static int mhc_min(int a, int b) { return a < b ? a : b; }
 static mhc_real mhc_sigmoid(mhc_real z) { return (mhc_real)(1.0 / (1.0 + exp(-(double)z))); }
+/* exp in the working precision: the softmax over V logits is the one place where exp is hot */
+static mhc_real mhc_exp(mhc_real x) { return sizeof(mhc_real) == sizeof(float) ? (mhc_real)expf((float)x) : (mhc_real)exp((double)x); }
 
 /* out[0..3][0..3] (+)= the 16 dot products of 4 rows of A with 4 rows of B over k values */
 static void dot_block4x4(mhc_real *out, int ldo, const mhc_real *A, int lda, const mhc_real *B, int ldb, int k, int add) {
@@ -770,8 +772,11 @@ static void gemm_dot(mhc_real *out, const mhc_real *A, const mhc_real *B, int M,
                         }
                         for (int r = 0; r < mhc_min(4, m1 - m); r++)     /* edge of the matrix */
                             for (int c = 0; c < mhc_min(4, n1 - n); c++) {
-                                mhc_real sum = first ? 0 : o[(size_t)r * N + c];
-                                for (int i = 0; i < k; i++) sum += a[(size_t)r * K + i] * b[(size_t)c * K + i];
+                                mhc_real sum = 0;
+                                const mhc_real *ar = a + (size_t)r * K, *bc = b + (size_t)c * K;
+#pragma omp simd reduction(+ : sum)
+                                for (int i = 0; i < k; i++) sum += ar[i] * bc[i];
+                                if (!first) sum += o[(size_t)r * N + c];
                                 o[(size_t)r * N + c] = sum;
                             }
                     }
@@ -897,10 +902,12 @@ static void crossentropy_forward(mhc_real *losses, mhc_real *logits, const int *
         mhc_real *p = logits + (size_t)n * V;
         mhc_real mx = -INFINITY;
         for (int v = 0; v < V; v++) mx = p[v] > mx ? p[v] : mx;
+        mhc_real target_logit = targets ? p[targets[n]] : 0;
         double sum = 0;
-        for (int v = 0; v < V; v++) { p[v] = (mhc_real)exp((double)(p[v] - mx)); sum += p[v]; }
-        for (int v = 0; v < V; v++) p[v] = (mhc_real)(p[v] / sum);
-        losses[n] = targets ? (mhc_real)-log(fmax((double)p[targets[n]], 1e-300)) : 0;
+        for (int v = 0; v < V; v++) { p[v] = mhc_exp(p[v] - mx); sum += p[v]; }
+        mhc_real inv = (mhc_real)(1.0 / sum);
+        for (int v = 0; v < V; v++) p[v] *= inv;
+        losses[n] = targets ? (mhc_real)(log(sum) - (double)(target_logit - mx)) : 0;   /* log-sum-exp form */
     }
 }
 
@@ -1885,12 +1892,40 @@ double mhc_forward_acts(MhcModel *m, MhcActs *a, const int *tokens, const int *t
 
 void mhc_zero_grad(MhcModel *m) { memset(m->grads, 0, sizeof(mhc_real) * m->n_params); }
 
+/* Backward of one sublayer (SPEC §5): from dX' (dXo) to dX = PATH 1 (residual) + PATH 2 (pre) +
+   PATH 3 (coefficients), accumulating every parameter gradient of the sublayer on the way. */
+static void sublayer_backward(MhcModel *md, MhcActs *A, int s, const mhc_real *dXo, mhc_real *dX) {
+    const MhcConfig *c = &md->cfg;
+    int B = A->B, T = A->T, N = B * T, n = c->hc_mult, C = c->d_model, m = mhc_m(c), l = s / 2;
+    const MhcBlock *b = &md->p.blk[l];
+    MhcBlock *gb = &md->g.blk[l];
+    const mhc_real *X = A->X + (size_t)s * N * n * C, *H = A->coef_H + (size_t)s * N * m;
+    const mhc_real *y = A->y + (size_t)s * N * C, *u = A->u + (size_t)s * N * C, *f = A->f + (size_t)s * N * C;
+    stream_merge_backward(dX, A->df, A->dH, dXo, H, X, f, N, n, C, m);           /* §5.1, PATH 1 */
+    memset(A->du, 0, sizeof(mhc_real) * (size_t)N * C);
+    if (s % 2 == 0) {
+        mla_backward(md, A, l, u, A->df, A->du, B, T);                           /* §5.2 */
+    } else if (mhc_is_moe(c, l)) {
+        moe_backward(md, A, l, u, A->df, A->du, B, T);
+    } else {
+        int F = mhc_ffn_width(c), D = c->dense_inter_dim;
+        swiglu_ffn_backward(A->du, gb->w1, gb->w3, gb->w2, A->df, A->ffn_a + (size_t)l * N * F,
+                            A->ffn_g + (size_t)l * N * F, A->ffn_h + (size_t)l * N * F, u, b->w1, b->w3, b->w2,
+                            A->dwide, A->dffn_a, A->dffn_g, N, C, D);
+    }
+    memset(A->dy, 0, sizeof(mhc_real) * (size_t)N * C);
+    rmsnorm_backward(A->dy, s % 2 == 0 ? gb->attn_norm : gb->ffn_norm, A->du, y,
+                     s % 2 == 0 ? b->attn_norm : b->ffn_norm, A->u_rstd + (size_t)s * N, N, C);
+    stream_pre_backward(dX, A->dH, A->dy, H, X, N, n, C, m);                     /* §5.3, PATH 2 */
+    if (c->residual == MHC_RESIDUAL_MHC) mhc_stream_coeffs_backward(md, A, s, N, A->dH, dX);   /* PATH 3 */
+    if (c->residual == MHC_RESIDUAL_HC) hc_stream_coeffs_backward(md, A, s, N, A->dH, dX);
+}
+
 /* Backward of the last mhc_forward (with targets); accumulates into m->grads. */
 void mhc_backward(MhcModel *md, const int *tokens, const int *targets) {
     const MhcConfig *c = &md->cfg;
     MhcActs *A = &md->acts;
-    int B = A->B, T = A->T, N = B * T, n = c->hc_mult, C = c->d_model, V = c->vocab_size, m = mhc_m(c);
-    int S = 2 * c->n_layers;
+    int N = A->B * A->T, n = c->hc_mult, C = c->d_model, V = c->vocab_size, S = 2 * c->n_layers;
     crossentropy_backward(A->logits, targets, N, V, (mhc_real)(1.0 / N));
     memset(A->dy, 0, sizeof(mhc_real) * (size_t)N * C);
     matmul_backward(A->dy, md->g.head, A->logits, A->hf, md->p.head, N, C, V);
@@ -1902,29 +1937,7 @@ void mhc_backward(MhcModel *md, const int *tokens, const int *targets) {
         for (int i = 0; i < n; i++)
             memcpy(dXo + ((size_t)t * n + i) * C, A->du + (size_t)t * C, sizeof(mhc_real) * C);
     for (int s = S - 1; s >= 0; s--) {
-        int l = s / 2;
-        const MhcBlock *b = &md->p.blk[l];
-        MhcBlock *gb = &md->g.blk[l];
-        const mhc_real *X = A->X + (size_t)s * N * n * C, *H = A->coef_H + (size_t)s * N * m;
-        const mhc_real *y = A->y + (size_t)s * N * C, *u = A->u + (size_t)s * N * C, *f = A->f + (size_t)s * N * C;
-        stream_merge_backward(dX, A->df, A->dH, dXo, H, X, f, N, n, C, m);           /* §5.1, PATH 1 */
-        memset(A->du, 0, sizeof(mhc_real) * (size_t)N * C);
-        if (s % 2 == 0) {
-            mla_backward(md, A, l, u, A->df, A->du, B, T);                           /* §5.2 */
-        } else if (mhc_is_moe(c, l)) {
-            moe_backward(md, A, l, u, A->df, A->du, B, T);
-        } else {
-            int F = mhc_ffn_width(c), D = c->dense_inter_dim;
-            swiglu_ffn_backward(A->du, gb->w1, gb->w3, gb->w2, A->df, A->ffn_a + (size_t)l * N * F,
-                                A->ffn_g + (size_t)l * N * F, A->ffn_h + (size_t)l * N * F, u, b->w1, b->w3, b->w2,
-                                A->dwide, A->dffn_a, A->dffn_g, N, C, D);
-        }
-        memset(A->dy, 0, sizeof(mhc_real) * (size_t)N * C);
-        rmsnorm_backward(A->dy, s % 2 == 0 ? gb->attn_norm : gb->ffn_norm, A->du, y,
-                         s % 2 == 0 ? b->attn_norm : b->ffn_norm, A->u_rstd + (size_t)s * N, N, C);
-        stream_pre_backward(dX, A->dH, A->dy, H, X, N, n, C, m);                     /* §5.3, PATH 2 */
-        if (c->residual == MHC_RESIDUAL_MHC) mhc_stream_coeffs_backward(md, A, s, N, A->dH, dX);   /* PATH 3 */
-        if (c->residual == MHC_RESIDUAL_HC) hc_stream_coeffs_backward(md, A, s, N, A->dH, dX);
+        sublayer_backward(md, A, s, dXo, dX);
         mhc_real *swap = dXo;
         dXo = dX;
         dX = swap;
@@ -1936,10 +1949,19 @@ void mhc_backward(MhcModel *md, const int *tokens, const int *targets) {
 
 /* ---------------------------------------------------------------------------------------------
    8. Optimizer (SPEC §12): global-norm clipping, AdamW with decay on 2-D matrices, LR schedules. */
+/* sum of squares over fixed blocks, the block sums added in order: the same bits for any thread count */
 double mhc_grad_norm(const MhcModel *m) {
-    double sum = 0;
-#pragma omp parallel for reduction(+ : sum)
-    for (size_t i = 0; i < m->n_params; i++) sum += (double)m->grads[i] * m->grads[i];
+    size_t block = 1 << 16, n_blocks = (m->n_params + block - 1) / block;
+    double *partial = (double *)mhc_calloc(n_blocks, sizeof(double)), sum = 0;
+#pragma omp parallel for
+    for (size_t k = 0; k < n_blocks; k++) {
+        size_t end = (k + 1) * block < m->n_params ? (k + 1) * block : m->n_params;
+        double s = 0;
+        for (size_t i = k * block; i < end; i++) s += (double)m->grads[i] * m->grads[i];
+        partial[k] = s;
+    }
+    for (size_t k = 0; k < n_blocks; k++) sum += partial[k];
+    free(partial);
     return sqrt(sum);
 }
 

@@ -151,12 +151,10 @@ static int plot_glyph_advance(char ch) {
 // counter-clockwise (reads bottom to top) with the start of its baseline side at (x, y). Returns the advance.
 static int plot_glyph(plot_canvas *c, int x, int y, char ch, int scale, plot_rgb col, int up) {
     char s[2] = {plot_text_char(ch), 0};
-    _Alignas(float) unsigned char vb[64 * 64];  // 64 bytes per quad; a glyph has at most ~12 quads
+    float vb[16 * 64];  // a quad is 4 vertices of 16 bytes (x, y, z, rgba); a glyph has at most ~12 quads
     int nq = stb_easy_font_print(0.0f, 0.0f, s, NULL, vb, (int)sizeof vb);
     for (int q = 0; q < nq; q++) {
-        float v0[2], v2[2];  // vertices 0 and 2 of the quad are opposite corners
-        memcpy(v0, vb + q * 64, sizeof v0);
-        memcpy(v2, vb + q * 64 + 32, sizeof v2);
+        const float *v0 = vb + q * 16, *v2 = vb + q * 16 + 8;  // vertices 0 and 2 are opposite corners
         int u0 = (int)v0[0], t0 = (int)v0[1], u1 = (int)v2[0], t1 = (int)v2[1];
         if (!up) plot_fill_rect(c, x + u0 * scale, y + t0 * scale, x + u1 * scale, y + t1 * scale, col);
         else plot_fill_rect(c, x + t0 * scale, y - u1 * scale, x + t1 * scale, y - u0 * scale, col);
@@ -1099,7 +1097,8 @@ static void diagnostics(Trainer *tr, const int *probe, const char *dir, int step
 /* =============================================================================================
    --loss-gap: CE_mode(k) - CE_base(k), raw and EMA (ema = 0.9 ema + 0.1 gap), plus the val gap.  */
 static int loss_gap(const char *png, char **dirs, int n) {
-    History base = {0};
+    History base;
+    memset(&base, 0, sizeof base);
     char path[4096];
     out_path(path, sizeof path, dirs[0], "log.csv");
     if (history_read(&base, path, -1) || base.n == 0) { fprintf(stderr, "train: cannot read %s\n", path); return 1; }
@@ -1251,7 +1250,8 @@ int main(int argc, char **argv) {
     Trainer tr;
     memset(&tr, 0, sizeof tr);
     if (mhc_model_init(&tr.m, c)) return 2;
-    History hist = {0};
+    History hist;
+    memset(&hist, 0, sizeof hist);
     char path[4096];
     out_path(path, sizeof path, o.out_dir, "log.csv");
     if (o.resume) {
