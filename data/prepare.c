@@ -27,10 +27,10 @@
 
 /* llm.c shard headers (dev/data/data_common.py): uint16 tokens while V fits. */
 #define SHARD_HEADER_INTS 256
-#define SHARD_MAGIC_U16   20240520
-#define SHARD_VERSION_U16 1
-#define SHARD_MAGIC_U32   20240801
-#define SHARD_VERSION_U32 7
+#define SHARD_MAGIC_U16   20240520u
+#define SHARD_VERSION_U16 1u
+#define SHARD_MAGIC_U32   20240801u
+#define SHARD_VERSION_U32 7u
 
 static const char *USAGE =
     "usage:\n"
@@ -52,8 +52,8 @@ static const char *USAGE =
 
 /* ---- errors and small utilities ----------------------------------------- */
 
-/* Command-line mistakes: one line, then exit 2. */
-_Noreturn static void usage_error(const char *fmt, ...)
+/* Command-line mistakes: one line, then exit 2 (never returns). */
+static void usage_error(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -98,7 +98,7 @@ static void buf_push(Buf *b, const void *data, size_t n)
     if (b->n + n > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (cap < b->n + n) cap *= 2;
-        b->p = xrealloc(b->p, cap);
+        b->p = (unsigned char *)xrealloc(b->p, cap);
         b->cap = cap;
     }
     memcpy(b->p + b->n, data, n);
@@ -108,7 +108,7 @@ static void buf_push(Buf *b, const void *data, size_t n)
 static char *str_concat(const char *a, const char *b)
 {
     size_t la = strlen(a), lb = strlen(b);
-    char *s = xmalloc(la + lb + 1);
+    char *s = (char *)xmalloc(la + lb + 1);
     memcpy(s, a, la);
     memcpy(s + la, b, lb + 1);
     return s;
@@ -119,7 +119,7 @@ static char *read_file(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");
     if (!f) { error("cannot open '%s': %s", path, strerror(errno)); return NULL; }
-    Buf b = {0};
+    Buf b = {NULL, 0, 0};
     char chunk[1 << 16];
     size_t got;
     while ((got = fread(chunk, 1, sizeof chunk, f)) > 0) buf_push(&b, chunk, got);
@@ -272,7 +272,7 @@ static int read_encoder_json(const char *path, Vocab *v)
     int inverse[0x800];
     byte_decoder(inverse);
     Json j = { text, len, 0, path };
-    Buf key = {0}, raw = {0}, blob = {0};
+    Buf key = {NULL, 0, 0}, raw = {NULL, 0, 0}, blob = {NULL, 0, 0};
     size_t n = 0, cap = 0;
     uint32_t *ids = NULL, *offs = NULL, *lens = NULL, *order = NULL;
     int rc = -1, found_eot = 0;
@@ -290,9 +290,9 @@ static int read_encoder_json(const char *path, Vocab *v)
         }
         if (n == cap) {
             cap = cap ? 2 * cap : 1024;
-            ids = xrealloc(ids, cap * sizeof *ids);
-            offs = xrealloc(offs, cap * sizeof *offs);
-            lens = xrealloc(lens, cap * sizeof *lens);
+            ids = (uint32_t *)xrealloc(ids, cap * sizeof *ids);
+            offs = (uint32_t *)xrealloc(offs, cap * sizeof *offs);
+            lens = (uint32_t *)xrealloc(lens, cap * sizeof *lens);
         }
         if (raw.n == 13 && memcmp(raw.p, "<|endoftext|>", 13) == 0) { v->eot = id; found_eot = 1; }
         ids[n] = id; offs[n] = (uint32_t)blob.n; lens[n] = (uint32_t)raw.n;
@@ -308,7 +308,7 @@ static int read_encoder_json(const char *path, Vocab *v)
     if (!found_eot) { error("%s: no \"<|endoftext|>\" token", path); goto done; }
 
     /* 2: ids must be exactly 0..n-1; lay the tokens out in id order */
-    order = xmalloc(n * sizeof *order);
+    order = (uint32_t *)xmalloc(n * sizeof *order);
     for (size_t i = 0; i < n; i++) order[i] = UINT32_MAX;
     for (size_t i = 0; i < n; i++) {
         if (ids[i] >= n) { error("%s: id %u but only %zu tokens (ids must be 0..%zu)", path, ids[i], n, n - 1); goto done; }
@@ -316,7 +316,7 @@ static int read_encoder_json(const char *path, Vocab *v)
         order[ids[i]] = (uint32_t)i;
     }
     v->n = (uint32_t)n;
-    v->lens = xmalloc(n * sizeof *v->lens);
+    v->lens = (uint32_t *)xmalloc(n * sizeof *v->lens);
     for (size_t id = 0; id < n; id++) {
         v->lens[id] = lens[order[id]];
         buf_push(&v->blob, blob.p + offs[order[id]], lens[order[id]]);
@@ -337,12 +337,12 @@ static int read_merges(const char *path, const BpeTokenizer *vocab_only, uint32_
     if (!text) return -1;
     int inverse[0x800];
     byte_decoder(inverse);
-    Buf raw = {0};
+    Buf raw = {NULL, 0, 0};
     size_t n = 0, cap = 0, line_no = 0;
     uint32_t *m = NULL;
     int rc = -1;
     for (char *line = text; line < text + len;) {
-        char *eol = memchr(line, '\n', (size_t)(text + len - line));
+        char *eol = (char *)memchr(line, '\n', (size_t)(text + len - line));
         if (!eol) eol = text + len;
         *eol = '\0';
         line_no++;
@@ -356,7 +356,7 @@ static int read_merges(const char *path, const BpeTokenizer *vocab_only, uint32_
         int k = 0;
         for (char *tok = strtok(line, " \t"); tok && k < 3; tok = strtok(NULL, " \t")) sides[k++] = tok;
         if (k != 2) { error("%s:%zu: expected two symbols", path, line_no); goto done; }
-        if (n == cap) { cap = cap ? 2 * cap : 1024; m = xrealloc(m, 2 * cap * sizeof *m); }
+        if (n == cap) { cap = cap ? 2 * cap : 1024; m = (uint32_t *)xrealloc(m, 2 * cap * sizeof *m); }
         for (int s = 0; s < 2; s++) {
             if (unicode_to_bytes((unsigned char *)sides[s], strlen(sides[s]), inverse, &raw) ||
                 !bpe_find_token(vocab_only, raw.p, raw.n, &m[2 * n + s])) {
@@ -379,18 +379,20 @@ done:
 
 static int cmd_tokenizer(const char *encoder_path, const char *merges_path, const char *out)
 {
-    Vocab v = {0};
+    Vocab v;
     BpeTokenizer vocab_only, tok;
     uint32_t *merges = NULL, n_merges = 0;
-    int rc = 1;
+    char *tmp;
+    int merges_ok, saved, rc = 1;
+    memset(&v, 0, sizeof v);
     if (read_encoder_json(encoder_path, &v)) return 1;
     if (bpe_init(&vocab_only, v.n, v.lens, v.blob.p, 0, NULL, v.eot)) goto done;
-    int merges_ok = read_merges(merges_path, &vocab_only, &merges, &n_merges) == 0;
+    merges_ok = read_merges(merges_path, &vocab_only, &merges, &n_merges) == 0;
     bpe_free(&vocab_only);
     if (!merges_ok || bpe_init(&tok, v.n, v.lens, v.blob.p, n_merges, merges, v.eot)) goto done;
 
-    char *tmp = str_concat(out, ".tmp"); /* tmp + rename: never a half-written file */
-    int saved = bpe_save(&tok, tmp) == 0;
+    tmp = str_concat(out, ".tmp"); /* tmp + rename: never a half-written file */
+    saved = bpe_save(&tok, tmp) == 0;
     if (saved && rename(tmp, out) != 0) { error("cannot write '%s': %s", out, strerror(errno)); saved = 0; }
     if (!saved) remove(tmp);
     free(tmp);
@@ -417,7 +419,7 @@ static int next_doc(DocIter *it, const char **doc, size_t *doc_len)
         size_t start = it->pos, end = it->len, p = start;
         it->pos = it->len;
         while (it->sep && p < it->len) {
-            const char *nl = memchr(it->buf + p, '\n', it->len - p);
+            const char *nl = (const char *)memchr(it->buf + p, '\n', it->len - p);
             size_t eol = nl ? (size_t)(nl - it->buf) : it->len;
             size_t line_end = eol > p && it->buf[eol - 1] == '\r' ? eol - 1 : eol;
             size_t next = nl ? eol + 1 : it->len;
@@ -452,7 +454,7 @@ static int shard_open(Shard *s, const char *prefix, const char *suffix, int wide
 static int shard_append(Shard *s, const uint32_t *ids, size_t n)
 {
     size_t width = s->wide ? 4 : 2;
-    unsigned char *out = xmalloc(n * width);
+    unsigned char *out = (unsigned char *)xmalloc(n * width);
     for (size_t i = 0; i < n; i++)
         for (size_t b = 0; b < width; b++) out[i * width + b] = (unsigned char)(ids[i] >> (8 * b));
     int ok = fwrite(out, width, n, s->f) == n;
@@ -538,10 +540,13 @@ static int cmd_shards(const char *tok_path, const char **inputs, int n_inputs, c
     Shard train, val;
     memset(&train, 0, sizeof train);
     memset(&val, 0, sizeof val);
+    size_t n_docs, n_val, doc_index = 0;
+    uint32_t eot = bpe_eot_id(&t);
+    int wide = bpe_vocab_size(&t) > 65536;
+    uint64_t n_train_tok, n_val_tok;
     int rc = 1;
 
     /* pass 1: count documents, to know where val starts */
-    size_t n_docs, n_val;
     if (count_docs(inputs, n_inputs, sep, &n_docs)) goto done;
     if (n_docs == 0) { error("no documents in the input"); goto done; }
     n_val = (size_t)(val_fraction * (double)n_docs + 0.5);
@@ -553,10 +558,7 @@ static int cmd_shards(const char *tok_path, const char **inputs, int n_inputs, c
     }
 
     /* pass 2: tokenise each document, <|endoftext|> first, into its shard */
-    int wide = bpe_vocab_size(&t) > 65536;
     if (shard_open(&train, prefix, "_train.bin", wide) || shard_open(&val, prefix, "_val.bin", wide)) goto done;
-    size_t doc_index = 0;
-    uint32_t eot = bpe_eot_id(&t);
     for (int k = 0; k < n_inputs; k++) {
         size_t len, dlen;
         char *text = read_file(inputs[k], &len);
@@ -578,7 +580,8 @@ static int cmd_shards(const char *tok_path, const char **inputs, int n_inputs, c
         if (!ok) goto done;
         if (doc_index > n_docs) { error("'%s' changed while it was read", inputs[k]); goto done; }
     }
-    uint64_t n_train_tok = train.ntok, n_val_tok = val.ntok;
+    n_train_tok = train.ntok;
+    n_val_tok = val.ntok;
     if (shard_close(&train) || shard_close(&val) || shard_publish(&train) || shard_publish(&val)) goto done;
     printf("documents: %zu (train %zu, val %zu = the last %.1f%%)\n", n_docs, n_docs - n_val, n_val,
            100.0 * (double)n_val / (double)n_docs);
@@ -621,7 +624,9 @@ static int cmd_decode(const char *tok_path, const char *input)
     size_t len, n = 0, cap = 0;
     char *text = read_file(input, &len);
     uint32_t *ids = NULL;
-    int rc = 1;
+    unsigned char *bytes;
+    size_t n_bytes;
+    int ok, rc = 1;
     if (!text) goto done;
     for (char *p = text;;) {
         p += strspn(p, " \t\r\n");
@@ -633,14 +638,12 @@ static int cmd_decode(const char *tok_path, const char *input)
             error("%s: not a token id near byte %zu", input, (size_t)(p - text));
             goto done;
         }
-        if (n == cap) { cap = cap ? 2 * cap : 1024; ids = xrealloc(ids, cap * sizeof *ids); }
+        if (n == cap) { cap = cap ? 2 * cap : 1024; ids = (uint32_t *)xrealloc(ids, cap * sizeof *ids); }
         ids[n++] = (uint32_t)v;
         p = end;
     }
-    unsigned char *bytes;
-    size_t n_bytes;
     if (bpe_decode(&t, ids, n, &bytes, &n_bytes)) goto done;
-    int ok = fwrite(bytes, 1, n_bytes, stdout) == n_bytes && fflush(stdout) == 0;
+    ok = fwrite(bytes, 1, n_bytes, stdout) == n_bytes && fflush(stdout) == 0;
     free(bytes);
     if (!ok) { error("cannot write to stdout"); goto done; }
     rc = 0;
@@ -662,7 +665,7 @@ typedef struct {
 static void parse_args(int argc, char **argv, const char *cmd, const char *allowed, Args *a)
 {
     memset(a, 0, sizeof *a);
-    a->inputs = xmalloc((size_t)argc * sizeof *a->inputs);
+    a->inputs = (const char **)xmalloc((size_t)argc * sizeof *a->inputs);
     for (int i = 2; i < argc; i++) {
         const char *opt = argv[i];
         if (!strcmp(opt, "--help") || !strcmp(opt, "-h")) { fputs(USAGE, stdout); exit(0); }

@@ -163,7 +163,7 @@ const unsigned char *bpe_token_bytes(const BpeTokenizer *t, uint32_t id, size_t 
 
 int bpe_find_token(const BpeTokenizer *t, const void *bytes, size_t len, uint32_t *id)
 {
-    uint32_t i = bpe__fnv1a(bytes, len, BPE__FNV_SEED) & t->tok_mask;
+    uint32_t i = bpe__fnv1a((const unsigned char *)bytes, len, BPE__FNV_SEED) & t->tok_mask;
     for (; t->tok_slots[i] != 0; i = (i + 1) & t->tok_mask) {
         uint32_t cand = t->tok_slots[i] - 1;
         size_t clen;
@@ -224,7 +224,7 @@ static int bpe__index_merges(BpeTokenizer *t, const char *where)
         bpe_token_bytes(t, id, &len);
         if (len > max_len) max_len = len;
     }
-    unsigned char *buf = malloc(2 * max_len);
+    unsigned char *buf = (unsigned char *)malloc(2 * max_len);
     if (!buf) { fprintf(stderr, "error: %s: out of memory\n", where); return -1; }
     int rc = -1;
     for (uint32_t r = 0; r < t->n_merges; r++) {
@@ -275,10 +275,11 @@ static int bpe__init(BpeTokenizer *t, uint32_t vocab_size, const uint32_t *lens,
                 vocab_size, n_merges, eot_id);
         return -1;
     }
-    /* offsets, rejecting empty tokens and a total that overflows uint32 */
-    t->tok_off = malloc(((size_t)vocab_size + 1) * sizeof *t->tok_off);
-    if (!t->tok_off) goto oom;
+    uint32_t tok_size = bpe__table_size(vocab_size), pair_size = bpe__table_size(n_merges);
     uint64_t total = 0;
+    /* offsets, rejecting empty tokens and a total that overflows uint32 */
+    t->tok_off = (uint32_t *)malloc(((size_t)vocab_size + 1) * sizeof *t->tok_off);
+    if (!t->tok_off) goto oom;
     for (uint32_t i = 0; i < vocab_size; i++) {
         if (lens[i] == 0) { fprintf(stderr, "error: %s: token %u is empty\n", where, i); goto fail; }
         t->tok_off[i] = (uint32_t)total;
@@ -290,12 +291,11 @@ static int bpe__init(BpeTokenizer *t, uint32_t vocab_size, const uint32_t *lens,
     t->vocab_size = vocab_size;
     t->n_merges = n_merges;
     t->eot_id = eot_id;
-    t->tok_bytes = malloc(total ? (size_t)total : 1);
-    t->merges = malloc(((size_t)n_merges * 2 + 1) * sizeof *t->merges);
-    t->merge_result = malloc(((size_t)n_merges + 1) * sizeof *t->merge_result);
-    uint32_t tok_size = bpe__table_size(vocab_size), pair_size = bpe__table_size(n_merges);
-    t->tok_slots = calloc(tok_size, sizeof *t->tok_slots);
-    t->pair_slots = calloc(pair_size, sizeof *t->pair_slots);
+    t->tok_bytes = (unsigned char *)malloc(total ? (size_t)total : 1);
+    t->merges = (uint32_t *)malloc(((size_t)n_merges * 2 + 1) * sizeof *t->merges);
+    t->merge_result = (uint32_t *)malloc(((size_t)n_merges + 1) * sizeof *t->merge_result);
+    t->tok_slots = (uint32_t *)calloc(tok_size, sizeof *t->tok_slots);
+    t->pair_slots = (uint32_t *)calloc(pair_size, sizeof *t->pair_slots);
     if (!t->tok_bytes || !t->merges || !t->merge_result || !t->tok_slots || !t->pair_slots) goto oom;
     t->tok_mask = tok_size - 1;
     t->pair_mask = pair_size - 1;
@@ -345,7 +345,7 @@ static unsigned char *bpe__read_file(const char *path, size_t *size)
         fclose(f);
         return NULL;
     }
-    buf = malloc(end > 0 ? (size_t)end : 1);
+    buf = (unsigned char *)malloc(end > 0 ? (size_t)end : 1);
     if (!buf) { fprintf(stderr, "error: out of memory reading '%s'\n", path); fclose(f); return NULL; }
     if (fread(buf, 1, (size_t)end, f) != (size_t)end) {
         fprintf(stderr, "error: cannot read tokenizer file '%s'\n", path);
@@ -357,51 +357,48 @@ static unsigned char *bpe__read_file(const char *path, size_t *size)
     return buf;
 }
 
-int bpe_load(BpeTokenizer *t, const char *path)
+/* Check and decode a whole tokenizer file, buf[0..size), into *t. */
+static int bpe__load_buffer(BpeTokenizer *t, const unsigned char *buf, size_t size, const char *path)
 {
-    memset(t, 0, sizeof *t);
-    size_t size;
-    unsigned char *buf = bpe__read_file(path, &size);
-    if (!buf) return -1;
-    int rc = -1;
     if (size < BPE__HEADER_BYTES + 4) {
         fprintf(stderr, "error: '%s': truncated tokenizer file (%zu bytes)\n", path, size);
-        goto done;
+        return -1;
     }
     uint32_t h[8];
     for (int i = 0; i < 8; i++) h[i] = bpe__get_u32(buf + 4 * i);
     if (h[0] != BPE_FILE_MAGIC) {
         fprintf(stderr, "error: '%s': not a tokenizer file (bad magic 0x%08X)\n", path, h[0]);
-        goto done;
+        return -1;
     }
     if (h[1] != BPE_FILE_VERSION) {
         fprintf(stderr, "error: '%s': unsupported tokenizer version %u (expected %u)\n",
                 path, h[1], BPE_FILE_VERSION);
-        goto done;
+        return -1;
     }
     uint32_t vocab = h[2], n_merges = h[3], eot = h[4], blob_size = h[5];
     uint64_t expect = (uint64_t)BPE__HEADER_BYTES + 4ull * vocab + 8ull * n_merges + blob_size + 4;
     if (size != expect) {
         fprintf(stderr, "error: '%s': %s tokenizer file (%zu bytes, header implies %llu)\n",
                 path, size < expect ? "truncated" : "corrupt", size, (unsigned long long)expect);
-        goto done;
+        return -1;
     }
     if (bpe__get_u32(buf + size - 4) != bpe__fnv1a(buf, size - 4, BPE__FNV_SEED)) {
         fprintf(stderr, "error: '%s': corrupt tokenizer file (checksum mismatch)\n", path);
-        goto done;
+        return -1;
     }
     /* decode the little-endian arrays into host order */
     const unsigned char *p = buf + BPE__HEADER_BYTES;
-    uint32_t *lens = malloc(((size_t)vocab + 1) * sizeof *lens);
-    uint32_t *merges = malloc(((size_t)n_merges * 2 + 1) * sizeof *merges);
+    uint32_t *lens = (uint32_t *)malloc(((size_t)vocab + 1) * sizeof *lens);
+    uint32_t *merges = (uint32_t *)malloc(((size_t)n_merges * 2 + 1) * sizeof *merges);
     if (!lens || !merges) {
         fprintf(stderr, "error: out of memory loading '%s'\n", path);
         free(lens); free(merges);
-        goto done;
+        return -1;
     }
     uint64_t sum = 0;
     for (uint32_t i = 0; i < vocab; i++, p += 4) sum += lens[i] = bpe__get_u32(p);
     for (uint32_t i = 0; i < 2 * n_merges; i++, p += 4) merges[i] = bpe__get_u32(p);
+    int rc = -1;
     if (sum != blob_size) {
         fprintf(stderr, "error: '%s': corrupt tokenizer file (token lengths sum to %llu, header says %u)\n",
                 path, (unsigned long long)sum, blob_size);
@@ -409,7 +406,16 @@ int bpe_load(BpeTokenizer *t, const char *path)
         rc = 0;
     }
     free(lens); free(merges);
-done:
+    return rc;
+}
+
+int bpe_load(BpeTokenizer *t, const char *path)
+{
+    memset(t, 0, sizeof *t);
+    size_t size;
+    unsigned char *buf = bpe__read_file(path, &size);
+    if (!buf) return -1;
+    int rc = bpe__load_buffer(t, buf, size, path);
     free(buf);
     return rc;
 }
@@ -418,7 +424,7 @@ int bpe_save(const BpeTokenizer *t, const char *path)
 {
     uint32_t blob = t->tok_off[t->vocab_size];
     size_t size = BPE__HEADER_BYTES + 4 * (size_t)t->vocab_size + 8 * (size_t)t->n_merges + blob + 4;
-    unsigned char *buf = calloc(size, 1);
+    unsigned char *buf = (unsigned char *)calloc(size, 1);
     if (!buf) { fprintf(stderr, "error: out of memory saving '%s'\n", path); return -1; }
     uint32_t h[8] = { BPE_FILE_MAGIC, BPE_FILE_VERSION, t->vocab_size, t->n_merges, t->eot_id, blob, 0, 0 };
     unsigned char *p = buf;
@@ -540,7 +546,7 @@ static int bpe__reserve(BpeIds *a, size_t want)
     if (want <= a->cap) return 0;
     size_t cap = a->cap ? a->cap : 64;
     while (cap < want) cap *= 2;
-    uint32_t *v = realloc(a->v, cap * sizeof *v);
+    uint32_t *v = (uint32_t *)realloc(a->v, cap * sizeof *v);
     if (!v) return -1;
     a->v = v;
     a->cap = cap;
@@ -584,7 +590,7 @@ static int bpe__encode_piece(const BpeTokenizer *t, const unsigned char *w, size
 int bpe_encode(const BpeTokenizer *t, const char *text, size_t len, uint32_t **ids, size_t *n_ids)
 {
     const unsigned char *s = (const unsigned char *)text;
-    BpeIds out = {0}, word = {0};
+    BpeIds out = {NULL, 0, 0}, word = {NULL, 0, 0};
     *ids = NULL;
     *n_ids = 0;
     for (size_t pos = 0; pos < len;) {
@@ -614,7 +620,7 @@ int bpe_decode(const BpeTokenizer *t, const uint32_t *ids, size_t n_ids,
         }
         total += t->tok_off[ids[i] + 1] - t->tok_off[ids[i]];
     }
-    unsigned char *buf = malloc(total ? total : 1);
+    unsigned char *buf = (unsigned char *)malloc(total ? total : 1);
     if (!buf) { fprintf(stderr, "error: out of memory while decoding\n"); return -1; }
     size_t pos = 0;
     for (size_t i = 0; i < n_ids; i++) {
