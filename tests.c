@@ -1811,6 +1811,680 @@ static void test_parity_all(void) {
 
 enum { BOTH = 3, FP32_ONLY = 1, FP64_ONLY = 2 };
 
+#ifdef __CUDACC__
+#include "mhc_cuda.cuh"
+
+/* ---------------------------------------------------------------------------------------------
+   GPU build only: the CUDA path (mhc_cuda.cuh) against the CPU reference (mhc.h), SPEC §17 T4.
+
+   Errors are rel_err: max |gpu - cpu| / max |cpu| over every element (a NaN fails). Outputs a kernel
+   overwrites are poisoned with NaN first, so an element it misses fails; outputs it accumulates into
+   start from the same random values on both sides.
+   Tolerances:
+     exact fp32 (mhc_gpu_set_tf32(g, 0): CUBLAS_COMPUTE_32F) - the sides differ by summation order and
+       float vs double intermediates only: 1e-5 for one op, 1e-4 where a long chain amplifies rounding
+       (Sinkhorn backward through 40 steps, attention backward); the whole model per T4: logits max-abs
+       <= 1e-3 max|logit|, every gradient tensor cosine >= 0.9999, identical MoE selections.
+     TF32 (the default: operands rounded to 10-bit mantissas, ~5e-4 relative per product): GEMMs 5e-3,
+       attention 1e-2, the whole model logits 1e-2 max|logit| and gradient cosine >= 0.99. The loose
+       cosine is for the mHC b (and alpha) gradients: Sinkhorn's backward removes the row/column-constant
+       part of dH_res, so dLam is a small remainder of large terms and carries their relative noise
+       amplified (emulated TF32: 1 - cos ~ 1e-3 for one b tensor; every other tensor ~1e-5).          */
+
+/* ---- helpers: every device buffer of a test lives in gt_dev, every host buffer in gt_host_ptr ---- */
+static MhcGpuArena gt_dev;
+static void *gt_host_ptr[256];
+static int gt_n_host;
+static uint64_t gt_rng = 20240520;
+
+static float *gt_host(size_t count) {
+    float *p = (float *)mhc_calloc(count, sizeof(float));
+    gt_host_ptr[gt_n_host++] = p;
+    return p;
+}
+
+static float *gt_randn(size_t count, double scale) {
+    float *p = gt_host(count);
+    for (size_t i = 0; i < count; i++) p[i] = (float)(scale * mhc_rng_normal(&gt_rng));
+    return p;
+}
+
+static float *gt_copy(const float *src, size_t count) {
+    float *p = gt_host(count);
+    memcpy(p, src, sizeof(float) * count);
+    return p;
+}
+
+static float *gt_upload(const float *src, size_t count) {
+    float *d = arena_new<float>(&gt_dev, count);
+    CUDA_CHECK(cudaMemcpy(d, src, sizeof(float) * count, cudaMemcpyHostToDevice));
+    return d;
+}
+
+static float *gt_nan(size_t count) {      /* 0xFFFFFFFF is a NaN */
+    float *d = arena_new<float>(&gt_dev, count);
+    CUDA_CHECK(cudaMemset(d, 0xFF, sizeof(float) * count));
+    return d;
+}
+
+static float *gt_fetch(const float *d, size_t count) {
+    float *p = gt_host(count);
+    CUDA_CHECK(cudaMemcpy(p, d, sizeof(float) * count, cudaMemcpyDeviceToHost));
+    return p;
+}
+
+static int *gt_upload_int(const int *src, size_t count) {
+    int *d = arena_new<int>(&gt_dev, count);
+    CUDA_CHECK(cudaMemcpy(d, src, sizeof(int) * count, cudaMemcpyHostToDevice));
+    return d;
+}
+
+static void gt_release(void) {
+    arena_free(&gt_dev);
+    for (int k = 0; k < gt_n_host; k++) free(gt_host_ptr[k]);
+    gt_n_host = 0;
+}
+
+static MhcBlas gt_blas(cublasHandle_t handle, int tf32) {
+    MhcBlas bl = {handle, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F};
+    return bl;
+}
+
+/* a small config with every feature: dense block 0, MoE blocks 1-2 with a shared expert, odd sizes */
+static MhcConfig gt_config(int residual, int q_lora, int groups) {
+    MhcConfig c;
+    mhc_preset(&c, "tiny");
+    c.residual = residual;
+    c.hc_mult = 4;
+    c.vocab_size = 97; c.d_model = 40; c.n_layers = 3; c.n_heads = 3;
+    c.q_lora_rank = q_lora ? 24 : 0; c.kv_lora_rank = 20;
+    c.qk_nope_head_dim = 8; c.qk_rope_head_dim = 6; c.v_head_dim = 10;
+    c.n_routed_experts = 8; c.n_shared_experts = 1; c.n_activated_experts = 2; c.moe_inter_dim = 24;
+    c.dense_inter_dim = 72; c.first_k_dense = 1;
+    c.n_expert_groups = groups ? 4 : 1; c.n_limited_groups = groups ? 2 : 1;
+    c.seq_aux_alpha = 0.01;            /* large enough for the balance gradient to show in the gate's */
+    c.seq_len = 19; c.batch_size = 3; c.init_std = 0.1;
+    c.steps = 20; c.warmup_steps = 5;
+    mhc_config_finish(&c);
+    return c;
+}
+
+/* random weights with the stream parameters, norm gains and expert biases away from init (tie-free, PATH 3 live) */
+static void gt_model(MhcModel *m, const MhcConfig *c, uint64_t seed) {
+    mhc_model_init(m, c);
+    mhc_init_params(m, seed);
+    for (int k = 0; k < m->n_tensors; k++) {
+        const MhcTensor *t = &m->tensors[k];
+        if (strncmp(t->name, "hc.", 3) != 0 && t->ndim != 1) continue;
+        for (size_t i = 0; i < t->size; i++) m->params[t->offset + i] += (float)(0.1 * mhc_rng_normal(&gt_rng));
+    }
+    for (int i = 0; i < c->n_layers * c->n_routed_experts; i++) m->expert_bias[i] = (float)(0.02 * mhc_rng_normal(&gt_rng));
+}
+
+static void gt_tokens(int *tokens, int *targets, int N, int V) {
+    for (int t = 0; t < N; t++) {
+        tokens[t] = (int)(mhc_rng_u64(&gt_rng) % (uint64_t)V);
+        targets[t] = (int)(mhc_rng_u64(&gt_rng) % (uint64_t)V);
+    }
+}
+
+static double gt_cosine(const float *a, const float *b, size_t count) {
+    double ab = 0, aa = 0, bb = 0;
+    for (size_t i = 0; i < count; i++) { ab += (double)a[i] * b[i]; aa += (double)a[i] * a[i]; bb += (double)b[i] * b[i]; }
+    return aa == 0 && bb == 0 ? 1 : ab / sqrt(aa * bb);
+}
+
+/* ---------------------------------------------------------------------------------------------
+   Per-op tests: each kernel (or GEMM) against the CPU function it mirrors, fresh random inputs.    */
+
+static void gpu_test_gemm(cublasHandle_t handle) {
+    int N = 37, Ci = 53, O = 29;
+    float *in = gt_randn((size_t)N * Ci, 1), *W = gt_randn((size_t)O * Ci, 1), *dout = gt_randn((size_t)N * O, 1);
+    float *din0 = gt_randn((size_t)N * Ci, 1), *dW0 = gt_randn((size_t)O * Ci, 1);
+    float *out = gt_host((size_t)N * O), *din = gt_copy(din0, (size_t)N * Ci), *dW = gt_copy(dW0, (size_t)O * Ci);
+    matmul_forward(out, in, W, N, Ci, O);
+    matmul_backward(din, dW, dout, in, W, N, Ci, O);
+    for (int tf32 = 0; tf32 < 2; tf32++) {
+        MhcBlas bl = gt_blas(handle, tf32);
+        double tol = tf32 ? 5e-3 : 1e-5;
+        float *d_out = gt_nan((size_t)N * O), *d_din = gt_upload(din0, (size_t)N * Ci), *d_dW = gt_upload(dW0, (size_t)O * Ci);
+        float *d_in = gt_upload(in, (size_t)N * Ci), *d_W = gt_upload(W, (size_t)O * Ci), *d_dout = gt_upload(dout, (size_t)N * O);
+        gpu_matmul_forward(&bl, MHC_GEMM_FAST, d_out, d_in, d_W, N, Ci, O);
+        gpu_matmul_backward(&bl, MHC_GEMM_FAST, d_din, d_dW, d_dout, d_in, d_W, N, Ci, O);
+        double e1 = rel_err(gt_fetch(d_out, (size_t)N * O), out, (size_t)N * O);
+        double e2 = rel_err(gt_fetch(d_din, (size_t)N * Ci), din, (size_t)N * Ci);
+        double e3 = rel_err(gt_fetch(d_dW, (size_t)O * Ci), dW, (size_t)O * Ci);
+        check(e1 <= tol && e2 <= tol && e3 <= tol, "gpu gemm %s: out %.1e, din %.1e, dW %.1e (tol %.0e)", tf32 ? "tf32" : "fp32",
+              e1, e2, e3, tol);
+    }
+    /* the same GEMMs through the fp32 class stay exact while the fast class is TF32 */
+    MhcBlas bl = gt_blas(handle, 1);
+    float *d_out = gt_nan((size_t)N * O);
+    gpu_matmul_forward(&bl, MHC_GEMM_FP32, d_out, gt_upload(in, (size_t)N * Ci), gt_upload(W, (size_t)O * Ci), N, Ci, O);
+    double e = rel_err(gt_fetch(d_out, (size_t)N * O), out, (size_t)N * O);
+    check(e <= 1e-5, "gpu gemm MHC_GEMM_FP32 under tf32: %.1e (tol 1e-5)", e);
+    gt_release();
+}
+
+/* the three grouped expert GEMMs against double loops; expert 1 has no rows */
+static void gpu_test_expert_gemm(void) {
+    int E = 3, rows = 12, Kin = 20, Nout = 17, seg[4] = {0, 5, 5, 12};
+    float *X = gt_randn((size_t)rows * Kin, 1), *W = gt_randn((size_t)E * Nout * Kin, 1), *dY = gt_randn((size_t)rows * Nout, 1);
+    float *dX0 = gt_randn((size_t)rows * Kin, 1), *dW0 = gt_randn((size_t)E * Nout * Kin, 1);
+    float *Y = gt_host((size_t)rows * Nout), *dX = gt_copy(dX0, (size_t)rows * Kin), *dW = gt_copy(dW0, (size_t)E * Nout * Kin);
+    for (int e = 0; e < E; e++)
+        for (int r = seg[e]; r < seg[e + 1]; r++) {
+            const float *We = W + (size_t)e * Nout * Kin;
+            for (int o = 0; o < Nout; o++) {
+                double y = 0;
+                for (int i = 0; i < Kin; i++) y += (double)X[r * Kin + i] * We[o * Kin + i];
+                Y[r * Nout + o] = (float)y;
+            }
+            for (int i = 0; i < Kin; i++) {
+                double d = 0;
+                for (int o = 0; o < Nout; o++) d += (double)dY[r * Nout + o] * We[o * Kin + i];
+                dX[r * Kin + i] += (float)d;
+            }
+        }
+    for (int e = 0; e < E; e++)
+        for (int o = 0; o < Nout; o++)
+            for (int i = 0; i < Kin; i++) {
+                double d = 0;
+                for (int r = seg[e]; r < seg[e + 1]; r++) d += (double)dY[r * Nout + o] * X[r * Kin + i];
+                dW[((size_t)e * Nout + o) * Kin + i] += (float)d;
+            }
+    int *d_seg = gt_upload_int(seg, 4);
+    float *d_X = gt_upload(X, (size_t)rows * Kin), *d_W = gt_upload(W, (size_t)E * Nout * Kin), *d_dY = gt_upload(dY, (size_t)rows * Nout);
+    float *d_Y = gt_nan((size_t)rows * Nout), *d_dX = gt_upload(dX0, (size_t)rows * Kin), *d_dW = gt_upload(dW0, (size_t)E * Nout * Kin);
+    size_t ws = (size_t)Nout * Kin;
+    gpu_expert_gemm(d_Y, Nout, d_X, Kin, d_W, Kin, 1, ws, d_seg, E, rows, Nout, Kin, 0, 0.0f);   /* Y = X W_e^T   */
+    gpu_expert_gemm(d_dX, Kin, d_dY, Nout, d_W, Kin, 0, ws, d_seg, E, rows, Kin, Nout, 0, 1.0f); /* dX += dY W_e  */
+    gpu_expert_gemm(d_dW, Kin, d_dY, Nout, d_X, Kin, 0, ws, d_seg, E, Nout, Kin, 0, 1, 1.0f);    /* dW_e += dY^T X */
+    double e1 = rel_err(gt_fetch(d_Y, (size_t)rows * Nout), Y, (size_t)rows * Nout);
+    double e2 = rel_err(gt_fetch(d_dX, (size_t)rows * Kin), dX, (size_t)rows * Kin);
+    double e3 = rel_err(gt_fetch(d_dW, (size_t)E * Nout * Kin), dW, (size_t)E * Nout * Kin);
+    check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5, "gpu expert gemm: forward %.1e, input grad %.1e, weight grad %.1e (tol 1e-5)",
+          e1, e2, e3);
+    gt_release();
+}
+
+static void gpu_test_rmsnorm(void) {
+    int N = 6, D = 45;
+    double eps = 1e-6;
+    float *in = gt_randn((size_t)N * D, 1), *g = gt_randn(D, 0.2), *ones = gt_host(D), *dout = gt_randn((size_t)N * D, 1);
+    for (int i = 0; i < D; i++) { g[i] += 1; ones[i] = 1; }
+    for (int with_g = 1; with_g >= 0; with_g--) {
+        const float *gg = with_g ? g : ones;
+        float *din0 = gt_randn((size_t)N * D, 1), *dg0 = gt_randn(D, 1);
+        float *out = gt_host((size_t)N * D), *rstd = gt_host(N), *din = gt_copy(din0, (size_t)N * D), *dg = gt_copy(dg0, D);
+        rmsnorm_forward(out, rstd, in, gg, N, D, eps);
+        rmsnorm_backward(din, dg, dout, in, gg, rstd, N, D);
+        float *d_out = gt_nan((size_t)N * D), *d_rstd = gt_nan(N), *d_din = gt_upload(din0, (size_t)N * D), *d_dg = gt_upload(dg0, D);
+        float *d_in = gt_upload(in, (size_t)N * D), *d_g = with_g ? gt_upload(g, D) : NULL;
+        gpu_rmsnorm_forward(d_out, d_rstd, d_in, d_g, N, D, eps);
+        gpu_rmsnorm_backward(d_din, with_g ? d_dg : NULL, gt_upload(dout, (size_t)N * D), d_in, d_g, d_rstd, N, D,
+                             gt_nan((size_t)MHC_COLSUM_CHUNKS * D));
+        double e1 = rel_err(gt_fetch(d_out, (size_t)N * D), out, (size_t)N * D), e2 = rel_err(gt_fetch(d_rstd, N), rstd, N);
+        double e3 = rel_err(gt_fetch(d_din, (size_t)N * D), din, (size_t)N * D);
+        double e4 = with_g ? rel_err(gt_fetch(d_dg, D), dg, D) : 0;
+        check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e4 <= 1e-5, "gpu rmsnorm (%s): out %.1e, rstd %.1e, din %.1e, dg %.1e (tol 1e-5)",
+              with_g ? "gain" : "no gain", e1, e2, e3, e4);
+    }
+    gt_release();
+}
+
+static void gpu_test_rope(void) {
+    int N = 5, T = 3, pos0 = 2, H = 3, dn = 4, dr = 6, dqk = dn + dr;
+    double theta = 10000;
+    float *x = gt_randn((size_t)N * H * dqk, 1);
+    for (int transpose = 0; transpose < 2; transpose++) {
+        float *ref = gt_copy(x, (size_t)N * H * dqk), *d_x = gt_upload(x, (size_t)N * H * dqk);
+        for (int t = 0; t < N; t++)
+            for (int h = 0; h < H; h++) mhc_rope(ref + (size_t)t * H * dqk + h * dqk + dn, dr, pos0 + t % T, theta, transpose);
+        gpu_rope(d_x, N, T, pos0, H, H * dqk, dn, dqk, dr, theta, transpose);
+        double e = rel_err(gt_fetch(d_x, (size_t)N * H * dqk), ref, (size_t)N * H * dqk);
+        check(e <= 1e-6, "gpu rope%s: %.1e (tol 1e-6)", transpose ? " transposed" : "", e);
+    }
+    gt_release();
+}
+
+static void gpu_test_swiglu(void) {
+    size_t count = 300;
+    float *a = gt_randn(count, 2), *g = gt_randn(count, 1), *dh = gt_randn(count, 1);
+    float *h = gt_host(count), *da = gt_host(count), *dg = gt_host(count);
+    swiglu_forward(h, a, g, count);
+    swiglu_backward(da, dg, dh, a, g, count);
+    float *d_a = gt_upload(a, count), *d_g = gt_upload(g, count), *d_h = gt_nan(count), *d_da = gt_nan(count), *d_dg = gt_nan(count);
+    gpu_swiglu_forward(d_h, d_a, d_g, count);
+    gpu_swiglu_backward(d_da, d_dg, gt_upload(dh, count), d_a, d_g, count);
+    double e1 = rel_err(gt_fetch(d_h, count), h, count), e2 = rel_err(gt_fetch(d_da, count), da, count);
+    double e3 = rel_err(gt_fetch(d_dg, count), dg, count);
+    check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5, "gpu swiglu: h %.1e, da %.1e, dg %.1e (tol 1e-5)", e1, e2, e3);
+    gt_release();
+}
+
+static void gpu_test_crossentropy(void) {
+    int N = 7, V = 301, targets[7];
+    float *logits = gt_randn((size_t)N * V, 3), *losses = gt_host(N), *probs = gt_copy(logits, (size_t)N * V);
+    for (int t = 0; t < N; t++) targets[t] = (int)(mhc_rng_u64(&gt_rng) % (uint64_t)V);
+    crossentropy_forward(losses, probs, targets, N, V);
+    crossentropy_backward(probs, targets, N, V, (mhc_real)(1.0 / N));
+    float *d_logits = gt_upload(logits, (size_t)N * V), *d_losses = gt_nan(N);
+    gpu_crossentropy(d_losses, d_logits, gt_upload_int(targets, N), N, V);
+    double e1 = rel_err(gt_fetch(d_losses, N), losses, N), e2 = rel_err(gt_fetch(d_logits, (size_t)N * V), probs, (size_t)N * V);
+    check(e1 <= 1e-5 && e2 <= 1e-5, "gpu cross-entropy: losses %.1e, dlogits %.1e (tol 1e-5)", e1, e2);
+    gt_release();
+}
+
+/* SPEC §4-§5.6 per token: coefficients forward, then the backward fed the CPU's forward values */
+static void gpu_test_mhc_coeffs(void) {
+    MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
+    c.d_model = 8;
+    int N = 9, n = c.hc_mult, C = c.d_model, nC = n * C, m = mhc_m(&c);
+    float *X = gt_randn((size_t)N * nC, 1), *h = gt_randn((size_t)N * m, 1), *b = gt_randn(m, 1), alpha[3] = {0.5f, 0.7f, 0.9f};
+    MhcStreamParams q;
+    memset(&q, 0, sizeof q);
+    q.b = b;
+    q.alpha = alpha;
+    float *H = gt_host((size_t)N * m), *a = gt_host((size_t)N * m), *r = gt_host((size_t)N * n);
+    for (int t = 0; t < N; t++)
+        mhc_coeffs_forward(H + (size_t)t * m, a + (size_t)t * m, r + (size_t)t * n, h + (size_t)t * m, X + (size_t)t * nC, &q, &c);
+    float *d_X = gt_upload(X, (size_t)N * nC), *d_h = gt_upload(h, (size_t)N * m), *d_alpha = gt_upload(alpha, 3);
+    float *d_H = gt_nan((size_t)N * m), *d_a = gt_nan((size_t)N * m), *d_r = gt_upload(r, (size_t)N * n);
+    CUDA_CHECK(cudaMemset(d_r, 0xFF, sizeof(float)));          /* poison r of token 0; the rest stay as uploaded */
+    gpu_mhc_coeffs_forward(d_H, d_a, d_r, d_h, d_X, d_alpha, gt_upload(b, m), N, n, C, c.sinkhorn_iters, c.sinkhorn_eps, c.rms_eps);
+    double e1 = rel_err(gt_fetch(d_H, (size_t)N * m), H, (size_t)N * m), e2 = rel_err(gt_fetch(d_a, (size_t)N * m), a, (size_t)N * m);
+    double e3 = rel_err(gt_fetch(d_r, (size_t)N * n), r, (size_t)N * n);
+    check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5, "gpu mhc coefficients forward: H %.1e, a %.1e, r %.1e (tol 1e-5)", e1, e2, e3);
+
+    float *dH = gt_randn((size_t)N * m, 1), *da = gt_host((size_t)N * m), *dx = gt_host((size_t)N * nC);
+    float *dh = gt_host((size_t)N * m), *dalpha = gt_host((size_t)N * 3);
+    for (int t = 0; t < N; t++) {
+        mhc_coeffs_backward(da + (size_t)t * m, dx + (size_t)t * nC, dH + (size_t)t * m, H + (size_t)t * m, a + (size_t)t * m,
+                            h + (size_t)t * m, r[(size_t)t * n], X + (size_t)t * nC, &q, &c);
+        for (int k = 0; k < m; k++) {
+            int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+            dh[(size_t)t * m + k] = da[(size_t)t * m + k] * (alpha[grp] * r[(size_t)t * n]);
+            dalpha[(size_t)t * 3 + grp] += da[(size_t)t * m + k] * r[(size_t)t * n] * h[(size_t)t * m + k];
+        }
+    }
+    float *d_da = gt_nan((size_t)N * m), *d_dH = gt_upload(dH, (size_t)N * m), *d_dalpha = gt_nan((size_t)N * 3);
+    float *d_dx = gt_nan((size_t)N * nC);
+    CUDA_CHECK(cudaMemset(d_dx, 0, sizeof(float) * N * nC));
+    gpu_mhc_coeffs_backward(d_da, d_dH, d_dalpha, d_dx, gt_upload(H, (size_t)N * m), gt_upload(a, (size_t)N * m), d_h,
+                            gt_upload(r, (size_t)N * n), d_X, d_alpha, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps);
+    e1 = rel_err(gt_fetch(d_da, (size_t)N * m), da, (size_t)N * m);
+    e2 = rel_err(gt_fetch(d_dH, (size_t)N * m), dh, (size_t)N * m);
+    e3 = rel_err(gt_fetch(d_dalpha, (size_t)N * 3), dalpha, (size_t)N * 3);
+    double e4 = rel_err(gt_fetch(d_dx, (size_t)N * nC), dx, (size_t)N * nC);
+    check(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4 && e4 <= 1e-4,
+          "gpu mhc coefficients backward (Sinkhorn replayed): da %.1e, dh %.1e, dalpha %.1e, dx %.1e (tol 1e-4)", e1, e2, e3, e4);
+    gt_release();
+}
+
+/* SPEC §3, §5.1, §5.3: pre and merge, forward and backward (merge backward overwrites dX, pre adds) */
+static void gpu_test_streams(void) {
+    int N = 6, n = 4, C = 40, m = n * n + 2 * n;
+    size_t XC = (size_t)N * n * C;
+    float *X = gt_randn(XC, 1), *H = gt_randn((size_t)N * m, 1), *f = gt_randn((size_t)N * C, 1);
+    float *dXo = gt_randn(XC, 1), *dy = gt_randn((size_t)N * C, 1);
+    float *y = gt_host((size_t)N * C), *Xo = gt_host(XC), *dX = gt_host(XC), *df = gt_host((size_t)N * C), *dH = gt_host((size_t)N * m);
+    stream_pre_forward(y, H, X, N, n, C, m);
+    stream_merge_forward(Xo, H, X, f, N, n, C, m);
+    stream_merge_backward(dX, df, dH, dXo, H, X, f, N, n, C, m);
+    stream_pre_backward(dX, dH, dy, H, X, N, n, C, m);
+    float *d_X = gt_upload(X, XC), *d_H = gt_upload(H, (size_t)N * m), *d_f = gt_upload(f, (size_t)N * C);
+    float *d_y = gt_nan((size_t)N * C), *d_Xo = gt_nan(XC), *d_dX = gt_nan(XC), *d_df = gt_nan((size_t)N * C), *d_dH = gt_nan((size_t)N * m);
+    gpu_stream_pre_forward(d_y, d_H, d_X, N, n, C, m);
+    gpu_stream_merge_forward(d_Xo, d_H, d_X, d_f, N, n, C, m);
+    gpu_stream_merge_backward(d_dX, d_df, d_dH, gt_upload(dXo, XC), d_H, d_X, d_f, N, n, C, m);
+    gpu_stream_pre_backward(d_dX, d_dH, gt_upload(dy, (size_t)N * C), d_H, d_X, N, n, C, m);
+    double e1 = rel_err(gt_fetch(d_y, (size_t)N * C), y, (size_t)N * C), e2 = rel_err(gt_fetch(d_Xo, XC), Xo, XC);
+    double e3 = rel_err(gt_fetch(d_dX, XC), dX, XC), e4 = rel_err(gt_fetch(d_df, (size_t)N * C), df, (size_t)N * C);
+    double e5 = rel_err(gt_fetch(d_dH, (size_t)N * m), dH, (size_t)N * m);
+    check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e4 <= 1e-5 && e5 <= 1e-5,
+          "gpu stream pre/merge: y %.1e, X' %.1e, dX %.1e, df %.1e, dH %.1e (tol 1e-5)", e1, e2, e3, e4, e5);
+    gt_release();
+}
+
+/* SPEC §9 attention core with the shared k_pe, forward and backward, B = 2, T = 37, H = 3 */
+static void gpu_test_attention(cublasHandle_t handle) {
+    MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
+    int B = 2, T = 37, N = B * T, H = c.n_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
+    int dqk = dn + dr;
+    size_t nq = (size_t)N * H * dqk, nkv = (size_t)N * H * (dn + dv), natt = (size_t)B * H * T * T, no = (size_t)N * H * dv;
+    float *q = gt_randn(nq, 1), *kv = gt_randn(nkv, 1), *kpe = gt_randn((size_t)N * dr, 1), *dout = gt_randn(no, 1);
+    float *o = gt_host(no), *att = gt_host(natt), *dq = gt_host(nq), *dkv = gt_host(nkv), *dkpe_h = gt_host((size_t)N * H * dr);
+    float *dkpe = gt_host((size_t)N * dr);
+    attention_forward(o, att, q, kv, kpe, B, T, &c);
+    attention_backward(dq, dkv, dkpe_h, dout, o, att, q, kv, kpe, B, T, &c);
+    for (int t = 0; t < N; t++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < dr; i++) dkpe[(size_t)t * dr + i] += dkpe_h[((size_t)t * H + h) * dr + i];
+    MhcGpuActs A;
+    if (gpu_acts_init(&A, &c, B, T, 1)) { check(0, "gpu attention: out of memory"); return; }
+    float *d_q = gt_upload(q, nq), *d_kv = gt_upload(kv, nkv), *d_kpe = gt_upload(kpe, (size_t)N * dr), *d_dout = gt_upload(dout, no);
+    for (int tf32 = 0; tf32 < 2; tf32++) {
+        MhcBlas bl = gt_blas(handle, tf32);
+        double tol_f = tf32 ? 1e-2 : 1e-5, tol_b = tf32 ? 1e-2 : 1e-4;
+        float *d_o = gt_nan(no), *d_att = gt_nan(natt), *d_dq = gt_nan(nq), *d_dkv = gt_nan(nkv), *d_dkpe = gt_nan((size_t)N * dr);
+        gpu_attention_forward(&bl, &A, d_o, d_att, d_q, d_kv, d_kpe, B, T, &c);
+        gpu_attention_backward(&bl, &A, d_dq, d_dkv, d_dkpe, d_dout, d_att, d_q, d_kv, d_kpe, B, T, &c);
+        double e1 = rel_err(gt_fetch(d_o, no), o, no), e2 = rel_err(gt_fetch(d_att, natt), att, natt);
+        double e3 = rel_err(gt_fetch(d_dq, nq), dq, nq), e4 = rel_err(gt_fetch(d_dkv, nkv), dkv, nkv);
+        double e5 = rel_err(gt_fetch(d_dkpe, (size_t)N * dr), dkpe, (size_t)N * dr);
+        check(e1 <= tol_f && e2 <= tol_f && e3 <= tol_b && e4 <= tol_b && e5 <= tol_b,
+              "gpu attention %s: o %.1e, P %.1e (tol %.0e); dq %.1e, dkv %.1e, dk_pe %.1e (tol %.0e)", tf32 ? "tf32" : "fp32", e1,
+              e2, tol_f, e3, e4, e5, tol_b);
+    }
+    gpu_acts_free(&A);
+    gt_release();
+}
+
+/* SPEC §11 routing (groups on) and the grouping by expert: identical selections and order */
+static void gpu_test_routing(void) {
+    MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 1);
+    c.n_routed_experts = 16; c.n_activated_experts = 3; c.n_expert_groups = 4; c.n_limited_groups = 2; c.route_scale = 2.5;
+    int N = 50, E = c.n_routed_experts, K = c.n_activated_experts, G = c.n_expert_groups;
+    float *z = gt_randn((size_t)N * E, 2), *bias = gt_randn(E, 0.05), *s = gt_copy(z, (size_t)N * E), *w = gt_host((size_t)N * K);
+    int *sel = (int *)mhc_calloc((size_t)N * K, sizeof(int)), *order = (int *)mhc_calloc((size_t)N * K, sizeof(int));
+    int *start = (int *)mhc_calloc((size_t)E + 1, sizeof(int)), *gsel = (int *)mhc_calloc((size_t)N * K, sizeof(int));
+    int *gorder = (int *)mhc_calloc((size_t)N * K, sizeof(int)), *gstart = (int *)mhc_calloc((size_t)E + 1, sizeof(int));
+    int *grow = (int *)mhc_calloc((size_t)N * K, sizeof(int));
+    for (int t = 0; t < N; t++) {
+        for (int i = 0; i < E; i++) s[(size_t)t * E + i] = mhc_sigmoid(s[(size_t)t * E + i]);
+        moe_route(sel + (size_t)t * K, w + (size_t)t * K, s + (size_t)t * E, bias, &c);
+    }
+    moe_group_by_expert(order, start, sel, N, K, E);
+    MhcGpuActs A;                                     /* only its grouping buffers are used */
+    memset(&A, 0, sizeof A);
+    A.a.expert_order = arena_new<int>(&gt_dev, (size_t)N * K);
+    A.a.expert_start = arena_new<int>(&gt_dev, (size_t)E + 1);
+    A.moe_row = arena_new<int>(&gt_dev, (size_t)N * K);
+    A.moe_count = arena_new<int>(&gt_dev, E);
+    float *d_s = gt_upload(z, (size_t)N * E), *d_w = gt_nan((size_t)N * K);
+    int *d_sel = arena_new<int>(&gt_dev, (size_t)N * K);
+    gpu_moe_route(d_sel, d_w, d_s, arena_new<double>(&gt_dev, (size_t)N * E), arena_new<double>(&gt_dev, (size_t)N * G),
+                  gt_upload(bias, E), N, &c);
+    gpu_moe_group(&A, d_sel, N * K, E, NULL);
+    CUDA_CHECK(cudaMemcpy(gsel, d_sel, sizeof(int) * N * K, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(gorder, A.a.expert_order, sizeof(int) * N * K, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(gstart, A.a.expert_start, sizeof(int) * (E + 1), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(grow, A.moe_row, sizeof(int) * N * K, cudaMemcpyDeviceToHost));
+    int same_sel = !memcmp(sel, gsel, sizeof(int) * N * K), same_order = !memcmp(order, gorder, sizeof(int) * N * K);
+    int same_start = !memcmp(start, gstart, sizeof(int) * (E + 1)), rows_ok = 1;
+    for (int pos = 0; pos < N * K; pos++) rows_ok &= grow[gorder[pos]] == pos;
+    double e1 = rel_err(gt_fetch(d_s, (size_t)N * E), s, (size_t)N * E), e2 = rel_err(gt_fetch(d_w, (size_t)N * K), w, (size_t)N * K);
+    check(same_sel && same_order && same_start && rows_ok && e1 <= 1e-6 && e2 <= 1e-6,
+          "gpu routing (groups, rho 2.5): selections %s, grouping %s, s %.1e, w %.1e (tol 1e-6)", same_sel ? "identical" : "DIFFER",
+          same_order && same_start && rows_ok ? "identical" : "DIFFERS", e1, e2);
+    free(sel); free(order); free(start); free(gsel); free(gorder); free(gstart); free(grow);
+    gt_release();
+}
+
+/* ---------------------------------------------------------------------------------------------
+   The whole model (SPEC §17 T4): logits, loss, MoE selections and every gradient tensor.          */
+static void gpu_test_model(const char *name, const MhcConfig *cfg, int tf32) {
+    MhcModel m;
+    MhcGpu g;
+    gt_model(&m, cfg, 7);
+    int B = cfg->batch_size, T = cfg->seq_len, N = B * T, V = cfg->vocab_size, K = cfg->n_activated_experts, L = cfg->n_layers;
+    int *tokens = (int *)mhc_calloc((size_t)N, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N, sizeof(int));
+    gt_tokens(tokens, targets, N, V);
+    if (mhc_gpu_init(&g, &m, B, T)) { check(0, "gpu model %s: init failed", name); return; }
+    mhc_gpu_set_tf32(&g, tf32);
+    double tol_logit = tf32 ? 1e-2 : 1e-3, tol_cos = tf32 ? 0.99 : 0.9999;
+
+    mhc_forward(&m, tokens, NULL, B, T);
+    mhc_gpu_forward(&g, tokens, NULL, B, T);
+    float *logits = gt_host((size_t)N * V);
+    mhc_gpu_download_logits(&g, logits);
+    double diff = 0, mx = 0;
+    for (size_t i = 0; i < (size_t)N * V; i++) {
+        double d = fabs((double)logits[i] - m.acts.logits[i]);
+        diff = d <= diff ? diff : d;
+        mx = fmax(mx, fabs((double)m.acts.logits[i]));
+    }
+    /* T4: identical selections on tie-free inputs in fp32; TF32 moves the router inputs by ~1e-3, which
+       may flip a near-tie, so there the differences are only counted */
+    int *gsel = (int *)mhc_calloc((size_t)L * N * K, sizeof(int)), n_diff = 0;
+    CUDA_CHECK(cudaMemcpy(gsel, g.acts.a.moe_sel, sizeof(int) * L * N * K, cudaMemcpyDeviceToHost));
+    for (size_t k = (size_t)cfg->first_k_dense * N * K; k < (size_t)L * N * K; k++) n_diff += gsel[k] != m.acts.moe_sel[k];
+    check(diff <= tol_logit * mx && (tf32 || n_diff == 0),
+          "gpu model %s%s: logits max-abs %.2e (tol %.0e x max|logit| %.2f), %d MoE selections differ", name, tf32 ? " tf32" : "",
+          diff, tol_logit, mx, n_diff);
+
+    mhc_zero_grad(&m);
+    double lc = mhc_forward(&m, tokens, targets, B, T);
+    mhc_backward(&m, tokens, targets);
+    mhc_gpu_zero_grad(&g);
+    double lg = mhc_gpu_forward(&g, tokens, targets, B, T);
+    mhc_gpu_backward(&g);
+    double el = fabs(lg - lc) / fabs(lc), ea = fabs(g.aux - m.aux) / fmax(fabs(m.aux), 1e-30);
+    check(el <= tol_logit && ea <= tol_logit, "gpu model %s%s: loss %.8f vs %.8f (rel %.1e), aux %.3e vs %.3e (rel %.1e)", name,
+          tf32 ? " tf32" : "", lg, lc, el, g.aux, m.aux, ea);
+
+    float *cpu_grads = gt_copy(m.grads, m.n_params);
+    mhc_gpu_download_grads(&g, &m);
+    double worst = 1;
+    const char *worst_name = "";
+    for (int k = 0; k < m.n_tensors; k++) {
+        const MhcTensor *t = &m.tensors[k];
+        double cs = gt_cosine(m.grads + t->offset, cpu_grads + t->offset, t->size);
+        if (!(cs >= worst)) { worst = cs; worst_name = t->name; }
+    }
+    check(worst >= tol_cos, "gpu model %s%s: %d gradient tensors, worst 1 - cosine %.1e in %s (tol %.0e)", name, tf32 ? " tf32" : "",
+          m.n_tensors, 1 - worst, worst_name, 1 - tol_cos);
+    free(tokens); free(targets); free(gsel);
+    mhc_gpu_free(&g);
+    mhc_model_free(&m);
+    gt_release();
+}
+
+/* 20 AdamW steps (clip, schedule, bias update) on the CPU and the GPU from the same weights, on one
+   fixed batch (so the loss must fall) */
+static void gpu_test_training(const MhcConfig *cfg) {
+    MhcModel m;
+    MhcGpu g;
+    gt_model(&m, cfg, 11);
+    int B = cfg->batch_size, T = cfg->seq_len, N = B * T, steps = 20;
+    int *tokens = (int *)mhc_calloc((size_t)N, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N, sizeof(int));
+    gt_tokens(tokens, targets, N, cfg->vocab_size);
+    if (mhc_gpu_init(&g, &m, B, T)) { check(0, "gpu training: init failed"); return; }
+    mhc_gpu_set_tf32(&g, 0);
+    double worst = 0, first = 0, last = 0;
+    for (int k = 0; k < steps; k++) {
+        double lr = mhc_lr_at(cfg, k);
+        mhc_zero_grad(&m);
+        double lc = mhc_forward(&m, tokens, targets, B, T);
+        mhc_backward(&m, tokens, targets);
+        mhc_clip_grad(&m, cfg->grad_clip);
+        mhc_adamw_step(&m, lr);
+        mhc_update_expert_bias(&m);
+        mhc_gpu_zero_grad(&g);
+        double lg = mhc_gpu_forward(&g, tokens, targets, B, T);
+        mhc_gpu_backward(&g);
+        mhc_gpu_clip_grad(&g, cfg->grad_clip);
+        mhc_gpu_adamw_step(&g, lr);
+        mhc_gpu_update_expert_bias(&g);
+        double d = fabs(lg - lc) / fabs(lc);
+        worst = d <= worst ? worst : d;
+        if (k == 0) first = lg;
+        last = lg;
+    }
+    check(worst <= 1e-3 && last < first, "gpu training: %d steps, loss %.4f -> %.4f, max rel diff to CPU %.1e (tol 1e-3)", steps, first,
+          last, worst);
+    free(tokens); free(targets);
+    mhc_gpu_free(&g);
+    mhc_model_free(&m);
+}
+
+/* two identical GPU runs (TF32 default) give identical losses, norms and final state, bit for bit */
+static void gpu_test_determinism(const MhcConfig *cfg) {
+    MhcModel m;
+    gt_model(&m, cfg, 13);
+    int B = cfg->batch_size, T = cfg->seq_len, N = B * T, steps = 5;
+    int *tokens = (int *)mhc_calloc((size_t)N * steps, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N * steps, sizeof(int));
+    gt_tokens(tokens, targets, N * steps, cfg->vocab_size);
+    double trace[2][2 * 5];
+    float *state[2];
+    for (int run = 0; run < 2; run++) {
+        MhcGpu g;
+        if (mhc_gpu_init(&g, &m, B, T)) { check(0, "gpu determinism: init failed"); return; }
+        for (int k = 0; k < steps; k++) {
+            mhc_gpu_zero_grad(&g);
+            trace[run][2 * k] = mhc_gpu_forward(&g, tokens + (size_t)k * N, targets + (size_t)k * N, B, T);
+            mhc_gpu_backward(&g);
+            trace[run][2 * k + 1] = mhc_gpu_clip_grad(&g, cfg->grad_clip);
+            mhc_gpu_adamw_step(&g, mhc_lr_at(cfg, k));
+            mhc_gpu_update_expert_bias(&g);
+        }
+        state[run] = gt_host(3 * m.n_params);
+        CUDA_CHECK(cudaMemcpy(state[run], g.params, sizeof(float) * m.n_params, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(state[run] + m.n_params, g.grads, sizeof(float) * m.n_params, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(state[run] + 2 * m.n_params, g.adam_v, sizeof(float) * m.n_params, cudaMemcpyDeviceToHost));
+        mhc_gpu_free(&g);
+    }
+    int same = !memcmp(trace[0], trace[1], sizeof trace[0]) && !memcmp(state[0], state[1], sizeof(float) * 3 * m.n_params);
+    check(same, "gpu determinism: two runs of %d steps give %s losses, norms, weights, grads and Adam state", steps,
+          same ? "bit-identical" : "DIFFERENT");
+    free(tokens); free(targets);
+    mhc_model_free(&m);
+    gt_release();
+}
+
+/* SPEC §10 absorbed decode: GPU decode vs CPU decode, and vs the GPU's own non-absorbed prefill (T7) */
+static void gpu_test_decode(const MhcConfig *cfg) {
+    MhcModel m;
+    MhcGpu g;
+    MhcCache cc;
+    MhcGpuCache gc;
+    gt_model(&m, cfg, 17);
+    int P = 12, V = cfg->vocab_size, tokens[12], targets[12];
+    gt_tokens(tokens, targets, P, V);
+    if (mhc_gpu_init(&g, &m, 1, P) || mhc_cache_init(&cc, &m.cfg, P) || mhc_gpu_cache_init(&gc, &g, P)) {
+        check(0, "gpu decode: init failed");
+        return;
+    }
+    mhc_gpu_set_tf32(&g, 0);
+    float *lc = gt_host((size_t)P * V), *lg = gt_host((size_t)P * V), *lp = gt_host((size_t)P * V);
+    int rc = 0;
+    for (int t = 0; t < P; t++) {
+        rc |= mhc_decode_step(&m, &cc, tokens[t], lc + (size_t)t * V);
+        rc |= mhc_gpu_decode_step(&g, &gc, tokens[t], lg + (size_t)t * V);
+    }
+    mhc_gpu_forward(&g, tokens, NULL, 1, P);
+    mhc_gpu_download_logits(&g, lp);
+    double mx = 0, d_cpu = 0, d_pre = 0;
+    for (size_t i = 0; i < (size_t)P * V; i++) {
+        mx = fmax(mx, fabs((double)lc[i]));
+        double a = fabs((double)lg[i] - lc[i]), b = fabs((double)lg[i] - lp[i]);
+        d_cpu = a <= d_cpu ? d_cpu : a;
+        d_pre = b <= d_pre ? d_pre : b;
+    }
+    int full = mhc_gpu_decode_step(&g, &gc, tokens[0], lg) == -1;
+    check(!rc && full && d_cpu <= 1e-4 * mx && d_pre <= 1e-4 * mx,
+          "gpu decode: %d tokens, vs CPU decode %.1e, vs GPU prefill %.1e (tol 1e-4 x max|logit| %.2f), full cache refused", P,
+          d_cpu, d_pre, mx);
+    mhc_cache_free(&cc);
+    mhc_gpu_cache_free(&gc);
+    mhc_gpu_free(&g);
+    mhc_model_free(&m);
+    gt_release();
+}
+
+/* upload/download round trips: host -> GPU -> host is exact; a trained GPU state moved through the host
+   into a second GPU continues bit-identically, and the CPU agrees with its loss */
+static void gpu_test_checkpoint(const MhcConfig *cfg) {
+    MhcModel m, h;
+    MhcGpu g, g2;
+    gt_model(&m, cfg, 19);
+    mhc_model_init(&h, cfg);
+    int B = cfg->batch_size, T = cfg->seq_len, N = B * T, LE = cfg->n_layers * cfg->n_routed_experts;
+    int *tokens = (int *)mhc_calloc((size_t)N, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N, sizeof(int));
+    for (size_t i = 0; i < m.n_params; i++) {           /* an optimizer state as if after 3 steps */
+        m.adam_m[i] = (float)(1e-3 * mhc_rng_normal(&gt_rng));
+        m.adam_v[i] = (float)(1e-6 * fabs(mhc_rng_normal(&gt_rng)));
+    }
+    m.step = 3;
+    if (mhc_gpu_init(&g, &m, B, T)) { check(0, "gpu checkpoint: init failed"); return; }
+    mhc_gpu_download(&g, &h);
+    size_t bytes = sizeof(float) * m.n_params;
+    int exact = !memcmp(h.params, m.params, bytes) && !memcmp(h.adam_m, m.adam_m, bytes) && !memcmp(h.adam_v, m.adam_v, bytes) &&
+                !memcmp(h.expert_bias, m.expert_bias, sizeof(float) * LE) && h.step == 3;
+    mhc_gpu_set_tf32(&g, 0);
+    for (int k = 0; k < 2; k++) {
+        gt_tokens(tokens, targets, N, cfg->vocab_size);
+        mhc_gpu_zero_grad(&g);
+        mhc_gpu_forward(&g, tokens, targets, B, T);
+        mhc_gpu_backward(&g);
+        mhc_gpu_clip_grad(&g, cfg->grad_clip);
+        mhc_gpu_adamw_step(&g, 1e-3);
+        mhc_gpu_update_expert_bias(&g);
+    }
+    mhc_gpu_download(&g, &h);
+    if (mhc_gpu_init(&g2, &h, B, T)) { check(0, "gpu checkpoint: second init failed"); return; }
+    mhc_gpu_set_tf32(&g2, 0);
+    gt_tokens(tokens, targets, N, cfg->vocab_size);
+    double l1 = mhc_gpu_forward(&g, tokens, targets, B, T), l2 = mhc_gpu_forward(&g2, tokens, targets, B, T);
+    double lc = mhc_forward(&h, tokens, targets, B, T);
+    mhc_gpu_zero_grad(&g);
+    mhc_gpu_zero_grad(&g2);
+    mhc_gpu_backward(&g);
+    mhc_gpu_backward(&g2);
+    mhc_gpu_adamw_step(&g, 1e-3);
+    mhc_gpu_adamw_step(&g2, 1e-3);
+    float *p1 = gt_host(m.n_params), *p2 = gt_host(m.n_params);
+    CUDA_CHECK(cudaMemcpy(p1, g.params, bytes, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(p2, g2.params, bytes, cudaMemcpyDeviceToHost));
+    int resumed = l1 == l2 && !memcmp(p1, p2, bytes) && g.step == g2.step && h.step == 5;
+    double ec = fabs(lc - l1) / fabs(lc);
+    check(exact && resumed && ec <= 1e-5, "gpu checkpoint: upload/download %s, resumed GPU %s, CPU loss of the downloaded model rel %.1e (tol 1e-5)",
+          exact ? "exact" : "NOT EXACT", resumed ? "bit-identical" : "DIFFERS", ec);
+    free(tokens); free(targets);
+    mhc_gpu_free(&g);
+    mhc_gpu_free(&g2);
+    mhc_model_free(&m);
+    mhc_model_free(&h);
+    gt_release();
+}
+
+void gpu_tests(void) {
+    cublasHandle_t handle;
+    CUBLAS_CHECK(cublasCreate(&handle));
+    gpu_test_gemm(handle);
+    gpu_test_expert_gemm();
+    gpu_test_rmsnorm();
+    gpu_test_rope();
+    gpu_test_swiglu();
+    gpu_test_crossentropy();
+    gpu_test_mhc_coeffs();
+    gpu_test_streams();
+    gpu_test_attention(handle);
+    gpu_test_routing();
+    CUBLAS_CHECK(cublasDestroy(handle));
+
+    MhcConfig mhc = gt_config(MHC_RESIDUAL_MHC, 0, 0);
+    gpu_test_model("mhc", &mhc, 0);
+    gpu_test_model("mhc", &mhc, 1);
+    MhcConfig hc = gt_config(MHC_RESIDUAL_HC, 0, 0), plain = gt_config(MHC_RESIDUAL_PLAIN, 0, 0);
+    MhcConfig qg = gt_config(MHC_RESIDUAL_MHC, 1, 1);
+    gpu_test_model("hc", &hc, 0);
+    gpu_test_model("plain", &plain, 0);
+    gpu_test_model("mhc q_lora groups", &qg, 0);
+    MhcConfig tiny;                                   /* the tiny preset itself, V cut to 512 (SPEC §13) */
+    mhc_preset(&tiny, "tiny");
+    tiny.vocab_size = 512;
+    tiny.batch_size = 2;
+    gpu_test_model("tiny", &tiny, 0);
+    gpu_test_training(&mhc);
+    gpu_test_determinism(&mhc);
+    gpu_test_decode(&mhc);
+    gpu_test_decode(&qg);
+    gpu_test_checkpoint(&mhc);
+}
+#endif /* __CUDACC__ */
+
 static const struct {
     const char *name;
     void (*fn)(void);
@@ -1844,6 +2518,9 @@ static const struct {
     {"safetensors", test_safetensors, BOTH, "T12 safetensors"},
     {"determinism", test_determinism, BOTH, "T13 CPU determinism"},
     {"overfit", test_overfit, FP32_ONLY, "overfit one batch"},
+#ifdef __CUDACC__
+    {"gpu", gpu_tests, FP32_ONLY, "T4 CUDA kernels and the whole model against the CPU"},
+#endif
 };
 
 int main(int argc, char **argv) {

@@ -1293,7 +1293,8 @@ int main(int argc, char **argv) {
         }
         double lr = mhc_lr_at(c, step), ce = tr.m.ce, aux = tr.m.aux;
 #ifdef __CUDACC__
-        mhc_gpu_download_losses(&tr.gpu, &ce, &aux);
+        ce = tr.gpu.ce;
+        aux = tr.gpu.aux;
 #endif
         double norm = trainer_update(&tr, lr);
         double dt = now_seconds() - t0, tps = N / dt, elapsed = now_seconds() - t_start;

@@ -1,0 +1,1853 @@
+/* mhc_cuda.cuh - the CUDA path of mhc.h: the same model on one GPU, every forward and backward op a
+   kernel or a cuBLAS call (SPEC §2-§12), and absorbed decode with a latent cache (SPEC §10).
+
+   Use:   #define MHC_IMPLEMENTATION
+          #include "mhc.h"
+          #include "mhc_cuda.cuh"        in the one file compiled by nvcc (-x cu), linked with -lcublas.
+
+   The GPU model mirrors MhcModel: one parameter slab in the CPU's layout (upload and download are plain
+   copies), the CPU's activation buffers (mhc.h's mhc_acts_table) on the device plus GPU-only scratch, and
+   the CPU's order of operations, so every kernel has a CPU function to be tested against.
+
+   Precision (SPEC §0): fp32 storage for parameters, activations and optimizer state. GEMMs go through
+   cuBLAS in TF32 (CUBLAS_COMPUTE_32F_FAST_TF32) unless mhc_gpu_set_tf32(g, 0) asks for exact fp32; the
+   mHC/HC coefficient GEMMs and the router GEMM always run in fp32. Norm statistics, softmaxes, Sinkhorn,
+   routing, losses and AdamW are fp32 or wider.
+
+   Determinism: no float atomics. A reduction is a warp's butterfly, a block's fixed tree, or per-block
+   partials summed in a fixed order; the scatters (embedding gradient, expert outputs) loop over a
+   precomputed order. Two runs with the same inputs on the same GPU give identical bits.
+
+   Sections: types and interface   0 checks, memory, reductions   1 GEMMs   2 primitives
+             3 residual streams   4 MLA   5 FFN and MoE   6 the model   7 optimizer   8 absorbed decode   */
+#ifndef MHC_CUDA_CUH
+#define MHC_CUDA_CUH
+
+#ifndef MHC_H
+#error "include mhc.h before mhc_cuda.cuh"
+#endif
+#ifndef MHC_IMPLEMENTATION
+#error "mhc_cuda.cuh uses mhc.h's implementation (parameter layout, activation table): define MHC_IMPLEMENTATION"
+#endif
+#ifdef MHC_DOUBLE
+#error "the CUDA path is fp32: build it without MHC_DOUBLE"
+#endif
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+/* ---------------------------------------------------------------------------------------------
+   Types and interface                                                                            */
+/* Every device buffer of one owner, freed together; a failed cudaMalloc is remembered for the caller. */
+#define MHC_GPU_MAX_ALLOCS 128
+typedef struct {
+    void *ptr[MHC_GPU_MAX_ALLOCS];
+    int n, failed;
+    size_t bytes;
+} MhcGpuArena;
+
+/* the cuBLAS handle and the compute type of the MHC_GEMM_FAST GEMMs */
+typedef struct {
+    cublasHandle_t handle;
+    cublasComputeType_t fast;   /* CUBLAS_COMPUTE_32F_FAST_TF32 (default) or CUBLAS_COMPUTE_32F (exact) */
+} MhcBlas;
+
+/* Everything one forward (and backward) of B x T tokens needs: the CPU's activation buffers plus
+   GPU-only scratch. */
+typedef struct {
+    int B, T;
+    MhcActs a;                       /* mhc.h's buffers (mhc_acts_table), on the device               */
+    int *tokens, *targets;           /* [N]                                                           */
+    float *Qh, *Kh, *Vh, *Oh;        /* [B,H,T,d_qk] x2, [B,H,T,d_v] x2: attention with heads batched   */
+    float *dQh, *dKh, *dVh, *dOh;    /* the same shapes (backward)                                     */
+    float *datt;                     /* [B,H,T,T] (backward)                                           */
+    int *moe_row, *moe_count;        /* [N*K] grouped row of each assignment, [E]                      */
+    float *moe_x, *moe_dx;           /* [N*K, C] expert inputs in grouped order, their gradient        */
+    double *moe_score, *moe_gscore;  /* [N,E] selection scores, [N,G] group scores                     */
+    double *moe_ssum, *moe_f;        /* [N] sum_j s_j, [B,E] f_i of the balance loss                   */
+    double *moe_bal;                 /* [L,B] per layer and sequence: alpha sum_i f_i P_i / B          */
+    float *coef_alpha;               /* [N,3] per-token alpha-gradient terms (backward)                */
+    float *colsum_part;              /* [MHC_COLSUM_CHUNKS, max(C, d_c, d_q, m)] (backward)            */
+    double *reduce_part, *reduce_out;/* [MHC_REDUCE_BLOCKS], [2]                                       */
+    int *emb_rows, *emb_start, *emb_order;   /* embedding-gradient groups: [U], [U+1], [N] (backward)   */
+    int n_emb_rows;                  /* U, distinct tokens of the last forward                         */
+    MhcGpuArena arena;
+} MhcGpuActs;
+
+/* The model on the GPU: MhcModel's state plus the buffers of one training step */
+typedef struct {
+    MhcConfig cfg;
+    int n_tensors;
+    MhcTensor *tensors;                /* host copy of the tensor table (offset, size, decay)          */
+    size_t n_params;
+    float *params, *grads, *adam_m, *adam_v;   /* device [n_params] each, the CPU's layout           */
+    MhcParams p, g;                    /* named views (device pointers) into params and grads          */
+    float *expert_bias;                /* [L,E] selection bias (dense layers unused)                  */
+    int *expert_load;                  /* [L,E] assignments counted by the last forward               */
+    int step;                          /* optimizer steps taken                                        */
+    double ce, aux;                    /* of the last forward                                          */
+    int has_targets;                   /* the last forward had targets (its logits hold dlogits)      */
+    MhcBlas blas;
+    MhcGpuActs acts;
+    MhcGpuArena arena;                 /* parameters, optimizer state, bias, loads                    */
+} MhcGpu;
+
+/* the latent KV cache of absorbed decode (SPEC §10) and the buffers of one decoded token */
+typedef struct {
+    int max_len, len;
+    float *ckv, *kpe;                  /* [L, max_len, d_c] latent after RMSNorm, [L, max_len, d_r] after RoPE */
+    float *qabs, *olat, *scores;       /* [H, d_c], [H, d_c], [H, max_len]                                   */
+    MhcGpuActs acts;                   /* one token (B = T = 1), forward buffers only                         */
+    MhcGpuArena arena;
+} MhcGpuCache;
+
+/* B x T: the batch shape the buffers are sized for (a forward with another shape reallocates them).
+   0 ok; -1 with a message on stderr (unsupported config, out of GPU memory). */
+int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T);
+void mhc_gpu_free(MhcGpu *g);
+void mhc_gpu_set_tf32(MhcGpu *g, int enable);        /* 1 (default): TF32 GEMMs; 0: exact fp32 (tests) */
+void mhc_gpu_upload(MhcGpu *g, const MhcModel *host);                 /* params, Adam m/v, expert bias, step */
+void mhc_gpu_download(MhcGpu *g, MhcModel *host);    /* the same plus expert loads, and ce/aux of the last forward */
+void mhc_gpu_download_grads(MhcGpu *g, MhcModel *host);               /* into host->grads                     */
+void mhc_gpu_download_logits(MhcGpu *g, float *logits);  /* [B*T, V] raw logits of the last forward without targets */
+/* tokens, targets: host arrays [B*T]; returns ce + aux like mhc_forward (targets NULL: ce = 0, raw logits kept) */
+double mhc_gpu_forward(MhcGpu *g, const int *tokens, const int *targets, int B, int T);
+void mhc_gpu_zero_grad(MhcGpu *g);
+void mhc_gpu_backward(MhcGpu *g);                    /* of the last forward, which must have had targets */
+double mhc_gpu_clip_grad(MhcGpu *g, double max_norm);                 /* returns the pre-clip global norm     */
+void mhc_gpu_adamw_step(MhcGpu *g, double lr);                        /* step counter is g->step              */
+void mhc_gpu_update_expert_bias(MhcGpu *g);          /* SPEC §11, after the optimizer step                  */
+int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len);   /* 0 ok */
+void mhc_gpu_cache_free(MhcGpuCache *c);
+/* feeds one token at position c->len (absorbed MLA); writes logits [V] to a host array; 0 ok, -1 when the
+   cache is full or the token is out of range */
+int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host);
+size_t mhc_gpu_memory_bytes(const MhcGpu *g);        /* device bytes of g (not of caches)                   */
+
+/* ---------------------------------------------------------------------------------------------
+   0. Checks, device memory, reductions                                                          */
+static void mhc_cuda_check(cudaError_t err, const char *file, int line) {
+    if (err == cudaSuccess) return;
+    fprintf(stderr, "mhc_cuda: CUDA error at %s:%d: %s\n", file, line, cudaGetErrorString(err));
+    exit(1);
+}
+static void mhc_cublas_check(cublasStatus_t st, const char *file, int line) {
+    if (st == CUBLAS_STATUS_SUCCESS) return;
+    fprintf(stderr, "mhc_cuda: cuBLAS error at %s:%d: %s\n", file, line, cublasGetStatusString(st));
+    exit(1);
+}
+#define CUDA_CHECK(call) mhc_cuda_check((call), __FILE__, __LINE__)
+#define CUBLAS_CHECK(call) mhc_cublas_check((call), __FILE__, __LINE__)
+#define LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
+
+#define MHC_BLOCK 256            /* threads of the elementwise kernels                       */
+#define MHC_ROW_WARPS 4          /* warps per block of the one-warp-per-row kernels          */
+static unsigned mhc_blocks(size_t count, int per_block) { return (unsigned)((count + per_block - 1) / per_block); }
+
+static void *arena_alloc(MhcGpuArena *ar, size_t bytes) {
+    void *p = NULL;
+    if (ar->failed) return NULL;
+    if (ar->n == MHC_GPU_MAX_ALLOCS || cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
+        cudaGetLastError();                 /* clear it: the owner reports the failure */
+        ar->failed = 1;
+        return NULL;
+    }
+    ar->ptr[ar->n++] = p;
+    ar->bytes += bytes;
+    return p;
+}
+template <typename T> static T *arena_new(MhcGpuArena *ar, size_t count) { return (T *)arena_alloc(ar, count * sizeof(T)); }
+
+static void arena_free(MhcGpuArena *ar) {
+    for (int k = 0; k < ar->n; k++) CUDA_CHECK(cudaFree(ar->ptr[k]));
+    memset(ar, 0, sizeof *ar);
+}
+
+struct SumOp { template <typename T> __device__ T operator()(T a, T b) const { return a + b; } };
+struct MaxOp { template <typename T> __device__ T operator()(T a, T b) const { return a > b ? a : b; } };
+
+/* butterfly over the 32 lanes: every lane ends with the same bits (a+b == b+a at every stage) */
+template <typename T, typename Op> __device__ T warp_reduce(T v, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* whole block (blockDim a multiple of 32, every thread calling): warps reduce, then every thread
+   combines the per-warp values in warp order, so all get the same result */
+template <typename T, typename Op> __device__ T block_reduce(T v, Op op) {
+    __shared__ T partial[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    v = warp_reduce(v, op);
+    __syncthreads();                       /* the previous call's readers are done with partial */
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    T r = partial[0];
+    for (int w = 1; w < n_warps; w++) r = op(r, partial[w]);
+    return r;
+}
+
+__device__ float mhc_sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+/* ---------------------------------------------------------------------------------------------
+   1. GEMMs                                                                                      */
+enum { MHC_GEMM_FAST, MHC_GEMM_FP32 };   /* FAST follows MhcBlas.fast; FP32 always exact (coefficients, router) */
+
+/* Every cuBLAS GEMM of the model goes through here (the one place to change for bf16 storage).
+   Row-major C[M,N] = alpha * op(A) @ op(B) + beta * C with A [M,K] ([K,M] when transA), B [K,N] ([N,K]
+   when transB), and batch items strideA/strideB/strideC floats apart. cuBLAS is column-major and sees the
+   transposes, so it computes C^T = op(B)^T @ op(A)^T: the operands swap.                                */
+static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int N, int K, float alpha,
+                 const float *A, long long strideA, const float *B, long long strideB, float beta, float *C,
+                 long long strideC, int batch) {
+    cublasComputeType_t compute = prec == MHC_GEMM_FP32 ? CUBLAS_COMPUTE_32F : bl->fast;
+    int lda = transA ? M : K, ldb = transB ? K : N;
+    CUBLAS_CHECK(cublasGemmStridedBatchedEx(bl->handle, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                            N, M, K, &alpha, B, CUDA_R_32F, ldb, strideB, A, CUDA_R_32F, lda, strideA,
+                                            &beta, C, CUDA_R_32F, N, strideC, batch, compute, CUBLAS_GEMM_DEFAULT));
+}
+
+/* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row; mhc.h matmul_forward) */
+static void gpu_matmul_forward(const MhcBlas *bl, int prec, float *out, const float *in, const float *W, int N, int Ci, int O) {
+    gemm(bl, prec, 0, 1, N, O, Ci, 1.0f, in, 0, W, 0, 0.0f, out, 0, 1);
+}
+
+/* din[N,Ci] += dout[N,O] @ W[O,Ci] (din may be NULL);  dW[O,Ci] += dout^T @ in (dW may be NULL) */
+static void gpu_matmul_backward(const MhcBlas *bl, int prec, float *din, float *dW, const float *dout, const float *in,
+                                const float *W, int N, int Ci, int O) {
+    if (din) gemm(bl, prec, 0, 0, N, Ci, O, 1.0f, dout, 0, W, 0, 1.0f, din, 0, 1);
+    if (dW) gemm(bl, prec, 1, 0, O, Ci, N, 1.0f, dout, 0, in, 0, 1.0f, dW, 0, 1);
+}
+
+/* Routed-expert GEMMs (SPEC §11) over token rows grouped by expert: rows seg[e] .. seg[e+1]-1 belong to
+   expert e, whose weight is W_e = W + e * w_stride. The row counts live on the GPU (no host round trip),
+   so this is a plain fp32 tiled kernel rather than cuBLAS. Row-major, fixed summation order.
+     kseg = 0:  C[rows] = A[rows] @ op(W_e) + beta * C[rows]     (B = W, op = ^T when transB; M = rows of e)
+     kseg = 1:  W_e    += A[rows]^T @ B[rows]                   (C = W; K = rows of e, M and N fixed)
+   One block computes a 64x64 tile of one expert; blocks past that expert's rows return at once.        */
+#define EG_TILE 64
+#define EG_K 16
+__global__ void __launch_bounds__(256) expert_gemm_kernel(float *C, int ldc, const float *A, int lda, const float *B,
+                                                          int ldb, int transB, size_t w_stride, const int *seg, int Mfix,
+                                                          int N, int Kfix, int kseg, float beta) {
+    __shared__ float As[EG_K][EG_TILE], Bs[EG_K][EG_TILE];
+    int e = blockIdx.z, r0 = seg[e], rows = seg[e + 1] - r0;
+    int M = kseg ? Mfix : rows, K = kseg ? rows : Kfix;
+    int i0 = blockIdx.y * EG_TILE, j0 = blockIdx.x * EG_TILE;
+    if (i0 >= M) return;
+    const float *Ae = A + (size_t)r0 * lda;
+    const float *Be = kseg ? B + (size_t)r0 * ldb : B + e * w_stride;
+    float *Ce = kseg ? C + e * w_stride : C + (size_t)r0 * ldc;
+    int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    float acc[4][4] = {{0}};
+    for (int k0 = 0; k0 < K; k0 += EG_K) {
+        for (int q = tid; q < EG_K * EG_TILE; q += 256) {   /* consecutive threads read consecutive addresses */
+            int i, j, k;
+            if (kseg) { k = q / EG_TILE; i = q % EG_TILE; } else { i = q / EG_K; k = q % EG_K; }
+            int gi = i0 + i, gk = k0 + k;
+            As[k][i] = gi < M && gk < K ? (kseg ? Ae[(size_t)gk * lda + gi] : Ae[(size_t)gi * lda + gk]) : 0.0f;
+            if (transB) { j = q / EG_K; k = q % EG_K; } else { k = q / EG_TILE; j = q % EG_TILE; }
+            int gj = j0 + j;
+            gk = k0 + k;
+            Bs[k][j] = gj < N && gk < K ? (transB ? Be[(size_t)gj * ldb + gk] : Be[(size_t)gk * ldb + gj]) : 0.0f;
+        }
+        __syncthreads();
+        for (int k = 0; k < EG_K; k++) {
+            float av[4], bv[4];
+            for (int x = 0; x < 4; x++) { av[x] = As[k][ty + 16 * x]; bv[x] = Bs[k][tx + 16 * x]; }
+            for (int x = 0; x < 4; x++)
+                for (int y = 0; y < 4; y++) acc[x][y] += av[x] * bv[y];
+        }
+        __syncthreads();
+    }
+    for (int x = 0; x < 4; x++)
+        for (int y = 0; y < 4; y++) {
+            int gi = i0 + ty + 16 * x, gj = j0 + tx + 16 * y;
+            if (gi >= M || gj >= N) continue;
+            float *c = Ce + (size_t)gi * ldc + gj;
+            *c = beta == 0.0f ? acc[x][y] : acc[x][y] + beta * *c;
+        }
+}
+
+/* max_rows (kseg = 0): the most rows one expert can hold (N tokens: a token picks an expert at most once);
+   kseg = 1: M = the rows of W_e */
+static void gpu_expert_gemm(float *C, int ldc, const float *A, int lda, const float *B, int ldb, int transB,
+                            size_t w_stride, const int *seg, int E, int M, int N, int K, int kseg, float beta) {
+    if (M <= 0 || N <= 0 || E <= 0) return;
+    dim3 grid(mhc_blocks((size_t)N, EG_TILE), mhc_blocks((size_t)M, EG_TILE), E);
+    expert_gemm_kernel<<<grid, 256>>>(C, ldc, A, lda, B, ldb, transB, w_stride, seg, M, N, K, kseg, beta);
+    LAUNCH_CHECK();
+}
+
+/* ---------------------------------------------------------------------------------------------
+   2. Primitives                                                                                 */
+__global__ void fill_kernel(float *x, float value, size_t count) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < count) x[i] = value;
+}
+static void gpu_fill(float *x, float value, size_t count) {
+    if (!count) return;
+    fill_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(x, value, count);
+    LAUNCH_CHECK();
+}
+
+__global__ void scale_kernel(float *x, float scale, size_t count) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < count) x[i] *= scale;
+}
+
+/* Column sums, deterministic: out[d] += sum_n a[n][d] * b[n][d] * r[n] (b, r optional; NULL means 1), for
+   d < D over N rows. Each block column sums one chunk of rows into part [P, D]; a second pass adds the
+   P partials in chunk order. part holds MHC_COLSUM_CHUNKS * D floats.                                    */
+#define MHC_COLSUM_CHUNKS 256
+__global__ void colsum_partial_kernel(float *part, const float *a, int lda, const float *b, int ldb, const float *r,
+                                      int N, int D, int rows_per) {
+    int d = blockIdx.x * blockDim.x + threadIdx.x, p = blockIdx.y;
+    if (d >= D) return;
+    int n1 = min(N, (p + 1) * rows_per);
+    float sum = 0;
+    for (int n = p * rows_per; n < n1; n++) {
+        float v = a[(size_t)n * lda + d];
+        if (b) v *= b[(size_t)n * ldb + d];
+        if (r) v *= r[n];
+        sum += v;
+    }
+    part[(size_t)p * D + d] = sum;
+}
+
+__global__ void colsum_final_kernel(float *out, const float *part, int P, int D) {
+    int d = blockIdx.x * blockDim.x + threadIdx.x;
+    if (d >= D) return;
+    float sum = 0;
+    for (int p = 0; p < P; p++) sum += part[(size_t)p * D + d];
+    out[d] += sum;
+}
+
+static void gpu_colsum(float *out, const float *a, int lda, const float *b, int ldb, const float *r, int N, int D, float *part) {
+    if (N <= 0 || D <= 0) return;
+    int rows_per = (N + MHC_COLSUM_CHUNKS - 1) / MHC_COLSUM_CHUNKS;
+    rows_per = rows_per < 64 ? 64 : rows_per;
+    int P = (N + rows_per - 1) / rows_per;
+    colsum_partial_kernel<<<dim3(mhc_blocks((size_t)D, 128), P), 128>>>(part, a, lda, b, ldb, r, N, D, rows_per);
+    LAUNCH_CHECK();
+    colsum_final_kernel<<<mhc_blocks((size_t)D, 128), 128>>>(out, part, P, D);
+    LAUNCH_CHECK();
+}
+
+/* Sum (square = 1: sum of squares) in double, deterministic: out[block] = the block's grid-strided sum */
+#define MHC_REDUCE_BLOCKS 256
+template <typename T> __global__ void reduce_sum_kernel(double *out, const T *x, size_t count, int square) {
+    double sum = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+        double v = (double)x[i];
+        sum += square ? v * v : v;
+    }
+    sum = block_reduce(sum, SumOp());
+    if (threadIdx.x == 0) out[blockIdx.x] = sum;
+}
+
+/* *out (device) = the sum over x[0..count); part holds MHC_REDUCE_BLOCKS doubles */
+template <typename T> static void gpu_reduce_sum(double *out, const T *x, size_t count, int square, double *part) {
+    reduce_sum_kernel<T><<<MHC_REDUCE_BLOCKS, MHC_BLOCK>>>(part, x, count, square);
+    LAUNCH_CHECK();
+    reduce_sum_kernel<double><<<1, MHC_BLOCK>>>(out, part, MHC_REDUCE_BLOCKS, 0);
+    LAUNCH_CHECK();
+}
+
+/* SPEC §8 RMSNorm, one warp per row: out = g * x * r, r = (mean(x^2) + eps)^(-1/2); g NULL means 1.
+   in, out [N,D], rstd [N] */
+__global__ void rmsnorm_forward_kernel(float *out, float *rstd, const float *in, const float *g, int N, int D, float eps) {
+    int row = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const float *x = in + (size_t)row * D;
+    float ss = 0;
+    for (int i = lane; i < D; i += 32) ss += x[i] * x[i];
+    ss = warp_reduce(ss, SumOp());
+    float r = 1.0f / sqrtf(ss / D + eps);
+    if (lane == 0) rstd[row] = r;
+    for (int i = lane; i < D; i += 32) out[(size_t)row * D + i] = (g ? g[i] * x[i] : x[i]) * r;
+}
+
+/* din += r * (g * dy) - (r^3 / D) * x * sum(g * dy * x), one warp per row (dg: gpu_rmsnorm_backward) */
+__global__ void rmsnorm_backward_kernel(float *din, const float *dout, const float *in, const float *g, const float *rstd,
+                                        int N, int D) {
+    int row = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const float *x = in + (size_t)row * D, *dy = dout + (size_t)row * D;
+    float r = rstd[row], dot = 0;
+    for (int i = lane; i < D; i += 32) dot += (g ? g[i] * dy[i] : dy[i]) * x[i];
+    dot = warp_reduce(dot, SumOp());
+    float k = dot * r * r * r / D;
+    for (int i = lane; i < D; i += 32) din[(size_t)row * D + i] += r * (g ? g[i] : 1.0f) * dy[i] - k * x[i];
+}
+
+static void gpu_rmsnorm_forward(float *out, float *rstd, const float *in, const float *g, int N, int D, double eps) {
+    if (N <= 0) return;
+    rmsnorm_forward_kernel<<<mhc_blocks((size_t)N, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(out, rstd, in, g, N, D, (float)eps);
+    LAUNCH_CHECK();
+}
+
+/* din += dx; dg += sum over rows of dy * x * r (dg may be NULL, g NULL means 1); part: gpu_colsum scratch */
+static void gpu_rmsnorm_backward(float *din, float *dg, const float *dout, const float *in, const float *g, const float *rstd,
+                                 int N, int D, float *part) {
+    if (N <= 0) return;
+    rmsnorm_backward_kernel<<<mhc_blocks((size_t)N, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(din, dout, in, g, rstd, N, D);
+    LAUNCH_CHECK();
+    if (dg) gpu_colsum(dg, dout, D, in, D, rstd, N, D, part);
+}
+
+/* SPEC §9 RoPE on adjacent pairs (2i, 2i+1), in place, at position pos0 + (t mod T). Row t holds n_vec
+   vectors of d_r values at x + t*row_stride + offset + v*vec_stride. transpose = 1 applies R^T (backward).
+   The angle is computed in double, as on the CPU. One thread per pair.                                  */
+__global__ void rope_kernel(float *x, int N, int T, int pos0, int n_vec, int row_stride, int offset, int vec_stride,
+                            int d_r, double theta, int transpose) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x, half = d_r / 2;
+    if (idx >= (size_t)N * n_vec * half) return;
+    int i = (int)(idx % half), v = (int)(idx / half % n_vec), t = (int)(idx / half / n_vec);
+    double ang = (pos0 + t % T) * pow(theta, -2.0 * i / d_r);
+    double cs = cos(ang), sn = transpose ? -sin(ang) : sin(ang);
+    float *p = x + (size_t)t * row_stride + offset + (size_t)v * vec_stride + 2 * i;
+    double a = p[0], b = p[1];
+    p[0] = (float)(a * cs - b * sn);
+    p[1] = (float)(a * sn + b * cs);
+}
+
+static void gpu_rope(float *x, int N, int T, int pos0, int n_vec, int row_stride, int offset, int vec_stride, int d_r,
+                     double theta, int transpose) {
+    size_t count = (size_t)N * n_vec * (d_r / 2);
+    if (!count) return;
+    rope_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(x, N, T, pos0, n_vec, row_stride, offset, vec_stride, d_r,
+                                                              theta, transpose);
+    LAUNCH_CHECK();
+}
+
+/* SPEC §8 SwiGLU middle: h = silu(a) * g */
+__global__ void swiglu_forward_kernel(float *h, const float *a, const float *g, size_t count) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < count) h[i] = a[i] * mhc_sigmoidf(a[i]) * g[i];
+}
+
+/* da = dh * g * sig(a) * (1 + a (1 - sig(a))),  dg = dh * silu(a)   (overwrite) */
+__global__ void swiglu_backward_kernel(float *da, float *dg, const float *dh, const float *a, const float *g, size_t count) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    float s = mhc_sigmoidf(a[i]);
+    da[i] = dh[i] * g[i] * s * (1 + a[i] * (1 - s));
+    dg[i] = dh[i] * a[i] * s;
+}
+
+static void gpu_swiglu_forward(float *h, const float *a, const float *g, size_t count) {
+    if (!count) return;
+    swiglu_forward_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(h, a, g, count);
+    LAUNCH_CHECK();
+}
+static void gpu_swiglu_backward(float *da, float *dg, const float *dh, const float *a, const float *g, size_t count) {
+    if (!count) return;
+    swiglu_backward_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(da, dg, dh, a, g, count);
+    LAUNCH_CHECK();
+}
+
+/* SPEC §8 cross-entropy fused with its backward, one block per row: losses[t] = log sum exp - logit[tgt]
+   (max-subtracted), and the row becomes dlogits = (softmax - onehot(tgt)) * scale, scale = 1/N_tok.   */
+__global__ void crossentropy_kernel(float *losses, float *logits, const int *targets, int V, float scale) {
+    float *x = logits + (size_t)blockIdx.x * V;
+    int tgt = targets[blockIdx.x];
+    float x_tgt = x[tgt], mx = -INFINITY, sum = 0;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, x[v]);
+    mx = block_reduce(mx, MaxOp());
+    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(x[v] - mx);
+    sum = block_reduce(sum, SumOp());      /* its barriers also order every read of x before the writes */
+    if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) - (x_tgt - mx);
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float d = expf(x[v] - mx) / sum * scale;
+        x[v] = v == tgt ? d - scale : d;
+    }
+}
+
+static void gpu_crossentropy(float *losses, float *logits, const int *targets, int N, int V) {
+    if (N <= 0) return;
+    crossentropy_kernel<<<N, 1024>>>(losses, logits, targets, V, 1.0f / N);
+    LAUNCH_CHECK();
+}
+
+/* ---------------------------------------------------------------------------------------------
+   3. Residual streams. Per token X [n,C], coefficients H [m] = [pre | post | res] (SPEC §3-§6).    */
+
+/* SPEC §2 expand: X[t][i] = src[row] for every stream i, row = tokens ? tokens[t] : t (the embedding
+   lookup, or the backward of the final sum). X [N,n,C], src [rows,C] */
+__global__ void stream_expand_kernel(float *X, const float *src, const int *tokens, int N, int n, int C) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * C) return;
+    int t = (int)(idx / C), c = (int)(idx % C);
+    float v = src[(size_t)(tokens ? tokens[t] : t) * C + c];
+    for (int i = 0; i < n; i++) X[((size_t)t * n + i) * C + c] = v;
+}
+
+/* SPEC §2 reduce once: z[t] = sum_i X[t][i] */
+__global__ void stream_reduce_kernel(float *z, const float *X, int N, int n, int C) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * C) return;
+    size_t t = idx / C, c = idx % C;
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += X[(t * n + i) * C + c];
+    z[idx] = sum;
+}
+
+/* SPEC §2 embedding backward without atomics: dEmb[rows[u]] += sum_i dX_0[t][i] over the positions t =
+   order[start[u] .. start[u+1]) of distinct token u, ascending (the CPU's order). One thread per (u, c). */
+__global__ void embedding_backward_kernel(float *dEmb, const float *dX, const int *rows, const int *start, const int *order,
+                                          int U, int n, int C) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)U * C) return;
+    int u = (int)(idx / C), c = (int)(idx % C);
+    float *d = dEmb + (size_t)rows[u] * C + c, acc = *d;
+    for (int p = start[u]; p < start[u + 1]; p++)
+        for (int i = 0; i < n; i++) acc += dX[((size_t)order[p] * n + i) * C + c];
+    *d = acc;
+}
+
+/* SPEC §3 y = H_pre @ X: y[t][c] = sum_j H_pre[j] X[t][j][c]. X [N,n,C], H [N,m], y [N,C] */
+__global__ void stream_pre_forward_kernel(float *y, const float *H, const float *X, int N, int n, int C, int m) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * C) return;
+    size_t t = idx / C, c = idx % C;
+    float sum = 0;
+    for (int j = 0; j < n; j++) sum += H[t * m + j] * X[(t * n + j) * C + c];
+    y[idx] = sum;
+}
+
+/* SPEC §5.3, one block per token: dX[j] += H_pre[j] dy (PATH 2, threads over c); dH_pre[j] = dy . X[j]
+   (one warp per j) */
+__global__ void stream_pre_backward_kernel(float *dX, float *dH, const float *dy, const float *H, const float *X, int n,
+                                           int C, int m) {
+    size_t t = blockIdx.x;
+    const float *Xt = X + t * n * C, *dyt = dy + t * C, *Ht = H + t * m;
+    float *dXt = dX + t * n * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x)
+        for (int j = 0; j < n; j++) dXt[j * C + c] += Ht[j] * dyt[c];
+    int lane = threadIdx.x % 32;
+    for (int j = threadIdx.x / 32; j < n; j += blockDim.x / 32) {
+        float d = 0;
+        for (int c = lane; c < C; c += 32) d += dyt[c] * Xt[j * C + c];
+        d = warp_reduce(d, SumOp());
+        if (lane == 0) dH[t * m + j] = d;
+    }
+}
+
+/* SPEC §3 X'[i] = H_post[i] f + sum_j H_res[i][j] X[j], one thread per (t, i, c) */
+__global__ void stream_merge_forward_kernel(float *Xo, const float *H, const float *X, const float *f, int N, int n, int C, int m) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * n * C) return;
+    size_t t = idx / ((size_t)n * C), c = idx % C;
+    int i = (int)(idx / C % n);
+    const float *Ht = H + t * m, *Xt = X + t * n * C;
+    float xo = Ht[n + i] * f[t * C + c];
+    for (int j = 0; j < n; j++) xo += Ht[2 * n + i * n + j] * Xt[j * C + c];
+    Xo[idx] = xo;
+}
+
+/* SPEC §5.1, one block per token: df = H_post^T dX' and dX = H_res^T dX' (PATH 1, overwrite; threads over
+   c); dH_post[i] = dX'[i] . f and dH_res[i][j] = dX'[i] . X[j] (one warp per coefficient) */
+__global__ void stream_merge_backward_kernel(float *dX, float *df, float *dH, const float *dXo, const float *H, const float *X,
+                                             const float *f, int n, int C, int m) {
+    size_t t = blockIdx.x;
+    const float *dXot = dXo + t * n * C, *Xt = X + t * n * C, *ft = f + t * C, *Ht = H + t * m;
+    float *dXt = dX + t * n * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float d = 0;
+        for (int i = 0; i < n; i++) d += Ht[n + i] * dXot[i * C + c];
+        df[t * C + c] = d;
+        for (int j = 0; j < n; j++) {
+            float dx = 0;
+            for (int i = 0; i < n; i++) dx += Ht[2 * n + i * n + j] * dXot[i * C + c];
+            dXt[j * C + c] = dx;
+        }
+    }
+    int lane = threadIdx.x % 32;
+    for (int k = n + threadIdx.x / 32; k < m; k += blockDim.x / 32) {
+        int i = k < 2 * n ? k - n : (k - 2 * n) / n;
+        const float *other = k < 2 * n ? ft : Xt + (size_t)((k - 2 * n) % n) * C;
+        float d = 0;
+        for (int c = lane; c < C; c += 32) d += dXot[i * C + c] * other[c];
+        d = warp_reduce(d, SumOp());
+        if (lane == 0) dH[t * m + k] = d;
+    }
+}
+
+static void gpu_stream_expand(float *X, const float *src, const int *tokens, int N, int n, int C) {
+    stream_expand_kernel<<<mhc_blocks((size_t)N * C, MHC_BLOCK), MHC_BLOCK>>>(X, src, tokens, N, n, C);
+    LAUNCH_CHECK();
+}
+static void gpu_stream_reduce(float *z, const float *X, int N, int n, int C) {
+    stream_reduce_kernel<<<mhc_blocks((size_t)N * C, MHC_BLOCK), MHC_BLOCK>>>(z, X, N, n, C);
+    LAUNCH_CHECK();
+}
+static void gpu_stream_pre_forward(float *y, const float *H, const float *X, int N, int n, int C, int m) {
+    stream_pre_forward_kernel<<<mhc_blocks((size_t)N * C, MHC_BLOCK), MHC_BLOCK>>>(y, H, X, N, n, C, m);
+    LAUNCH_CHECK();
+}
+static void gpu_stream_pre_backward(float *dX, float *dH, const float *dy, const float *H, const float *X, int N, int n, int C, int m) {
+    stream_pre_backward_kernel<<<N, 128>>>(dX, dH, dy, H, X, n, C, m);
+    LAUNCH_CHECK();
+}
+static void gpu_stream_merge_forward(float *Xo, const float *H, const float *X, const float *f, int N, int n, int C, int m) {
+    stream_merge_forward_kernel<<<mhc_blocks((size_t)N * n * C, MHC_BLOCK), MHC_BLOCK>>>(Xo, H, X, f, N, n, C, m);
+    LAUNCH_CHECK();
+}
+static void gpu_stream_merge_backward(float *dX, float *df, float *dH, const float *dXo, const float *H, const float *X,
+                                      const float *f, int N, int n, int C, int m) {
+    stream_merge_backward_kernel<<<N, 128>>>(dX, df, dH, dXo, H, X, f, n, C, m);
+    LAUNCH_CHECK();
+}
+
+/* mHC coefficients (SPEC §4, §5.4, §5.6): one warp per token, the Sinkhorn matrices in shared memory.
+   Per warp, in order: Y [steps+1][n*n] with the tape (only Y[0] without), sums [steps][n] (tape only),
+   G [n*n], da [m], am [n] (ints); steps = 2 t_max.                                                     */
+typedef struct {
+    float *Y, *sums, *G, *da;
+    int *am;
+} SkWarp;
+
+static __host__ __device__ size_t sk_warp_floats(int n, int iters, int tape) {
+    size_t nn = (size_t)n * n, steps = 2 * (size_t)iters;
+    return (tape ? (steps + 1) * nn + steps * n : nn) + nn + (nn + 2 * n) + n;
+}
+
+static __device__ SkWarp sk_warp_layout(float *base, int n, int iters, int tape) {
+    size_t nn = (size_t)n * n, steps = 2 * (size_t)iters;
+    SkWarp w;
+    w.Y = base;
+    w.sums = w.Y + (tape ? (steps + 1) * nn : nn);
+    w.G = w.sums + (tape ? steps * n : 0);
+    w.da = w.G + nn;
+    w.am = (int *)(w.da + nn + 2 * n);
+    return w;
+}
+
+/* SPEC §4 Sinkhorn-Knopp of one token by one warp, rows last. Lane a < n owns column a in a column step
+   and row a in a row step. tape = 1 keeps every step's output Y[k] (Y[0] = M_0) and its sums for the
+   backward; tape = 0 runs the steps in place in Y[0]. am[j] = argmax_i Lam[i][j], lowest i on ties. */
+__device__ void sinkhorn_warp(float *Y, float *sums, int *am, const float *Lam, int n, int iters, float eps, int tape) {
+    int lane = threadIdx.x % 32, nn = n * n;
+    if (lane < n) {
+        int j = lane, arg = 0;
+        float mu = Lam[j];
+        for (int i = 1; i < n; i++)
+            if (Lam[i * n + j] > mu) { mu = Lam[i * n + j]; arg = i; }
+        am[j] = arg;
+        for (int i = 0; i < n; i++) Y[i * n + j] = expf(Lam[i * n + j] - mu);
+    }
+    __syncwarp();
+    for (int k = 0; k < 2 * iters; k++) {
+        const float *in = Y + (tape ? (size_t)k * nn : 0);
+        float *out = Y + (tape ? (size_t)(k + 1) * nn : 0);
+        int column = k % 2 == 0;
+        if (lane < n) {
+            float s = 0;
+            for (int b = 0; b < n; b++) s += in[column ? b * n + lane : lane * n + b];
+            if (tape) sums[k * n + lane] = s;
+            for (int b = 0; b < n; b++) {
+                int idx = column ? b * n + lane : lane * n + b;
+                out[idx] = in[idx] / (s + eps);
+            }
+        }
+        __syncwarp();
+    }
+}
+
+/* SPEC §5.6: walk the taped steps in reverse from G = dH_res, then through the shifted exp; dLam [n,n] */
+__device__ void sinkhorn_backward_warp(float *dLam, float *G, const float *Y, const float *sums, const int *am, int n,
+                                       int iters, float eps) {
+    int lane = threadIdx.x % 32, nn = n * n;
+    for (int k = 2 * iters - 1; k >= 0; k--) {      /* Y_out = Y_in/(s+eps): dY_in = (G - sum(G*Y_out))/(s+eps) */
+        const float *out = Y + (size_t)(k + 1) * nn;
+        int column = k % 2 == 0;
+        if (lane < n) {
+            float dot = 0;
+            for (int b = 0; b < n; b++) {
+                int idx = column ? b * n + lane : lane * n + b;
+                dot += G[idx] * out[idx];
+            }
+            for (int b = 0; b < n; b++) {
+                int idx = column ? b * n + lane : lane * n + b;
+                G[idx] = (G[idx] - dot) / (sums[k * n + lane] + eps);
+            }
+        }
+        __syncwarp();
+    }
+    if (lane < n) {                                 /* exp with the column-max shift */
+        int j = lane;
+        float shift = 0;
+        for (int i = 0; i < n; i++) {
+            float d = G[i * n + j] * Y[i * n + j];
+            dLam[i * n + j] = d;
+            shift += d;
+        }
+        dLam[am[j] * n + j] -= shift;
+    }
+    __syncwarp();
+}
+
+/* SPEC §4 per token: r = (|x|^2/(nC) + eps)^(-1/2), a = alpha[grp] r h + b, H_pre = sigma(a),
+   H_post = 2 sigma(a), H_res = SK(Lam). X [N,nC], h, a, H [N,m], r [N,n] (r in [0]). */
+__global__ void mhc_coeffs_forward_kernel(float *H, float *a, float *r_out, const float *h, const float *X, const float *alpha,
+                                          const float *b, int N, int n, int C, int iters, float eps_sk, float eps_rms) {
+    extern __shared__ float smem[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = blockIdx.x * (blockDim.x / 32) + warp;
+    if (t >= N) return;
+    int m = n * n + 2 * n, nC = n * C;
+    SkWarp w = sk_warp_layout(smem + warp * sk_warp_floats(n, iters, 0), n, iters, 0);
+    const float *x = X + (size_t)t * nC;
+    float *at = a + (size_t)t * m, *Ht = H + (size_t)t * m;
+    float ss = 0;
+    for (int q = lane; q < nC; q += 32) ss += x[q] * x[q];
+    ss = warp_reduce(ss, SumOp());
+    float r = 1.0f / sqrtf(ss / nC + eps_rms);
+    for (int k = lane; k < m; k += 32) {
+        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+        float ak = alpha[grp] * r * h[(size_t)t * m + k] + b[k];
+        at[k] = ak;
+        if (k < n) Ht[k] = mhc_sigmoidf(ak);
+        else if (k < 2 * n) Ht[k] = 2 * mhc_sigmoidf(ak);
+    }
+    if (lane == 0) r_out[(size_t)t * n] = r;
+    __syncwarp();                                   /* orders the a writes before the lanes read Lam */
+    sinkhorn_warp(w.Y, NULL, w.am, at + 2 * n, n, iters, eps_sk, 0);
+    for (int k = lane; k < n * n; k += 32) Ht[2 * n + k] = w.Y[k];
+}
+
+/* SPEC §5.4 + §5.6 per token. In: dH [N,m], the gradient of H. Out: da [N,m]; dH becomes dh = da *
+   alpha[grp] * r (for the phi GEMMs); dalpha_t [N,3] = sum_{k in grp} da r h (summed over tokens later);
+   dX += 2 x dS (the RMS part of PATH 3). The Sinkhorn forward is replayed into the tape first.       */
+__global__ void mhc_coeffs_backward_kernel(float *da_out, float *dH, float *dalpha_t, float *dX, const float *H, const float *a,
+                                           const float *h, const float *r_in, const float *X, const float *alpha, int N, int n,
+                                           int C, int iters, float eps_sk) {
+    extern __shared__ float smem[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = blockIdx.x * (blockDim.x / 32) + warp;
+    if (t >= N) return;
+    int m = n * n + 2 * n, nC = n * C;
+    SkWarp w = sk_warp_layout(smem + warp * sk_warp_floats(n, iters, 1), n, iters, 1);
+    float *da = w.da, *dHt = dH + (size_t)t * m;
+    const float *Ht = H + (size_t)t * m, *ht = h + (size_t)t * m, *x = X + (size_t)t * nC;
+    float r = r_in[(size_t)t * n];
+    for (int k = lane; k < m; k += 32) {
+        if (k < n) da[k] = dHt[k] * Ht[k] * (1 - Ht[k]);
+        else if (k < 2 * n) da[k] = dHt[k] * Ht[k] * (1 - Ht[k] / 2);      /* derivative of 2 sigma */
+        else w.G[k - 2 * n] = dHt[k];
+    }
+    sinkhorn_warp(w.Y, w.sums, w.am, a + (size_t)t * m + 2 * n, n, iters, eps_sk, 1);   /* its barriers order G, da */
+    sinkhorn_backward_warp(da + 2 * n, w.G, w.Y, w.sums, w.am, n, iters, eps_sk);
+    float dr = 0, ga0 = 0, ga1 = 0, ga2 = 0;
+    for (int k = lane; k < m; k += 32) {
+        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+        float d = da[k], term = d * r * ht[k];
+        dr += d * alpha[grp] * ht[k];
+        ga0 += grp == 0 ? term : 0;
+        ga1 += grp == 1 ? term : 0;
+        ga2 += grp == 2 ? term : 0;
+        da_out[(size_t)t * m + k] = d;
+        dHt[k] = d * (alpha[grp] * r);
+    }
+    dr = warp_reduce(dr, SumOp());
+    ga0 = warp_reduce(ga0, SumOp());
+    ga1 = warp_reduce(ga1, SumOp());
+    ga2 = warp_reduce(ga2, SumOp());
+    if (lane == 0) {
+        dalpha_t[(size_t)t * 3] = ga0;
+        dalpha_t[(size_t)t * 3 + 1] = ga1;
+        dalpha_t[(size_t)t * 3 + 2] = ga2;
+    }
+    float dS = dr * (-r * r * r / (2.0f * nC));
+    for (int q = lane; q < nC; q += 32) dX[(size_t)t * nC + q] += 2 * x[q] * dS;
+}
+
+/* launch shape of the two kernels above: warps per block and dynamic shared bytes (opted in past 48 KiB) */
+static int sk_launch(const void *kernel, int n, int iters, int tape, size_t *bytes) {
+    size_t per_warp = sk_warp_floats(n, iters, tape) * sizeof(float);
+    int warps = (int)(48 * 1024 / per_warp);
+    warps = warps < 1 ? 1 : warps > MHC_ROW_WARPS ? MHC_ROW_WARPS : warps;
+    *bytes = warps * per_warp;
+    if (*bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)*bytes));
+    return warps;
+}
+
+static void gpu_mhc_coeffs_forward(float *H, float *a, float *r, const float *h, const float *X, const float *alpha,
+                                   const float *b, int N, int n, int C, int iters, double eps_sk, double eps_rms) {
+    size_t bytes;
+    int warps = sk_launch((const void *)mhc_coeffs_forward_kernel, n, iters, 0, &bytes);
+    mhc_coeffs_forward_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, bytes>>>(H, a, r, h, X, alpha, b, N, n, C, iters,
+                                                                                  (float)eps_sk, (float)eps_rms);
+    LAUNCH_CHECK();
+}
+
+static void gpu_mhc_coeffs_backward(float *da, float *dH, float *dalpha_t, float *dX, const float *H, const float *a,
+                                    const float *h, const float *r, const float *X, const float *alpha, int N, int n, int C,
+                                    int iters, double eps_sk) {
+    size_t bytes;
+    int warps = sk_launch((const void *)mhc_coeffs_backward_kernel, n, iters, 1, &bytes);
+    mhc_coeffs_backward_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, bytes>>>(da, dH, dalpha_t, dX, H, a, h, r, X, alpha,
+                                                                                   N, n, C, iters, (float)eps_sk);
+    LAUNCH_CHECK();
+}
+
+/* SPEC §6 HC, one thread per token: tv [N, n, n+2] = theta @ Xt per stream j (pre, post, res_0..res_{n-1})
+   becomes tanh(tv) in place; H_pre[j] = alpha0 tp + b_pre[j], H_post[j] = alpha1 to + b_post[j],
+   H_res[i][j] = alpha2 tr_i + b_res[i][j]. */
+__global__ void hc_coeffs_forward_kernel(float *H, float *tv, const float *alpha, const float *b_pre, const float *b_post,
+                                         const float *b_res, int N, int n) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    int m = n * n + 2 * n;
+    float *tt = tv + (size_t)t * m, *Ht = H + (size_t)t * m;
+    for (int k = 0; k < m; k++) tt[k] = tanhf(tt[k]);
+    for (int j = 0; j < n; j++) {
+        const float *tj = tt + j * (n + 2);
+        Ht[j] = alpha[0] * tj[0] + b_pre[j];
+        Ht[n + j] = alpha[1] * tj[1] + b_post[j];
+        for (int i = 0; i < n; i++) Ht[2 * n + i * n + j] = alpha[2] * tj[2 + i] + b_res[i * n + j];
+    }
+}
+
+/* SPEC §6 backward, one thread per token: dproj [N, n, n+2] = d(theta @ Xt) and dalpha_t [N,3] (the b
+   gradients are column sums of dH itself) */
+__global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const float *dH, const float *tv, const float *alpha,
+                                          int N, int n) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    int m = n * n + 2 * n;
+    const float *tt = tv + (size_t)t * m, *dHt = dH + (size_t)t * m;
+    float *dp = dproj + (size_t)t * m, ga0 = 0, ga1 = 0, ga2 = 0;
+    for (int j = 0; j < n; j++) {
+        const float *tj = tt + j * (n + 2);
+        float *dpj = dp + j * (n + 2);
+        dpj[0] = dHt[j] * alpha[0] * (1 - tj[0] * tj[0]);
+        ga0 += dHt[j] * tj[0];
+        dpj[1] = dHt[n + j] * alpha[1] * (1 - tj[1] * tj[1]);
+        ga1 += dHt[n + j] * tj[1];
+        for (int i = 0; i < n; i++) {
+            float d = dHt[2 * n + i * n + j];
+            dpj[2 + i] = d * alpha[2] * (1 - tj[2 + i] * tj[2 + i]);
+            ga2 += d * tj[2 + i];
+        }
+    }
+    dalpha_t[(size_t)t * 3] = ga0;
+    dalpha_t[(size_t)t * 3 + 1] = ga1;
+    dalpha_t[(size_t)t * 3 + 2] = ga2;
+}
+
+/* ---------------------------------------------------------------------------------------------
+   4. MLA (SPEC §9): attention runs as batched cuBLAS GEMMs over (b, h) on copies with the heads
+      batched, Qh/Kh [B,H,T,d_qk], Vh/Oh [B,H,T,d_v]; the probabilities att [B,H,T,T] are kept per layer
+      (as on the CPU) for the backward.                                                           */
+typedef struct { long long b, h, t; } MhcStrides;
+
+static MhcStrides token_major(int T, int row, int head) { MhcStrides s = {(long long)T * row, head, row}; return s; }
+static MhcStrides head_major(int H, int T, int D) { MhcStrides s = {(long long)H * T * D, (long long)T * D, D}; return s; }
+
+/* dst[b,h,t][i] = src[b,h,t][i] for i < D, both sides addressed base + b*sb + h*sh + t*st (+ i); a zero
+   head stride broadcasts (the one k_pe of a token for every head) */
+__global__ void head_copy_kernel(float *dst, MhcStrides ds, const float *src, MhcStrides ss, int B, int H, int T, int D) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * H * T * D) return;
+    int i = (int)(idx % D), t = (int)(idx / D % T), h = (int)(idx / D / T % H), b = (int)(idx / D / T / H);
+    dst[b * ds.b + h * ds.h + t * ds.t + i] = src[b * ss.b + h * ss.h + t * ss.t + i];
+}
+
+static void gpu_head_copy(float *dst, MhcStrides ds, const float *src, MhcStrides ss, int B, int H, int T, int D) {
+    size_t count = (size_t)B * H * T * D;
+    if (!count) return;
+    head_copy_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(dst, ds, src, ss, B, H, T, D);
+    LAUNCH_CHECK();
+}
+
+/* causal softmax, one warp per row (b,h,t) of att [B*H*T, T]: scores in, probabilities out, s > t zeroed */
+__global__ void causal_softmax_kernel(float *att, int rows, int T) {
+    int row = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int t = row % T;
+    float *p = att + (size_t)row * T, mx = -INFINITY, sum = 0;
+    for (int s = lane; s <= t; s += 32) mx = fmaxf(mx, p[s]);
+    mx = warp_reduce(mx, MaxOp());
+    for (int s = lane; s <= t; s += 32) {
+        p[s] = expf(p[s] - mx);
+        sum += p[s];
+    }
+    sum = warp_reduce(sum, SumOp());
+    for (int s = lane; s < T; s += 32) p[s] = s <= t ? p[s] / sum : 0.0f;
+}
+
+/* softmax backward in place: datt = scale * P * (dP - sum_s P dP) for s <= t, 0 above the diagonal */
+__global__ void causal_softmax_backward_kernel(float *datt, const float *att, int rows, int T, float scale) {
+    int row = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    int t = row % T;
+    const float *P = att + (size_t)row * T;
+    float *dP = datt + (size_t)row * T, dot = 0;
+    for (int s = lane; s <= t; s += 32) dot += P[s] * dP[s];
+    dot = warp_reduce(dot, SumOp());
+    for (int s = lane; s < T; s += 32) dP[s] = s <= t ? P[s] * (dP[s] - dot) * scale : 0.0f;
+}
+
+/* dkpe[t] = sum_h dK[b,h,t][d_n:] : the shared k_pe collects the gradient of every head (SPEC §9) */
+__global__ void kpe_grad_kernel(float *dkpe, const float *dKh, int B, int H, int T, int dqk, int dn, int dr) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * T * dr) return;
+    int i = (int)(idx % dr), t = (int)(idx / dr % T), b = (int)(idx / dr / T);
+    float sum = 0;
+    for (int h = 0; h < H; h++) sum += dKh[(((size_t)b * H + h) * T + t) * dqk + dn + i];
+    dkpe[idx] = sum;
+}
+
+/* SPEC §10, one block per head h, for the new token at position t: Sc[s] = scale (q_abs[h] . cKV[s] +
+   q_pe[h] . kPE[s]) for s <= t (one warp per s), P = softmax, olat[h] = sum_s P[s] cKV[s] */
+__global__ void mla_decode_attention_kernel(float *olat, float *scores, const float *qabs, const float *q, const float *ckv,
+                                            const float *kpe, int t, int max_len, int dc, int dr, int dn, int dqk, float scale) {
+    int h = blockIdx.x, lane = threadIdx.x % 32;
+    const float *qa = qabs + (size_t)h * dc, *qp = q + (size_t)h * dqk + dn;
+    float *sc = scores + (size_t)h * max_len;
+    for (int s = threadIdx.x / 32; s <= t; s += blockDim.x / 32) {
+        float dot = 0;
+        for (int k = lane; k < dc; k += 32) dot += qa[k] * ckv[(size_t)s * dc + k];
+        for (int i = lane; i < dr; i += 32) dot += qp[i] * kpe[(size_t)s * dr + i];
+        dot = warp_reduce(dot, SumOp());
+        if (lane == 0) sc[s] = dot * scale;
+    }
+    __syncthreads();
+    float mx = -INFINITY, sum = 0;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) mx = fmaxf(mx, sc[s]);
+    mx = block_reduce(mx, MaxOp());
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) {
+        sc[s] = expf(sc[s] - mx);
+        sum += sc[s];
+    }
+    sum = block_reduce(sum, SumOp());
+    for (int k = threadIdx.x; k < dc; k += blockDim.x) {
+        float acc = 0;
+        for (int s = 0; s <= t; s++) acc += sc[s] / sum * ckv[(size_t)s * dc + k];
+        olat[(size_t)h * dc + k] = acc;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+   5. FFN and MoE (SPEC §8, §11). Per layer the hidden buffers ffn_a/g/h hold [N, D] (dense), or the
+      N*K routed slots in expert-grouped row order, [N*K, I], followed by the shared expert, [N, Ns*I].
+      moe_eo [N*K, C] uses the same grouped rows; row[p] is the grouped row of assignment p = t*K + k. */
+
+/* SPEC §11 routing, one thread per token: s = sigma(z) in place (computed in double like the CPU, so the
+   selections agree); selection score c = s + bias, dropped groups -inf; top-K with the lowest index on
+   ties; w = rho s / sum_Sel s (unbiased). score [N,E], gscore [N,G]: scratch. */
+__global__ void moe_route_kernel(int *sel, float *w, float *s, double *score, double *gscore, const float *bias, int N, int E,
+                                 int K, int G, int Gk, double rho) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    float *st = s + (size_t)t * E;
+    double *sc = score + (size_t)t * E;
+    int *selt = sel + (size_t)t * K;
+    for (int i = 0; i < E; i++) {
+        st[i] = (float)(1.0 / (1.0 + exp(-(double)st[i])));
+        sc[i] = (double)st[i] + bias[i];
+    }
+    if (G > 1) {
+        int per = E / G;
+        double *gs = gscore + (size_t)t * G;
+        for (int gi = 0; gi < G; gi++) {            /* group score: sum of its top-2 selection scores */
+            double b1 = -INFINITY, b2 = -INFINITY;
+            for (int i = gi * per; i < (gi + 1) * per; i++) {
+                if (sc[i] > b1) { b2 = b1; b1 = sc[i]; }
+                else if (sc[i] > b2) b2 = sc[i];
+            }
+            gs[gi] = b1 + b2;
+        }
+        for (int gi = 0; gi < G; gi++) {            /* keep the top G_k groups (lowest index on ties) */
+            int rank = 0;
+            for (int gj = 0; gj < G; gj++) rank += gs[gj] > gs[gi] || (gs[gj] == gs[gi] && gj < gi);
+            if (rank >= Gk)
+                for (int i = gi * per; i < (gi + 1) * per; i++) sc[i] = -INFINITY;
+        }
+    }
+    double Z = 0;
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        for (int i = 0; i < E; i++) {
+            int taken = 0;
+            for (int j = 0; j < k; j++) taken |= selt[j] == i;
+            if (!taken && (best < 0 || sc[i] > sc[best])) best = i;
+        }
+        selt[k] = best;
+        Z += st[best];
+    }
+    for (int k = 0; k < K; k++) w[(size_t)t * K + k] = (float)(rho * st[selt[k]] / Z);
+}
+
+static void gpu_moe_route(int *sel, float *w, float *s, double *score, double *gscore, const float *bias, int N, const MhcConfig *c) {
+    moe_route_kernel<<<mhc_blocks((size_t)N, 128), 128>>>(sel, w, s, score, gscore, bias, N, c->n_routed_experts,
+                                                           c->n_activated_experts, c->n_expert_groups, c->n_limited_groups,
+                                                           c->route_scale);
+    LAUNCH_CHECK();
+}
+
+/* count[e] = #assignments with sel == e, one block per expert */
+__global__ void moe_count_kernel(int *count, const int *sel, int NK) {
+    int c = 0;
+    for (int p = threadIdx.x; p < NK; p += blockDim.x) c += sel[p] == (int)blockIdx.x;
+    c = block_reduce(c, SumOp());
+    if (threadIdx.x == 0) count[blockIdx.x] = c;
+}
+
+/* start [E+1] = exclusive prefix sum of count; load (may be NULL) = count, the bias update's loads */
+__global__ void moe_offsets_kernel(int *start, int *load, const int *count, int E) {
+    if (threadIdx.x != 0) return;
+    start[0] = 0;
+    for (int e = 0; e < E; e++) {
+        start[e + 1] = start[e] + count[e];
+        if (load) load[e] = count[e];
+    }
+}
+
+/* group the assignments by expert in assignment order (mhc.h moe_group_by_expert): order[pos] = p and
+   row[p] = pos. One block per expert walks the assignments in tiles; warp ballots rank the hits. */
+__global__ void moe_fill_kernel(int *order, int *row, const int *sel, const int *start, int NK) {
+    __shared__ int warp_hits[32], base;
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, e = blockIdx.x;
+    if (threadIdx.x == 0) base = start[e];
+    __syncthreads();
+    for (int p0 = 0; p0 < NK; p0 += blockDim.x) {
+        int p = p0 + threadIdx.x, hit = p < NK && sel[p] == e;
+        unsigned ballot = __ballot_sync(0xffffffffu, hit);
+        if (lane == 0) warp_hits[warp] = __popc(ballot);
+        __syncthreads();
+        int pos = base + __popc(ballot & ((1u << lane) - 1));
+        for (int w = 0; w < warp; w++) pos += warp_hits[w];
+        if (hit) { order[pos] = p; row[p] = pos; }
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (int w = 0; w < (int)blockDim.x / 32; w++) base += warp_hits[w];
+        __syncthreads();
+    }
+}
+
+/* xg[pos] = u[token of order[pos]]: the expert inputs in grouped order. xg [N*K, C] */
+__global__ void moe_gather_kernel(float *xg, const float *u, const int *order, int NK, int K, int C) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)NK * C) return;
+    size_t pos = idx / C, c = idx % C;
+    xg[idx] = u[(size_t)(order[pos] / K) * C + c];
+}
+
+/* out[t] += sum_k w[t][k] * src[row[t*K + k]] in slot order (w NULL: weight 1). Forward: the weighted
+   un-permute of the expert outputs; backward: the expert input gradients back to their tokens. */
+__global__ void moe_combine_kernel(float *out, const float *src, const int *row, const float *w, int N, int K, int C) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * C) return;
+    size_t t = idx / C, c = idx % C;
+    float acc = out[idx];
+    for (int k = 0; k < K; k++) {
+        float v = src[(size_t)row[t * K + k] * C + c];
+        acc += w ? w[t * K + k] * v : v;
+    }
+    out[idx] = acc;
+}
+
+/* SPEC §11 backward of the weighted un-permute, one warp per grouped row pos (assignment p = order[pos],
+   token t = p / K): dgw[p] = dout[t] . eo[pos] (dw_i = dout . Expert_i(u)), dYp[pos] = w[p] dout[t] */
+__global__ void moe_uncombine_kernel(float *dYp, float *dgw, const float *dout, const float *eo, const float *w, const int *order,
+                                     int NK, int K, int C) {
+    int pos = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (pos >= NK) return;
+    int p = order[pos];
+    const float *d = dout + (size_t)(p / K) * C, *e = eo + (size_t)pos * C;
+    float dot = 0;
+    for (int c = lane; c < C; c += 32) {
+        dot += d[c] * e[c];
+        dYp[(size_t)pos * C + c] = w[p] * d[c];
+    }
+    dot = warp_reduce(dot, SumOp());
+    if (lane == 0) dgw[p] = dot;
+}
+
+/* SPEC §11 balance loss, one block per sequence b: f_i = E/(K T) #{t : i in Sel_t}, P_i = mean_t s_it /
+   sum_j s_jt; bal[b] = alpha sum_i f_i P_i / B (this layer's share of L_aux). f [B,E] and ssum [N] are
+   kept for the router backward. */
+__global__ void moe_balance_kernel(double *bal, double *f, double *ssum, const float *s, const int *sel, int B, int T, int E,
+                                   int K, double alpha) {
+    int b = blockIdx.x;
+    for (int t = b * T + threadIdx.x; t < (b + 1) * T; t += blockDim.x) {
+        double sum = 0;
+        for (int i = 0; i < E; i++) sum += s[(size_t)t * E + i];
+        ssum[t] = sum;
+    }
+    __syncthreads();
+    double part = 0;
+    for (int i = threadIdx.x; i < E; i += blockDim.x) {
+        int count = 0;
+        double P = 0;
+        for (int t = b * T; t < (b + 1) * T; t++) {
+            for (int k = 0; k < K; k++) count += sel[(size_t)t * K + k] == i;
+            P += s[(size_t)t * E + i] / ssum[t] / T;
+        }
+        double fi = (double)E / ((double)K * T) * count;
+        f[(size_t)b * E + i] = fi;
+        part += fi * P;
+    }
+    part = block_reduce(part, SumOp());
+    if (threadIdx.x == 0) bal[b] = alpha * part / B;
+}
+
+/* SPEC §11 router backward, one thread per token t (sequence t / T), Sel fixed: ds from the gate weights,
+   plus the balance-loss term (f from moe_balance_kernel), then through the sigmoid: ds [N,E] = dz */
+__global__ void moe_router_backward_kernel(float *ds, const float *s, const int *sel, const float *dgw, const double *f, int N,
+                                           int T, int B, int E, int K, double rho, double alpha) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    const float *st = s + (size_t)t * E, *dgt = dgw + (size_t)t * K;
+    const int *selt = sel + (size_t)t * K;
+    float *dst = ds + (size_t)t * E;
+    for (int i = 0; i < E; i++) dst[i] = 0;
+    double Z = 0, dot = 0;                          /* ds_i = (rho/Z) (dw_i - sum_j dw_j s_j / Z) */
+    for (int k = 0; k < K; k++) Z += st[selt[k]];
+    for (int k = 0; k < K; k++) dot += dgt[k] * st[selt[k]] / Z;
+    for (int k = 0; k < K; k++) dst[selt[k]] += (float)(rho / Z * (dgt[k] - dot));
+    if (alpha > 0) {                                /* ds_k += (gp_k - sum_i gp_i s'_i) / sum_j s_j */
+        const double *fb = f + (size_t)(t / T) * E;
+        double sum = 0, dotb = 0;
+        for (int i = 0; i < E; i++) sum += st[i];
+        for (int i = 0; i < E; i++) dotb += alpha * fb[i] / T / B * st[i] / sum;
+        for (int i = 0; i < E; i++) dst[i] += (float)((alpha * fb[i] / T / B - dotb) / sum);
+    }
+    for (int i = 0; i < E; i++) dst[i] *= st[i] * (1 - st[i]);
+}
+
+/* ---------------------------------------------------------------------------------------------
+   6. The model                                                                                  */
+
+static void gpu_acts_free(MhcGpuActs *A) {
+    arena_free(&A->arena);
+    memset(A, 0, sizeof *A);
+}
+
+/* 0 ok, -1 out of GPU memory (nothing left allocated) */
+static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int with_grad) {
+    MhcBuffer tab[MHC_MAX_BUFFERS];
+    memset(A, 0, sizeof *A);
+    A->B = A->a.B = B;
+    A->T = A->a.T = T;
+    MhcGpuArena *ar = &A->arena;
+    int n = mhc_acts_table(&A->a, c, B, T, tab);
+    for (int k = 0; k < n; k++) {
+        if (tab[k].grad && !with_grad) continue;
+        if (tab[k].real) *tab[k].real = arena_new<float>(ar, tab[k].count);
+        else *tab[k].integer = arena_new<int>(ar, tab[k].count);
+    }
+    size_t N = (size_t)B * T, H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, dv = c->v_head_dim;
+    size_t E = c->n_routed_experts, K = c->n_activated_experts, C = c->d_model, G = c->n_expert_groups;
+    size_t wide = C > (size_t)c->kv_lora_rank ? C : c->kv_lora_rank;
+    wide = wide > (size_t)c->q_lora_rank ? wide : c->q_lora_rank;
+    wide = wide > (size_t)mhc_m(c) ? wide : mhc_m(c);
+    A->tokens = arena_new<int>(ar, N);
+    A->targets = arena_new<int>(ar, N);
+    A->Qh = arena_new<float>(ar, N * H * dqk);
+    A->Kh = arena_new<float>(ar, N * H * dqk);
+    A->Vh = arena_new<float>(ar, N * H * dv);
+    A->Oh = arena_new<float>(ar, N * H * dv);
+    A->moe_row = arena_new<int>(ar, N * K);
+    A->moe_count = arena_new<int>(ar, E);
+    A->moe_x = arena_new<float>(ar, N * K * C);
+    A->moe_score = arena_new<double>(ar, N * E);
+    A->moe_gscore = arena_new<double>(ar, N * G);
+    A->moe_ssum = arena_new<double>(ar, N);
+    A->moe_f = arena_new<double>(ar, (size_t)B * E);
+    A->moe_bal = arena_new<double>(ar, (size_t)c->n_layers * B);
+    A->reduce_part = arena_new<double>(ar, MHC_REDUCE_BLOCKS);
+    A->reduce_out = arena_new<double>(ar, 2);
+    if (with_grad) {
+        A->dQh = arena_new<float>(ar, N * H * dqk);
+        A->dKh = arena_new<float>(ar, N * H * dqk);
+        A->dVh = arena_new<float>(ar, N * H * dv);
+        A->dOh = arena_new<float>(ar, N * H * dv);
+        A->datt = arena_new<float>(ar, (size_t)B * H * T * T);
+        A->moe_dx = arena_new<float>(ar, N * K * C);
+        A->coef_alpha = arena_new<float>(ar, N * 3);
+        A->colsum_part = arena_new<float>(ar, MHC_COLSUM_CHUNKS * wide);
+        A->emb_rows = arena_new<int>(ar, N);
+        A->emb_start = arena_new<int>(ar, N + 1);
+        A->emb_order = arena_new<int>(ar, N);
+    }
+    if (!ar->failed) return 0;
+    gpu_acts_free(A);
+    return -1;
+}
+
+
+
+/* ---- sublayer pieces (mirror mhc.h section 7) ---- */
+
+/* SPEC §3 / §4 / §6: the coefficients of sublayer s for all N tokens */
+static void gpu_stream_coeffs_forward(MhcGpu *g, MhcGpuActs *A, int s, int N) {
+    const MhcConfig *c = &g->cfg;
+    int n = c->hc_mult, C = c->d_model, m = mhc_m(c);
+    const float *X = A->a.X + (size_t)s * N * n * C;
+    float *h = A->a.coef_h + (size_t)s * N * m, *a = A->a.coef_a + (size_t)s * N * m;
+    float *H = A->a.coef_H + (size_t)s * N * m, *r = A->a.coef_r + (size_t)s * N * n;
+    const MhcStreamParams *q = &g->p.sub[s];
+    if (c->residual == MHC_RESIDUAL_PLAIN) {
+        gpu_fill(H, 1.0f, (size_t)N * m);            /* n = 1: H = [1 | 1 | 1] */
+    } else if (c->residual == MHC_RESIDUAL_MHC) {
+        gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, h, X, q->phi, N, n * C, m);
+        gpu_mhc_coeffs_forward(H, a, r, h, X, q->alpha, q->b, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps, c->rms_eps);
+    } else {                                          /* hc: Xt = per-stream RMSNorm of X, a = theta @ Xt */
+        gpu_rmsnorm_forward(A->a.Xt, r, X, NULL, N * n, C, c->rms_eps);
+        gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, a, A->a.Xt, q->theta, N * n, C, n + 2);
+        hc_coeffs_forward_kernel<<<mhc_blocks((size_t)N, 128), 128>>>(H, a, q->alpha, q->b_pre, q->b_post, q->b_res, N, n);
+        LAUNCH_CHECK();
+    }
+}
+
+/* SPEC §5.4 (mhc) / §6 (hc): from dH [N,m] (consumed), the coefficient parameters' gradients and PATH 3 into dX */
+static void gpu_stream_coeffs_backward(MhcGpu *g, MhcGpuActs *A, int s, int N, float *dH, float *dX) {
+    const MhcConfig *c = &g->cfg;
+    int n = c->hc_mult, C = c->d_model, m = mhc_m(c);
+    const float *X = A->a.X + (size_t)s * N * n * C, *h = A->a.coef_h + (size_t)s * N * m;
+    const float *a = A->a.coef_a + (size_t)s * N * m, *H = A->a.coef_H + (size_t)s * N * m;
+    float *r = A->a.coef_r + (size_t)s * N * n;
+    const MhcStreamParams *q = &g->p.sub[s];
+    MhcStreamParams *gq = &g->g.sub[s];
+    if (c->residual == MHC_RESIDUAL_MHC) {
+        gpu_mhc_coeffs_backward(A->a.dcoef, dH, A->coef_alpha, dX, H, a, h, r, X, q->alpha, N, n, C, c->sinkhorn_iters,
+                                c->sinkhorn_eps);
+        gpu_colsum(gq->b, A->a.dcoef, m, NULL, 0, NULL, N, m, A->colsum_part);
+        gpu_colsum(gq->alpha, A->coef_alpha, 3, NULL, 0, NULL, N, 3, A->colsum_part);
+        gpu_matmul_backward(&g->blas, MHC_GEMM_FP32, dX, gq->phi, dH, X, q->phi, N, n * C, m);   /* dH holds dh */
+    } else if (c->residual == MHC_RESIDUAL_HC) {
+        hc_coeffs_backward_kernel<<<mhc_blocks((size_t)N, 128), 128>>>(A->a.dcoef, A->coef_alpha, dH, a, q->alpha, N, n);
+        LAUNCH_CHECK();
+        gpu_colsum(gq->b_pre, dH, m, NULL, 0, NULL, N, n, A->colsum_part);
+        gpu_colsum(gq->b_post, dH + n, m, NULL, 0, NULL, N, n, A->colsum_part);
+        gpu_colsum(gq->b_res, dH + 2 * n, m, NULL, 0, NULL, N, n * n, A->colsum_part);
+        gpu_colsum(gq->alpha, A->coef_alpha, 3, NULL, 0, NULL, N, 3, A->colsum_part);
+        gpu_rmsnorm_forward(A->a.Xt, r, X, NULL, N * n, C, c->rms_eps);   /* recompute Xt (r is rewritten bit-identically) */
+        CUDA_CHECK(cudaMemset(A->a.dXt, 0, sizeof(float) * (size_t)N * n * C));
+        gpu_matmul_backward(&g->blas, MHC_GEMM_FP32, A->a.dXt, gq->theta, A->a.dcoef, A->a.Xt, q->theta, N * n, C, n + 2);
+        gpu_rmsnorm_backward(dX, NULL, A->a.dXt, X, NULL, r, N * n, C, A->colsum_part);   /* PATH 3 */
+    }
+}
+
+/* SPEC §8 SwiGLU FFN of width W over N rows (mhc.h swiglu_ffn_forward / _backward) */
+static void gpu_swiglu_ffn_forward(const MhcBlas *bl, float *out, float *a, float *gt, float *h, const float *u, const float *w1,
+                                   const float *w3, const float *w2, int N, int C, int W) {
+    gpu_matmul_forward(bl, MHC_GEMM_FAST, a, u, w1, N, C, W);
+    gpu_matmul_forward(bl, MHC_GEMM_FAST, gt, u, w3, N, C, W);
+    gpu_swiglu_forward(h, a, gt, (size_t)N * W);
+    gpu_matmul_forward(bl, MHC_GEMM_FAST, out, h, w2, N, W, C);
+}
+
+static void gpu_swiglu_ffn_backward(const MhcBlas *bl, float *du, float *dw1, float *dw3, float *dw2, const float *dout,
+                                    const float *a, const float *gt, const float *h, const float *u, const float *w1,
+                                    const float *w3, const float *w2, float *dh, float *da, float *dg, int N, int C, int W) {
+    CUDA_CHECK(cudaMemset(dh, 0, sizeof(float) * (size_t)N * W));
+    gpu_matmul_backward(bl, MHC_GEMM_FAST, dh, dw2, dout, h, w2, N, W, C);
+    gpu_swiglu_backward(da, dg, dh, a, gt, (size_t)N * W);
+    gpu_matmul_backward(bl, MHC_GEMM_FAST, du, dw1, da, u, w1, N, C, W);
+    gpu_matmul_backward(bl, MHC_GEMM_FAST, du, dw3, dg, u, w3, N, C, W);
+}
+
+/* SPEC §9 projections of layer l for N tokens at positions pos0 + (t mod T): q (optionally through the q
+   latent), the KV latent c with its RMSNorm, k_pe, kv = W_ukv c, and RoPE (mhc.h mla_project) */
+static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, int T, int pos0) {
+    const MhcConfig *c = &g->cfg;
+    const MhcBlock *b = &g->p.blk[l];
+    const MhcBlas *bl = &g->blas;
+    int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+    int dqk = dn + dr, dq = c->q_lora_rank, dc = c->kv_lora_rank, dv = c->v_head_dim;
+    float *q = A->a.q + (size_t)l * N * H * dqk;
+    if (dq == 0) {
+        gpu_matmul_forward(bl, MHC_GEMM_FAST, q, u, b->wq, N, C, H * dqk);
+    } else {
+        float *cq_raw = A->a.cq_raw + (size_t)l * N * dq, *cq = A->a.cq + (size_t)l * N * dq;
+        gpu_matmul_forward(bl, MHC_GEMM_FAST, cq_raw, u, b->wdq, N, C, dq);
+        gpu_rmsnorm_forward(cq, A->a.cq_rstd + (size_t)l * N, cq_raw, b->q_norm, N, dq, c->rms_eps);
+        gpu_matmul_forward(bl, MHC_GEMM_FAST, q, cq, b->wuq, N, dq, H * dqk);
+    }
+    float *c_raw = A->a.c_raw + (size_t)l * N * dc, *lat = A->a.c + (size_t)l * N * dc, *kpe = A->a.kpe + (size_t)l * N * dr;
+    gpu_matmul_forward(bl, MHC_GEMM_FAST, c_raw, u, b->wdkv, N, C, dc);                  /* rows [0, d_c) of W_dkv  */
+    gpu_matmul_forward(bl, MHC_GEMM_FAST, kpe, u, b->wdkv + (size_t)dc * C, N, C, dr);   /* rows [d_c, d_c+d_r)     */
+    gpu_rmsnorm_forward(lat, A->a.c_rstd + (size_t)l * N, c_raw, b->kv_norm, N, dc, c->rms_eps);
+    gpu_matmul_forward(bl, MHC_GEMM_FAST, A->a.kv + (size_t)l * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
+    gpu_rope(q, N, T, pos0, H, H * dqk, dn, dqk, dr, c->rope_theta, 0);
+    gpu_rope(kpe, N, T, pos0, 1, dr, 0, dr, dr, c->rope_theta, 0);
+}
+
+/* copies of the attention operands with heads batched: Qh = q, Kh = [k_nope | k_pe], Vh = v */
+static void gpu_attention_pack(MhcGpuActs *A, const float *q, const float *kv, const float *kpe, int B, int T, const MhcConfig *c) {
+    int H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, dqk = dn + dr;
+    MhcStrides qk = head_major(H, T, dqk), kvs = token_major(T, H * (dn + dv), dn + dv);
+    gpu_head_copy(A->Qh, qk, q, token_major(T, H * dqk, dqk), B, H, T, dqk);
+    gpu_head_copy(A->Kh, qk, kv, kvs, B, H, T, dn);
+    gpu_head_copy(A->Kh + dn, qk, kpe, token_major(T, dr, 0), B, H, T, dr);
+    gpu_head_copy(A->Vh, head_major(H, T, dv), kv + dn, kvs, B, H, T, dv);
+}
+
+/* SPEC §9 causal attention with the shared k_pe: att [B,H,T,T] probabilities, o [N, H*d_v] */
+static void gpu_attention_forward(const MhcBlas *bl, MhcGpuActs *A, float *o, float *att, const float *q, const float *kv,
+                                  const float *kpe, int B, int T, const MhcConfig *c) {
+    int H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, dv = c->v_head_dim, BH = B * H;
+    float scale = (float)(1.0 / sqrt((double)dqk));
+    gpu_attention_pack(A, q, kv, kpe, B, T, c);
+    gemm(bl, MHC_GEMM_FAST, 0, 1, T, T, dqk, scale, A->Qh, (long long)T * dqk, A->Kh, (long long)T * dqk, 0.0f, att,
+         (long long)T * T, BH);                                                     /* Sc = scale Q K^T */
+    causal_softmax_kernel<<<mhc_blocks((size_t)BH * T, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(att, BH * T, T);
+    LAUNCH_CHECK();
+    gemm(bl, MHC_GEMM_FAST, 0, 0, T, dv, T, 1.0f, att, (long long)T * T, A->Vh, (long long)T * dv, 0.0f, A->Oh,
+         (long long)T * dv, BH);                                                    /* O = P V */
+    gpu_head_copy(o, token_major(T, H * dv, dv), A->Oh, head_major(H, T, dv), B, H, T, dv);
+}
+
+/* SPEC §9 backward of the attention core given do [N, H*d_v]: dq, dkv (k_nope and v parts) and dkpe
+   (summed over heads, before RoPE^T) are overwritten */
+static void gpu_attention_backward(const MhcBlas *bl, MhcGpuActs *A, float *dq, float *dkv, float *dkpe, const float *d_o,
+                                   const float *att, const float *q, const float *kv, const float *kpe, int B, int T,
+                                   const MhcConfig *c) {
+    int H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, dqk = dn + dr, BH = B * H;
+    float scale = (float)(1.0 / sqrt((double)dqk));
+    long long sqk = (long long)T * dqk, sv = (long long)T * dv, stt = (long long)T * T;
+    MhcStrides qk = head_major(H, T, dqk), hv = head_major(H, T, dv), kvs = token_major(T, H * (dn + dv), dn + dv);
+    gpu_attention_pack(A, q, kv, kpe, B, T, c);
+    gpu_head_copy(A->dOh, hv, d_o, token_major(T, H * dv, dv), B, H, T, dv);
+    gemm(bl, MHC_GEMM_FAST, 1, 0, T, dv, T, 1.0f, att, stt, A->dOh, sv, 0.0f, A->dVh, sv, BH);        /* dV = P^T dO  */
+    gemm(bl, MHC_GEMM_FAST, 0, 1, T, T, dv, 1.0f, A->dOh, sv, A->Vh, sv, 0.0f, A->datt, stt, BH);     /* dP = dO V^T  */
+    causal_softmax_backward_kernel<<<mhc_blocks((size_t)BH * T, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(A->datt, att, BH * T,
+                                                                                                     T, scale);
+    LAUNCH_CHECK();
+    gemm(bl, MHC_GEMM_FAST, 0, 0, T, dqk, T, 1.0f, A->datt, stt, A->Kh, sqk, 0.0f, A->dQh, sqk, BH);   /* dQ = dS K    */
+    gemm(bl, MHC_GEMM_FAST, 1, 0, T, dqk, T, 1.0f, A->datt, stt, A->Qh, sqk, 0.0f, A->dKh, sqk, BH);   /* dK = dS^T Q  */
+    gpu_head_copy(dq, token_major(T, H * dqk, dqk), A->dQh, qk, B, H, T, dqk);
+    gpu_head_copy(dkv, kvs, A->dKh, qk, B, H, T, dn);
+    gpu_head_copy(dkv + dn, kvs, A->dVh, hv, B, H, T, dv);
+    kpe_grad_kernel<<<mhc_blocks((size_t)B * T * dr, MHC_BLOCK), MHC_BLOCK>>>(dkpe, A->dKh, B, H, T, dqk, dn, dr);
+    LAUNCH_CHECK();
+}
+
+/* training / prefill: out [N,C] = MLA_l(u) */
+static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, float *out, int B, int T) {
+    const MhcConfig *c = &g->cfg;
+    int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
+    gpu_mla_project(g, A, l, u, N, T, 0);
+    float *o = A->a.o + (size_t)l * N * H * dv;
+    gpu_attention_forward(&g->blas, A, o, A->a.att + (size_t)l * B * H * T * T, A->a.q + (size_t)l * N * H * (dn + dr),
+                          A->a.kv + (size_t)l * N * H * (dn + dv), A->a.kpe + (size_t)l * N * dr, B, T, c);
+    gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, g->p.blk[l].wo, N, H * dv, C);
+}
+
+/* du += dMLA/du applied to dout (mhc.h mla_backward) */
+static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, const float *dout, float *du, int B, int T) {
+    const MhcConfig *c = &g->cfg;
+    const MhcBlock *b = &g->p.blk[l];
+    MhcBlock *gb = &g->g.blk[l];
+    const MhcBlas *bl = &g->blas;
+    MhcActs *a = &A->a;
+    int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+    int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, dq = c->q_lora_rank;
+    const float *q = a->q + (size_t)l * N * H * dqk, *kv = a->kv + (size_t)l * N * H * (dn + dv);
+    const float *kpe = a->kpe + (size_t)l * N * dr, *o = a->o + (size_t)l * N * H * dv, *lat = a->c + (size_t)l * N * dc;
+    float *d_o = a->dwide;
+    CUDA_CHECK(cudaMemset(d_o, 0, sizeof(float) * (size_t)N * H * dv));
+    gpu_matmul_backward(bl, MHC_GEMM_FAST, d_o, gb->wo, dout, o, b->wo, N, H * dv, C);
+    gpu_attention_backward(bl, A, a->dq, a->dkv, a->dkpe, d_o, a->att + (size_t)l * B * H * T * T, q, kv, kpe, B, T, c);
+    gpu_rope(a->dkpe, N, T, 0, 1, dr, 0, dr, dr, c->rope_theta, 1);
+    gpu_rope(a->dq, N, T, 0, H, H * dqk, dn, dqk, dr, c->rope_theta, 1);
+    CUDA_CHECK(cudaMemset(a->dlat, 0, sizeof(float) * (size_t)N * dc));
+    CUDA_CHECK(cudaMemset(a->dlat_raw, 0, sizeof(float) * (size_t)N * dc));
+    gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dlat, gb->wukv, a->dkv, lat, b->wukv, N, dc, H * (dn + dv));
+    gpu_rmsnorm_backward(a->dlat_raw, gb->kv_norm, a->dlat, a->c_raw + (size_t)l * N * dc, b->kv_norm,
+                         a->c_rstd + (size_t)l * N, N, dc, A->colsum_part);
+    gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdkv, a->dlat_raw, u, b->wdkv, N, C, dc);
+    gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdkv + (size_t)dc * C, a->dkpe, u, b->wdkv + (size_t)dc * C, N, C, dr);
+    if (dq == 0) {
+        gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wq, a->dq, u, b->wq, N, C, H * dqk);
+    } else {
+        const float *cq_raw = a->cq_raw + (size_t)l * N * dq, *cq = a->cq + (size_t)l * N * dq;
+        CUDA_CHECK(cudaMemset(a->dcq, 0, sizeof(float) * (size_t)N * dq));
+        CUDA_CHECK(cudaMemset(a->dcq_raw, 0, sizeof(float) * (size_t)N * dq));
+        gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dcq, gb->wuq, a->dq, cq, b->wuq, N, dq, H * dqk);
+        gpu_rmsnorm_backward(a->dcq_raw, gb->q_norm, a->dcq, cq_raw, b->q_norm, a->cq_rstd + (size_t)l * N, N, dq, A->colsum_part);
+        gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdq, a->dcq_raw, u, b->wdq, N, C, dq);
+    }
+}
+
+/* one token through MLA_l, absorbed: writes its c and k_pe into the cache at position len, then
+   q_abs[h] = W_uk[h]^T q_nope[h], attention over the latents, o[h] = W_uv[h] olat[h], out = W_o o */
+static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const float *u, float *out) {
+    const MhcConfig *c = &g->cfg;
+    const MhcBlock *b = &g->p.blk[l];
+    MhcActs *a = &cache->acts.a;
+    int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+    int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, t = cache->len;
+    long long w_head = (long long)(dn + dv) * dc;                /* W_ukv rows of one head */
+    gpu_mla_project(g, &cache->acts, l, u, 1, 1, t);
+    CUDA_CHECK(cudaMemcpy(cache->ckv + ((size_t)l * cache->max_len + t) * dc, a->c + (size_t)l * dc, sizeof(float) * dc,
+                          cudaMemcpyDeviceToDevice));
+    CUDA_CHECK(cudaMemcpy(cache->kpe + ((size_t)l * cache->max_len + t) * dr, a->kpe + (size_t)l * dr, sizeof(float) * dr,
+                          cudaMemcpyDeviceToDevice));
+    const float *q = a->q + (size_t)l * H * dqk;
+    float *o = a->o + (size_t)l * H * dv;
+    gemm(&g->blas, MHC_GEMM_FAST, 0, 0, 1, dc, dn, 1.0f, q, dqk, b->wukv, w_head, 0.0f, cache->qabs, dc, H);
+    mla_decode_attention_kernel<<<H, MHC_BLOCK>>>(cache->olat, cache->scores, cache->qabs, q,
+                                                  cache->ckv + (size_t)l * cache->max_len * dc,
+                                                  cache->kpe + (size_t)l * cache->max_len * dr, t, cache->max_len, dc, dr, dn,
+                                                  dqk, (float)(1.0 / sqrt((double)dqk)));
+    LAUNCH_CHECK();
+    gemm(&g->blas, MHC_GEMM_FAST, 0, 1, 1, dv, dc, 1.0f, cache->olat, dc, b->wukv + (size_t)dn * dc, w_head, 0.0f, o, dv, H);
+    gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, b->wo, 1, H * dv, C);
+}
+
+/* group the N*K assignments of sel by expert: a.expert_order, a.expert_start, moe_row; load may be NULL */
+static void gpu_moe_group(MhcGpuActs *A, const int *sel, int NK, int E, int *load) {
+    moe_count_kernel<<<E, MHC_BLOCK>>>(A->moe_count, sel, NK);
+    LAUNCH_CHECK();
+    moe_offsets_kernel<<<1, 32>>>(A->a.expert_start, load, A->moe_count, E);
+    LAUNCH_CHECK();
+    moe_fill_kernel<<<E, MHC_BLOCK>>>(A->a.expert_order, A->moe_row, sel, A->a.expert_start, NK);
+    LAUNCH_CHECK();
+}
+
+static void gpu_moe_gather(MhcGpuActs *A, const float *u, int NK, int K, int C) {
+    moe_gather_kernel<<<mhc_blocks((size_t)NK * C, MHC_BLOCK), MHC_BLOCK>>>(A->moe_x, u, A->a.expert_order, NK, K, C);
+    LAUNCH_CHECK();
+}
+
+static void gpu_moe_combine(float *out, const float *src, const int *row, const float *w, int N, int K, int C) {
+    moe_combine_kernel<<<mhc_blocks((size_t)N * C, MHC_BLOCK), MHC_BLOCK>>>(out, src, row, w, N, K, C);
+    LAUNCH_CHECK();
+}
+
+/* SPEC §11 forward of layer l: out [N,C] = Shared(u) + sum_Sel w_i Expert_i(u); this layer's balance loss
+   goes to moe_bal[l] and its loads to expert_load[l] */
+static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, float *out, int B, int T) {
+    const MhcConfig *c = &g->cfg;
+    const MhcBlock *b = &g->p.blk[l];
+    MhcActs *a = &A->a;
+    int N = B * T, C = c->d_model, E = c->n_routed_experts, K = c->n_activated_experts, I = c->moe_inter_dim;
+    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c), NK = N * K;
+    float *s = a->moe_s + (size_t)l * N * E, *w = a->moe_w + (size_t)l * NK, *eo = a->moe_eo + (size_t)l * NK * C;
+    float *ha = a->ffn_a + (size_t)l * N * F, *hg = a->ffn_g + (size_t)l * N * F, *hh = a->ffn_h + (size_t)l * N * F;
+    int *sel = a->moe_sel + (size_t)l * NK;
+    gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, s, u, b->gate, N, C, E);          /* z = W_gate u (fp32) */
+    gpu_moe_route(sel, w, s, A->moe_score, A->moe_gscore, g->expert_bias + (size_t)l * E, N, c);
+    if (NsI > 0) {
+        size_t off = (size_t)NK * I;                 /* shared expert after the routed slots */
+        gpu_swiglu_ffn_forward(&g->blas, out, ha + off, hg + off, hh + off, u, b->sw1, b->sw3, b->sw2, N, C, NsI);
+    } else {
+        CUDA_CHECK(cudaMemset(out, 0, sizeof(float) * (size_t)N * C));
+    }
+    gpu_moe_group(A, sel, NK, E, g->expert_load + (size_t)l * E);
+    gpu_moe_gather(A, u, NK, K, C);
+    const int *seg = a->expert_start;
+    gpu_expert_gemm(ha, I, A->moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, N, I, C, 0, 0.0f);   /* a = W1_e x */
+    gpu_expert_gemm(hg, I, A->moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, N, I, C, 0, 0.0f);   /* g = W3_e x */
+    gpu_swiglu_forward(hh, ha, hg, (size_t)NK * I);
+    gpu_expert_gemm(eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, N, C, I, 0, 0.0f);        /* W2_e h    */
+    gpu_moe_combine(out, eo, A->moe_row, w, N, K, C);
+    if (c->seq_aux_alpha > 0) {
+        moe_balance_kernel<<<B, MHC_BLOCK>>>(A->moe_bal + (size_t)l * B, A->moe_f, A->moe_ssum, s, sel, B, T, E, K,
+                                             c->seq_aux_alpha);
+        LAUNCH_CHECK();
+    }
+}
+
+/* du += dMoE/du applied to dout (mhc.h moe_backward) */
+static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, const float *dout, float *du, int B, int T) {
+    const MhcConfig *c = &g->cfg;
+    const MhcBlock *b = &g->p.blk[l];
+    MhcBlock *gb = &g->g.blk[l];
+    const MhcBlas *bl = &g->blas;
+    MhcActs *a = &A->a;
+    int N = B * T, C = c->d_model, E = c->n_routed_experts, K = c->n_activated_experts, I = c->moe_inter_dim;
+    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c), NK = N * K;
+    const float *s = a->moe_s + (size_t)l * N * E, *w = a->moe_w + (size_t)l * NK, *eo = a->moe_eo + (size_t)l * NK * C;
+    const float *ha = a->ffn_a + (size_t)l * N * F, *hg = a->ffn_g + (size_t)l * N * F, *hh = a->ffn_h + (size_t)l * N * F;
+    const int *sel = a->moe_sel + (size_t)l * NK, *seg = a->expert_start;
+    if (NsI > 0) {
+        size_t off = (size_t)NK * I;
+        gpu_swiglu_ffn_backward(bl, du, gb->sw1, gb->sw3, gb->sw2, dout, ha + off, hg + off, hh + off, u, b->sw1, b->sw3, b->sw2,
+                                a->dwide, a->dffn_a, a->dffn_g, N, C, NsI);
+    }
+    gpu_moe_group(A, sel, NK, E, NULL);             /* the forward's grouping again (same order) */
+    gpu_moe_gather(A, u, NK, K, C);
+    float *dYp = a->dslot, *dh = a->dwide, *da = a->dffn_a, *dg = a->dffn_g;
+    moe_uncombine_kernel<<<mhc_blocks((size_t)NK, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(dYp, a->dgw, dout, eo, w,
+                                                                                       a->expert_order, NK, K, C);
+    LAUNCH_CHECK();
+    gpu_expert_gemm(dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, N, I, C, 0, 0.0f);       /* dh = W2_e^T dy   */
+    gpu_expert_gemm(gb->w2, I, dYp, C, hh, I, 0, (size_t)C * I, seg, E, C, I, 0, 1, 1.0f);      /* dW2_e += dy (x) h */
+    gpu_swiglu_backward(da, dg, dh, ha, hg, (size_t)NK * I);
+    gpu_expert_gemm(A->moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, N, C, I, 0, 0.0f);   /* dx = W1_e^T da  */
+    gpu_expert_gemm(A->moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, N, C, I, 0, 1.0f);   /*   + W3_e^T dg   */
+    gpu_expert_gemm(gb->w1, C, da, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW1_e += da (x) x */
+    gpu_expert_gemm(gb->w3, C, dg, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW3_e += dg (x) x */
+    gpu_moe_combine(du, A->moe_dx, A->moe_row, NULL, N, K, C);                                    /* slots -> tokens */
+    if (c->seq_aux_alpha > 0) {                     /* f of each sequence (the forward's values again) */
+        moe_balance_kernel<<<B, MHC_BLOCK>>>(A->moe_bal + (size_t)l * B, A->moe_f, A->moe_ssum, s, sel, B, T, E, K,
+                                             c->seq_aux_alpha);
+        LAUNCH_CHECK();
+    }
+    moe_router_backward_kernel<<<mhc_blocks((size_t)N, 128), 128>>>(a->dscore, s, sel, a->dgw, A->moe_f, N, T, B, E, K,
+                                                                     c->route_scale, c->seq_aux_alpha);
+    LAUNCH_CHECK();
+    gpu_matmul_backward(bl, MHC_GEMM_FP32, du, gb->gate, a->dscore, u, b->gate, N, C, E);
+}
+
+/* One sublayer (SPEC §3): X_{s+1} = H_res X_s + H_post^T F_s(H_pre X_s); cache != NULL: one token of
+   absorbed decode (B = T = 1) */
+static void gpu_sublayer_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, MhcGpuCache *cache) {
+    const MhcConfig *c = &g->cfg;
+    int N = B * T, n = c->hc_mult, C = c->d_model, m = mhc_m(c), l = s / 2, F = mhc_ffn_width(c);
+    MhcActs *a = &A->a;
+    const float *X = a->X + (size_t)s * N * n * C, *H = a->coef_H + (size_t)s * N * m;
+    float *y = a->y + (size_t)s * N * C, *u = a->u + (size_t)s * N * C, *f = a->f + (size_t)s * N * C;
+    const MhcBlock *b = &g->p.blk[l];
+    gpu_stream_coeffs_forward(g, A, s, N);
+    gpu_stream_pre_forward(y, H, X, N, n, C, m);
+    gpu_rmsnorm_forward(u, a->u_rstd + (size_t)s * N, y, s % 2 == 0 ? b->attn_norm : b->ffn_norm, N, C, c->rms_eps);
+    if (s % 2 == 0 && cache) {
+        gpu_mla_decode_forward(g, cache, l, u, f);
+    } else if (s % 2 == 0) {
+        gpu_mla_forward(g, A, l, u, f, B, T);
+    } else if (mhc_is_moe(c, l)) {
+        gpu_moe_forward(g, A, l, u, f, B, T);
+    } else {
+        size_t off = (size_t)l * N * F;
+        gpu_swiglu_ffn_forward(&g->blas, f, a->ffn_a + off, a->ffn_g + off, a->ffn_h + off, u, b->w1, b->w3, b->w2, N, C,
+                               c->dense_inter_dim);
+    }
+    gpu_stream_merge_forward(a->X + (size_t)(s + 1) * N * n * C, H, X, f, N, n, C, m);
+}
+
+/* Backward of one sublayer (SPEC §5, mhc.h sublayer_backward): from dX' (dXo) to dX = PATH 1 (residual)
+   + PATH 2 (pre) + PATH 3 (coefficients), accumulating every parameter gradient of the sublayer */
+static void gpu_sublayer_backward(MhcGpu *g, MhcGpuActs *A, int s, const float *dXo, float *dX) {
+    const MhcConfig *c = &g->cfg;
+    MhcActs *a = &A->a;
+    int B = A->B, T = A->T, N = B * T, n = c->hc_mult, C = c->d_model, m = mhc_m(c), l = s / 2, F = mhc_ffn_width(c);
+    const MhcBlock *b = &g->p.blk[l];
+    MhcBlock *gb = &g->g.blk[l];
+    const float *X = a->X + (size_t)s * N * n * C, *H = a->coef_H + (size_t)s * N * m;
+    const float *y = a->y + (size_t)s * N * C, *u = a->u + (size_t)s * N * C, *f = a->f + (size_t)s * N * C;
+    gpu_stream_merge_backward(dX, a->df, a->dH, dXo, H, X, f, N, n, C, m);          /* §5.1, PATH 1 */
+    CUDA_CHECK(cudaMemset(a->du, 0, sizeof(float) * (size_t)N * C));
+    if (s % 2 == 0) {
+        gpu_mla_backward(g, A, l, u, a->df, a->du, B, T);                             /* §5.2 */
+    } else if (mhc_is_moe(c, l)) {
+        gpu_moe_backward(g, A, l, u, a->df, a->du, B, T);
+    } else {
+        size_t off = (size_t)l * N * F;
+        gpu_swiglu_ffn_backward(&g->blas, a->du, gb->w1, gb->w3, gb->w2, a->df, a->ffn_a + off, a->ffn_g + off, a->ffn_h + off,
+                                u, b->w1, b->w3, b->w2, a->dwide, a->dffn_a, a->dffn_g, N, C, c->dense_inter_dim);
+    }
+    CUDA_CHECK(cudaMemset(a->dy, 0, sizeof(float) * (size_t)N * C));
+    gpu_rmsnorm_backward(a->dy, s % 2 == 0 ? gb->attn_norm : gb->ffn_norm, a->du, y, s % 2 == 0 ? b->attn_norm : b->ffn_norm,
+                         a->u_rstd + (size_t)s * N, N, C, A->colsum_part);
+    gpu_stream_pre_backward(dX, a->dH, a->dy, H, X, N, n, C, m);                       /* §5.3, PATH 2 */
+    gpu_stream_coeffs_backward(g, A, s, N, a->dH, dX);                                 /* §5.4, PATH 3 */
+}
+
+/* SPEC §2: embed, expand once, the S sublayers, reduce once, norm, head, and (with targets) the fused
+   cross-entropy. Tokens (and targets) are already in A. Sets g->ce and g->aux unless decoding. */
+static double gpu_model_forward(MhcGpu *g, MhcGpuActs *A, int B, int T, int has_targets, MhcGpuCache *cache) {
+    const MhcConfig *c = &g->cfg;
+    int N = B * T, n = c->hc_mult, C = c->d_model, V = c->vocab_size, S = 2 * c->n_layers;
+    MhcActs *a = &A->a;
+    gpu_stream_expand(a->X, g->p.embed, A->tokens, N, n, C);
+    CUDA_CHECK(cudaMemset(A->moe_bal, 0, sizeof(double) * (size_t)c->n_layers * B));
+    for (int s = 0; s < S; s++) gpu_sublayer_forward(g, A, s, B, T, cache);
+    gpu_stream_reduce(a->z, a->X + (size_t)S * N * n * C, N, n, C);
+    gpu_rmsnorm_forward(a->hf, a->hf_rstd, a->z, g->p.norm_final, N, C, c->rms_eps);
+    gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, a->logits, a->hf, g->p.head, N, C, V);
+    if (cache) return 0;
+    if (has_targets) gpu_crossentropy(a->losses, a->logits, A->targets, N, V);
+    gpu_reduce_sum(A->reduce_out, a->losses, has_targets ? (size_t)N : 0, 0, A->reduce_part);
+    gpu_reduce_sum(A->reduce_out + 1, A->moe_bal, (size_t)c->n_layers * B, 0, A->reduce_part);
+    double sums[2];
+    CUDA_CHECK(cudaMemcpy(sums, A->reduce_out, sizeof sums, cudaMemcpyDeviceToHost));
+    g->ce = has_targets ? sums[0] / N : 0;
+    g->aux = sums[1];
+    return g->ce + g->aux;
+}
+
+/* The embedding gradient adds dx0 of every position into its token's row (SPEC §2). To do it without
+   atomics the positions are grouped by token, ascending: computed here on the host, where the tokens
+   arrive, and uploaded with them. */
+static int cmp_u64(const void *x, const void *y) {
+    uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+    return (a > b) - (a < b);
+}
+
+static void gpu_upload_token_groups(MhcGpuActs *A, const int *tokens, int N) {
+    uint64_t *key = (uint64_t *)mhc_calloc((size_t)N, sizeof(uint64_t));
+    int *order = (int *)mhc_calloc((size_t)N, sizeof(int)), *rows = (int *)mhc_calloc((size_t)N, sizeof(int));
+    int *start = (int *)mhc_calloc((size_t)N + 1, sizeof(int)), U = 0;
+    for (int t = 0; t < N; t++) key[t] = (uint64_t)tokens[t] << 32 | (uint32_t)t;
+    qsort(key, (size_t)N, sizeof(uint64_t), cmp_u64);
+    for (int p = 0; p < N; p++) {
+        int tok = (int)(key[p] >> 32);
+        order[p] = (int)(key[p] & 0xffffffffu);
+        if (p == 0 || tok != rows[U - 1]) { rows[U] = tok; start[U++] = p; }
+    }
+    start[U] = N;
+    A->n_emb_rows = U;
+    CUDA_CHECK(cudaMemcpy(A->emb_order, order, sizeof(int) * N, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(A->emb_rows, rows, sizeof(int) * U, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(A->emb_start, start, sizeof(int) * (U + 1), cudaMemcpyHostToDevice));
+    free(key); free(order); free(rows); free(start);
+}
+
+/* ---- the public interface ---- */
+void mhc_gpu_free(MhcGpu *g) {
+    gpu_acts_free(&g->acts);
+    arena_free(&g->arena);
+    if (g->blas.handle) CUBLAS_CHECK(cublasDestroy(g->blas.handle));
+    free(g->tensors);
+    free(g->p.blk); free(g->g.blk); free(g->p.sub); free(g->g.sub);
+    memset(g, 0, sizeof *g);
+}
+
+void mhc_gpu_set_tf32(MhcGpu *g, int enable) { g->blas.fast = enable ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F; }
+
+void mhc_gpu_upload(MhcGpu *g, const MhcModel *host) {
+    size_t bytes = sizeof(float) * g->n_params, LE = (size_t)g->cfg.n_layers * g->cfg.n_routed_experts;
+    CUDA_CHECK(cudaMemcpy(g->params, host->params, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(g->adam_m, host->adam_m, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(g->adam_v, host->adam_v, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(g->expert_bias, host->expert_bias, sizeof(float) * LE, cudaMemcpyHostToDevice));
+    g->step = host->step;
+}
+
+void mhc_gpu_download(MhcGpu *g, MhcModel *host) {
+    size_t bytes = sizeof(float) * g->n_params, LE = (size_t)g->cfg.n_layers * g->cfg.n_routed_experts;
+    CUDA_CHECK(cudaMemcpy(host->params, g->params, bytes, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(host->adam_m, g->adam_m, bytes, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(host->adam_v, g->adam_v, bytes, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(host->expert_bias, g->expert_bias, sizeof(float) * LE, cudaMemcpyDeviceToHost));
+    int *load = (int *)mhc_calloc(LE, sizeof(int));
+    CUDA_CHECK(cudaMemcpy(load, g->expert_load, sizeof(int) * LE, cudaMemcpyDeviceToHost));
+    for (size_t k = 0; k < LE; k++) host->expert_load[k] = load[k];
+    free(load);
+    host->step = g->step;
+    host->ce = g->ce;
+    host->aux = g->aux;
+}
+
+void mhc_gpu_download_grads(MhcGpu *g, MhcModel *host) {
+    CUDA_CHECK(cudaMemcpy(host->grads, g->grads, sizeof(float) * g->n_params, cudaMemcpyDeviceToHost));
+}
+
+void mhc_gpu_download_logits(MhcGpu *g, float *logits) {
+    size_t count = (size_t)g->acts.B * g->acts.T * g->cfg.vocab_size;
+    CUDA_CHECK(cudaMemcpy(logits, g->acts.a.logits, sizeof(float) * count, cudaMemcpyDeviceToHost));
+}
+
+size_t mhc_gpu_memory_bytes(const MhcGpu *g) { return g->arena.bytes + g->acts.arena.bytes; }
+
+void mhc_gpu_zero_grad(MhcGpu *g) { CUDA_CHECK(cudaMemset(g->grads, 0, sizeof(float) * g->n_params)); }
+
+int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
+    const MhcConfig *c = &host->cfg;
+    memset(g, 0, sizeof *g);
+    g->cfg = *c;
+    int dev, smem_optin;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    size_t sk_bytes = sk_warp_floats(c->hc_mult, c->sinkhorn_iters, 1) * sizeof(float);
+    if (c->residual == MHC_RESIDUAL_MHC && sk_bytes > (size_t)smem_optin) {
+        fprintf(stderr, "mhc_gpu_init: the Sinkhorn tape of hc_mult %d, %d iterations needs %zu bytes of shared memory (max %d)\n",
+                c->hc_mult, c->sinkhorn_iters, sk_bytes, smem_optin);
+        return -1;
+    }
+    if (c->n_routed_experts > 1024) {
+        fprintf(stderr, "mhc_gpu_init: n_routed_experts %d > 1024 is not supported\n", c->n_routed_experts);
+        return -1;
+    }
+    if (B < 1 || T < 1) {
+        fprintf(stderr, "mhc_gpu_init: bad batch shape %d x %d\n", B, T);
+        return -1;
+    }
+    g->n_tensors = host->n_tensors;
+    g->n_params = host->n_params;
+    g->tensors = (MhcTensor *)mhc_calloc((size_t)g->n_tensors, sizeof(MhcTensor));
+    memcpy(g->tensors, host->tensors, sizeof(MhcTensor) * g->n_tensors);
+    size_t LE = (size_t)c->n_layers * c->n_routed_experts;
+    g->params = arena_new<float>(&g->arena, g->n_params);
+    g->grads = arena_new<float>(&g->arena, g->n_params);
+    g->adam_m = arena_new<float>(&g->arena, g->n_params);
+    g->adam_v = arena_new<float>(&g->arena, g->n_params);
+    g->expert_bias = arena_new<float>(&g->arena, LE);
+    g->expert_load = arena_new<int>(&g->arena, LE);
+    g->p.blk = (MhcBlock *)mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
+    g->g.blk = (MhcBlock *)mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
+    g->p.sub = (MhcStreamParams *)mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
+    g->g.sub = (MhcStreamParams *)mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
+    if (g->arena.failed || gpu_acts_init(&g->acts, c, B, T, 1)) {
+        fprintf(stderr, "mhc_gpu_init: out of GPU memory (%zu parameters, batch %d x %d)\n", g->n_params, B, T);
+        mhc_gpu_free(g);
+        return -1;
+    }
+    MhcLayoutWalk wp = {NULL, 0, 0, g->params}, wg = {NULL, 0, 0, g->grads};   /* views only: no device access */
+    mhc_layout(c, &wp, &g->p);
+    mhc_layout(c, &wg, &g->g);
+    CUBLAS_CHECK(cublasCreate(&g->blas.handle));
+    CUBLAS_CHECK(cublasSetAtomicsMode(g->blas.handle, CUBLAS_ATOMICS_NOT_ALLOWED));
+    mhc_gpu_set_tf32(g, 1);
+    CUDA_CHECK(cudaMemset(g->expert_load, 0, sizeof(int) * LE));
+    mhc_gpu_upload(g, host);
+    mhc_gpu_zero_grad(g);
+    return 0;
+}
+
+double mhc_gpu_forward(MhcGpu *g, const int *tokens, const int *targets, int B, int T) {
+    const MhcConfig *c = &g->cfg;
+    int N = B * T;
+    if (B != g->acts.B || T != g->acts.T) {
+        gpu_acts_free(&g->acts);
+        if (gpu_acts_init(&g->acts, c, B, T, 1)) {
+            fprintf(stderr, "mhc_gpu_forward: out of GPU memory for batch %d x %d\n", B, T);
+            exit(1);
+        }
+    }
+    for (int t = 0; t < N; t++)
+        if (tokens[t] < 0 || tokens[t] >= c->vocab_size || (targets && (targets[t] < 0 || targets[t] >= c->vocab_size))) {
+            fprintf(stderr, "mhc_gpu_forward: token out of range at position %d\n", t);
+            exit(1);
+        }
+    MhcGpuActs *A = &g->acts;
+    CUDA_CHECK(cudaMemcpy(A->tokens, tokens, sizeof(int) * N, cudaMemcpyHostToDevice));
+    if (targets) {
+        CUDA_CHECK(cudaMemcpy(A->targets, targets, sizeof(int) * N, cudaMemcpyHostToDevice));
+        gpu_upload_token_groups(A, tokens, N);
+    }
+    g->has_targets = targets != NULL;
+    return gpu_model_forward(g, A, B, T, targets != NULL, NULL);
+}
+
+/* the last forward's logits already hold dlogits (fused cross-entropy); accumulates into grads */
+void mhc_gpu_backward(MhcGpu *g) {
+    const MhcConfig *c = &g->cfg;
+    MhcGpuActs *A = &g->acts;
+    MhcActs *a = &A->a;
+    const MhcBlas *bl = &g->blas;
+    int N = A->B * A->T, n = c->hc_mult, C = c->d_model, V = c->vocab_size, S = 2 * c->n_layers;
+    if (!g->has_targets) {
+        fprintf(stderr, "mhc_gpu_backward: the last forward had no targets\n");
+        exit(1);
+    }
+    CUDA_CHECK(cudaMemset(a->dy, 0, sizeof(float) * (size_t)N * C));
+    gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dy, g->g.head, a->logits, a->hf, g->p.head, N, C, V);
+    CUDA_CHECK(cudaMemset(a->du, 0, sizeof(float) * (size_t)N * C));
+    gpu_rmsnorm_backward(a->du, g->g.norm_final, a->dy, a->z, g->p.norm_final, a->hf_rstd, N, C, A->colsum_part);
+    float *dXo = a->dX, *dX = a->dX2;
+    gpu_stream_expand(dXo, a->du, NULL, N, n, C);          /* reduce by sum: every stream receives dz */
+    for (int s = S - 1; s >= 0; s--) {
+        gpu_sublayer_backward(g, A, s, dXo, dX);
+        float *swap = dXo;
+        dXo = dX;
+        dX = swap;
+    }
+    size_t count = (size_t)A->n_emb_rows * C;                                          /* expand: dx0 = sum_i dX_0[i] */
+    embedding_backward_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(g->g.embed, dXo, A->emb_rows, A->emb_start,
+                                                                          A->emb_order, A->n_emb_rows, n, C);
+    LAUNCH_CHECK();
+}
+
+/* ---------------------------------------------------------------------------------------------
+   7. Optimizer (SPEC §11, §12)                                                                  */
+double mhc_gpu_clip_grad(MhcGpu *g, double max_norm) {
+    double sum;
+    gpu_reduce_sum(g->acts.reduce_out, g->grads, g->n_params, 1, g->acts.reduce_part);
+    CUDA_CHECK(cudaMemcpy(&sum, g->acts.reduce_out, sizeof sum, cudaMemcpyDeviceToHost));
+    double norm = sqrt(sum);
+    if (max_norm > 0 && norm > max_norm) {
+        scale_kernel<<<mhc_blocks(g->n_params, MHC_BLOCK), MHC_BLOCK>>>(g->grads, (float)(max_norm / norm), g->n_params);
+        LAUNCH_CHECK();
+    }
+    return norm;
+}
+
+/* SPEC §12 AdamW on one tensor, in double like the CPU */
+__global__ void adamw_kernel(float *p, const float *grad, float *m, float *v, size_t count, double lr, double b1, double b2,
+                             double bc1, double bc2, double eps, double wd) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    double gi = grad[i];
+    double mi = b1 * m[i] + (1 - b1) * gi, vi = b2 * v[i] + (1 - b2) * gi * gi;
+    m[i] = (float)mi;
+    v[i] = (float)vi;
+    p[i] = (float)(p[i] * (1 - lr * wd) - lr * (mi / bc1) / (sqrt(vi / bc2) + eps));
+}
+
+void mhc_gpu_adamw_step(MhcGpu *g, double lr) {
+    const MhcConfig *c = &g->cfg;
+    g->step++;
+    double b1 = c->adam_beta1, b2 = c->adam_beta2, bc1 = 1 - pow(b1, g->step), bc2 = 1 - pow(b2, g->step);
+    for (int k = 0; k < g->n_tensors; k++) {           /* decay only on 2-D matrices (MhcTensor.decay) */
+        const MhcTensor *t = &g->tensors[k];
+        adamw_kernel<<<mhc_blocks(t->size, MHC_BLOCK), MHC_BLOCK>>>(g->params + t->offset, g->grads + t->offset,
+                                                                   g->adam_m + t->offset, g->adam_v + t->offset, t->size, lr,
+                                                                   b1, b2, bc1, bc2, c->adam_eps, t->decay ? c->weight_decay : 0);
+        LAUNCH_CHECK();
+    }
+}
+
+/* SPEC §11 aux-loss-free balancing, one block per MoE layer, one thread per expert:
+   bias_i += gamma * sign(mean_load - load_i) */
+__global__ void expert_bias_update_kernel(float *bias, const int *load, int first_layer, int E, double gamma) {
+    int e = threadIdx.x;
+    if (e >= E) return;
+    size_t l = first_layer + blockIdx.x;
+    long long total = 0;
+    for (int i = 0; i < E; i++) total += load[l * E + i];
+    double d = (double)total / E - (double)load[l * E + e];
+    bias[l * E + e] += (float)(gamma * ((d > 0) - (d < 0)));
+}
+
+void mhc_gpu_update_expert_bias(MhcGpu *g) {
+    const MhcConfig *c = &g->cfg;
+    int layers = c->n_layers - c->first_k_dense;
+    if (layers <= 0) return;
+    expert_bias_update_kernel<<<layers, 32 * mhc_blocks((size_t)c->n_routed_experts, 32)>>>(
+        g->expert_bias, g->expert_load, c->first_k_dense, c->n_routed_experts, c->bias_update_speed);
+    LAUNCH_CHECK();
+}
+
+/* ---------------------------------------------------------------------------------------------
+   8. Absorbed decode (SPEC §10): the same sublayers on one token; attention over the latent cache. */
+int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
+    const MhcConfig *cfg = &g->cfg;
+    memset(c, 0, sizeof *c);
+    if (max_len < 1) return -1;
+    c->max_len = max_len;
+    size_t L = cfg->n_layers, H = cfg->n_heads, dc = cfg->kv_lora_rank;
+    c->ckv = arena_new<float>(&c->arena, L * max_len * dc);
+    c->kpe = arena_new<float>(&c->arena, L * max_len * cfg->qk_rope_head_dim);
+    c->qabs = arena_new<float>(&c->arena, H * dc);
+    c->olat = arena_new<float>(&c->arena, H * dc);
+    c->scores = arena_new<float>(&c->arena, H * max_len);
+    if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0)) {
+        fprintf(stderr, "mhc_gpu_cache_init: out of GPU memory for a cache of %d positions\n", max_len);
+        arena_free(&c->arena);
+        return -1;
+    }
+    return 0;
+}
+
+void mhc_gpu_cache_free(MhcGpuCache *c) {
+    gpu_acts_free(&c->acts);
+    arena_free(&c->arena);
+    memset(c, 0, sizeof *c);
+}
+
+int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host) {
+    if (c->len >= c->max_len || token < 0 || token >= g->cfg.vocab_size) return -1;
+    CUDA_CHECK(cudaMemcpy(c->acts.tokens, &token, sizeof(int), cudaMemcpyHostToDevice));
+    gpu_model_forward(g, &c->acts, 1, 1, 0, c);
+    CUDA_CHECK(cudaMemcpy(logits_host, c->acts.a.logits, sizeof(float) * g->cfg.vocab_size, cudaMemcpyDeviceToHost));
+    c->len++;
+    return 0;
+}
+
+#endif /* MHC_CUDA_CUH */
