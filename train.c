@@ -981,22 +981,13 @@ static void plot_history(const History *h, const char *dir) {
 /* =============================================================================================
    SPEC §14 diagnostics: Amax gain magnitudes and H_res heatmaps over the probe (first T tokens of
    the validation split), paper orientation: forward gain = max |row sum|, backward = max |col sum|. */
-static double gain_forward(const double *A, int n) {
+/* Amax gain magnitude: max |row sum| (forward gain) or, by_columns, max |column sum| (backward gain) */
+static double amax_gain(const double *A, int n, int by_columns) {
     double g = 0;
-    for (int i = 0; i < n; i++) {
-        double r = 0;
-        for (int j = 0; j < n; j++) r += A[i * n + j];
-        g = fabs(r) > g ? fabs(r) : g;
-    }
-    return g;
-}
-
-static double gain_backward(const double *A, int n) {
-    double g = 0;
-    for (int j = 0; j < n; j++) {
-        double c = 0;
-        for (int i = 0; i < n; i++) c += A[i * n + j];
-        g = fabs(c) > g ? fabs(c) : g;
+    for (int a = 0; a < n; a++) {
+        double sum = 0;
+        for (int b = 0; b < n; b++) sum += by_columns ? A[b * n + a] : A[a * n + b];
+        g = fabs(sum) > g ? fabs(sum) : g;
     }
     return g;
 }
@@ -1029,10 +1020,10 @@ static void diagnostics(Trainer *tr, const int *probe, const char *dir, int step
             for (int k = 0; k < nn; k++) H[k] = Hall[((size_t)s * T + t) * m + 2 * n + k];
             matmul_nn(tmp, P, H, n);
             memcpy(P, tmp, sizeof(double) * nn);
-            gf[s * 4 + 0] += gain_forward(H, n) / T;
-            gf[s * 4 + 1] += gain_backward(H, n) / T;
-            gf[s * 4 + 2] += gain_forward(P, n) / T;
-            gf[s * 4 + 3] += gain_backward(P, n) / T;
+            gf[s * 4 + 0] += amax_gain(H, n, 0) / T;
+            gf[s * 4 + 1] += amax_gain(H, n, 1) / T;
+            gf[s * 4 + 2] += amax_gain(P, n, 0) / T;
+            gf[s * 4 + 3] += amax_gain(P, n, 1) / T;
             for (int k = 0; k < nn; k++) { Hbar[s * nn + k] += H[k] / T; Pbar[s * nn + k] += P[k] / T; }
             if (s == L) for (int k = 0; k < nn; k++) half[nn + k] += P[k] / T;      /* H_{S-1} @ ... @ H_L */
         }
@@ -1058,8 +1049,8 @@ static void diagnostics(Trainer *tr, const int *probe, const char *dir, int step
                 lam = v > lam ? v : lam;
             }
             fprintf(fp, "%d,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g,%.6g\n", s, gf[s * 4], gf[s * 4 + 1], gf[s * 4 + 2],
-                    gf[s * 4 + 3], gain_forward(Hbar + s * nn, n), gain_backward(Hbar + s * nn, n),
-                    gain_forward(Pbar + s * nn, n), gain_backward(Pbar + s * nn, n), lam);
+                    gf[s * 4 + 3], amax_gain(Hbar + s * nn, n, 0), amax_gain(Hbar + s * nn, n, 1),
+                    amax_gain(Pbar + s * nn, n, 0), amax_gain(Pbar + s * nn, n, 1), lam);
         }
         if (fclose(fp)) fprintf(stderr, "train: cannot write %s\n", path);
     } else {
