@@ -2,6 +2,8 @@
      tests     (float):  PyTorch parity at fp32 tolerances, invariants, decode, files, determinism, overfit
      tests64   (double): finite-difference gradient checks (T1), T5 equivalence, and everything above at
                          fp64 tolerances
+     tests_gpu (nvcc, `make gpu`): the float tests plus group `gpu`, the CUDA path of mhc_cuda.cuh
+                         against this CPU reference (SPEC §17 T4)
    Every check prints one line; the run ends with "N passed, N failed". `./tests NAME` runs one group
    (or every group NAME.*, e.g. `./tests64 fd`); `./tests list` prints the groups.
    Reference files (written by dev/reference.py) are looked up in $MHC_REF_DIR (default dev/ref).
