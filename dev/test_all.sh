@@ -3,6 +3,7 @@
 # "N passed, N failed" summed over the suites. Exit status: 0 only if nothing failed.
 #   tests64            float64 build: finite-difference checks, invariants, PyTorch parity (fp64)
 #   tests              float32 build: PyTorch parity (fp32), training, files, determinism
+#   tests_emu          the same GPU tests on the CPU: mhc_cuda.cuh under dev/cuda_emu (`make emu`)
 #   tests_gpu          CUDA build against the CPU reference (only where a GPU is present)
 #   check_tokenizer    the C BPE encoder vs the npm package's own encoder on the whole corpus
 #   test_cli           train / infer end to end: bad input, resume, sampling
@@ -35,6 +36,7 @@ run_suite() {
 }
 run_suite tests64 ./tests64
 run_suite tests ./tests
+run_suite tests_emu ./dev/cuda_emu/build/tests_emu gpu
 if [ -x ./tests_gpu ] && nvidia-smi -L >/dev/null 2>&1; then run_suite tests_gpu ./tests_gpu; fi
 run_suite check_tokenizer bash data/check_tokenizer.sh
 run_suite test_cli bash dev/test_cli.sh

@@ -1,0 +1,92 @@
+/* dev/cuda_emu/cuda_runtime.h - a CPU emulation of the part of CUDA that mhc_cuda.cuh uses, so the GPU
+   code paths (and the `gpu` test group of tests.c) can be run and checked on a machine with no GPU.
+
+   Every thread of a block is a fiber (ucontext) with its own stack; blocks run one after another.
+   __syncthreads and __syncwarp are real barriers (a fiber waits until every live thread of its block or
+   warp arrives), warp shuffles and ballots exchange values through a per-warp table, and a barrier that
+   can never be released aborts with "deadlock". Device memory is host memory filled with 0xFF bytes
+   (NaN floats, -1 ints) when allocated and shared memory with 0x7F, so reads of unwritten memory show.
+   Kernel launches `k<<<grid, block, smem>>>(args)` are rewritten into emu_launch calls by launch.py.
+
+   What it does not model: concurrency between blocks (they run in order, or reversed with
+   EMU_REVERSE=1 so order dependence shows), memory-model races, timing, and hardware rounding modes
+   other than round-to-nearest. It is a correctness tool, not a GPU. */
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <algorithm>
+#include <functional>
+#include <tuple>
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct emu_uint3 { unsigned x, y, z; };
+extern emu_uint3 threadIdx, blockIdx;
+extern dim3 blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static      /* one block runs at a time: a static is that block's shared array */
+#define __launch_bounds__(x)
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
+/* ---- threads, barriers, warp exchange ---- */
+enum { EMU_RUN, EMU_WAIT_BLOCK, EMU_WAIT_WARP, EMU_DONE };
+void emu_yield(int state);
+static inline void __syncthreads() { emu_yield(EMU_WAIT_BLOCK); }
+static inline void __syncwarp(unsigned = 0xffffffffu) { emu_yield(EMU_WAIT_WARP); }
+extern uint64_t emu_exchange[32][32];     /* [warp][lane] */
+template <typename T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+    unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    memcpy(&emu_exchange[warp][lane], &v, sizeof(T));
+    __syncwarp();
+    T r;
+    memcpy(&r, &emu_exchange[warp][lane ^ lane_mask], sizeof(T));
+    __syncwarp();
+    return r;
+}
+template <typename T> T __shfl_sync(unsigned, T v, int src_lane) {
+    unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    memcpy(&emu_exchange[warp][lane], &v, sizeof(T));
+    __syncwarp();
+    T r;
+    memcpy(&r, &emu_exchange[warp][src_lane % 32], sizeof(T));
+    __syncwarp();
+    return r;
+}
+static inline unsigned __ballot_sync(unsigned, int pred) {
+    unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    emu_exchange[warp][lane] = pred != 0;
+    __syncwarp();
+    unsigned mask = 0;
+    for (int l = 0; l < 32; l++) mask |= (emu_exchange[warp][l] ? 1u : 0u) << l;
+    __syncwarp();
+    return mask;
+}
+extern char *emu_dynamic_smem;
+void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+
+/* ---- runtime API ---- */
+typedef int cudaError_t;
+enum { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
+enum { cudaFuncAttributeMaxDynamicSharedMemorySize, cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum { EMU_SMEM_OPTIN = 227 * 1024 };     /* an H100's opt-in shared memory per block */
+static inline const char *cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
+static inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+cudaError_t cudaMalloc(void **p, size_t bytes);
+static inline cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
+static inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind) { memmove(d, s, n); return cudaSuccess; }
+static inline cudaError_t cudaMemset(void *d, int v, size_t n) { memset(d, v, n); return cudaSuccess; }
+static inline cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
+static inline cudaError_t cudaDeviceGetAttribute(int *v, int, int) { *v = EMU_SMEM_OPTIN; return cudaSuccess; }
+cudaError_t cudaFuncSetAttribute(const void *, int, int value);

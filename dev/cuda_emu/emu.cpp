@@ -1,0 +1,183 @@
+/* dev/cuda_emu/emu.cpp - the scheduler and cuBLAS loops behind cuda_runtime.h / cublas_v2.h. */
+#include <setjmp.h>
+#include <ucontext.h>
+#include "cublas_v2.h"
+
+emu_uint3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+uint64_t emu_exchange[32][32];
+char *emu_dynamic_smem;
+
+/* A thread starts on its own stack through makecontext/swapcontext; after that, switches between it and
+   the scheduler are _setjmp/_longjmp, which (unlike swapcontext) make no system call for the signal mask:
+   the switch count is what bounds the emulator's speed. */
+struct EmuThread { ucontext_t context; jmp_buf resume; char *stack; int state, started; };
+enum { EMU_MAX_THREADS = 1024, EMU_STACK_BYTES = 256 * 1024 };
+static EmuThread emu_threads[EMU_MAX_THREADS];
+static ucontext_t emu_scheduler;
+static jmp_buf emu_scheduler_resume;
+static int emu_current;
+static std::function<void()> *emu_body;
+
+void emu_yield(int state) {
+    emu_threads[emu_current].state = state;
+    if (!_setjmp(emu_threads[emu_current].resume)) _longjmp(emu_scheduler_resume, 1);
+}
+
+static void emu_thread_entry() {
+    (*emu_body)();
+    emu_yield(EMU_DONE);
+}
+
+static void emu_fail(const char *what, const char *kernel) {
+    fprintf(stderr, "cuda_emu: %s in kernel %s\n", what, kernel);
+    abort();
+}
+
+/* releases a warp barrier when every lane of the warp waits at it; returns 1 if one was released */
+static int emu_release_warps(int n, const char *name) {
+    int released = 0;
+    for (int w = 0; w * 32 < n; w++) {
+        int waiting = 0, all_there = 1;
+        for (int i = w * 32; i < w * 32 + 32 && i < n; i++) {
+            if (emu_threads[i].state == EMU_WAIT_WARP) waiting = 1;
+            else all_there = 0;
+        }
+        if (waiting && !all_there) {
+            for (int i = w * 32; i < w * 32 + 32 && i < n; i++)
+                if (emu_threads[i].state == EMU_DONE) emu_fail("warp barrier with exited lanes", name);
+        }
+        if (waiting && all_there) {
+            for (int i = w * 32; i < w * 32 + 32 && i < n; i++) emu_threads[i].state = EMU_RUN;
+            released = 1;
+        }
+    }
+    return released;
+}
+
+/* runs one block to completion: every thread until it waits or ends, then releases what can be */
+static void emu_run_block(int n, int reverse, const char *name) {
+    for (int i = 0; i < n; i++) {
+        if (!emu_threads[i].stack && !(emu_threads[i].stack = (char *)malloc(EMU_STACK_BYTES))) emu_fail("out of memory", name);
+        getcontext(&emu_threads[i].context);
+        emu_threads[i].context.uc_stack.ss_sp = emu_threads[i].stack;
+        emu_threads[i].context.uc_stack.ss_size = EMU_STACK_BYTES;
+        emu_threads[i].context.uc_link = NULL;
+        makecontext(&emu_threads[i].context, emu_thread_entry, 0);
+        emu_threads[i].state = EMU_RUN;
+        emu_threads[i].started = 0;
+    }
+    for (;;) {
+        for (int k = 0; k < n; k++) {
+            int i = reverse ? n - 1 - k : k;
+            if (emu_threads[i].state != EMU_RUN) continue;
+            emu_current = i;
+            threadIdx.x = i; threadIdx.y = 0; threadIdx.z = 0;
+            if (_setjmp(emu_scheduler_resume)) continue;            /* the thread yielded back here */
+            if (emu_threads[i].started) _longjmp(emu_threads[i].resume, 1);
+            emu_threads[i].started = 1;
+            swapcontext(&emu_scheduler, &emu_threads[i].context);
+        }
+        int done = 1, at_block_barrier = 1;
+        for (int i = 0; i < n; i++) {
+            done &= emu_threads[i].state == EMU_DONE;
+            at_block_barrier &= emu_threads[i].state == EMU_WAIT_BLOCK || emu_threads[i].state == EMU_DONE;
+        }
+        if (done) return;
+        if (emu_release_warps(n, name)) continue;
+        if (!at_block_barrier) emu_fail("deadlock (threads wait at different barriers)", name);
+        for (int i = 0; i < n; i++)
+            if (emu_threads[i].state == EMU_WAIT_BLOCK) emu_threads[i].state = EMU_RUN;
+    }
+}
+
+void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+    int n = (int)(block.x * block.y * block.z);
+    if (n < 1 || n > EMU_MAX_THREADS || block.y != 1 || block.z != 1) emu_fail("bad block shape (1 to 1024 threads in x)", name);
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) emu_fail("bad grid shape", name);
+    if (smem > EMU_SMEM_OPTIN) emu_fail("too much dynamic shared memory", name);
+    static const int reverse = getenv("EMU_REVERSE") != NULL;
+    gridDim = grid;
+    blockDim = block;
+    emu_body = &body;
+    char *smem_buffer = (char *)malloc(smem ? smem : 1);
+    if (!smem_buffer) emu_fail("out of memory", name);
+    memset(smem_buffer, 0x7F, smem ? smem : 1);
+    emu_dynamic_smem = smem_buffer;
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                blockIdx.x = reverse ? grid.x - 1 - x : x;
+                blockIdx.y = reverse ? grid.y - 1 - y : y;
+                blockIdx.z = reverse ? grid.z - 1 - z : z;
+                emu_run_block(n, reverse, name);
+            }
+    free(smem_buffer);
+}
+
+cudaError_t cudaMalloc(void **p, size_t bytes) {
+    *p = malloc(bytes ? bytes : 1);
+    if (!*p) return cudaErrorMemoryAllocation;
+    memset(*p, 0xFF, bytes);
+    return cudaSuccess;
+}
+
+cudaError_t cudaFuncSetAttribute(const void *, int, int value) {
+    if (value > EMU_SMEM_OPTIN) {
+        fprintf(stderr, "cuda_emu: %d bytes of shared memory asked for, the device has %d\n", value, (int)EMU_SMEM_OPTIN);
+        abort();
+    }
+    return cudaSuccess;
+}
+
+cublasStatus_t cublasCreate(cublasHandle_t *h) { *h = (cublasHandle_t)malloc(1); return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasDestroy(cublasHandle_t h) { free(h); return CUBLAS_STATUS_SUCCESS; }
+
+static float emu_tf32(float x) {     /* round to nearest (ties away) at 10 mantissa bits */
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* column-major C = alpha op(A) op(B) + beta C, per batch entry, as cuBLAS defines it. op(A) and op(B)
+   are first copied into rows of k contiguous floats (rounded to TF32 when asked) so every entry of C is
+   one sequential dot product. */
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                                          int k, const float *alpha, const void *A_, cudaDataType, int lda, long long strideA,
+                                          const void *B_, cudaDataType, int ldb, long long strideB, const float *beta, void *C_,
+                                          cudaDataType, int ldc, long long strideC, int batch, cublasComputeType_t compute, int) {
+    if (ldc < m || lda < (transa == CUBLAS_OP_N ? m : k) || ldb < (transb == CUBLAS_OP_N ? k : n) || lda < 1 || ldb < 1) {
+        fprintf(stderr, "cuda_emu: bad leading dimension in a GEMM (m %d n %d k %d lda %d ldb %d ldc %d)\n", m, n, k, lda, ldb, ldc);
+        abort();
+    }
+    float *rowsA = (float *)malloc(sizeof(float) * ((size_t)m * k + 1)), *rowsB = (float *)malloc(sizeof(float) * ((size_t)n * k + 1));
+    if (!rowsA || !rowsB) { fprintf(stderr, "cuda_emu: out of memory in a GEMM\n"); abort(); }
+    int tf32 = compute == CUBLAS_COMPUTE_32F_FAST_TF32;
+    for (int b = 0; b < batch; b++) {
+        const float *A = (const float *)A_ + b * strideA, *B = (const float *)B_ + b * strideB;
+        float *C = (float *)C_ + b * strideC;
+        for (int i = 0; i < m; i++)
+            for (int l = 0; l < k; l++) {
+                float a = transa == CUBLAS_OP_N ? A[i + (size_t)l * lda] : A[l + (size_t)i * lda];
+                rowsA[(size_t)i * k + l] = tf32 ? emu_tf32(a) : a;
+            }
+        for (int j = 0; j < n; j++)
+            for (int l = 0; l < k; l++) {
+                float x = transb == CUBLAS_OP_N ? B[l + (size_t)j * ldb] : B[j + (size_t)l * ldb];
+                rowsB[(size_t)j * k + l] = tf32 ? emu_tf32(x) : x;
+            }
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++) {
+                const float *ra = rowsA + (size_t)i * k, *rb = rowsB + (size_t)j * k;
+                float acc = 0;
+                for (int l = 0; l < k; l++) acc += ra[l] * rb[l];
+                float *c = C + i + (size_t)j * ldc;
+                *c = *beta == 0 ? *alpha * acc : *alpha * acc + *beta * *c;
+            }
+    }
+    free(rowsA);
+    free(rowsB);
+    return CUBLAS_STATUS_SUCCESS;
+}
