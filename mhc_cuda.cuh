@@ -58,9 +58,8 @@ typedef struct {
     int B, T;
     MhcActs a;                       /* mhc.h's buffers (mhc_acts_table), on the device               */
     int *tokens, *targets;           /* [N]                                                           */
-    float *Qh, *Kh, *Vh, *Oh;        /* [B,H,T,d_qk] x2, [B,H,T,d_v] x2: attention with heads batched   */
-    float *dQh, *dKh, *dVh, *dOh;    /* the same shapes (backward)                                     */
-    float *datt;                     /* [B,H,T,T] (backward)                                           */
+    float *att_lse;                  /* [L,B,H,T] log-sum-exp of each attention row (in place of a.att)  */
+    float *att_rowdot;               /* [B,H,T] sum_c dO O per row (backward)                          */
     int *moe_row, *moe_count;        /* [N*K] grouped row of each assignment, [E]                      */
     float *moe_x, *moe_dx;           /* [N*K, C] expert inputs in grouped order, their gradient        */
     double *moe_score, *moe_gscore;  /* [N,E] selection scores, [N,G] group scores                     */
@@ -835,65 +834,262 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
 }
 
 /* ---------------------------------------------------------------------------------------------
-   4. MLA (SPEC §9): attention runs as batched cuBLAS GEMMs over (b, h) on copies with the heads
-      batched, Qh/Kh [B,H,T,d_qk], Vh/Oh [B,H,T,d_v]; the probabilities att [B,H,T,T] are kept per layer
-      (as on the CPU) for the backward.                                                           */
-typedef struct { long long b, h, t; } MhcStrides;
+   4. MLA (SPEC §9). Training attention is flash-style: no [T,T] matrix in memory. A block takes a
+      32 x 32 tile of (query t, key s) pairs of one (b, h) at a time in shared memory, reading q, k =
+      [k_nope | k_pe] and v straight from the projections' buffers (q [N,H,d_qk], kv [N,H,d_n+d_v],
+      kpe [N,d_r]); the forward keeps a running max and sum per query row (online softmax) and stores
+      only lse = log sum_s exp(Sc[t,s]) per row, [B,H,T]; the backward recomputes P = exp(Sc - lse).
+      Two backward kernels, one owning a key tile (dK, dV: loops over the query tiles below it) and one
+      owning a query tile (dQ: loops over the key tiles up to it), so no gradient needs an atomic add.
+      CUDA-core fp32 arithmetic (head dims up to MHC_ATT_MAX_DIM).                                  */
+#define MHC_ATT_TILE 32           /* query rows and keys per tile                                  */
+#define MHC_ATT_THREADS 256       /* threads per attention block                                   */
+#define MHC_ATT_MAX_DIM 256       /* largest d_qk and d_v: a [32, d] tile is d/8 floats per thread */
+#define MHC_ATT_PER_THREAD (MHC_ATT_TILE * MHC_ATT_MAX_DIM / MHC_ATT_THREADS)
 
-static MhcStrides token_major(int T, int row, int head) { MhcStrides s = {(long long)T * row, head, row}; return s; }
-static MhcStrides head_major(int H, int T, int D) { MhcStrides s = {(long long)H * T * D, (long long)T * D, D}; return s; }
+/* the operands of one (b, h): row t of q, k, v, o and their gradients sits at base + t * stride */
+typedef struct {
+    int T, H, dn, dr, dv;
+    float scale;                  /* 1 / sqrt(d_qk) */
+} MhcAttShape;
 
-/* dst[b,h,t][i] = src[b,h,t][i] for i < D, both sides addressed base + b*sb + h*sh + t*st (+ i); a zero
-   head stride broadcasts (the one k_pe of a token for every head) */
-__global__ void head_copy_kernel(float *dst, MhcStrides ds, const float *src, MhcStrides ss, int B, int H, int T, int D) {
-    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)B * H * T * D) return;
-    int i = (int)(idx % D), t = (int)(idx / D % T), h = (int)(idx / D / T % H), b = (int)(idx / D / T / H);
-    dst[b * ds.b + h * ds.h + t * ds.t + i] = src[b * ss.b + h * ss.h + t * ss.t + i];
-}
+static __host__ __device__ int att_stride(int d) { return d | 1; }   /* odd row stride: column walks hit 32 banks */
 
-static void gpu_head_copy(float *dst, MhcStrides ds, const float *src, MhcStrides ss, int B, int H, int T, int D) {
-    size_t count = (size_t)B * H * T * D;
-    if (!count) return;
-    head_copy_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(dst, ds, src, ss, B, H, T, D);
-    LAUNCH_CHECK();
-}
-
-/* causal softmax, one warp per row (b,h,t) of att [B*H*T, T]: scores in, probabilities out, s > t zeroed */
-__global__ void causal_softmax_kernel(float *att, int rows, int T) {
-    int row = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    int t = row % T;
-    float *p = att + (size_t)row * T, mx = -INFINITY, sum = 0;
-    for (int s = lane; s <= t; s += 32) mx = fmaxf(mx, p[s]);
-    mx = warp_reduce(mx, MaxOp());
-    for (int s = lane; s <= t; s += 32) {
-        p[s] = expf(p[s] - mx);
-        sum += p[s];
+/* dst[i][0:dn] = kv row t0+i (the k_nope part), dst[i][dn:dn+dr] = kpe row t0+i; rows past T zeroed */
+__device__ void att_load_k(float *dst, const float *kv, const float *kpe, int b, int h, int t0, MhcAttShape sh) {
+    int dqk = sh.dn + sh.dr, ld = att_stride(dqk);
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * dqk; e += blockDim.x) {
+        int i = e / dqk, c = e % dqk, t = t0 + i;
+        size_t bt = (size_t)b * sh.T + t;
+        float v = 0;
+        if (t < sh.T) v = c < sh.dn ? kv[(bt * sh.H + h) * (sh.dn + sh.dv) + c] : kpe[bt * sh.dr + c - sh.dn];
+        dst[i * ld + c] = v;
     }
-    sum = warp_reduce(sum, SumOp());
-    for (int s = lane; s < T; s += 32) p[s] = s <= t ? p[s] / sum : 0.0f;
 }
 
-/* softmax backward in place: datt = scale * P * (dP - sum_s P dP) for s <= t, 0 above the diagonal */
-__global__ void causal_softmax_backward_kernel(float *datt, const float *att, int rows, int T, float scale) {
+/* dst[i][0:d] = src[((b T + t0+i) H + h) row_len + offset + c]: one head's slice of a token-major row */
+__device__ void att_load_rows(float *dst, const float *src, int row_len, int offset, int d, int b, int h, int t0,
+                              MhcAttShape sh) {
+    int ld = att_stride(d);
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * d; e += blockDim.x) {
+        int i = e / d, c = e % d, t = t0 + i;
+        dst[i * ld + c] = t < sh.T ? src[(((size_t)b * sh.T + t) * sh.H + h) * row_len + offset + c] : 0.0f;
+    }
+}
+
+/* out[i][j] = sum_c A[i][c] B[j][c] for the 32 x 32 tile (A, B with stride att_stride(d)) */
+__device__ void att_tile_dot(float *out, const float *A, const float *B, int d) {
+    int ld = att_stride(d);
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
+        int i = e / MHC_ATT_TILE, j = e % MHC_ATT_TILE;
+        float acc = 0;
+        for (int c = 0; c < d; c++) acc += A[i * ld + c] * B[j * ld + c];
+        out[i * (MHC_ATT_TILE + 1) + j] = acc;
+    }
+}
+
+/* acc[r][c] (this thread's elements e = threadIdx.x + k*blockDim.x of a [32, d] tile) =
+   acc[r][c] * row_scale[r] (when given) + alpha * sum_k M[r][k] X[k][c], M = P or, transposed, P^T */
+__device__ void att_tile_accumulate(float *acc, const float *row_scale, float alpha, const float *P, int transposed,
+                                    const float *X, int d) {
+    int ld = att_stride(d);
+#pragma unroll
+    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) {
+        int e = threadIdx.x + k * MHC_ATT_THREADS;
+        if (e >= MHC_ATT_TILE * d) break;
+        int r = e / d, c = e % d;
+        float sum = 0;
+        for (int m = 0; m < MHC_ATT_TILE; m++)
+            sum += (transposed ? P[m * (MHC_ATT_TILE + 1) + r] : P[r * (MHC_ATT_TILE + 1) + m]) * X[m * ld + c];
+        acc[k] = (row_scale ? acc[k] * row_scale[r] : acc[k]) + alpha * sum;
+    }
+}
+
+/* Sc[i][j] (in place over the dot products) = scale q.k where key s0+j is visible to query t0+i (causal,
+   both < T; a padding row past T sees the real keys, so its row stays finite), -inf elsewhere */
+__device__ void att_mask_scores(float *S, int t0, int s0, MhcAttShape sh) {
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
+        int i = e / MHC_ATT_TILE, j = e % MHC_ATT_TILE, s = s0 + j;
+        float *v = &S[i * (MHC_ATT_TILE + 1) + j];
+        *v = s <= t0 + i && s < sh.T ? *v * sh.scale : -INFINITY;
+    }
+}
+
+/* shared memory of the attention kernels, in floats (the backward's; the forward uses less): four operand
+   tiles, two [32, 33] score tiles, row values */
+static __host__ __device__ size_t att_smem_floats(MhcAttShape sh) {
+    int dqk = sh.dn + sh.dr;
+    return (size_t)MHC_ATT_TILE * (2 * att_stride(dqk) + 2 * att_stride(sh.dv) + 2 * (MHC_ATT_TILE + 1) + 4);
+}
+
+/* grid (query tiles, B*H). o [N,H,d_v] = softmax(Sc) V per row, lse [B,H,T] = log sum_s exp(Sc[t,s]) */
+__global__ void __launch_bounds__(MHC_ATT_THREADS) attention_forward_kernel(float *o, float *lse, const float *q,
+                                                                             const float *kv, const float *kpe, MhcAttShape sh) {
+    extern __shared__ float smem[];
+    int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.y / sh.H, h = blockIdx.y % sh.H, t0 = blockIdx.x * MHC_ATT_TILE;
+    float *Qs = smem, *Ks = Qs + MHC_ATT_TILE * att_stride(dqk), *Vs = Ks + MHC_ATT_TILE * att_stride(dqk);
+    float *S = Vs + MHC_ATT_TILE * att_stride(dv);
+    float *row_max = S + MHC_ATT_TILE * (MHC_ATT_TILE + 1), *row_sum = row_max + MHC_ATT_TILE;
+    float *row_scale = row_sum + MHC_ATT_TILE;
+    float acc[MHC_ATT_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) acc[k] = 0;
+    att_load_rows(Qs, q, dqk, 0, dqk, b, h, t0, sh);
+    if (threadIdx.x < MHC_ATT_TILE) { row_max[threadIdx.x] = -INFINITY; row_sum[threadIdx.x] = 0; }
+    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {        /* key tiles up to the diagonal one */
+        __syncthreads();                                    /* the previous tile's readers are done */
+        att_load_k(Ks, kv, kpe, b, h, s0, sh);
+        att_load_rows(Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
+        __syncthreads();
+        att_tile_dot(S, Qs, Ks, dqk);
+        __syncthreads();
+        att_mask_scores(S, t0, s0, sh);
+        __syncthreads();
+        for (int i = threadIdx.x / 32; i < MHC_ATT_TILE; i += blockDim.x / 32) {   /* online softmax, a warp per row */
+            float *Si = S + i * (MHC_ATT_TILE + 1), x = Si[threadIdx.x % 32];
+            float m_old = row_max[i], m_new = fmaxf(m_old, warp_reduce(x, MaxOp()));
+            float p = expf(x - m_new), sum = warp_reduce(p, SumOp());
+            Si[threadIdx.x % 32] = p;
+            __syncwarp();
+            if (threadIdx.x % 32 == 0) {
+                row_scale[i] = expf(m_old - m_new);         /* 0 on the first tile (m_old = -inf)  */
+                row_sum[i] = row_sum[i] * row_scale[i] + sum;
+                row_max[i] = m_new;
+            }
+        }
+        __syncthreads();
+        att_tile_accumulate(acc, row_scale, 1.0f, S, 0, Vs, dv);    /* O = O * rescale + P V */
+    }
+#pragma unroll
+    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) {
+        int e = threadIdx.x + k * MHC_ATT_THREADS, r = e / dv, t = t0 + r;
+        if (e >= MHC_ATT_TILE * dv) break;
+        if (t < sh.T) o[(((size_t)b * sh.T + t) * sh.H + h) * dv + e % dv] = acc[k] / row_sum[r];
+    }
+    if (threadIdx.x < MHC_ATT_TILE && t0 + (int)threadIdx.x < sh.T)
+        lse[((size_t)blockIdx.y) * sh.T + t0 + threadIdx.x] = row_max[threadIdx.x] + logf(row_sum[threadIdx.x]);
+}
+
+/* D [B,H,T]: D[t] = sum_c dO[t][c] O[t][c], the row term of the softmax backward; one warp per row */
+__global__ void attention_rowdot_kernel(float *D, const float *d_o, const float *o, MhcAttShape sh, int rows) {
     int row = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
-    int t = row % T;
-    const float *P = att + (size_t)row * T;
-    float *dP = datt + (size_t)row * T, dot = 0;
-    for (int s = lane; s <= t; s += 32) dot += P[s] * dP[s];
-    dot = warp_reduce(dot, SumOp());
-    for (int s = lane; s < T; s += 32) dP[s] = s <= t ? P[s] * (dP[s] - dot) * scale : 0.0f;
+    int t = row % sh.T, h = row / sh.T % sh.H, b = row / sh.T / sh.H;
+    size_t base = (((size_t)b * sh.T + t) * sh.H + h) * sh.dv;
+    float sum = 0;
+    for (int c = lane; c < sh.dv; c += 32) sum += d_o[base + c] * o[base + c];
+    sum = warp_reduce(sum, SumOp());
+    if (lane == 0) D[row] = sum;
 }
 
-/* dkpe[t] = sum_h dK[b,h,t][d_n:] : the shared k_pe collects the gradient of every head (SPEC §9) */
-__global__ void kpe_grad_kernel(float *dkpe, const float *dKh, int B, int H, int T, int dqk, int dn, int dr) {
+/* the query tile at t0 against the key tile at s0, with Qs, dOs, lse_s, D_s (the query side) and Ks, Vs
+   loaded: P [32,33] = exp(Sc - lse) and dS = P (dO.v - D), the softmax backward of SPEC §9 */
+__device__ void att_backward_tile(float *P, float *dS, const float *Qs, const float *dOs, const float *Ks, const float *Vs,
+                                  const float *lse_s, const float *D_s, int t0, int s0, MhcAttShape sh) {
+    att_tile_dot(P, Qs, Ks, sh.dn + sh.dr);
+    att_tile_dot(dS, dOs, Vs, sh.dv);
+    __syncthreads();
+    att_mask_scores(P, t0, s0, sh);
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
+        int i = e / MHC_ATT_TILE, at = i * (MHC_ATT_TILE + 1) + e % MHC_ATT_TILE;
+        float p = t0 + i < sh.T ? expf(P[at] - lse_s[i]) : 0.0f;     /* padding rows take no part */
+        P[at] = p;
+        dS[at] = p * (dS[at] - D_s[i]);
+    }
+    __syncthreads();
+}
+
+/* loads the query side of a tile: q, dO, lse and D rows t0 .. t0+31 */
+__device__ void att_load_query_side(float *Qs, float *dOs, float *lse_s, float *D_s, const float *q, const float *d_o,
+                                    const float *lse, const float *D, int b, int h, int t0, MhcAttShape sh) {
+    int dqk = sh.dn + sh.dr;
+    att_load_rows(Qs, q, dqk, 0, dqk, b, h, t0, sh);
+    att_load_rows(dOs, d_o, sh.dv, 0, sh.dv, b, h, t0, sh);
+    if (threadIdx.x < MHC_ATT_TILE) {
+        int t = t0 + threadIdx.x;
+        size_t row = ((size_t)b * sh.H + h) * sh.T + t;
+        lse_s[threadIdx.x] = t < sh.T ? lse[row] : 0.0f;
+        D_s[threadIdx.x] = t < sh.T ? D[row] : 0.0f;
+    }
+}
+
+/* grid (key tiles, B*H): dK and dV of keys s0 .. s0+31, summed over the query tiles t0 >= s0. Writes the
+   k_nope and v parts of dkv [N,H,d_n+d_v] and this head's k_pe gradient dkpe_h [N,H,d_r]. */
+__global__ void __launch_bounds__(MHC_ATT_THREADS) attention_backward_kv_kernel(float *dkv, float *dkpe_h, const float *d_o,
+                                                                                 const float *lse, const float *D,
+                                                                                 const float *q, const float *kv,
+                                                                                 const float *kpe, MhcAttShape sh) {
+    extern __shared__ float smem[];
+    int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.y / sh.H, h = blockIdx.y % sh.H, s0 = blockIdx.x * MHC_ATT_TILE;
+    float *Qs = smem, *Ks = Qs + MHC_ATT_TILE * att_stride(dqk), *Vs = Ks + MHC_ATT_TILE * att_stride(dqk);
+    float *dOs = Vs + MHC_ATT_TILE * att_stride(dv), *P = dOs + MHC_ATT_TILE * att_stride(dv);
+    float *dS = P + MHC_ATT_TILE * (MHC_ATT_TILE + 1), *lse_s = dS + MHC_ATT_TILE * (MHC_ATT_TILE + 1);
+    float *D_s = lse_s + MHC_ATT_TILE;
+    float dK[MHC_ATT_PER_THREAD], dV[MHC_ATT_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) dK[k] = dV[k] = 0;
+    att_load_k(Ks, kv, kpe, b, h, s0, sh);
+    att_load_rows(Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
+    for (int t0 = s0; t0 < sh.T; t0 += MHC_ATT_TILE) {
+        __syncthreads();
+        att_load_query_side(Qs, dOs, lse_s, D_s, q, d_o, lse, D, b, h, t0, sh);
+        __syncthreads();
+        att_backward_tile(P, dS, Qs, dOs, Ks, Vs, lse_s, D_s, t0, s0, sh);
+        att_tile_accumulate(dV, NULL, 1.0f, P, 1, dOs, dv);            /* dV += P^T dO          */
+        att_tile_accumulate(dK, NULL, sh.scale, dS, 1, Qs, dqk);       /* dK += scale dS^T Q    */
+    }
+#pragma unroll
+    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) {
+        int e = threadIdx.x + k * MHC_ATT_THREADS;
+        if (e < MHC_ATT_TILE * dv && s0 + e / dv < sh.T)
+            dkv[(((size_t)b * sh.T + s0 + e / dv) * sh.H + h) * (sh.dn + dv) + sh.dn + e % dv] = dV[k];
+        if (e >= MHC_ATT_TILE * dqk || s0 + e / dqk >= sh.T) continue;
+        size_t bs = (size_t)b * sh.T + s0 + e / dqk;
+        int c = e % dqk;
+        if (c < sh.dn) dkv[(bs * sh.H + h) * (sh.dn + dv) + c] = dK[k];
+        else dkpe_h[(bs * sh.H + h) * sh.dr + c - sh.dn] = dK[k];
+    }
+}
+
+/* grid (query tiles, B*H): dq [N,H,d_qk] of rows t0 .. t0+31 = scale sum over key tiles s0 <= t0 of dS K */
+__global__ void __launch_bounds__(MHC_ATT_THREADS) attention_backward_q_kernel(float *dq, const float *d_o, const float *lse,
+                                                                                const float *D, const float *q,
+                                                                                const float *kv, const float *kpe,
+                                                                                MhcAttShape sh) {
+    extern __shared__ float smem[];
+    int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.y / sh.H, h = blockIdx.y % sh.H, t0 = blockIdx.x * MHC_ATT_TILE;
+    float *Qs = smem, *Ks = Qs + MHC_ATT_TILE * att_stride(dqk), *Vs = Ks + MHC_ATT_TILE * att_stride(dqk);
+    float *dOs = Vs + MHC_ATT_TILE * att_stride(dv), *P = dOs + MHC_ATT_TILE * att_stride(dv);
+    float *dS = P + MHC_ATT_TILE * (MHC_ATT_TILE + 1), *lse_s = dS + MHC_ATT_TILE * (MHC_ATT_TILE + 1);
+    float *D_s = lse_s + MHC_ATT_TILE;
+    float dQ[MHC_ATT_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) dQ[k] = 0;
+    att_load_query_side(Qs, dOs, lse_s, D_s, q, d_o, lse, D, b, h, t0, sh);
+    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {
+        __syncthreads();
+        att_load_k(Ks, kv, kpe, b, h, s0, sh);
+        att_load_rows(Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
+        __syncthreads();
+        att_backward_tile(P, dS, Qs, dOs, Ks, Vs, lse_s, D_s, t0, s0, sh);
+        att_tile_accumulate(dQ, NULL, sh.scale, dS, 0, Ks, dqk);       /* dQ += scale dS K      */
+    }
+#pragma unroll
+    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) {
+        int e = threadIdx.x + k * MHC_ATT_THREADS;
+        if (e >= MHC_ATT_TILE * dqk) break;
+        if (t0 + e / dqk < sh.T) dq[(((size_t)b * sh.T + t0 + e / dqk) * sh.H + h) * dqk + e % dqk] = dQ[k];
+    }
+}
+
+/* dkpe [N,d_r] = sum_h dkpe_h [N,H,d_r]: the shared k_pe collects the gradient of every head (SPEC §9) */
+__global__ void kpe_grad_kernel(float *dkpe, const float *dkpe_h, int N, int H, int dr) {
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)B * T * dr) return;
-    int i = (int)(idx % dr), t = (int)(idx / dr % T), b = (int)(idx / dr / T);
+    if (idx >= (size_t)N * dr) return;
+    size_t t = idx / dr;
+    int i = (int)(idx % dr);
     float sum = 0;
-    for (int h = 0; h < H; h++) sum += dKh[(((size_t)b * H + h) * T + t) * dqk + dn + i];
+    for (int h = 0; h < H; h++) sum += dkpe_h[(t * H + h) * dr + i];
     dkpe[idx] = sum;
 }
 
@@ -1134,20 +1330,18 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int wi
     int n = mhc_acts_table(&A->a, c, B, T, tab);
     for (int k = 0; k < n; k++) {
         if (tab[k].grad && !with_grad) continue;
+        if (tab[k].real == &A->a.att) continue;      /* flash attention keeps att_lse instead of [L,B,H,T,T] */
         if (tab[k].real) *tab[k].real = arena_new<float>(ar, tab[k].count);
         else *tab[k].integer = arena_new<int>(ar, tab[k].count);
     }
-    size_t N = (size_t)B * T, H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, dv = c->v_head_dim;
+    size_t N = (size_t)B * T, H = c->n_heads;
     size_t E = c->n_routed_experts, K = c->n_activated_experts, C = c->d_model, G = c->n_expert_groups;
     size_t wide = C > (size_t)c->kv_lora_rank ? C : c->kv_lora_rank;
     wide = wide > (size_t)c->q_lora_rank ? wide : c->q_lora_rank;
     wide = wide > (size_t)mhc_m(c) ? wide : mhc_m(c);
     A->tokens = arena_new<int>(ar, N);
     A->targets = arena_new<int>(ar, N);
-    A->Qh = arena_new<float>(ar, N * H * dqk);
-    A->Kh = arena_new<float>(ar, N * H * dqk);
-    A->Vh = arena_new<float>(ar, N * H * dv);
-    A->Oh = arena_new<float>(ar, N * H * dv);
+    A->att_lse = arena_new<float>(ar, (size_t)c->n_layers * N * H);
     A->moe_row = arena_new<int>(ar, N * K);
     A->moe_count = arena_new<int>(ar, E);
     A->moe_x = arena_new<float>(ar, N * K * C);
@@ -1159,11 +1353,7 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int wi
     A->reduce_part = arena_new<double>(ar, MHC_REDUCE_BLOCKS);
     A->reduce_out = arena_new<double>(ar, 2);
     if (with_grad) {
-        A->dQh = arena_new<float>(ar, N * H * dqk);
-        A->dKh = arena_new<float>(ar, N * H * dqk);
-        A->dVh = arena_new<float>(ar, N * H * dv);
-        A->dOh = arena_new<float>(ar, N * H * dv);
-        A->datt = arena_new<float>(ar, (size_t)B * H * T * T);
+        A->att_rowdot = arena_new<float>(ar, N * H);
         A->moe_dx = arena_new<float>(ar, N * K * C);
         A->coef_alpha = arena_new<float>(ar, N * 3);
         A->colsum_part = arena_new<float>(ar, MHC_COLSUM_CHUNKS * wide);
@@ -1275,53 +1465,47 @@ static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
     gpu_rope(kpe, N, T, pos0, 1, dr, 0, dr, dr, c->rope_theta, 0);
 }
 
-/* copies of the attention operands with heads batched: Qh = q, Kh = [k_nope | k_pe], Vh = v */
-static void gpu_attention_pack(MhcGpuActs *A, const float *q, const float *kv, const float *kpe, int B, int T, const MhcConfig *c) {
-    int H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, dqk = dn + dr;
-    MhcStrides qk = head_major(H, T, dqk), kvs = token_major(T, H * (dn + dv), dn + dv);
-    gpu_head_copy(A->Qh, qk, q, token_major(T, H * dqk, dqk), B, H, T, dqk);
-    gpu_head_copy(A->Kh, qk, kv, kvs, B, H, T, dn);
-    gpu_head_copy(A->Kh + dn, qk, kpe, token_major(T, dr, 0), B, H, T, dr);
-    gpu_head_copy(A->Vh, head_major(H, T, dv), kv + dn, kvs, B, H, T, dv);
+static MhcAttShape att_shape(const MhcConfig *c, int T) {
+    MhcAttShape sh = {T, c->n_heads, c->qk_nope_head_dim, c->qk_rope_head_dim, c->v_head_dim,
+                      (float)(1.0 / sqrt((double)(c->qk_nope_head_dim + c->qk_rope_head_dim)))};
+    return sh;
 }
 
-/* SPEC §9 causal attention with the shared k_pe: att [B,H,T,T] probabilities, o [N, H*d_v] */
-static void gpu_attention_forward(const MhcBlas *bl, MhcGpuActs *A, float *o, float *att, const float *q, const float *kv,
-                                  const float *kpe, int B, int T, const MhcConfig *c) {
-    int H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, dv = c->v_head_dim, BH = B * H;
-    float scale = (float)(1.0 / sqrt((double)dqk));
-    gpu_attention_pack(A, q, kv, kpe, B, T, c);
-    gemm(bl, MHC_GEMM_FAST, 0, 1, T, T, dqk, scale, A->Qh, (long long)T * dqk, A->Kh, (long long)T * dqk, 0.0f, att,
-         (long long)T * T, BH);                                                     /* Sc = scale Q K^T */
-    causal_softmax_kernel<<<mhc_blocks((size_t)BH * T, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(att, BH * T, T);
-    LAUNCH_CHECK();
-    gemm(bl, MHC_GEMM_FAST, 0, 0, T, dv, T, 1.0f, att, (long long)T * T, A->Vh, (long long)T * dv, 0.0f, A->Oh,
-         (long long)T * dv, BH);                                                    /* O = P V */
-    gpu_head_copy(o, token_major(T, H * dv, dv), A->Oh, head_major(H, T, dv), B, H, T, dv);
+/* dynamic shared bytes of an attention kernel, opted in past the default 48 KiB */
+static size_t att_smem_bytes(const void *kernel, MhcAttShape sh) {
+    size_t bytes = att_smem_floats(sh) * sizeof(float);
+    if (bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    return bytes;
 }
 
-/* SPEC §9 backward of the attention core given do [N, H*d_v]: dq, dkv (k_nope and v parts) and dkpe
-   (summed over heads, before RoPE^T) are overwritten */
-static void gpu_attention_backward(const MhcBlas *bl, MhcGpuActs *A, float *dq, float *dkv, float *dkpe, const float *d_o,
-                                   const float *att, const float *q, const float *kv, const float *kpe, int B, int T,
-                                   const MhcConfig *c) {
-    int H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim, dqk = dn + dr, BH = B * H;
-    float scale = (float)(1.0 / sqrt((double)dqk));
-    long long sqk = (long long)T * dqk, sv = (long long)T * dv, stt = (long long)T * T;
-    MhcStrides qk = head_major(H, T, dqk), hv = head_major(H, T, dv), kvs = token_major(T, H * (dn + dv), dn + dv);
-    gpu_attention_pack(A, q, kv, kpe, B, T, c);
-    gpu_head_copy(A->dOh, hv, d_o, token_major(T, H * dv, dv), B, H, T, dv);
-    gemm(bl, MHC_GEMM_FAST, 1, 0, T, dv, T, 1.0f, att, stt, A->dOh, sv, 0.0f, A->dVh, sv, BH);        /* dV = P^T dO  */
-    gemm(bl, MHC_GEMM_FAST, 0, 1, T, T, dv, 1.0f, A->dOh, sv, A->Vh, sv, 0.0f, A->datt, stt, BH);     /* dP = dO V^T  */
-    causal_softmax_backward_kernel<<<mhc_blocks((size_t)BH * T, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(A->datt, att, BH * T,
-                                                                                                     T, scale);
+/* SPEC §9 causal attention with the shared k_pe: o [N, H*d_v] and the per-row lse [B,H,T] */
+static void gpu_attention_forward(float *o, float *lse, const float *q, const float *kv, const float *kpe, int B, int T,
+                                  const MhcConfig *c) {
+    MhcAttShape sh = att_shape(c, T);
+    size_t bytes = att_smem_bytes((const void *)attention_forward_kernel, sh);
+    attention_forward_kernel<<<dim3(mhc_blocks((size_t)T, MHC_ATT_TILE), B * sh.H), MHC_ATT_THREADS, bytes>>>(o, lse, q, kv,
+                                                                                                           kpe, sh);
     LAUNCH_CHECK();
-    gemm(bl, MHC_GEMM_FAST, 0, 0, T, dqk, T, 1.0f, A->datt, stt, A->Kh, sqk, 0.0f, A->dQh, sqk, BH);   /* dQ = dS K    */
-    gemm(bl, MHC_GEMM_FAST, 1, 0, T, dqk, T, 1.0f, A->datt, stt, A->Qh, sqk, 0.0f, A->dKh, sqk, BH);   /* dK = dS^T Q  */
-    gpu_head_copy(dq, token_major(T, H * dqk, dqk), A->dQh, qk, B, H, T, dqk);
-    gpu_head_copy(dkv, kvs, A->dKh, qk, B, H, T, dn);
-    gpu_head_copy(dkv + dn, kvs, A->dVh, hv, B, H, T, dv);
-    kpe_grad_kernel<<<mhc_blocks((size_t)B * T * dr, MHC_BLOCK), MHC_BLOCK>>>(dkpe, A->dKh, B, H, T, dqk, dn, dr);
+}
+
+/* SPEC §9 backward of the attention core given d_o [N, H*d_v]: dq, dkv (k_nope and v parts) and dkpe
+   (summed over heads, before RoPE^T) are overwritten; dkpe_h [N,H,d_r] and D [B,H,T] are scratch */
+static void gpu_attention_backward(float *dq, float *dkv, float *dkpe, float *dkpe_h, float *D, const float *d_o,
+                                   const float *o, const float *lse, const float *q, const float *kv, const float *kpe, int B,
+                                   int T, const MhcConfig *c) {
+    MhcAttShape sh = att_shape(c, T);
+    int rows = B * sh.H * T;
+    dim3 grid(mhc_blocks((size_t)T, MHC_ATT_TILE), B * sh.H);
+    attention_rowdot_kernel<<<mhc_blocks((size_t)rows, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(D, d_o, o, sh, rows);
+    LAUNCH_CHECK();
+    size_t bytes = att_smem_bytes((const void *)attention_backward_kv_kernel, sh);
+    attention_backward_kv_kernel<<<grid, MHC_ATT_THREADS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q, kv, kpe, sh);
+    LAUNCH_CHECK();
+    bytes = att_smem_bytes((const void *)attention_backward_q_kernel, sh);
+    attention_backward_q_kernel<<<grid, MHC_ATT_THREADS, bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
+    LAUNCH_CHECK();
+    size_t count = (size_t)B * T * sh.dr;
+    kpe_grad_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(dkpe, dkpe_h, B * T, sh.H, sh.dr);
     LAUNCH_CHECK();
 }
 
@@ -1331,7 +1515,7 @@ static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
     gpu_mla_project(g, A, l, u, N, T, 0);
     float *o = A->a.o + (size_t)l * N * H * dv;
-    gpu_attention_forward(&g->blas, A, o, A->a.att + (size_t)l * B * H * T * T, A->a.q + (size_t)l * N * H * (dn + dr),
+    gpu_attention_forward(o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)l * N * H * (dn + dr),
                           A->a.kv + (size_t)l * N * H * (dn + dv), A->a.kpe + (size_t)l * N * dr, B, T, c);
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, g->p.blk[l].wo, N, H * dv, C);
 }
@@ -1350,7 +1534,8 @@ static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     float *d_o = a->dwide;
     CUDA_CHECK(cudaMemset(d_o, 0, sizeof(float) * (size_t)N * H * dv));
     gpu_matmul_backward(bl, MHC_GEMM_FAST, d_o, gb->wo, dout, o, b->wo, N, H * dv, C);
-    gpu_attention_backward(bl, A, a->dq, a->dkv, a->dkpe, d_o, a->att + (size_t)l * B * H * T * T, q, kv, kpe, B, T, c);
+    gpu_attention_backward(a->dq, a->dkv, a->dkpe, a->dkpe_h, A->att_rowdot, d_o, o, A->att_lse + (size_t)l * B * H * T, q, kv,
+                           kpe, B, T, c);
     gpu_rope(a->dkpe, N, T, 0, 1, dr, 0, dr, dr, c->rope_theta, 1);
     gpu_rope(a->dq, N, T, 0, H, H * dqk, dn, dqk, dr, c->rope_theta, 1);
     CUDA_CHECK(cudaMemset(a->dlat, 0, sizeof(float) * (size_t)N * dc));
@@ -1658,6 +1843,13 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     if (c->residual == MHC_RESIDUAL_MHC && sk_bytes > (size_t)smem_optin) {
         fprintf(stderr, "mhc_gpu_init: the Sinkhorn tape of hc_mult %d, %d iterations needs %zu bytes of shared memory (max %d)\n",
                 c->hc_mult, c->sinkhorn_iters, sk_bytes, smem_optin);
+        return -1;
+    }
+    int dqk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    size_t att_bytes = att_smem_floats(att_shape(c, T)) * sizeof(float);
+    if (dqk > MHC_ATT_MAX_DIM || c->v_head_dim > MHC_ATT_MAX_DIM || att_bytes > (size_t)smem_optin) {
+        fprintf(stderr, "mhc_gpu_init: attention head dims d_qk %d, d_v %d are not supported (at most %d, %zu bytes of shared "
+                "memory of %d)\n", dqk, c->v_head_dim, MHC_ATT_MAX_DIM, att_bytes, smem_optin);
         return -1;
     }
     if (c->n_routed_experts > 1024) {
