@@ -658,7 +658,7 @@ typedef struct {
     char *train_files[MAX_SHARDS], *val_files[MAX_SHARDS];
     int n_train, n_val;
     const char *out_dir;
-    int eval_every, eval_batches, ckpt_every, threads, dry_run, resume, stop_after;
+    int eval_every, eval_batches, ckpt_every, threads, dry_run, resume, stop_after, bench;
     uint64_t seed;
 } Options;
 
@@ -692,6 +692,7 @@ static void usage(void) {
            "  --resume               continue the run in --out DIR from its checkpoint\n"
            "  --stop-after N         stop (with a checkpoint) after step N, as if interrupted\n"
            "  --dry-run              print config, parameters, FLOPs and memory; allocate nothing\n"
+           "  --bench                time the steps only: no evaluation, plots, diagnostics or checkpoints\n"
            "  --loss-gap PNG DIR...  plot CE(run) - CE(first run) from finished runs' log.csv\n"
            "  --help\n");
 }
@@ -734,6 +735,7 @@ static void parse_args(Options *o, int argc, char **argv) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(); exit(0); }
         if (!strcmp(a, "--dry-run")) { o->dry_run = 1; continue; }
         if (!strcmp(a, "--resume")) { o->resume = 1; continue; }
+        if (!strcmp(a, "--bench")) { o->bench = 1; continue; }
         int known = !strcmp(a, "--preset") || !strcmp(a, "--set") || !strcmp(a, "--train") || !strcmp(a, "--val") ||
                     !strcmp(a, "--out") || !strcmp(a, "--eval-every") || !strcmp(a, "--eval-batches") ||
                     !strcmp(a, "--ckpt-every") || !strcmp(a, "--threads") || !strcmp(a, "--stop-after") || !strcmp(a, "--seed");
@@ -807,6 +809,10 @@ static void dry_run(MhcConfig *cfg) {
     double flops = mhc_flops_per_token(cfg);
     double state = (double)total * sizeof(mhc_real) * 4;   /* params, grads, Adam m and v */
     double acts = (double)mhc_acts_bytes(cfg, cfg->batch_size, cfg->seq_len);
+#ifdef __CUDACC__
+    /* the GPU's flash attention keeps one log-sum-exp per row in place of the [L,B,H,T,T] probabilities */
+    acts -= ((double)cfg->seq_len - 1) * cfg->n_layers * cfg->batch_size * cfg->n_heads * cfg->seq_len * sizeof(mhc_real);
+#endif
     print_config(cfg);
     printf("parameters: total %lld (%.3fB), active %lld (%.3fB)\n", (long long)total, total / 1e9, (long long)active,
            active / 1e9);
@@ -1292,7 +1298,7 @@ int main(int argc, char **argv) {
         double eta = elapsed / (step + 1 - first_step) * (c->steps - step - 1);
         int last = step + 1 == c->steps || step + 1 == o.stop_after;
         double val_ce = NAN, maxvio = 0;
-        if ((step + 1) % o.eval_every == 0 || last) {
+        if (!o.bench && ((step + 1) % o.eval_every == 0 || last)) {
             double sum = 0;
             val.pos = 0;
             if (val.file != 0) mhc_loader_seek(&val, 0, 0, err, sizeof err);
@@ -1310,6 +1316,15 @@ int main(int argc, char **argv) {
         printf("step %5d/%d | loss %.4f (ce %.4f aux %.4f) | lr %.2e | grad norm %.3f | %.0f tok/s | ETA %.0fs%s",
                step + 1, c->steps, loss, ce, aux, lr, norm, tps, eta, isnan(val_ce) ? "\n" : "");
         if (!isnan(val_ce)) printf(" | val ce %.4f\n", val_ce);
+#ifdef __CUDACC__
+        if (step == first_step) {   /* every device buffer exists after the first step (cuBLAS workspace included) */
+            size_t free_b = 0, total_b = 0;
+            CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+            printf("gpu memory after the first step: %.3f GiB in use on the device (of %.3f GiB), %.3f GiB allocated by mhc_gpu_init\n",
+                   (double)(total_b - free_b) / (1 << 30), (double)total_b / (1 << 30),
+                   (double)mhc_gpu_memory_bytes(&tr.gpu) / (1 << 30));
+        }
+#endif
         fflush(stdout);
         fprintf(log, "%d,%.17g,%.17g,%.6g,%.6e,%.6f,%.6f,%.6f,%.4f,%.1f\n", step, loss, ce, aux, lr, norm, stream_norm, val_ce,
                 maxvio, tps);
@@ -1319,12 +1334,13 @@ int main(int argc, char **argv) {
             plot_history(&hist, o.out_dir);
             diagnostics(&tr, probe, o.out_dir, step + 1);
         }
-        if ((step + 1) % o.ckpt_every == 0 || last) save_checkpoint(&tr, &train, o.out_dir);
+        if (!o.bench && ((step + 1) % o.ckpt_every == 0 || last)) save_checkpoint(&tr, &train, o.out_dir);
         if (step + 1 == o.stop_after) break;
     }
     if (fclose(log)) fprintf(stderr, "train: error closing log.csv\n");
-    printf("done: %s/model.safetensors, log.csv, loss.png, grad_norm.png%s\n", o.out_dir,
-           c->residual == MHC_RESIDUAL_PLAIN ? "" : ", gains.png, hres.png, diagnostics.csv");
+    if (o.bench) printf("done: %s/log.csv (--bench: no checkpoint, plots or diagnostics)\n", o.out_dir);
+    else printf("done: %s/model.safetensors, log.csv, loss.png, grad_norm.png%s\n", o.out_dir,
+                c->residual == MHC_RESIDUAL_PLAIN ? "" : ", gains.png, hres.png, diagnostics.csv");
     free(x); free(y); free(probe);
     history_free(&hist);
     mhc_acts_destroy(&tr.probe);

@@ -3,7 +3,7 @@
 # error and a non-zero exit, resume reproduces an uninterrupted run exactly, a failed run never
 # damages the checkpoint, sampling and the loss-gap plot work. Ends with "N passed, N failed".
 set -u
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 passed=0 failed=0
@@ -112,6 +112,12 @@ expect_error "infer: truncated tokenizer" 1 "" -- ./infer "$work/full/model.safe
 ./train "${small[@]}" --residual plain --out "$work/plain" >/dev/null 2>&1 &&
     ./train --loss-gap "$work/gap.png" "$work/plain" "$work/full" >/dev/null 2>&1 && [ -s "$work/gap.png" ]
 check "train --loss-gap draws the gap of mhc vs plain" $?
+
+# --- bench mode (dev/bench.sh): the same losses, only log.csv written ----------------------------------
+./train "${small[@]}" --bench --out "$work/bench" >/dev/null 2>&1 && [ -s "$work/bench/log.csv" ] &&
+    [ ! -e "$work/bench/model.safetensors" ] && [ ! -e "$work/bench/loss.png" ] &&
+    cmp -s <(cut -d, -f1-3 "$work/full/log.csv") <(cut -d, -f1-3 "$work/bench/log.csv")
+check "train --bench: same losses as a normal run, log.csv only" $?
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
