@@ -8,7 +8,7 @@
 #   check_tokenizer    the C BPE encoder vs the npm package's own encoder on the whole corpus
 #   test_cli           train / infer end to end: bad input, resume, sampling
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export MHC_REF_DIR=${MHC_REF_DIR:-dev/ref}
 passed=0 failed=0 status=0
 run_suite() {
