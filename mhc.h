@@ -172,6 +172,8 @@ typedef struct {
     MhcParams p, g;        /* named views into params and grads */
     mhc_real *expert_bias; /* [L, E] selection bias (a buffer, not a parameter); dense layers unused */
     int64_t *expert_load;  /* [L, E] assignments counted by the last forward */
+    int64_t *step_load;    /* [L, E] assignments of the forwards backpropagated since mhc_zero_grad (all
+                              micro-batches of a step): what the bias update balances */
     MhcActs acts;
     int step;              /* optimizer steps taken */
     /* outputs of the last forward */
@@ -190,8 +192,9 @@ double mhc_forward_acts(MhcModel *m, MhcActs *a, const int *tokens, const int *t
 
 /* forward: returns the loss CE_mean + L_aux (targets may be NULL: logits only, loss 0) */
 double mhc_forward(MhcModel *m, const int *tokens, const int *targets, int B, int T);
-void mhc_zero_grad(MhcModel *m);
-void mhc_backward(MhcModel *m, const int *tokens, const int *targets);
+void mhc_zero_grad(MhcModel *m);                          /* also zeroes step_load */
+void mhc_backward(MhcModel *m, const int *tokens, const int *targets);   /* += grads, += step_load */
+void mhc_scale_grads(MhcModel *m, double scale);          /* K micro-batches: the mean is scale 1/K */
 double mhc_grad_norm(const MhcModel *m);
 double mhc_clip_grad(MhcModel *m, double max_norm);       /* returns the pre-clip norm */
 double mhc_lr_at(const MhcConfig *cfg, int k);            /* SPEC §12 */
@@ -655,6 +658,7 @@ int mhc_model_init(MhcModel *m, const MhcConfig *cfg) {
     mhc_layout(c, &wg, &m->g);
     m->expert_bias = (mhc_real *)mhc_calloc((size_t)c->n_layers * c->n_routed_experts, sizeof(mhc_real));
     m->expert_load = (int64_t *)mhc_calloc((size_t)c->n_layers * c->n_routed_experts, sizeof(int64_t));
+    m->step_load = (int64_t *)mhc_calloc((size_t)c->n_layers * c->n_routed_experts, sizeof(int64_t));
     return 0;
 }
 
@@ -664,7 +668,7 @@ void mhc_model_free(MhcModel *m) {
     mhc_acts_free(&m->acts);
     free(m->tensors); free(m->params); free(m->grads); free(m->adam_m); free(m->adam_v);
     free(m->p.blk); free(m->g.blk); free(m->p.sub); free(m->g.sub);
-    free(m->expert_bias); free(m->expert_load);
+    free(m->expert_bias); free(m->expert_load); free(m->step_load);
     memset(m, 0, sizeof *m);
 }
 
@@ -1650,16 +1654,17 @@ static void moe_backward(MhcModel *md, MhcActs *A, int l, const mhc_real *u, con
     matmul_backward(du, gb->gate, ds, u, b->gate, N, C, E);
 }
 
-/* SPEC §11 aux-loss-free balancing, after the optimizer step: bias_i += gamma * sign(mean - load_i) */
+/* SPEC §11 aux-loss-free balancing, after the optimizer step: bias_i += gamma * sign(mean - load_i), with
+   the loads of the step's batch (every micro-batch backpropagated since mhc_zero_grad) */
 void mhc_update_expert_bias(MhcModel *m) {
     const MhcConfig *c = &m->cfg;
     int E = c->n_routed_experts;
     for (int l = c->first_k_dense; l < c->n_layers; l++) {
         int64_t total = 0;
-        for (int e = 0; e < E; e++) total += m->expert_load[(size_t)l * E + e];
+        for (int e = 0; e < E; e++) total += m->step_load[(size_t)l * E + e];
         double mean = (double)total / E;
         for (int e = 0; e < E; e++) {
-            double d = mean - (double)m->expert_load[(size_t)l * E + e];
+            double d = mean - (double)m->step_load[(size_t)l * E + e];
             m->expert_bias[(size_t)l * E + e] += (mhc_real)(c->bias_update_speed * ((d > 0) - (d < 0)));
         }
     }
@@ -1890,7 +1895,14 @@ double mhc_forward_acts(MhcModel *m, MhcActs *a, const int *tokens, const int *t
     return model_forward(m, a, tokens, targets, B, T, NULL);
 }
 
-void mhc_zero_grad(MhcModel *m) { memset(m->grads, 0, sizeof(mhc_real) * m->n_params); }
+void mhc_zero_grad(MhcModel *m) {
+    memset(m->grads, 0, sizeof(mhc_real) * m->n_params);
+    memset(m->step_load, 0, sizeof(int64_t) * m->cfg.n_layers * m->cfg.n_routed_experts);
+}
+
+void mhc_scale_grads(MhcModel *m, double scale) {
+    for (size_t i = 0; i < m->n_params; i++) m->grads[i] *= (mhc_real)scale;
+}
 
 /* Backward of one sublayer (SPEC §5): from dX' (dXo) to dX = PATH 1 (residual) + PATH 2 (pre) +
    PATH 3 (coefficients), accumulating every parameter gradient of the sublayer on the way. */
@@ -1921,11 +1933,13 @@ static void sublayer_backward(MhcModel *md, MhcActs *A, int s, const mhc_real *d
     if (c->residual == MHC_RESIDUAL_HC) hc_stream_coeffs_backward(md, A, s, N, A->dH, dX);
 }
 
-/* Backward of the last mhc_forward (with targets); accumulates into m->grads. */
+/* Backward of the last mhc_forward (with targets); accumulates into m->grads, and its expert loads into
+   m->step_load. */
 void mhc_backward(MhcModel *md, const int *tokens, const int *targets) {
     const MhcConfig *c = &md->cfg;
     MhcActs *A = &md->acts;
     int N = A->B * A->T, n = c->hc_mult, C = c->d_model, V = c->vocab_size, S = 2 * c->n_layers;
+    for (size_t i = 0; i < (size_t)c->n_layers * c->n_routed_experts; i++) md->step_load[i] += md->expert_load[i];
     crossentropy_backward(A->logits, targets, N, V, (mhc_real)(1.0 / N));
     memset(A->dy, 0, sizeof(mhc_real) * (size_t)N * C);
     matmul_backward(A->dy, md->g.head, A->logits, A->hf, md->p.head, N, C, V);

@@ -83,6 +83,7 @@ typedef struct {
     MhcParams p, g;                    /* named views (device pointers) into params and grads          */
     float *expert_bias;                /* [L,E] selection bias (dense layers unused)                  */
     int *expert_load;                  /* [L,E] assignments counted by the last forward               */
+    int *step_load;                    /* [L,E] summed by each backward since zero_grad: bias update's  */
     int step;                          /* optimizer steps taken                                        */
     double ce, aux;                    /* of the last forward                                          */
     int has_targets;                   /* the last forward had targets (its logits hold dlogits)      */
@@ -111,8 +112,9 @@ void mhc_gpu_download_grads(MhcGpu *g, MhcModel *host);               /* into ho
 void mhc_gpu_download_logits(MhcGpu *g, float *logits);  /* [B*T, V] raw logits of the last forward without targets */
 /* tokens, targets: host arrays [B*T]; returns ce + aux like mhc_forward (targets NULL: ce = 0, raw logits kept) */
 double mhc_gpu_forward(MhcGpu *g, const int *tokens, const int *targets, int B, int T);
-void mhc_gpu_zero_grad(MhcGpu *g);
+void mhc_gpu_zero_grad(MhcGpu *g);                   /* grads and step_load                              */
 void mhc_gpu_backward(MhcGpu *g);                    /* of the last forward, which must have had targets */
+void mhc_gpu_scale_grads(MhcGpu *g, double scale);   /* K micro-batches: the mean is scale 1/K           */
 double mhc_gpu_clip_grad(MhcGpu *g, double max_norm);                 /* returns the pre-clip global norm     */
 void mhc_gpu_adamw_step(MhcGpu *g, double lr);                        /* step counter is g->step              */
 void mhc_gpu_update_expert_bias(MhcGpu *g);          /* SPEC §11, after the optimizer step                  */
@@ -1813,6 +1815,8 @@ void mhc_gpu_download(MhcGpu *g, MhcModel *host) {
     int *load = (int *)mhc_calloc(LE, sizeof(int));
     CUDA_CHECK(cudaMemcpy(load, g->expert_load, sizeof(int) * LE, cudaMemcpyDeviceToHost));
     for (size_t k = 0; k < LE; k++) host->expert_load[k] = load[k];
+    CUDA_CHECK(cudaMemcpy(load, g->step_load, sizeof(int) * LE, cudaMemcpyDeviceToHost));
+    for (size_t k = 0; k < LE; k++) host->step_load[k] = load[k];
     free(load);
     host->step = g->step;
     host->ce = g->ce;
@@ -1830,7 +1834,15 @@ void mhc_gpu_download_logits(MhcGpu *g, float *logits) {
 
 size_t mhc_gpu_memory_bytes(const MhcGpu *g) { return g->arena.bytes + g->acts.arena.bytes; }
 
-void mhc_gpu_zero_grad(MhcGpu *g) { CUDA_CHECK(cudaMemset(g->grads, 0, sizeof(float) * g->n_params)); }
+void mhc_gpu_zero_grad(MhcGpu *g) {
+    CUDA_CHECK(cudaMemset(g->grads, 0, sizeof(float) * g->n_params));
+    CUDA_CHECK(cudaMemset(g->step_load, 0, sizeof(int) * g->cfg.n_layers * g->cfg.n_routed_experts));
+}
+
+void mhc_gpu_scale_grads(MhcGpu *g, double scale) {
+    scale_kernel<<<mhc_blocks(g->n_params, MHC_BLOCK), MHC_BLOCK>>>(g->grads, (float)scale, g->n_params);
+    LAUNCH_CHECK();
+}
 
 int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     const MhcConfig *c = &host->cfg;
@@ -1871,6 +1883,7 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     g->adam_v = arena_new<float>(&g->arena, g->n_params);
     g->expert_bias = arena_new<float>(&g->arena, LE);
     g->expert_load = arena_new<int>(&g->arena, LE);
+    g->step_load = arena_new<int>(&g->arena, LE);
     g->p.blk = (MhcBlock *)mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
     g->g.blk = (MhcBlock *)mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
     g->p.sub = (MhcStreamParams *)mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
@@ -1917,7 +1930,13 @@ double mhc_gpu_forward(MhcGpu *g, const int *tokens, const int *targets, int B, 
     return gpu_model_forward(g, A, B, T, targets != NULL, NULL);
 }
 
-/* the last forward's logits already hold dlogits (fused cross-entropy); accumulates into grads */
+__global__ void add_int_kernel(int *acc, const int *x, size_t count) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < count) acc[i] += x[i];
+}
+
+/* the last forward's logits already hold dlogits (fused cross-entropy); accumulates into grads, and the
+   forward's expert loads into step_load */
 void mhc_gpu_backward(MhcGpu *g) {
     const MhcConfig *c = &g->cfg;
     MhcGpuActs *A = &g->acts;
@@ -1943,6 +1962,9 @@ void mhc_gpu_backward(MhcGpu *g) {
     size_t count = (size_t)A->n_emb_rows * C;                                          /* expand: dx0 = sum_i dX_0[i] */
     embedding_backward_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(g->g.embed, dXo, A->emb_rows, A->emb_start,
                                                                           A->emb_order, A->n_emb_rows, n, C);
+    LAUNCH_CHECK();
+    size_t LE = (size_t)c->n_layers * c->n_routed_experts;
+    add_int_kernel<<<mhc_blocks(LE, MHC_BLOCK), MHC_BLOCK>>>(g->step_load, g->expert_load, LE);
     LAUNCH_CHECK();
 }
 
@@ -1986,7 +2008,7 @@ void mhc_gpu_adamw_step(MhcGpu *g, double lr) {
 }
 
 /* SPEC §11 aux-loss-free balancing, one block per MoE layer, one thread per expert:
-   bias_i += gamma * sign(mean_load - load_i) */
+   bias_i += gamma * sign(mean_load - load_i), with the loads of the step (step_load) */
 __global__ void expert_bias_update_kernel(float *bias, const int *load, int first_layer, int E, double gamma) {
     int e = threadIdx.x;
     if (e >= E) return;
@@ -2002,7 +2024,7 @@ void mhc_gpu_update_expert_bias(MhcGpu *g) {
     int layers = c->n_layers - c->first_k_dense;
     if (layers <= 0) return;
     expert_bias_update_kernel<<<layers, 32 * mhc_blocks((size_t)c->n_routed_experts, 32)>>>(
-        g->expert_bias, g->expert_load, c->first_k_dense, c->n_routed_experts, c->bias_update_speed);
+        g->expert_bias, g->step_load, c->first_k_dense, c->n_routed_experts, c->bias_update_speed);
     LAUNCH_CHECK();
 }
 

@@ -1393,14 +1393,17 @@ static void test_routing(void) {
     mhc_init_params(&m, 8000);
     int Em = cfg.n_routed_experts, loads[8] = {5, 3, 4, 4, 6, 2, 4, 4}, expect[8] = {-1, 1, 0, 0, -1, 1, 0, 0};
     mhc_real g = (mhc_real)cfg.bias_update_speed;
-    for (int e = 0; e < Em; e++) { m.expert_load[e] = 7 * e; m.expert_load[Em + e] = loads[e]; }
+    for (int e = 0; e < Em; e++) { m.step_load[e] = 7 * e; m.step_load[Em + e] = loads[e]; }
     mhc_update_expert_bias(&m);
     int exact = 1;
     for (int e = 0; e < Em; e++) exact &= m.expert_bias[e] == 0 && m.expert_bias[Em + e] == expect[e] * g;
-    int tokens[10];
+    int tokens[10], targets[10];
     random_tokens(tokens, 10, cfg.vocab_size, &rng);
+    random_tokens(targets, 10, cfg.vocab_size, &rng);
     memset(m.expert_bias, 0, sizeof(mhc_real) * 2 * Em);
-    mhc_forward(&m, tokens, NULL, 2, 5);
+    mhc_zero_grad(&m);
+    mhc_forward(&m, tokens, targets, 2, 5);
+    mhc_backward(&m, tokens, targets);              /* the step's loads are this one forward's */
     int64_t total = 0;
     for (int e = 0; e < Em; e++) total += m.expert_load[Em + e];
     mhc_update_expert_bias(&m);
@@ -1703,6 +1706,50 @@ static void train_steps(MhcModel *m, int from, int to, double *losses) {
         mhc_update_expert_bias(m);
     }
     free(tokens);
+}
+
+/* Gradient accumulation: a batch of B sequences as K micro-batches of B/K (forward + backward each, then
+   mhc_scale_grads(1/K)) gives the gradient, loss and expert loads of the whole batch in one pass. Token
+   selections are per token and the balance loss is a mean over sequences, so only the summation order
+   differs: rounding (fp64 1e-12, fp32 1e-5 relative to the largest entry of each side). Loads: exact. */
+static void test_grad_accum(void) {
+    int B = 4, T = 6, K = 2, N = B * T;
+    for (int residual = 0; residual < 3; residual++) {
+        MhcConfig cfg = micro_config(residual, 0, B, T);
+        cfg.seq_aux_alpha = 0.01;
+        MhcModel m;
+        mhc_model_init(&m, &cfg);
+        randomize_params(&m, 9100 + residual, 0.3);
+        uint64_t rng = 9200 + residual;
+        for (int i = 0; i < cfg.n_layers * cfg.n_routed_experts; i++) m.expert_bias[i] = (mhc_real)(0.02 * mhc_rng_normal(&rng));
+        int tokens[24], targets[24];
+        random_tokens(tokens, N, cfg.vocab_size, &rng);
+        random_tokens(targets, N, cfg.vocab_size, &rng);
+        size_t LE = (size_t)cfg.n_layers * cfg.n_routed_experts;
+        mhc_real *whole = (mhc_real *)mhc_calloc(m.n_params, sizeof(mhc_real));
+        int64_t *whole_load = (int64_t *)mhc_calloc(LE, sizeof(int64_t));
+        mhc_zero_grad(&m);
+        double loss_whole = mhc_forward(&m, tokens, targets, B, T);
+        mhc_backward(&m, tokens, targets);
+        memcpy(whole, m.grads, sizeof(mhc_real) * m.n_params);
+        memcpy(whole_load, m.step_load, sizeof(int64_t) * LE);
+        mhc_zero_grad(&m);
+        double loss_accum = 0;
+        for (int k = 0; k < K; k++) {
+            const int *x = tokens + (size_t)k * (B / K) * T, *y = targets + (size_t)k * (B / K) * T;
+            loss_accum += mhc_forward(&m, x, y, B / K, T) / K;
+            mhc_backward(&m, x, y);
+        }
+        mhc_scale_grads(&m, 1.0 / K);
+        double e = rel_err(m.grads, whole, m.n_params), el = fabs(loss_accum - loss_whole) / fabs(loss_whole);
+        int loads_equal = !memcmp(m.step_load, whole_load, sizeof(int64_t) * LE);
+        double tol = is_fp64 ? 1e-12 : 1e-5;
+        check(e <= tol && el <= tol && loads_equal,
+              "grad accumulation %s: %d micro-batches of %d vs one batch of %d: grads %.1e, loss %.1e (tol %.0e), step loads %s",
+              mhc_residual_names[residual], K, B / K, B, e, el, tol, loads_equal ? "identical" : "DIFFER");
+        free(whole); free(whole_load);
+        mhc_model_free(&m);
+    }
 }
 
 static void test_determinism(void) {
@@ -2339,6 +2386,53 @@ static void gpu_test_training(const MhcConfig *cfg) {
     mhc_model_free(&m);
 }
 
+/* gradient accumulation on the GPU: two micro-batches of B/2 (buffers sized for B/2), scaled by 1/2,
+   against the CPU's one pass over all B sequences. Exact fp32 GEMMs: the whole-model tolerances of T4
+   (gradient rel_err 1e-4 of its largest entry; the two sides differ in summation order only), step
+   loads identical, and so the bias update too. */
+static void gpu_test_grad_accum(const MhcConfig *base) {
+    MhcConfig cfg = *base;
+    cfg.batch_size = 4;
+    MhcModel m;
+    MhcGpu g;
+    gt_model(&m, &cfg, 17);
+    int B = cfg.batch_size, T = cfg.seq_len, N = B * T, K = 2;
+    int *tokens = (int *)mhc_calloc((size_t)N, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N, sizeof(int));
+    gt_tokens(tokens, targets, N, cfg.vocab_size);
+    size_t LE = (size_t)cfg.n_layers * cfg.n_routed_experts;
+    float *cpu_grads = gt_host(m.n_params);
+    int64_t *cpu_load = (int64_t *)mhc_calloc(LE, sizeof(int64_t));
+    float *cpu_bias = gt_host(LE);
+    if (mhc_gpu_init(&g, &m, B / K, T)) { check(0, "gpu grad accumulation: init failed"); return; }
+    mhc_gpu_set_tf32(&g, 0);
+    mhc_zero_grad(&m);
+    mhc_forward(&m, tokens, targets, B, T);
+    mhc_backward(&m, tokens, targets);
+    mhc_update_expert_bias(&m);
+    memcpy(cpu_grads, m.grads, sizeof(float) * m.n_params);
+    memcpy(cpu_load, m.step_load, sizeof(int64_t) * LE);
+    memcpy(cpu_bias, m.expert_bias, sizeof(float) * LE);
+    mhc_gpu_zero_grad(&g);
+    for (int k = 0; k < K; k++) {
+        mhc_gpu_forward(&g, tokens + (size_t)k * (B / K) * T, targets + (size_t)k * (B / K) * T, B / K, T);
+        mhc_gpu_backward(&g);
+    }
+    mhc_gpu_scale_grads(&g, 1.0 / K);
+    mhc_gpu_update_expert_bias(&g);
+    mhc_gpu_download_grads(&g, &m);
+    mhc_gpu_download(&g, &m);
+    double e = rel_err(m.grads, cpu_grads, m.n_params);
+    int loads_equal = 1, bias_equal = !memcmp(m.expert_bias, cpu_bias, sizeof(float) * LE);
+    for (size_t i = 0; i < LE; i++) loads_equal &= m.step_load[i] == cpu_load[i];
+    check(e <= 1e-4 && loads_equal && bias_equal,
+          "gpu grad accumulation: %d micro-batches of %d vs the CPU's batch of %d: grads %.1e (tol 1e-4), step loads %s, bias update %s",
+          K, B / K, B, e, loads_equal ? "identical" : "DIFFER", bias_equal ? "identical" : "DIFFERS");
+    free(tokens); free(targets); free(cpu_load);
+    mhc_gpu_free(&g);
+    mhc_model_free(&m);
+    gt_release();
+}
+
 /* two identical GPU runs (TF32 default) give identical losses, norms and final state, bit for bit */
 static void gpu_test_determinism(const MhcConfig *cfg) {
     MhcModel m;
@@ -2498,6 +2592,7 @@ void gpu_tests(void) {
     tiny.batch_size = 2;
     gpu_test_model("tiny", &tiny, 0);
     gpu_test_training(&mhc);
+    gpu_test_grad_accum(&mhc);
     gpu_test_determinism(&mhc);
     gpu_test_decode(&mhc);
     gpu_test_decode(&qg);
@@ -2537,6 +2632,7 @@ static const struct {
     {"shards", test_shards, BOTH, "T11 token shards"},
     {"safetensors", test_safetensors, BOTH, "T12 safetensors"},
     {"determinism", test_determinism, BOTH, "T13 CPU determinism"},
+    {"grad_accum", test_grad_accum, BOTH, "micro-batches accumulate to the whole batch"},
     {"overfit", test_overfit, FP32_ONLY, "overfit one batch"},
 #ifdef __CUDACC__
     {"gpu", gpu_tests, FP32_ONLY, "T4 CUDA kernels and the whole model against the CPU"},

@@ -659,6 +659,7 @@ typedef struct {
     int n_train, n_val;
     const char *out_dir;
     int eval_every, eval_batches, ckpt_every, threads, dry_run, resume, stop_after, bench;
+    int grad_accum;           /* micro-batches per step: forward + backward of batch/grad_accum sequences each */
     uint64_t seed;
 } Options;
 
@@ -677,6 +678,8 @@ static void usage(void) {
            "  --sinkhorn-iters N     Sinkhorn-Knopp iterations (default 20)\n"
            "  --init KIND            mHC init: identity | uniform (default identity)\n"
            "  --batch N              sequences per step        --seq-len N     tokens per sequence\n"
+           "  --grad-accum K         run each step as K micro-batches of N/K sequences (same gradient, 1/K the\n"
+           "                         activation memory)\n"
            "  --steps N              optimizer steps           --lr X          peak learning rate\n"
            "  --schedule KIND        step | cosine             --warmup N      warmup steps\n"
            "  --weight-decay X       AdamW decay (2-D weights)  --clip X        global grad-norm clip\n"
@@ -727,6 +730,7 @@ static void parse_args(Options *o, int argc, char **argv) {
     o->out_dir = "out";
     o->eval_every = 50;
     o->eval_batches = 4;
+    o->grad_accum = 1;
     o->ckpt_every = -1;
     o->seed = 1337;
     for (int i = 1; i < argc; i++) {
@@ -738,7 +742,8 @@ static void parse_args(Options *o, int argc, char **argv) {
         if (!strcmp(a, "--bench")) { o->bench = 1; continue; }
         int known = !strcmp(a, "--preset") || !strcmp(a, "--set") || !strcmp(a, "--train") || !strcmp(a, "--val") ||
                     !strcmp(a, "--out") || !strcmp(a, "--eval-every") || !strcmp(a, "--eval-batches") ||
-                    !strcmp(a, "--ckpt-every") || !strcmp(a, "--threads") || !strcmp(a, "--stop-after") || !strcmp(a, "--seed");
+                    !strcmp(a, "--ckpt-every") || !strcmp(a, "--threads") || !strcmp(a, "--stop-after") || !strcmp(a, "--seed") ||
+                    !strcmp(a, "--grad-accum");
         for (int k = 0; flag_fields[k][0]; k++) known |= !strcmp(a, flag_fields[k][0]);
         if (!known) die("unknown flag '%s' (see --help)%s", a, "");
         if (!v) die("%s needs a value%s", a, "");
@@ -773,6 +778,8 @@ static void parse_args(Options *o, int argc, char **argv) {
             if (parse_int(v, 1, &o->ckpt_every)) die("bad value '%s' for %s", v, a);
         } else if (!strcmp(a, "--threads")) {
             if (parse_int(v, 1, &o->threads)) die("bad value '%s' for %s", v, a);
+        } else if (!strcmp(a, "--grad-accum")) {
+            if (parse_int(v, 1, &o->grad_accum)) die("bad value '%s' for %s", v, a);
         } else if (!strcmp(a, "--stop-after")) {
             if (parse_int(v, 1, &o->stop_after)) die("bad value '%s' for %s", v, a);
         } else if (!strcmp(a, "--seed")) {
@@ -788,6 +795,11 @@ static void parse_args(Options *o, int argc, char **argv) {
     if (!o->n_train) o->train_files[o->n_train++] = default_train;
     if (!o->n_val) o->val_files[o->n_val++] = default_val;
     mhc_config_finish(&o->cfg);
+    if (o->cfg.batch_size % o->grad_accum) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "--grad-accum %d does not divide the batch size %d", o->grad_accum, o->cfg.batch_size);
+        die("%s%s", msg, "");
+    }
 }
 
 /* =============================================================================================
@@ -803,55 +815,66 @@ static void print_config(MhcConfig *cfg) {
     }
 }
 
-static void dry_run(MhcConfig *cfg) {
+static void dry_run(MhcConfig *cfg, int grad_accum) {
     int64_t total, active;
+    int M = cfg->batch_size / grad_accum;     /* sequences per forward: what the activations are sized for */
     mhc_count_params(cfg, &total, &active);
     double flops = mhc_flops_per_token(cfg);
     double state = (double)total * sizeof(mhc_real) * 4;   /* params, grads, Adam m and v */
-    double acts = (double)mhc_acts_bytes(cfg, cfg->batch_size, cfg->seq_len);
+    double acts = (double)mhc_acts_bytes(cfg, M, cfg->seq_len);
 #ifdef __CUDACC__
     /* the GPU's flash attention keeps one log-sum-exp per row in place of the [L,B,H,T,T] probabilities */
-    acts -= ((double)cfg->seq_len - 1) * cfg->n_layers * cfg->batch_size * cfg->n_heads * cfg->seq_len * sizeof(mhc_real);
+    acts -= ((double)cfg->seq_len - 1) * cfg->n_layers * M * cfg->n_heads * cfg->seq_len * sizeof(mhc_real);
 #endif
     print_config(cfg);
     printf("parameters: total %lld (%.3fB), active %lld (%.3fB)\n", (long long)total, total / 1e9, (long long)active,
            active / 1e9);
     printf("training FLOPs per token (SPEC §15): %.4g, per step: %.4g\n", flops,
            flops * cfg->batch_size * cfg->seq_len);
-    printf("memory (fp32 training as this code does it): weights+grads+AdamW %.2f GiB, activations for batch %d x %d: %.2f GiB\n",
-           state / (1 << 30), cfg->batch_size, cfg->seq_len, acts / (1 << 30));
+    printf("memory (fp32 training as this code does it): weights+grads+AdamW %.2f GiB, activations for %d x %d per forward "
+           "(%d micro-batches per step): %.2f GiB\n", state / (1 << 30), M, cfg->seq_len, grad_accum, acts / (1 << 30));
 }
 
 /* =============================================================================================
    The trainer: one struct, a CPU and a GPU implementation of its few steps.                      */
 typedef struct {
     MhcModel m;
+    int micro;                /* sequences per forward: batch_size / grad_accum */
     MhcActs probe;            /* B = 1 forward over the diagnostics probe (CPU) */
 #ifdef __CUDACC__
     MhcGpu gpu;
 #endif
 } Trainer;
 
-static void trainer_start(Trainer *tr) {
+static void trainer_start(Trainer *tr, int grad_accum) {
+    tr->micro = tr->m.cfg.batch_size / grad_accum;
 #ifdef __CUDACC__
-    if (mhc_gpu_init(&tr->gpu, &tr->m, tr->m.cfg.batch_size, tr->m.cfg.seq_len)) exit(1);
+    if (mhc_gpu_init(&tr->gpu, &tr->m, tr->micro, tr->m.cfg.seq_len)) exit(1);
 #endif
     mhc_acts_create(&tr->probe, &tr->m.cfg, 1, tr->m.cfg.seq_len);
 }
 
-/* forward + backward of one batch; returns the loss; stream_norm: grad norm over hc.* tensors */
+/* forward + backward of one batch, as K micro-batches whose gradients add up to the batch mean; returns
+   the loss; stream_norm: grad norm over hc.* tensors */
 static double trainer_step(Trainer *tr, const int *x, const int *y, double *stream_norm) {
-    int B = tr->m.cfg.batch_size, T = tr->m.cfg.seq_len;
+    int M = tr->micro, T = tr->m.cfg.seq_len, K = tr->m.cfg.batch_size / M;
+    double loss = 0;
 #ifdef __CUDACC__
     mhc_gpu_zero_grad(&tr->gpu);
-    double loss = mhc_gpu_forward(&tr->gpu, x, y, B, T);
-    mhc_gpu_backward(&tr->gpu);
+    for (int k = 0; k < K; k++) {
+        loss += mhc_gpu_forward(&tr->gpu, x + (size_t)k * M * T, y + (size_t)k * M * T, M, T) / K;
+        mhc_gpu_backward(&tr->gpu);
+    }
+    if (K > 1) mhc_gpu_scale_grads(&tr->gpu, 1.0 / K);
     *stream_norm = NAN;       /* would need the gradients on the host every step */
     return loss;
 #else
     mhc_zero_grad(&tr->m);
-    double loss = mhc_forward(&tr->m, x, y, B, T);
-    mhc_backward(&tr->m, x, y);
+    for (int k = 0; k < K; k++) {
+        loss += mhc_forward(&tr->m, x + (size_t)k * M * T, y + (size_t)k * M * T, M, T) / K;
+        mhc_backward(&tr->m, x + (size_t)k * M * T, y + (size_t)k * M * T);
+    }
+    if (K > 1) mhc_scale_grads(&tr->m, 1.0 / K);
     double sum = 0;
     for (int k = 0; k < tr->m.n_tensors; k++)
         if (!strncmp(tr->m.tensors[k].name, "hc.", 3))
@@ -880,15 +903,20 @@ static double trainer_update(Trainer *tr, double lr) {
 #endif
 }
 
+/* CE of one batch (the mean over its micro-batches, which are the same size) */
 static double trainer_eval(Trainer *tr, const int *x, const int *y) {
+    int M = tr->micro, T = tr->m.cfg.seq_len, K = tr->m.cfg.batch_size / M;
+    double ce = 0;
+    for (int k = 0; k < K; k++) {
 #ifdef __CUDACC__
-    mhc_gpu_forward(&tr->gpu, x, y, tr->m.cfg.batch_size, tr->m.cfg.seq_len);
-    mhc_gpu_download(&tr->gpu, &tr->m);
-    return tr->m.ce;
+        mhc_gpu_forward(&tr->gpu, x + (size_t)k * M * T, y + (size_t)k * M * T, M, T);
+        ce += tr->gpu.ce / K;
 #else
-    mhc_forward(&tr->m, x, y, tr->m.cfg.batch_size, tr->m.cfg.seq_len);
-    return tr->m.ce;
+        mhc_forward(&tr->m, x + (size_t)k * M * T, y + (size_t)k * M * T, M, T);
+        ce += tr->m.ce / K;
 #endif
+    }
+    return ce;
 }
 
 /* make the host model current (parameters, Adam state, biases, expert loads) */
@@ -1233,7 +1261,7 @@ int main(int argc, char **argv) {
     if (o.resume) resume_config(&o);
     char err[512];
     if (mhc_config_validate(&o.cfg, err, sizeof err)) { fprintf(stderr, "train: %s\n", err); return 2; }
-    if (o.dry_run) { dry_run(&o.cfg); return 0; }
+    if (o.dry_run) { dry_run(&o.cfg, o.grad_accum); return 0; }
 #ifdef _OPENMP
     if (o.threads) omp_set_num_threads(o.threads);
 #endif
@@ -1274,10 +1302,11 @@ int main(int argc, char **argv) {
            "CPU"
 #endif
     );
+    if (o.grad_accum > 1) printf("each step: %d micro-batches of %d x %d (gradients accumulated)\n", o.grad_accum, B / o.grad_accum, T);
     int *x = (int *)calloc((size_t)N, sizeof(int)), *y = (int *)calloc((size_t)N, sizeof(int));
     int *probe = (int *)calloc((size_t)T, sizeof(int));
     for (int t = 0; t < T; t++) probe[t] = (int)val.tokens[t];    /* SPEC §14: the first T validation tokens */
-    trainer_start(&tr);
+    trainer_start(&tr, o.grad_accum);
     double t_start = now_seconds();
     int first_step = tr.m.step;
     for (int step = tr.m.step; step < c->steps; step++) {

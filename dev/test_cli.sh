@@ -119,5 +119,13 @@ check "train --loss-gap draws the gap of mhc vs plain" $?
     cmp -s <(cut -d, -f1-3 "$work/full/log.csv") <(cut -d, -f1-3 "$work/bench/log.csv")
 check "train --bench: same losses as a normal run, log.csv only" $?
 
+# --- gradient accumulation: 2 micro-batches of 1 sequence follow the 8 steps of batch 2 (rounding only) ----
+expect_error "train: --grad-accum that does not divide the batch" 2 "does not divide" -- ./train "${small[@]}" --grad-accum 3 --out "$work/ga"
+./train "${small[@]}" --grad-accum 2 --bench --out "$work/accum" >/dev/null 2>&1 &&
+    paste -d, <(cut -d, -f2 "$work/full/log.csv") <(cut -d, -f2 "$work/accum/log.csv") | awk -F, '
+        NR > 1 { d = ($1 - $2) / $1; if (d < 0) d = -d; if (d > worst) worst = d; rows++ }
+        END { printf "%d steps, worst relative loss difference %.1e\n", rows, worst > "/dev/stderr"; exit !(rows == 8 && worst < 1e-4) }' 2>"$work/ga_diff"
+check "train --grad-accum 2: the losses of batch 2 in one pass ($(cat "$work/ga_diff"), tol 1e-4)" $?
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
