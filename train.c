@@ -659,8 +659,12 @@ typedef struct {
     int n_train, n_val;
     const char *out_dir;
     int eval_every, eval_batches, ckpt_every, threads, dry_run, resume, stop_after, bench;
+    int precision;                   /* index into precision_names: GEMM precision (GPU build)       */
     uint64_t seed;
 } Options;
+
+/* --precision values; the order is mhc_cuda.cuh's MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16 */
+static const char *const precision_names[] = {"fp32", "tf32", "bf16"};
 
 /* flags that name one config field */
 static const char *const flag_fields[][2] = {
@@ -693,6 +697,9 @@ static void usage(void) {
            "  --stop-after N         stop (with a checkpoint) after step N, as if interrupted\n"
            "  --dry-run              print config, parameters, FLOPs and memory; allocate nothing\n"
            "  --bench                time the steps only: no evaluation, plots, diagnostics or checkpoints\n"
+           "  --precision P          GPU GEMMs: fp32 | tf32 | bf16 (default tf32; bf16: bf16 operands, fp32\n"
+           "                         accumulate and master weights, untested on real hardware). The CPU build\n"
+           "                         takes only fp32 (it computes in fp32, or fp64 when built so)\n"
            "  --loss-gap PNG DIR...  plot CE(run) - CE(first run) from finished runs' log.csv\n"
            "  --help\n");
 }
@@ -729,6 +736,9 @@ static void parse_args(Options *o, int argc, char **argv) {
     o->eval_batches = 4;
     o->ckpt_every = -1;
     o->seed = 1337;
+#ifdef __CUDACC__
+    o->precision = 1;                /* tf32 */
+#endif
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int matched = 0;
@@ -738,7 +748,8 @@ static void parse_args(Options *o, int argc, char **argv) {
         if (!strcmp(a, "--bench")) { o->bench = 1; continue; }
         int known = !strcmp(a, "--preset") || !strcmp(a, "--set") || !strcmp(a, "--train") || !strcmp(a, "--val") ||
                     !strcmp(a, "--out") || !strcmp(a, "--eval-every") || !strcmp(a, "--eval-batches") ||
-                    !strcmp(a, "--ckpt-every") || !strcmp(a, "--threads") || !strcmp(a, "--stop-after") || !strcmp(a, "--seed");
+                    !strcmp(a, "--ckpt-every") || !strcmp(a, "--threads") || !strcmp(a, "--stop-after") || !strcmp(a, "--seed") ||
+                    !strcmp(a, "--precision");
         for (int k = 0; flag_fields[k][0]; k++) known |= !strcmp(a, flag_fields[k][0]);
         if (!known) die("unknown flag '%s' (see --help)%s", a, "");
         if (!v) die("%s needs a value%s", a, "");
@@ -775,6 +786,13 @@ static void parse_args(Options *o, int argc, char **argv) {
             if (parse_int(v, 1, &o->threads)) die("bad value '%s' for %s", v, a);
         } else if (!strcmp(a, "--stop-after")) {
             if (parse_int(v, 1, &o->stop_after)) die("bad value '%s' for %s", v, a);
+        } else if (!strcmp(a, "--precision")) {
+            o->precision = -1;
+            for (int k = 0; k < 3; k++) if (!strcmp(v, precision_names[k])) o->precision = k;
+            if (o->precision < 0) die("bad value '%s' for %s (fp32 | tf32 | bf16)", v, a);
+#ifndef __CUDACC__
+            if (o->precision != 0) die("--precision %s needs the GPU build (make gpu); this CPU build takes only fp32%s", v, "");
+#endif
         } else if (!strcmp(a, "--seed")) {
             char *end;
             errno = 0;
@@ -827,6 +845,7 @@ static void dry_run(MhcConfig *cfg) {
 typedef struct {
     MhcModel m;
     MhcActs probe;            /* B = 1 forward over the diagnostics probe (CPU) */
+    int precision;            /* MHC_PREC_* of the GPU GEMMs (Options.precision) */
 #ifdef __CUDACC__
     MhcGpu gpu;
 #endif
@@ -835,6 +854,7 @@ typedef struct {
 static void trainer_start(Trainer *tr) {
 #ifdef __CUDACC__
     if (mhc_gpu_init(&tr->gpu, &tr->m, tr->m.cfg.batch_size, tr->m.cfg.seq_len)) exit(1);
+    mhc_gpu_set_precision(&tr->gpu, tr->precision == 2 ? MHC_PREC_BF16 : tr->precision == 1 ? MHC_PREC_TF32 : MHC_PREC_FP32);
 #endif
     mhc_acts_create(&tr->probe, &tr->m.cfg, 1, tr->m.cfg.seq_len);
 }
@@ -1277,7 +1297,11 @@ int main(int argc, char **argv) {
     int *x = (int *)calloc((size_t)N, sizeof(int)), *y = (int *)calloc((size_t)N, sizeof(int));
     int *probe = (int *)calloc((size_t)T, sizeof(int));
     for (int t = 0; t < T; t++) probe[t] = (int)val.tokens[t];    /* SPEC §14: the first T validation tokens */
+    tr.precision = o.precision;
     trainer_start(&tr);
+#ifdef __CUDACC__
+    printf("GPU GEMM precision: %s\n", precision_names[o.precision]);
+#endif
     double t_start = now_seconds();
     int first_step = tr.m.step;
     for (int step = tr.m.step; step < c->steps; step++) {
