@@ -9,10 +9,20 @@
    copies), the CPU's activation buffers (mhc.h's mhc_acts_table) on the device plus GPU-only scratch, and
    the CPU's order of operations, so every kernel has a CPU function to be tested against.
 
-   Precision (SPEC §0): fp32 storage for parameters, activations and optimizer state. GEMMs go through
-   cuBLAS in TF32 (CUBLAS_COMPUTE_32F_FAST_TF32) unless mhc_gpu_set_tf32(g, 0) asks for exact fp32; the
-   mHC/HC coefficient GEMMs and the router GEMM always run in fp32. Norm statistics, softmaxes, Sinkhorn,
-   routing, losses and AdamW are fp32 or wider.
+   Precision (SPEC §0): fp32 storage for parameters (the master weights), gradients, activations and
+   optimizer state. mhc_gpu_set_precision picks how the MHC_GEMM_FAST GEMMs (every MLA, FFN, shared-expert
+   and head projection, forward and backward, and decode's absorbed products) run on cuBLAS:
+     MHC_PREC_TF32 (default)  CUBLAS_COMPUTE_32F_FAST_TF32 on fp32 operands;
+     MHC_PREC_FP32            CUBLAS_COMPUTE_32F, exact (the tests);
+     MHC_PREC_BF16            A and B in bf16 (CUDA_R_16BF), C in fp32, CUBLAS_COMPUTE_32F: the weight
+                              operands come from params_bf16, a bf16 copy of the whole parameter slab that
+                              upload and the AdamW kernel rewrite from the fp32 master (round to nearest
+                              even); activation and gradient operands are rounded into scratch by one
+                              conversion kernel just before their GEMM. Outputs, weight gradients and the
+                              accumulation stay fp32. Not yet run on real hardware (only dev/cuda_emu).
+   Always fp32 whatever the setting: the mHC/HC coefficient GEMMs and the router GEMM (MHC_GEMM_FP32), the
+   routed-expert GEMMs (expert_gemm_kernel), attention (flash kernels), and every elementwise kernel. Norm
+   statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
 
    Determinism: no float atomics. A reduction is a warp's butterfly, a block's fixed tree, or per-block
    partials summed in a fixed order; the scatters (embedding gradient, expert outputs) loop over a
@@ -34,6 +44,7 @@
 #endif
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 /* ---------------------------------------------------------------------------------------------
@@ -46,10 +57,22 @@ typedef struct {
     size_t bytes;
 } MhcGpuArena;
 
-/* the cuBLAS handle and the compute type of the MHC_GEMM_FAST GEMMs */
+/* Precision of the MHC_GEMM_FAST GEMMs (mhc_gpu_set_precision). TF32 is the default; BF16 (bf16 operands,
+   fp32 accumulate and output, fp32 master weights) has so far run only under dev/cuda_emu, never on real
+   hardware. */
+enum { MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16 };
+
+/* the cuBLAS handle, the precision of the MHC_GEMM_FAST GEMMs, and what BF16 needs: the parameter slab
+   and its bf16 twin (weight operands are read from the twin, see gemm_bf16_weight) and two scratch
+   buffers the other operands are converted into just before their GEMM */
 typedef struct {
     cublasHandle_t handle;
-    cublasComputeType_t fast;   /* CUBLAS_COMPUTE_32F_FAST_TF32 (default) or CUBLAS_COMPUTE_32F (exact) */
+    int precision;                        /* MHC_PREC_*                                                  */
+    const float *params;                  /* BF16: the fp32 parameter slab [n_params] (NULL: no twin)    */
+    const __nv_bfloat16 *params_bf16;     /* BF16: its bf16 copy, same layout                           */
+    size_t n_params;
+    __nv_bfloat16 *scratch[2];            /* BF16: converted A and B operands, scratch_count each        */
+    size_t scratch_count;
 } MhcBlas;
 
 /* Everything one forward (and backward) of B x T tokens needs: the CPU's activation buffers plus
@@ -66,6 +89,8 @@ typedef struct {
     double *moe_ssum, *moe_f;        /* [N] sum_j s_j, [B,E] f_i of the balance loss                   */
     double *moe_bal;                 /* [L,B] per layer and sequence: alpha sum_i f_i P_i / B          */
     float *coef_alpha;               /* [N,3] per-token alpha-gradient terms (backward)                */
+    __nv_bfloat16 *gemm_bf16[2];     /* BF16 GEMM operand scratch, gemm_bf16_count each (bf16 only)    */
+    size_t gemm_bf16_count;
     float *colsum_part;              /* [MHC_COLSUM_CHUNKS, max(C, d_c, d_q, m)] (backward)            */
     double *reduce_part, *reduce_out;/* [MHC_REDUCE_BLOCKS], [2]                                       */
     int *emb_rows, *emb_start, *emb_order;   /* embedding-gradient groups: [U], [U+1], [N] (backward)   */
@@ -80,6 +105,8 @@ typedef struct {
     MhcTensor *tensors;                /* host copy of the tensor table (offset, size, decay)          */
     size_t n_params;
     float *params, *grads, *adam_m, *adam_v;   /* device [n_params] each, the CPU's layout           */
+    __nv_bfloat16 *params_bf16;        /* [n_params] bf16 copy of params, kept current by upload and AdamW
+                                          once mhc_gpu_set_precision(BF16) allocated it (else NULL)    */
     MhcParams p, g;                    /* named views (device pointers) into params and grads          */
     float *expert_bias;                /* [L,E] selection bias (dense layers unused)                  */
     int *expert_load;                  /* [L,E] assignments counted by the last forward               */
@@ -105,7 +132,10 @@ typedef struct {
    0 ok; -1 with a message on stderr (unsupported config, out of GPU memory). */
 int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T);
 void mhc_gpu_free(MhcGpu *g);
-void mhc_gpu_set_tf32(MhcGpu *g, int enable);        /* 1 (default): TF32 GEMMs; 0: exact fp32 (tests) */
+/* MHC_PREC_TF32 (default), MHC_PREC_FP32 (exact, tests) or MHC_PREC_BF16 (first use allocates the bf16
+   parameter copy and the operand scratch); call it between steps, not between a forward and its backward */
+void mhc_gpu_set_precision(MhcGpu *g, int precision);
+void mhc_gpu_set_tf32(MhcGpu *g, int enable);        /* 1: MHC_PREC_TF32, 0: MHC_PREC_FP32 (kept for old callers) */
 void mhc_gpu_upload(MhcGpu *g, const MhcModel *host);                 /* params, Adam m/v, expert bias, step */
 void mhc_gpu_download(MhcGpu *g, MhcModel *host);    /* the same plus expert loads, and ce/aux of the last forward */
 void mhc_gpu_download_grads(MhcGpu *g, MhcModel *host);               /* into host->grads                     */
@@ -191,19 +221,68 @@ __device__ float mhc_sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 /* ---------------------------------------------------------------------------------------------
    1. GEMMs                                                                                      */
-enum { MHC_GEMM_FAST, MHC_GEMM_FP32 };   /* FAST follows MhcBlas.fast; FP32 always exact (coefficients, router) */
+enum { MHC_GEMM_FAST, MHC_GEMM_FP32 };   /* FAST follows MhcBlas.precision; FP32 always exact (coefficients, router) */
 
-/* Every cuBLAS GEMM of the model goes through here (the one place to change for bf16 storage).
+/* fp32 -> bf16, round to nearest even (__float2bfloat16; NaN stays NaN) */
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t count) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < count) dst[i] = __float2bfloat16(src[i]);
+}
+
+static void gpu_to_bf16(__nv_bfloat16 *dst, const float *src, size_t count) {
+    if (count == 0) return;
+    to_bf16_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(dst, src, count);
+    LAUNCH_CHECK();
+}
+
+/* The one map from a weight to its bf16 twin: a pointer inside the fp32 parameter slab bl->params maps to
+   the same offset in bl->params_bf16 (which upload and AdamW keep equal to the RNE rounding of the slab).
+   Any other pointer (an activation, a gradient) gives NULL: gemm converts that operand itself. */
+static const __nv_bfloat16 *gemm_bf16_weight(const MhcBlas *bl, const float *p) {
+    uintptr_t at = (uintptr_t)p, lo = (uintptr_t)bl->params;
+    if (!bl->params || at < lo || at >= lo + bl->n_params * sizeof(float)) return NULL;
+    return bl->params_bf16 + (p - bl->params);
+}
+
+/* A bf16 operand of gemm: the weight twin, or X rounded into scratch[which]. The operand is `batch` items
+   `stride` apart of `rows` rows, `ld` apart, of `cols` used elements: the converted span is exactly
+   (batch-1) stride + (rows-1) ld + cols elements, so the same strides and ld address the copy. */
+static const __nv_bfloat16 *gemm_bf16_operand(const MhcBlas *bl, int which, const float *X, int rows, int cols, int ld,
+                                              long long stride, int batch) {
+    const __nv_bfloat16 *w = gemm_bf16_weight(bl, X);
+    if (w) return w;
+    size_t span = (size_t)(batch - 1) * (size_t)stride + (size_t)(rows - 1) * ld + cols;
+    if (!bl->scratch[which] || span > bl->scratch_count) {
+        fprintf(stderr, "mhc_cuda gemm: a bf16 operand of %zu elements does not fit the scratch of %zu (a bug)\n", span,
+                bl->scratch[which] ? bl->scratch_count : 0);
+        exit(1);
+    }
+    gpu_to_bf16(bl->scratch[which], X, span);
+    return bl->scratch[which];
+}
+
+/* Every cuBLAS GEMM of the model goes through here.
    Row-major C[M,N] = alpha * op(A) @ op(B) + beta * C with A [M,K] ([K,M] when transA), B [K,N] ([N,K]
-   when transB), and batch items strideA/strideB/strideC floats apart. cuBLAS is column-major and sees the
-   transposes, so it computes C^T = op(B)^T @ op(A)^T: the operands swap.                                */
+   when transB), and batch items strideA/strideB/strideC elements apart. cuBLAS is column-major and sees
+   the transposes, so it computes C^T = op(B)^T @ op(A)^T: the operands swap.
+   Precision of the MHC_GEMM_FAST class: FP32 exact, TF32 tensor cores (operands rounded to 10-bit
+   mantissas), BF16 tensor cores (A and B in bf16: weights from the bf16 twin, everything else rounded
+   into scratch here; fp32 accumulate, C stays fp32). MHC_GEMM_FP32 GEMMs are always exact fp32.        */
 static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int N, int K, float alpha,
                  const float *A, long long strideA, const float *B, long long strideB, float beta, float *C,
                  long long strideC, int batch) {
-    cublasComputeType_t compute = prec == MHC_GEMM_FP32 ? CUBLAS_COMPUTE_32F : bl->fast;
     int lda = transA ? M : K, ldb = transB ? K : N;
+    int fast = prec == MHC_GEMM_FAST;
+    cublasComputeType_t compute = fast && bl->precision == MHC_PREC_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    cudaDataType type = CUDA_R_32F;                 /* of A and B */
+    const void *a = A, *b = B;
+    if (fast && bl->precision == MHC_PREC_BF16) {
+        type = CUDA_R_16BF;
+        a = gemm_bf16_operand(bl, 0, A, transA ? K : M, transA ? M : K, lda, strideA, batch);
+        b = gemm_bf16_operand(bl, 1, B, transB ? N : K, transB ? K : N, ldb, strideB, batch);
+    }
     CUBLAS_CHECK(cublasGemmStridedBatchedEx(bl->handle, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                            N, M, K, &alpha, B, CUDA_R_32F, ldb, strideB, A, CUDA_R_32F, lda, strideA,
+                                            N, M, K, &alpha, b, type, ldb, strideB, a, type, lda, strideA,
                                             &beta, C, CUDA_R_32F, N, strideC, batch, compute, CUBLAS_GEMM_DEFAULT));
 }
 
@@ -1322,8 +1401,20 @@ static void gpu_acts_free(MhcGpuActs *A) {
     memset(A, 0, sizeof *A);
 }
 
-/* 0 ok, -1 out of GPU memory (nothing left allocated) */
-static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int with_grad) {
+/* The largest non-weight operand of an MHC_GEMM_FAST GEMM, in elements (gemm_bf16_operand checks it):
+   N rows of an activation or its gradient (u, dy: C; FFN: F; q: H d_qk; c_q: d_q; latent + k_pe: d_c + d_r;
+   kv: H (d_nope + d_v); o: H d_v; logits: V), or decode's [H, d_c] latent output at N = 1. */
+static size_t gpu_bf16_scratch_count(const MhcConfig *c, size_t N) {
+    size_t H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, w = c->d_model, x[] = {
+        (size_t)mhc_ffn_width(c), H * dqk, (size_t)c->q_lora_rank, (size_t)c->kv_lora_rank + c->qk_rope_head_dim,
+        H * (c->qk_nope_head_dim + c->v_head_dim), H * c->v_head_dim, (size_t)c->vocab_size};
+    for (size_t k = 0; k < sizeof x / sizeof x[0]; k++) w = w > x[k] ? w : x[k];
+    size_t decode = H * c->kv_lora_rank;
+    return N * w > decode ? N * w : decode;
+}
+
+/* 0 ok, -1 out of GPU memory (nothing left allocated). bf16: with the BF16 GEMM operand scratch */
+static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int with_grad, int bf16) {
     MhcBuffer tab[MHC_MAX_BUFFERS];
     memset(A, 0, sizeof *A);
     A->B = A->a.B = B;
@@ -1354,6 +1445,11 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int wi
     A->moe_bal = arena_new<double>(ar, (size_t)c->n_layers * B);
     A->reduce_part = arena_new<double>(ar, MHC_REDUCE_BLOCKS);
     A->reduce_out = arena_new<double>(ar, 2);
+    if (bf16) {
+        A->gemm_bf16_count = gpu_bf16_scratch_count(c, N);
+        A->gemm_bf16[0] = arena_new<__nv_bfloat16>(ar, A->gemm_bf16_count);
+        A->gemm_bf16[1] = arena_new<__nv_bfloat16>(ar, A->gemm_bf16_count);
+    }
     if (with_grad) {
         A->att_rowdot = arena_new<float>(ar, N * H);
         A->moe_dx = arena_new<float>(ar, N * K * C);
@@ -1795,11 +1891,49 @@ void mhc_gpu_free(MhcGpu *g) {
     memset(g, 0, sizeof *g);
 }
 
-void mhc_gpu_set_tf32(MhcGpu *g, int enable) { g->blas.fast = enable ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F; }
+/* points g->blas at what BF16 GEMMs read: the slab, its twin, and the current acts' operand scratch */
+static void gpu_blas_bind(MhcGpu *g) {
+    g->blas.params = g->params_bf16 ? g->params : NULL;
+    g->blas.params_bf16 = g->params_bf16;
+    g->blas.n_params = g->n_params;
+    g->blas.scratch[0] = g->acts.gemm_bf16[0];
+    g->blas.scratch[1] = g->acts.gemm_bf16[1];
+    g->blas.scratch_count = g->acts.gemm_bf16_count;
+}
+
+void mhc_gpu_set_precision(MhcGpu *g, int precision) {
+    if (precision != MHC_PREC_FP32 && precision != MHC_PREC_TF32 && precision != MHC_PREC_BF16) {
+        fprintf(stderr, "mhc_gpu_set_precision: unknown precision %d\n", precision);
+        exit(1);
+    }
+    g->blas.precision = precision;
+    if (precision != MHC_PREC_BF16) return;
+    if (!g->params_bf16) {                  /* once: the bf16 copy lives from here on, kept current */
+        g->params_bf16 = arena_new<__nv_bfloat16>(&g->arena, g->n_params);
+        if (g->arena.failed) {
+            fprintf(stderr, "mhc_gpu_set_precision: out of GPU memory for the bf16 parameter copy\n");
+            exit(1);
+        }
+        gpu_to_bf16(g->params_bf16, g->params, g->n_params);
+    }
+    if (!g->acts.gemm_bf16[0]) {            /* the activation buffers again, now with the operand scratch */
+        int B = g->acts.B, T = g->acts.T;
+        gpu_acts_free(&g->acts);
+        if (gpu_acts_init(&g->acts, &g->cfg, B, T, 1, 1)) {
+            fprintf(stderr, "mhc_gpu_set_precision: out of GPU memory for the bf16 GEMM scratch (batch %d x %d)\n", B, T);
+            exit(1);
+        }
+        g->has_targets = 0;
+    }
+    gpu_blas_bind(g);
+}
+
+void mhc_gpu_set_tf32(MhcGpu *g, int enable) { mhc_gpu_set_precision(g, enable ? MHC_PREC_TF32 : MHC_PREC_FP32); }
 
 void mhc_gpu_upload(MhcGpu *g, const MhcModel *host) {
     size_t bytes = sizeof(float) * g->n_params, LE = (size_t)g->cfg.n_layers * g->cfg.n_routed_experts;
     CUDA_CHECK(cudaMemcpy(g->params, host->params, bytes, cudaMemcpyHostToDevice));
+    if (g->params_bf16) gpu_to_bf16(g->params_bf16, g->params, g->n_params);
     CUDA_CHECK(cudaMemcpy(g->adam_m, host->adam_m, bytes, cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(g->adam_v, host->adam_v, bytes, cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(g->expert_bias, host->expert_bias, sizeof(float) * LE, cudaMemcpyHostToDevice));
@@ -1888,7 +2022,7 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     g->g.blk = (MhcBlock *)mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
     g->p.sub = (MhcStreamParams *)mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
     g->g.sub = (MhcStreamParams *)mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
-    if (g->arena.failed || gpu_acts_init(&g->acts, c, B, T, 1)) {
+    if (g->arena.failed || gpu_acts_init(&g->acts, c, B, T, 1, 0)) {
         fprintf(stderr, "mhc_gpu_init: out of GPU memory (%zu parameters, batch %d x %d)\n", g->n_params, B, T);
         mhc_gpu_free(g);
         return -1;
@@ -1898,7 +2032,7 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     mhc_layout(c, &wg, &g->g);
     CUBLAS_CHECK(cublasCreate(&g->blas.handle));
     CUBLAS_CHECK(cublasSetAtomicsMode(g->blas.handle, CUBLAS_ATOMICS_NOT_ALLOWED));
-    mhc_gpu_set_tf32(g, 1);
+    mhc_gpu_set_precision(g, MHC_PREC_TF32);
     CUDA_CHECK(cudaMemset(g->expert_load, 0, sizeof(int) * LE));
     mhc_gpu_upload(g, host);
     mhc_gpu_zero_grad(g);
@@ -1910,10 +2044,11 @@ double mhc_gpu_forward(MhcGpu *g, const int *tokens, const int *targets, int B, 
     int N = B * T;
     if (B != g->acts.B || T != g->acts.T) {
         gpu_acts_free(&g->acts);
-        if (gpu_acts_init(&g->acts, c, B, T, 1)) {
+        if (gpu_acts_init(&g->acts, c, B, T, 1, g->params_bf16 != NULL)) {
             fprintf(stderr, "mhc_gpu_forward: out of GPU memory for batch %d x %d\n", B, T);
             exit(1);
         }
+        gpu_blas_bind(g);
     }
     for (int t = 0; t < N; t++)
         if (tokens[t] < 0 || tokens[t] >= c->vocab_size || (targets && (targets[t] < 0 || targets[t] >= c->vocab_size))) {
@@ -1982,16 +2117,19 @@ double mhc_gpu_clip_grad(MhcGpu *g, double max_norm) {
     return norm;
 }
 
-/* SPEC §12 AdamW on one tensor, in double like the CPU */
-__global__ void adamw_kernel(float *p, const float *grad, float *m, float *v, size_t count, double lr, double b1, double b2,
-                             double bc1, double bc2, double eps, double wd) {
+/* SPEC §12 AdamW on one tensor, in double like the CPU. p is the fp32 master; p16 (NULL: none) its bf16
+   copy, rewritten here from the new master (RNE) so the BF16 GEMMs never read a stale weight */
+__global__ void adamw_kernel(float *p, __nv_bfloat16 *p16, const float *grad, float *m, float *v, size_t count, double lr,
+                             double b1, double b2, double bc1, double bc2, double eps, double wd) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i >= count) return;
     double gi = grad[i];
     double mi = b1 * m[i] + (1 - b1) * gi, vi = b2 * v[i] + (1 - b2) * gi * gi;
     m[i] = (float)mi;
     v[i] = (float)vi;
-    p[i] = (float)(p[i] * (1 - lr * wd) - lr * (mi / bc1) / (sqrt(vi / bc2) + eps));
+    float pi = (float)(p[i] * (1 - lr * wd) - lr * (mi / bc1) / (sqrt(vi / bc2) + eps));
+    p[i] = pi;
+    if (p16) p16[i] = __float2bfloat16(pi);
 }
 
 void mhc_gpu_adamw_step(MhcGpu *g, double lr) {
@@ -2000,7 +2138,9 @@ void mhc_gpu_adamw_step(MhcGpu *g, double lr) {
     double b1 = c->adam_beta1, b2 = c->adam_beta2, bc1 = 1 - pow(b1, g->step), bc2 = 1 - pow(b2, g->step);
     for (int k = 0; k < g->n_tensors; k++) {           /* decay only on 2-D matrices (MhcTensor.decay) */
         const MhcTensor *t = &g->tensors[k];
-        adamw_kernel<<<mhc_blocks(t->size, MHC_BLOCK), MHC_BLOCK>>>(g->params + t->offset, g->grads + t->offset,
+        adamw_kernel<<<mhc_blocks(t->size, MHC_BLOCK), MHC_BLOCK>>>(g->params + t->offset,
+                                                                   g->params_bf16 ? g->params_bf16 + t->offset : NULL,
+                                                                   g->grads + t->offset,
                                                                    g->adam_m + t->offset, g->adam_v + t->offset, t->size, lr,
                                                                    b1, b2, bc1, bc2, c->adam_eps, t->decay ? c->weight_decay : 0);
         LAUNCH_CHECK();
@@ -2041,7 +2181,7 @@ int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
     c->qabs = arena_new<float>(&c->arena, H * dc);
     c->olat = arena_new<float>(&c->arena, H * dc);
     c->scores = arena_new<float>(&c->arena, H * max_len);
-    if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0)) {
+    if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0, 0)) {   /* decode's GEMMs use g's bf16 scratch */
         fprintf(stderr, "mhc_gpu_cache_init: out of GPU memory for a cache of %d positions\n", max_len);
         arena_free(&c->arena);
         return -1;

@@ -660,8 +660,12 @@ typedef struct {
     const char *out_dir;
     int eval_every, eval_batches, ckpt_every, threads, dry_run, resume, stop_after, bench;
     int grad_accum;           /* micro-batches per step: forward + backward of batch/grad_accum sequences each */
+    int precision;            /* index into precision_names: GEMM precision (GPU build)               */
     uint64_t seed;
 } Options;
+
+/* --precision values; the order is mhc_cuda.cuh's MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16 */
+static const char *const precision_names[] = {"fp32", "tf32", "bf16"};
 
 /* flags that name one config field */
 static const char *const flag_fields[][2] = {
@@ -696,6 +700,9 @@ static void usage(void) {
            "  --stop-after N         stop (with a checkpoint) after step N, as if interrupted\n"
            "  --dry-run              print config, parameters, FLOPs and memory; allocate nothing\n"
            "  --bench                time the steps only: no evaluation, plots, diagnostics or checkpoints\n"
+           "  --precision P          GPU GEMMs: fp32 | tf32 | bf16 (default tf32; bf16: bf16 operands, fp32\n"
+           "                         accumulate and master weights, untested on real hardware). The CPU build\n"
+           "                         takes only fp32 (it computes in fp32, or fp64 when built so)\n"
            "  --loss-gap PNG DIR...  plot CE(run) - CE(first run) from finished runs' log.csv\n"
            "  --help\n");
 }
@@ -733,6 +740,9 @@ static void parse_args(Options *o, int argc, char **argv) {
     o->grad_accum = 1;
     o->ckpt_every = -1;
     o->seed = 1337;
+#ifdef __CUDACC__
+    o->precision = 1;                /* tf32 */
+#endif
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int matched = 0;
@@ -743,7 +753,7 @@ static void parse_args(Options *o, int argc, char **argv) {
         int known = !strcmp(a, "--preset") || !strcmp(a, "--set") || !strcmp(a, "--train") || !strcmp(a, "--val") ||
                     !strcmp(a, "--out") || !strcmp(a, "--eval-every") || !strcmp(a, "--eval-batches") ||
                     !strcmp(a, "--ckpt-every") || !strcmp(a, "--threads") || !strcmp(a, "--stop-after") || !strcmp(a, "--seed") ||
-                    !strcmp(a, "--grad-accum");
+                    !strcmp(a, "--grad-accum") || !strcmp(a, "--precision");
         for (int k = 0; flag_fields[k][0]; k++) known |= !strcmp(a, flag_fields[k][0]);
         if (!known) die("unknown flag '%s' (see --help)%s", a, "");
         if (!v) die("%s needs a value%s", a, "");
@@ -782,6 +792,13 @@ static void parse_args(Options *o, int argc, char **argv) {
             if (parse_int(v, 1, &o->grad_accum)) die("bad value '%s' for %s", v, a);
         } else if (!strcmp(a, "--stop-after")) {
             if (parse_int(v, 1, &o->stop_after)) die("bad value '%s' for %s", v, a);
+        } else if (!strcmp(a, "--precision")) {
+            o->precision = -1;
+            for (int k = 0; k < 3; k++) if (!strcmp(v, precision_names[k])) o->precision = k;
+            if (o->precision < 0) die("bad value '%s' for %s (fp32 | tf32 | bf16)", v, a);
+#ifndef __CUDACC__
+            if (o->precision != 0) die("--precision %s needs the GPU build (make gpu); this CPU build takes only fp32%s", v, "");
+#endif
         } else if (!strcmp(a, "--seed")) {
             char *end;
             errno = 0;
@@ -841,6 +858,7 @@ typedef struct {
     MhcModel m;
     int micro;                /* sequences per forward: batch_size / grad_accum */
     MhcActs probe;            /* B = 1 forward over the diagnostics probe (CPU) */
+    int precision;            /* MHC_PREC_* of the GPU GEMMs (Options.precision) */
 #ifdef __CUDACC__
     MhcGpu gpu;
 #endif
@@ -850,6 +868,7 @@ static void trainer_start(Trainer *tr, int grad_accum) {
     tr->micro = tr->m.cfg.batch_size / grad_accum;
 #ifdef __CUDACC__
     if (mhc_gpu_init(&tr->gpu, &tr->m, tr->micro, tr->m.cfg.seq_len)) exit(1);
+    mhc_gpu_set_precision(&tr->gpu, tr->precision);       /* precision_names is in MHC_PREC_* order */
 #endif
     mhc_acts_create(&tr->probe, &tr->m.cfg, 1, tr->m.cfg.seq_len);
 }
@@ -1306,7 +1325,11 @@ int main(int argc, char **argv) {
     int *x = (int *)calloc((size_t)N, sizeof(int)), *y = (int *)calloc((size_t)N, sizeof(int));
     int *probe = (int *)calloc((size_t)T, sizeof(int));
     for (int t = 0; t < T; t++) probe[t] = (int)val.tokens[t];    /* SPEC §14: the first T validation tokens */
+    tr.precision = o.precision;
     trainer_start(&tr, o.grad_accum);
+#ifdef __CUDACC__
+    printf("GPU GEMM precision: %s\n", precision_names[o.precision]);
+#endif
     double t_start = now_seconds();
     int first_step = tr.m.step;
     for (int step = tr.m.step; step < c->steps; step++) {

@@ -37,6 +37,7 @@ expect_error "train: out-of-range steps" 2 "out of range" -- ./train --steps 0
 expect_error "train: out-of-range streams" 2 "out of range" -- ./train --streams 99
 expect_error "train: unknown preset" 2 "unknown preset" -- ./train --preset huge
 expect_error "train: unknown --set field" 2 "unknown config field" -- ./train --set nonsense=1
+expect_error "train: bad --precision" 2 "bad value 'fp8' for --precision" -- ./train --precision fp8
 expect_error "infer: unknown flag" 2 "unknown flag" -- ./infer x.safetensors --frobnicate 1
 expect_error "infer: no checkpoint" 2 "no checkpoint" -- ./infer
 ./train --preset 27b --dry-run >"$work/dry" 2>&1

@@ -141,31 +141,38 @@ static float emu_tf32(float x) {     /* round to nearest (ties away) at 10 manti
     return x;
 }
 
+/* element i of a GEMM operand stored as `type` (fp32, or bf16 widened exactly) */
+static float emu_operand(const void *X, cudaDataType type, size_t i) {
+    return type == CUDA_R_16BF ? __bfloat162float(((const __nv_bfloat16 *)X)[i]) : ((const float *)X)[i];
+}
+
 /* column-major C = alpha op(A) op(B) + beta C, per batch entry, as cuBLAS defines it. op(A) and op(B)
-   are first copied into rows of k contiguous floats (rounded to TF32 when asked) so every entry of C is
-   one sequential dot product. */
+   are first copied into rows of k contiguous floats (from fp32 or bf16 storage; rounded to TF32 when
+   asked) so every entry of C is one sequential fp32 dot product. Strides and leading dimensions count
+   elements of the operand's own type. C must be fp32. */
 cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
-                                          int k, const float *alpha, const void *A_, cudaDataType, int lda, long long strideA,
-                                          const void *B_, cudaDataType, int ldb, long long strideB, const float *beta, void *C_,
-                                          cudaDataType, int ldc, long long strideC, int batch, cublasComputeType_t compute, int) {
+                                          int k, const float *alpha, const void *A_, cudaDataType typeA, int lda, long long strideA,
+                                          const void *B_, cudaDataType typeB, int ldb, long long strideB, const float *beta, void *C_,
+                                          cudaDataType typeC, int ldc, long long strideC, int batch, cublasComputeType_t compute, int) {
     if (ldc < m || lda < (transa == CUBLAS_OP_N ? m : k) || ldb < (transb == CUBLAS_OP_N ? k : n) || lda < 1 || ldb < 1) {
         fprintf(stderr, "cuda_emu: bad leading dimension in a GEMM (m %d n %d k %d lda %d ldb %d ldc %d)\n", m, n, k, lda, ldb, ldc);
         abort();
     }
+    if (typeC != CUDA_R_32F) { fprintf(stderr, "cuda_emu: a GEMM's C must be fp32\n"); abort(); }
     float *rowsA = (float *)malloc(sizeof(float) * ((size_t)m * k + 1)), *rowsB = (float *)malloc(sizeof(float) * ((size_t)n * k + 1));
     if (!rowsA || !rowsB) { fprintf(stderr, "cuda_emu: out of memory in a GEMM\n"); abort(); }
     int tf32 = compute == CUBLAS_COMPUTE_32F_FAST_TF32;
     for (int b = 0; b < batch; b++) {
-        const float *A = (const float *)A_ + b * strideA, *B = (const float *)B_ + b * strideB;
+        size_t a0 = (size_t)(b * strideA), b0 = (size_t)(b * strideB);
         float *C = (float *)C_ + b * strideC;
         for (int i = 0; i < m; i++)
             for (int l = 0; l < k; l++) {
-                float a = transa == CUBLAS_OP_N ? A[i + (size_t)l * lda] : A[l + (size_t)i * lda];
+                float a = emu_operand(A_, typeA, a0 + (transa == CUBLAS_OP_N ? i + (size_t)l * lda : l + (size_t)i * lda));
                 rowsA[(size_t)i * k + l] = tf32 ? emu_tf32(a) : a;
             }
         for (int j = 0; j < n; j++)
             for (int l = 0; l < k; l++) {
-                float x = transb == CUBLAS_OP_N ? B[l + (size_t)j * ldb] : B[j + (size_t)l * ldb];
+                float x = emu_operand(B_, typeB, b0 + (transb == CUBLAS_OP_N ? l + (size_t)j * ldb : j + (size_t)l * ldb));
                 rowsB[(size_t)j * k + l] = tf32 ? emu_tf32(x) : x;
             }
         for (int j = 0; j < n; j++)
