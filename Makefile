@@ -50,7 +50,7 @@ tests_gpu: tests.c mhc.h mhc_cuda.cuh
 CXX ?= g++
 EMU = dev/cuda_emu
 emu: $(EMU)/build/tests_emu
-$(EMU)/build/tests_emu: tests.c mhc.h mhc_cuda.cuh $(EMU)/launch.py $(EMU)/emu.cpp $(EMU)/cuda_runtime.h $(EMU)/cublas_v2.h $(EMU)/cuda_bf16.h
+$(EMU)/build/tests_emu: tests.c mhc.h mhc_cuda.cuh $(EMU)/launch.py $(EMU)/emu.cpp $(EMU)/cuda_runtime.h $(EMU)/cublas_v2.h $(EMU)/cuda_bf16.h $(EMU)/mma.h
 	@mkdir -p $(EMU)/build
 	$(PYTHON) $(EMU)/launch.py tests.c $(EMU)/build/tests.c mhc_cuda.cuh $(EMU)/build/mhc_cuda.cuh
 	$(CXX) -std=c++17 -O2 -w -U_FORTIFY_SOURCE -D__CUDACC__ -I$(EMU) -I. $(EMU)/build/tests.c $(EMU)/emu.cpp -o $@ -lm

@@ -20,9 +20,11 @@
                               even); activation and gradient operands are rounded into scratch by one
                               conversion kernel just before their GEMM. Outputs, weight gradients and the
                               accumulation stay fp32. Not yet run on real hardware (only dev/cuda_emu).
-   Always fp32 whatever the setting: the mHC/HC coefficient GEMMs and the router GEMM (MHC_GEMM_FP32), the
-   routed-expert GEMMs (expert_gemm_kernel), attention (flash kernels), and every elementwise kernel. Norm
-   statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
+   The routed-expert GEMMs are our own kernels (the row counts stay on the GPU): exact fp32 FMAs under
+   MHC_PREC_FP32, TF32 tensor cores (WMMA m16n16k8, fp32 operands rounded, fp32 accumulate) under TF32 and
+   BF16. Always fp32 whatever the setting: the mHC/HC coefficient GEMMs and the router GEMM
+   (MHC_GEMM_FP32), attention (flash kernels, CUDA cores), and every elementwise kernel. Norm statistics,
+   softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
 
    Determinism: no float atomics. A reduction is a warp's butterfly, a block's fixed tree, or per-block
    partials summed in a fixed order; the scatters (embedding gradient, expert outputs) loop over a
@@ -46,6 +48,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 /* ---------------------------------------------------------------------------------------------
    Types and interface                                                                            */
@@ -300,36 +303,78 @@ static void gpu_matmul_backward(const MhcBlas *bl, int prec, float *din, float *
 
 /* Routed-expert GEMMs (SPEC §11) over token rows grouped by expert: rows seg[e] .. seg[e+1]-1 belong to
    expert e, whose weight is W_e = W + e * w_stride. The row counts live on the GPU (no host round trip),
-   so this is a plain fp32 tiled kernel rather than cuBLAS. Row-major, fixed summation order.
+   so these are our own tiled kernels rather than cuBLAS. Row-major, fixed summation order.
      kseg = 0:  C[rows] = A[rows] @ op(W_e) + beta * C[rows]     (B = W, op = ^T when transB; M = rows of e)
      kseg = 1:  W_e    += A[rows]^T @ B[rows]                   (C = W; K = rows of e, M and N fixed)
-   One block computes a 64x64 tile of one expert; blocks past that expert's rows return at once.        */
+   One block computes a 64x64 tile of one expert; blocks past that expert's rows return at once. Two
+   kernels share the tile loads and differ in the multiply: exact fp32 FMAs (MHC_PREC_FP32, the tests) or
+   TF32 tensor cores through WMMA (MHC_PREC_TF32 and MHC_PREC_BF16).                                      */
 #define EG_TILE 64
-#define EG_K 16
-__global__ void __launch_bounds__(256) expert_gemm_kernel(float *C, int ldc, const float *A, int lda, const float *B,
-                                                          int ldb, int transB, size_t w_stride, const int *seg, int Mfix,
-                                                          int N, int Kfix, int kseg, float beta) {
-    __shared__ float As[EG_K][EG_TILE], Bs[EG_K][EG_TILE];
-    int e = blockIdx.z, r0 = seg[e], rows = seg[e + 1] - r0;
-    int M = kseg ? Mfix : rows, K = kseg ? rows : Kfix;
-    int i0 = blockIdx.y * EG_TILE, j0 = blockIdx.x * EG_TILE;
-    if (i0 >= M) return;
-    const float *Ae = A + (size_t)r0 * lda;
-    const float *Be = kseg ? B + (size_t)r0 * ldb : B + e * w_stride;
-    float *Ce = kseg ? C + e * w_stride : C + (size_t)r0 * ldc;
-    int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+#define EG_K 16                   /* K slab per shared-memory stage                                      */
+#define EG_LD (EG_TILE + 4)       /* shared row stride: a multiple of 4 floats keeps WMMA rows 32-byte aligned */
+
+typedef struct {
+    float *C;
+    const float *A, *B;
+    int ldc, lda, ldb, transB, kseg;
+    size_t w_stride;
+    const int *seg;
+    int Mfix, N, Kfix;
+    float beta;
+} MhcExpertGemm;
+
+/* this block's problem: expert blockIdx.z, output tile (i0, j0); M = 0 when the tile is past its rows */
+typedef struct {
+    int M, K, i0, j0;
+    const float *A, *B;
+    float *C;
+} MhcExpertTile;
+
+__device__ MhcExpertTile eg_tile(const MhcExpertGemm &g) {
+    MhcExpertTile t;
+    int e = blockIdx.z, r0 = g.seg[e], rows = g.seg[e + 1] - r0;
+    t.M = g.kseg ? g.Mfix : rows;
+    t.K = g.kseg ? rows : g.Kfix;
+    t.i0 = blockIdx.y * EG_TILE;
+    t.j0 = blockIdx.x * EG_TILE;
+    if (t.i0 >= t.M) t.M = 0;
+    t.A = g.A + (size_t)r0 * g.lda;
+    t.B = g.kseg ? g.B + (size_t)r0 * g.ldb : g.B + e * g.w_stride;
+    t.C = g.kseg ? g.C + e * g.w_stride : g.C + (size_t)r0 * g.ldc;
+    return t;
+}
+
+/* As[k][i] = op(A)[i0+i][k0+k], Bs[k][j] = op(B)[k0+k][j0+j] for the K slab at k0, zero outside */
+__device__ void eg_load_slab(float (*As)[EG_LD], float (*Bs)[EG_LD], const MhcExpertGemm &g, const MhcExpertTile &t, int k0) {
+    for (int q = threadIdx.x; q < EG_K * EG_TILE; q += blockDim.x) {   /* consecutive threads, consecutive addresses */
+        int i, j, k;
+        if (g.kseg) { k = q / EG_TILE; i = q % EG_TILE; } else { i = q / EG_K; k = q % EG_K; }
+        int gi = t.i0 + i, gk = k0 + k;
+        As[k][i] = gi < t.M && gk < t.K ? (g.kseg ? t.A[(size_t)gk * g.lda + gi] : t.A[(size_t)gi * g.lda + gk]) : 0.0f;
+        if (g.transB) { j = q / EG_K; k = q % EG_K; } else { k = q / EG_TILE; j = q % EG_TILE; }
+        int gj = t.j0 + j;
+        gk = k0 + k;
+        Bs[k][j] = gj < g.N && gk < t.K ? (g.transB ? t.B[(size_t)gj * g.ldb + gk] : t.B[(size_t)gk * g.ldb + gj]) : 0.0f;
+    }
+}
+
+/* C[i0+i][j0+j] = v (+ beta C) inside the problem */
+__device__ void eg_store(const MhcExpertGemm &g, const MhcExpertTile &t, int i, int j, float v) {
+    int gi = t.i0 + i, gj = t.j0 + j;
+    if (gi >= t.M || gj >= g.N) return;
+    float *c = t.C + (size_t)gi * g.ldc + gj;
+    *c = g.beta == 0.0f ? v : v + g.beta * *c;
+}
+
+/* exact fp32: 256 threads, a 4x4 register tile each */
+__global__ void __launch_bounds__(256) expert_gemm_kernel(MhcExpertGemm g) {
+    __shared__ float As[EG_K][EG_LD], Bs[EG_K][EG_LD];
+    MhcExpertTile t = eg_tile(g);
+    if (!t.M) return;
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float acc[4][4] = {{0}};
-    for (int k0 = 0; k0 < K; k0 += EG_K) {
-        for (int q = tid; q < EG_K * EG_TILE; q += 256) {   /* consecutive threads read consecutive addresses */
-            int i, j, k;
-            if (kseg) { k = q / EG_TILE; i = q % EG_TILE; } else { i = q / EG_K; k = q % EG_K; }
-            int gi = i0 + i, gk = k0 + k;
-            As[k][i] = gi < M && gk < K ? (kseg ? Ae[(size_t)gk * lda + gi] : Ae[(size_t)gi * lda + gk]) : 0.0f;
-            if (transB) { j = q / EG_K; k = q % EG_K; } else { k = q / EG_TILE; j = q % EG_TILE; }
-            int gj = j0 + j;
-            gk = k0 + k;
-            Bs[k][j] = gj < N && gk < K ? (transB ? Be[(size_t)gj * ldb + gk] : Be[(size_t)gk * ldb + gj]) : 0.0f;
-        }
+    for (int k0 = 0; k0 < t.K; k0 += EG_K) {
+        eg_load_slab(As, Bs, g, t, k0);
         __syncthreads();
         for (int k = 0; k < EG_K; k++) {
             float av[4], bv[4];
@@ -340,21 +385,54 @@ __global__ void __launch_bounds__(256) expert_gemm_kernel(float *C, int ldc, con
         __syncthreads();
     }
     for (int x = 0; x < 4; x++)
-        for (int y = 0; y < 4; y++) {
-            int gi = i0 + ty + 16 * x, gj = j0 + tx + 16 * y;
-            if (gi >= M || gj >= N) continue;
-            float *c = Ce + (size_t)gi * ldc + gj;
-            *c = beta == 0.0f ? acc[x][y] : acc[x][y] + beta * *c;
+        for (int y = 0; y < 4; y++) eg_store(g, t, ty + 16 * x, tx + 16 * y, acc[x][y]);
+}
+
+/* TF32 tensor cores: 4 warps, each a 32x32 quarter of the tile as 2x2 WMMA m16n16k8 accumulators. As is
+   k-major, so op(A) is read as a column-major matrix_a; Bs is a row-major matrix_b. */
+__global__ void __launch_bounds__(128) expert_gemm_tf32_kernel(MhcExpertGemm g) {
+    using namespace nvcuda;
+    __shared__ __align__(32) float As[EG_K][EG_LD], Bs[EG_K][EG_LD];
+    __shared__ __align__(32) float Cs[EG_TILE][EG_LD];
+    MhcExpertTile t = eg_tile(g);
+    if (!t.M) return;
+    int warp = threadIdx.x / 32, wi = (warp / 2) * 32, wj = (warp % 2) * 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
+    for (int x = 0; x < 2; x++)
+        for (int y = 0; y < 2; y++) wmma::fill_fragment(acc[x][y], 0.0f);
+    for (int k0 = 0; k0 < t.K; k0 += EG_K) {
+        eg_load_slab(As, Bs, g, t, k0);
+        __syncthreads();
+        for (int k = 0; k < EG_K; k += 8) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b[2];
+            for (int x = 0; x < 2; x++) {
+                wmma::load_matrix_sync(a[x], &As[k][wi + 16 * x], EG_LD);
+                wmma::load_matrix_sync(b[x], &Bs[k][wj + 16 * x], EG_LD);
+                for (int q = 0; q < a[x].num_elements; q++) a[x].x[q] = wmma::__float_to_tf32(a[x].x[q]);
+                for (int q = 0; q < b[x].num_elements; q++) b[x].x[q] = wmma::__float_to_tf32(b[x].x[q]);
+            }
+            for (int x = 0; x < 2; x++)
+                for (int y = 0; y < 2; y++) wmma::mma_sync(acc[x][y], a[x], b[y], acc[x][y]);
         }
+        __syncthreads();
+    }
+    for (int x = 0; x < 2; x++)
+        for (int y = 0; y < 2; y++)
+            wmma::store_matrix_sync(&Cs[wi + 16 * x][wj + 16 * y], acc[x][y], EG_LD, wmma::mem_row_major);
+    __syncthreads();
+    for (int q = threadIdx.x; q < EG_TILE * EG_TILE; q += blockDim.x) eg_store(g, t, q / EG_TILE, q % EG_TILE, Cs[q / EG_TILE][q % EG_TILE]);
 }
 
 /* max_rows (kseg = 0): the most rows one expert can hold (N tokens: a token picks an expert at most once);
-   kseg = 1: M = the rows of W_e */
-static void gpu_expert_gemm(float *C, int ldc, const float *A, int lda, const float *B, int ldb, int transB,
+   kseg = 1: M = the rows of W_e. precision: MHC_PREC_FP32 runs the exact kernel, any other TF32 WMMA. */
+static void gpu_expert_gemm(int precision, float *C, int ldc, const float *A, int lda, const float *B, int ldb, int transB,
                             size_t w_stride, const int *seg, int E, int M, int N, int K, int kseg, float beta) {
     if (M <= 0 || N <= 0 || E <= 0) return;
+    MhcExpertGemm g = {C, A, B, ldc, lda, ldb, transB, kseg, w_stride, seg, M, N, K, beta};
     dim3 grid(mhc_blocks((size_t)N, EG_TILE), mhc_blocks((size_t)M, EG_TILE), E);
-    expert_gemm_kernel<<<grid, 256>>>(C, ldc, A, lda, B, ldb, transB, w_stride, seg, M, N, K, kseg, beta);
+    if (precision == MHC_PREC_FP32) expert_gemm_kernel<<<grid, 256>>>(g);
+    else expert_gemm_tf32_kernel<<<grid, 128>>>(g);
     LAUNCH_CHECK();
 }
 
@@ -1723,10 +1801,10 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_moe_group(A, sel, NK, E, g->expert_load + (size_t)l * E);
     gpu_moe_gather(A, u, NK, K, C);
     const int *seg = a->expert_start;
-    gpu_expert_gemm(ha, I, A->moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, N, I, C, 0, 0.0f);   /* a = W1_e x */
-    gpu_expert_gemm(hg, I, A->moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, N, I, C, 0, 0.0f);   /* g = W3_e x */
+    gpu_expert_gemm(g->blas.precision, ha, I, A->moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, N, I, C, 0, 0.0f);   /* a = W1_e x */
+    gpu_expert_gemm(g->blas.precision, hg, I, A->moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, N, I, C, 0, 0.0f);   /* g = W3_e x */
     gpu_swiglu_forward(hh, ha, hg, (size_t)NK * I);
-    gpu_expert_gemm(eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, N, C, I, 0, 0.0f);        /* W2_e h    */
+    gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, N, C, I, 0, 0.0f);        /* W2_e h    */
     gpu_moe_combine(out, eo, A->moe_row, w, N, K, C);
     if (c->seq_aux_alpha > 0) {
         moe_balance_kernel<<<B, MHC_BLOCK>>>(A->moe_bal + (size_t)l * B, A->moe_f, A->moe_ssum, s, sel, B, T, E, K,
@@ -1758,13 +1836,13 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     moe_uncombine_kernel<<<mhc_blocks((size_t)NK, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(dYp, a->dgw, dout, eo, w,
                                                                                        a->expert_order, NK, K, C);
     LAUNCH_CHECK();
-    gpu_expert_gemm(dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, N, I, C, 0, 0.0f);       /* dh = W2_e^T dy   */
-    gpu_expert_gemm(gb->w2, I, dYp, C, hh, I, 0, (size_t)C * I, seg, E, C, I, 0, 1, 1.0f);      /* dW2_e += dy (x) h */
+    gpu_expert_gemm(g->blas.precision, dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, N, I, C, 0, 0.0f);       /* dh = W2_e^T dy   */
+    gpu_expert_gemm(g->blas.precision, gb->w2, I, dYp, C, hh, I, 0, (size_t)C * I, seg, E, C, I, 0, 1, 1.0f);      /* dW2_e += dy (x) h */
     gpu_swiglu_backward(da, dg, dh, ha, hg, (size_t)NK * I);
-    gpu_expert_gemm(A->moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, N, C, I, 0, 0.0f);   /* dx = W1_e^T da  */
-    gpu_expert_gemm(A->moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, N, C, I, 0, 1.0f);   /*   + W3_e^T dg   */
-    gpu_expert_gemm(gb->w1, C, da, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW1_e += da (x) x */
-    gpu_expert_gemm(gb->w3, C, dg, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW3_e += dg (x) x */
+    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, N, C, I, 0, 0.0f);   /* dx = W1_e^T da  */
+    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, N, C, I, 0, 1.0f);   /*   + W3_e^T dg   */
+    gpu_expert_gemm(g->blas.precision, gb->w1, C, da, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW1_e += da (x) x */
+    gpu_expert_gemm(g->blas.precision, gb->w3, C, dg, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW3_e += dg (x) x */
     gpu_moe_combine(du, A->moe_dx, A->moe_row, NULL, N, K, C);                                    /* slots -> tokens */
     if (c->seq_aux_alpha > 0) {                     /* f of each sequence (the forward's values again) */
         moe_balance_kernel<<<B, MHC_BLOCK>>>(A->moe_bal + (size_t)l * B, A->moe_f, A->moe_ssum, s, sel, B, T, E, K,

@@ -1887,8 +1887,13 @@ enum { BOTH = 3, FP32_ONLY = 1, FP64_ONLY = 2 };
        (4 of 342 in one run), and a flipped token's logits jump by up to 0.15 max|logit|: so max-abs <=
        5e-2 max|logit| and rel rms <= 2.5e-2 (3x margin) are checked when no selection differs, else
        rel rms <= 6e-2 (measured 2.5e-2 with 4 flips);
-       gradient cosine >= 0.9 (flipped run: 1 - cos 3.6e-2 in an mHC alpha, the amplified tensor of the
-       TF32 note; 4e-4 unflipped); loss and aux rel <= 5e-3 (measured 1.6e-4 / 2.8e-4 flipped).
+       gradients: per-tensor cosine >= 0.9 when no selection flipped (measured over 8 draws: 1 - cos up to
+       3.9e-2, in an mHC b, the amplified tensor of the TF32 note). A flip moves whole gradient rows
+       between experts and adds the PATH 3 noise on top, so a single tensor can then lose any amount (up
+       to 0.24 seen, in an mHC b and the gate): with flips the cosine over all parameters is checked,
+       >= 0.99 (measured 1 - cos <= 3e-3 over 8 draws). A plumbing error (a wrong bf16 twin, a stale
+       copy, a bad conversion) breaks the logits, loss or copy checks by far more. Loss and aux rel <=
+       5e-3 (measured <= 1.8e-3 flipped).
        After an AdamW step the bf16 parameter copy must equal the RNE rounding of the fp32 master bit
        for bit.                                                                                        */
 
@@ -2089,8 +2094,8 @@ static void gpu_test_gemm(cublasHandle_t handle) {
 }
 
 /* the three grouped expert GEMMs against double loops; expert 1 has no rows */
-static void gpu_test_expert_gemm(void) {
-    int E = 3, rows = 12, Kin = 20, Nout = 17, seg[4] = {0, 5, 5, 12};
+static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
+    int E = 3, seg[4] = {0, rows0, rows0, rows};
     float *X = gt_randn((size_t)rows * Kin, 1), *W = gt_randn((size_t)E * Nout * Kin, 1), *dY = gt_randn((size_t)rows * Nout, 1);
     float *dX0 = gt_randn((size_t)rows * Kin, 1), *dW0 = gt_randn((size_t)E * Nout * Kin, 1);
     float *Y = gt_host((size_t)rows * Nout), *dX = gt_copy(dX0, (size_t)rows * Kin), *dW = gt_copy(dW0, (size_t)E * Nout * Kin);
@@ -2117,17 +2122,29 @@ static void gpu_test_expert_gemm(void) {
             }
     int *d_seg = gt_upload_int(seg, 4);
     float *d_X = gt_upload(X, (size_t)rows * Kin), *d_W = gt_upload(W, (size_t)E * Nout * Kin), *d_dY = gt_upload(dY, (size_t)rows * Nout);
-    float *d_Y = gt_nan((size_t)rows * Nout), *d_dX = gt_upload(dX0, (size_t)rows * Kin), *d_dW = gt_upload(dW0, (size_t)E * Nout * Kin);
     size_t ws = (size_t)Nout * Kin;
-    gpu_expert_gemm(d_Y, Nout, d_X, Kin, d_W, Kin, 1, ws, d_seg, E, rows, Nout, Kin, 0, 0.0f);   /* Y = X W_e^T   */
-    gpu_expert_gemm(d_dX, Kin, d_dY, Nout, d_W, Kin, 0, ws, d_seg, E, rows, Kin, Nout, 0, 1.0f); /* dX += dY W_e  */
-    gpu_expert_gemm(d_dW, Kin, d_dY, Nout, d_X, Kin, 0, ws, d_seg, E, Nout, Kin, 0, 1, 1.0f);    /* dW_e += dY^T X */
-    double e1 = rel_err(gt_fetch(d_Y, (size_t)rows * Nout), Y, (size_t)rows * Nout);
-    double e2 = rel_err(gt_fetch(d_dX, (size_t)rows * Kin), dX, (size_t)rows * Kin);
-    double e3 = rel_err(gt_fetch(d_dW, (size_t)E * Nout * Kin), dW, (size_t)E * Nout * Kin);
-    check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5, "gpu expert gemm: forward %.1e, input grad %.1e, weight grad %.1e (tol 1e-5)",
-          e1, e2, e3);
+    for (int tf32 = 0; tf32 < 2; tf32++) {        /* exact fp32 kernel: 1e-5; TF32 tensor cores: 5e-3 as for cuBLAS */
+        int prec = tf32 ? MHC_PREC_TF32 : MHC_PREC_FP32;
+        double tol = tf32 ? 5e-3 : 1e-5;
+        float *d_Y = gt_nan((size_t)rows * Nout), *d_dX = gt_upload(dX0, (size_t)rows * Kin), *d_dW = gt_upload(dW0, (size_t)E * Nout * Kin);
+        gpu_expert_gemm(prec, d_Y, Nout, d_X, Kin, d_W, Kin, 1, ws, d_seg, E, rows, Nout, Kin, 0, 0.0f);   /* Y = X W_e^T    */
+        gpu_expert_gemm(prec, d_dX, Kin, d_dY, Nout, d_W, Kin, 0, ws, d_seg, E, rows, Kin, Nout, 0, 1.0f); /* dX += dY W_e   */
+        gpu_expert_gemm(prec, d_dW, Kin, d_dY, Nout, d_X, Kin, 0, ws, d_seg, E, Nout, Kin, 0, 1, 1.0f);    /* dW_e += dY^T X */
+        double e1 = rel_err(gt_fetch(d_Y, (size_t)rows * Nout), Y, (size_t)rows * Nout);
+        double e2 = rel_err(gt_fetch(d_dX, (size_t)rows * Kin), dX, (size_t)rows * Kin);
+        double e3 = rel_err(gt_fetch(d_dW, (size_t)E * Nout * Kin), dW, (size_t)E * Nout * Kin);
+        check(e1 <= tol && e2 <= tol && e3 <= tol,
+              "gpu expert gemm %s, %d rows x %d -> %d: forward %.1e, input grad %.1e, weight grad %.1e (tol %.0e)",
+              tf32 ? "tf32 tensor cores" : "fp32", rows, Kin, Nout, e1, e2, e3, tol);
+    }
     gt_release();
+}
+
+/* two problems: one partial 64x64 tile per expert (one expert empty), and several tiles in every
+   dimension with K over several 16-deep slabs */
+static void gpu_test_expert_gemm(void) {
+    const int sizes[2][4] = {{12, 20, 17, 5}, {150, 40, 130, 70}};     /* rows, K_in, N_out, rows of expert 0 */
+    for (int p = 0; p < 2; p++) gpu_test_expert_gemm_case(sizes[p][0], sizes[p][1], sizes[p][2], sizes[p][3]);
 }
 
 static void gpu_test_rmsnorm(void) {
@@ -2419,8 +2436,14 @@ static void gpu_test_model(const char *name, const MhcConfig *cfg, int precision
         double cs = gt_cosine(m.grads + t->offset, cpu_grads + t->offset, t->size);
         if (!(cs >= worst)) { worst = cs; worst_name = t->name; }
     }
-    check(worst >= tol_cos, "gpu model %s%s: %d gradient tensors, worst 1 - cosine %.1e in %s (tol %.0e)", name, pn, m.n_tensors,
-          1 - worst, worst_name, 1 - tol_cos);
+    if (!bf16 || n_diff == 0) {
+        check(worst >= tol_cos, "gpu model %s%s: %d gradient tensors, worst 1 - cosine %.1e in %s (tol %.0e)", name, pn,
+              m.n_tensors, 1 - worst, worst_name, 1 - tol_cos);
+    } else {        /* bf16 with flipped selections: the whole gradient (per tensor printed, not checked) */
+        double all = gt_cosine(m.grads, cpu_grads, m.n_params);
+        check(all >= 0.99, "gpu model %s%s: gradient 1 - cosine %.1e over all %zu parameters (tol 1e-02; %d flips, worst tensor "
+              "%.1e in %s)", name, pn, 1 - all, m.n_params, n_diff, 1 - worst, worst_name);
+    }
     if (bf16) {     /* the fused AdamW refresh: the bf16 copy is exactly the RNE rounding of the new fp32 master */
         mhc_gpu_adamw_step(&g, 1e-2);
         float *master = gt_host(m.n_params);
