@@ -832,12 +832,13 @@ static void print_config(MhcConfig *cfg) {
     }
 }
 
-static void dry_run(MhcConfig *cfg, int grad_accum) {
+static void dry_run(MhcConfig *cfg, int grad_accum, int precision) {
     int64_t total, active;
     int M = cfg->batch_size / grad_accum;     /* sequences per forward: what the activations are sized for */
     mhc_count_params(cfg, &total, &active);
     double flops = mhc_flops_per_token(cfg);
     double state = (double)total * sizeof(mhc_real) * 4;   /* params, grads, Adam m and v */
+    if (!strcmp(precision_names[precision], "bf16")) state += (double)total * 2;   /* the bf16 copy of the weights */
     double acts = (double)mhc_acts_bytes(cfg, M, cfg->seq_len);
 #ifdef __CUDACC__
     /* the GPU's flash attention keeps one log-sum-exp per row in place of the [L,B,H,T,T] probabilities */
@@ -1280,7 +1281,7 @@ int main(int argc, char **argv) {
     if (o.resume) resume_config(&o);
     char err[512];
     if (mhc_config_validate(&o.cfg, err, sizeof err)) { fprintf(stderr, "train: %s\n", err); return 2; }
-    if (o.dry_run) { dry_run(&o.cfg, o.grad_accum); return 0; }
+    if (o.dry_run) { dry_run(&o.cfg, o.grad_accum, o.precision); return 0; }
 #ifdef _OPENMP
     if (o.threads) omp_set_num_threads(o.threads);
 #endif

@@ -146,10 +146,12 @@ row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 | $8 |"); }
 
 declare -A STEP_MS=()
 
-# ours SLOT MODE: one train run with --bench; adds its row and remembers its step time
+# ours SLOT MODE [PRECISION]: one train run with --bench (GEMMs --precision PRECISION, default tf32); adds
+# its row and remembers its step time
 ours() {
-    local slot=$1 mode=$2 name="train_${1}_$2" flags dry params fpt
+    local slot=$1 mode=$2 prec=${3:-} name="train_${1}_$2${3:+_$3}" flags dry params fpt
     read -r -a flags <<<"${FLAGS[$slot]}"
+    [ -z "$prec" ] || flags+=(--precision "$prec")
     dry=$("$TRAIN" --preset "${PRESET[$slot]}" "${flags[@]}" --residual "$mode" --dry-run)
     params=$(sed -n 's/^parameters: total \([0-9]*\) .*/\1/p' <<<"$dry")
     fpt=$(sed -n 's/^training FLOPs per token (SPEC §15): \([^,]*\),.*/\1/p' <<<"$dry")
@@ -166,13 +168,13 @@ ours() {
         END { if (k) printf "%.6g %.6g %d %d\n", n * k / s, 1000 * s / k, k, total; else printf "0 0 0 %d\n", total }' \
         "$LOGDIR/$name/log.csv" 2>/dev/null || echo "0 0 0 0")
     read -r tok_s step_ms timed total <<<"$stats"
-    local label="ours (${TRAIN#./}), $mode"
+    local label="ours (${TRAIN#./}), $mode${prec:+, $prec GEMMs}"
     if [ "$timed" = 0 ]; then
         row "${PRESET[$slot]}" "${SETUP[$slot]}" "$label" "$(why_failed "$name")" "" "" "" \
             "$total of $STEPS steps done; log: logs/$name.log"
         return 0
     fi
-    STEP_MS[$slot/$mode]=$step_ms
+    [ -n "$prec" ] || STEP_MS[$slot/$mode]=$step_ms
     local mem="n/a (CPU)" used arena note=""
     if [ "$CPU" != 1 ]; then
         used=$(sed -n 's/^gpu memory after the first step: \([0-9.]*\) GiB in use.*/\1/p' "$LOGDIR/$name.log")
@@ -331,6 +333,7 @@ fi
 # ---- 4. per preset: ours, torch, overhead, decode ----------------------------------------------
 for slot in "${SLOTS[@]}"; do
     ours "$slot" mhc
+    [ "$CPU" = 1 ] || ours "$slot" mhc bf16
     torchrun "$slot" eager
     torchrun "$slot" compile
     for mode in $MODES; do ours "$slot" "$mode"; done
@@ -361,7 +364,7 @@ OUT_MD=$OUTDIR/bench.md
     if [ "$CPU" = 1 ]; then
         echo "- ours: $STEPS steps with \`--bench\`, the first $SKIP untimed; tokens/s = tokens per step / mean step time of the rest (CPU build, fp32, OpenMP)."
     else
-        echo "- ours: $STEPS steps with \`--bench\`, the first $SKIP untimed; tokens/s = tokens per step / mean step time of the rest. fp32 weights and activations, TF32 GEMMs. GPU mem = device memory in use after step 1 (cudaMemGetInfo, CUDA context included); arena = mhc_gpu_init's buffers${TRAIN_FLAGS_NOTE}."
+        echo "- ours: $STEPS steps with \`--bench\`, the first $SKIP untimed; tokens/s = tokens per step / mean step time of the rest. fp32 weights and activations, TF32 GEMMs (the bf16 row: \`--precision bf16\`, bf16 GEMM operands, fp32 master weights). GPU mem = device memory in use after step 1 (cudaMemGetInfo, CUDA context included); arena = mhc_gpu_init's buffers${TRAIN_FLAGS_NOTE}."
     fi
     precision="fp32 weights with bf16 autocast"
     [ "$TORCH_DTYPE" = bf16 ] || precision="fp32 throughout"
