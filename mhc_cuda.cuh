@@ -20,11 +20,11 @@
                               even); activation and gradient operands are rounded into scratch by one
                               conversion kernel just before their GEMM. Outputs, weight gradients and the
                               accumulation stay fp32. Not yet run on real hardware (only dev/cuda_emu).
-   The routed-expert GEMMs are our own kernels (the row counts stay on the GPU): exact fp32 FMAs under
-   MHC_PREC_FP32, TF32 tensor cores (WMMA m16n16k8, fp32 operands rounded, fp32 accumulate) under TF32 and
-   BF16. Always fp32 whatever the setting: the mHC/HC coefficient GEMMs and the router GEMM
-   (MHC_GEMM_FP32), attention (flash kernels, CUDA cores), and every elementwise kernel. Norm statistics,
-   softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
+   The routed-expert GEMMs and the flash-attention tile products are our own kernels: exact fp32 FMAs on
+   CUDA cores under MHC_PREC_FP32, TF32 tensor cores (WMMA m16n16k8, fp32 operands rounded, fp32
+   accumulate) under TF32 and BF16. Always fp32 whatever the setting: the mHC/HC coefficient GEMMs and the
+   router GEMM (MHC_GEMM_FP32), the attention softmax statistics, and every elementwise kernel. Norm
+   statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
 
    Determinism: no float atomics. A reduction is a warp's butterfly, a block's fixed tree, or per-block
    partials summed in a fixed order; the scatters (embedding gradient, expert outputs) loop over a
@@ -1000,67 +1000,118 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
       only lse = log sum_s exp(Sc[t,s]) per row, [B,H,T]; the backward recomputes P = exp(Sc - lse).
       Two backward kernels, one owning a key tile (dK, dV: loops over the query tiles below it) and one
       owning a query tile (dQ: loops over the key tiles up to it), so no gradient needs an atomic add.
-      CUDA-core fp32 arithmetic (head dims up to MHC_ATT_MAX_DIM).                                  */
+      Every kernel is built from two tile products, Sc = Q K^T and Acc += P X, whose accumulators live in
+      shared memory; the template flag TC picks how they multiply: fp32 FMAs on CUDA cores (exact mode,
+      the tests) or TF32 tensor cores through WMMA m16n16k8 (TF32 and BF16 modes).
+      Shared layout: a [32, d] operand or accumulator tile has row stride att_ld(d) = d rounded up to 16,
+      plus 4 (a multiple of 4 floats keeps WMMA rows 32-byte aligned; the +4 spreads rows over banks),
+      columns d .. up to 16 zero; a [32, 32] score tile has stride MHC_ATT_SLD.                       */
 #define MHC_ATT_TILE 32           /* query rows and keys per tile                                  */
 #define MHC_ATT_THREADS 256       /* threads per attention block                                   */
-#define MHC_ATT_MAX_DIM 256       /* largest d_qk and d_v: a [32, d] tile is d/8 floats per thread */
-#define MHC_ATT_PER_THREAD (MHC_ATT_TILE * MHC_ATT_MAX_DIM / MHC_ATT_THREADS)
+#define MHC_ATT_SLD 36            /* row stride of the [32, 32] score tiles                        */
 
-/* the operands of one (b, h): row t of q, k, v, o and their gradients sits at base + t * stride */
 typedef struct {
     int T, H, dn, dr, dv;
     float scale;                  /* 1 / sqrt(d_qk) */
 } MhcAttShape;
 
-static __host__ __device__ int att_stride(int d) { return d | 1; }   /* odd row stride: column walks hit 32 banks */
+static __host__ __device__ int att_width(int d) { return (d + 15) / 16 * 16; }   /* WMMA-padded columns */
+static __host__ __device__ int att_ld(int d) { return att_width(d) + 4; }
 
-/* dst[i][0:dn] = kv row t0+i (the k_nope part), dst[i][dn:dn+dr] = kpe row t0+i; rows past T zeroed */
+/* dst[i][c] = kv row t0+i (the k_nope part) for c < dn, kpe row t0+i for dn <= c < dn+dr; zero for rows
+   past T and the padding columns */
 __device__ void att_load_k(float *dst, const float *kv, const float *kpe, int b, int h, int t0, MhcAttShape sh) {
-    int dqk = sh.dn + sh.dr, ld = att_stride(dqk);
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * dqk; e += blockDim.x) {
-        int i = e / dqk, c = e % dqk, t = t0 + i;
+    int dqk = sh.dn + sh.dr, w = att_width(dqk), ld = att_ld(dqk);
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * w; e += blockDim.x) {
+        int i = e / w, c = e % w, t = t0 + i;
         size_t bt = (size_t)b * sh.T + t;
         float v = 0;
-        if (t < sh.T) v = c < sh.dn ? kv[(bt * sh.H + h) * (sh.dn + sh.dv) + c] : kpe[bt * sh.dr + c - sh.dn];
+        if (t < sh.T && c < dqk) v = c < sh.dn ? kv[(bt * sh.H + h) * (sh.dn + sh.dv) + c] : kpe[bt * sh.dr + c - sh.dn];
         dst[i * ld + c] = v;
     }
 }
 
-/* dst[i][0:d] = src[((b T + t0+i) H + h) row_len + offset + c]: one head's slice of a token-major row */
+/* dst[i][c] = src[((b T + t0+i) H + h) row_len + offset + c] for c < d (one head's slice of a token-major
+   row), zero for rows past T and the padding columns */
 __device__ void att_load_rows(float *dst, const float *src, int row_len, int offset, int d, int b, int h, int t0,
                               MhcAttShape sh) {
-    int ld = att_stride(d);
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * d; e += blockDim.x) {
-        int i = e / d, c = e % d, t = t0 + i;
-        dst[i * ld + c] = t < sh.T ? src[(((size_t)b * sh.T + t) * sh.H + h) * row_len + offset + c] : 0.0f;
+    int w = att_width(d), ld = att_ld(d);
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * w; e += blockDim.x) {
+        int i = e / w, c = e % w, t = t0 + i;
+        dst[i * ld + c] = t < sh.T && c < d ? src[(((size_t)b * sh.T + t) * sh.H + h) * row_len + offset + c] : 0.0f;
     }
 }
 
-/* out[i][j] = sum_c A[i][c] B[j][c] for the 32 x 32 tile (A, B with stride att_stride(d)) */
-__device__ void att_tile_dot(float *out, const float *A, const float *B, int d) {
-    int ld = att_stride(d);
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
-        int i = e / MHC_ATT_TILE, j = e % MHC_ATT_TILE;
-        float acc = 0;
-        for (int c = 0; c < d; c++) acc += A[i * ld + c] * B[j * ld + c];
-        out[i * (MHC_ATT_TILE + 1) + j] = acc;
+__device__ void att_zero(float *tile, int d) {
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * att_ld(d); e += blockDim.x) tile[e] = 0.0f;
+}
+
+/* S[i][j] = sum_c A[i][c] B[j][c], the [32, 32] tile of A B^T (A, B [32, d] operand tiles) */
+template <bool TC> __device__ void att_tile_dot(float *S, const float *A, const float *B, int d) {
+    int ld = att_ld(d);
+    if constexpr (TC) {        /* warps 0-3: one 16x16 quarter each; B^T is B read as a column-major matrix_b */
+        using namespace nvcuda;
+        int warp = threadIdx.x / 32, i0 = (warp / 2) * 16, j0 = (warp % 2) * 16;
+        if (warp >= 4) return;          /* warps 4-7 wait at the caller's next barrier */
+        wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int k = 0; k < att_width(d); k += 8) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> bt;
+            wmma::load_matrix_sync(a, A + i0 * ld + k, ld);
+            wmma::load_matrix_sync(bt, B + j0 * ld + k, ld);
+            for (int q = 0; q < a.num_elements; q++) a.x[q] = wmma::__float_to_tf32(a.x[q]);
+            for (int q = 0; q < bt.num_elements; q++) bt.x[q] = wmma::__float_to_tf32(bt.x[q]);
+            wmma::mma_sync(acc, a, bt, acc);
+        }
+        wmma::store_matrix_sync(S + i0 * MHC_ATT_SLD + j0, acc, MHC_ATT_SLD, wmma::mem_row_major);
+    } else {
+        for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
+            int i = e / MHC_ATT_TILE, j = e % MHC_ATT_TILE;
+            float acc = 0;
+            for (int c = 0; c < d; c++) acc += A[i * ld + c] * B[j * ld + c];
+            S[i * MHC_ATT_SLD + j] = acc;
+        }
     }
 }
 
-/* acc[r][c] (this thread's elements e = threadIdx.x + k*blockDim.x of a [32, d] tile) =
-   acc[r][c] * row_scale[r] (when given) + alpha * sum_k M[r][k] X[k][c], M = P or, transposed, P^T */
-__device__ void att_tile_accumulate(float *acc, const float *row_scale, float alpha, const float *P, int transposed,
-                                    const float *X, int d) {
-    int ld = att_stride(d);
-#pragma unroll
-    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) {
-        int e = threadIdx.x + k * MHC_ATT_THREADS;
-        if (e >= MHC_ATT_TILE * d) break;
-        int r = e / d, c = e % d;
-        float sum = 0;
-        for (int m = 0; m < MHC_ATT_TILE; m++)
-            sum += (transposed ? P[m * (MHC_ATT_TILE + 1) + r] : P[r * (MHC_ATT_TILE + 1) + m]) * X[m * ld + c];
-        acc[k] = (row_scale ? acc[k] * row_scale[r] : acc[k]) + alpha * sum;
+/* Acc[r][c] += sum_m M[r][m] X[m][c] for the [32, d] accumulator tile, M = P or, transposed, P^T (P a
+   [32, 32] score tile, X a [32, d] operand tile) */
+template <bool TC> __device__ void att_tile_accumulate(float *Acc, const float *P, int transposed, const float *X, int d) {
+    int ld = att_ld(d);
+    if constexpr (TC) {        /* the 2 x width/16 fragments of Acc, spread over the warps */
+        using namespace nvcuda;
+        int n_col = att_width(d) / 16;
+        for (int f = threadIdx.x / 32; f < 2 * n_col; f += blockDim.x / 32) {
+            int r0 = (f / n_col) * 16, c0 = (f % n_col) * 16;
+            wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+            wmma::load_matrix_sync(acc, Acc + r0 * ld + c0, ld, wmma::mem_row_major);
+            for (int m = 0; m < MHC_ATT_TILE; m += 8) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> x;
+                wmma::load_matrix_sync(x, X + m * ld + c0, ld);
+                for (int q = 0; q < x.num_elements; q++) x.x[q] = wmma::__float_to_tf32(x.x[q]);
+                if (transposed) {      /* P^T[r][m] = P[m][r]: P read as a column-major matrix_a */
+                    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> p;
+                    wmma::load_matrix_sync(p, P + m * MHC_ATT_SLD + r0, MHC_ATT_SLD);
+                    for (int q = 0; q < p.num_elements; q++) p.x[q] = wmma::__float_to_tf32(p.x[q]);
+                    wmma::mma_sync(acc, p, x, acc);
+                } else {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> p;
+                    wmma::load_matrix_sync(p, P + r0 * MHC_ATT_SLD + m, MHC_ATT_SLD);
+                    for (int q = 0; q < p.num_elements; q++) p.x[q] = wmma::__float_to_tf32(p.x[q]);
+                    wmma::mma_sync(acc, p, x, acc);
+                }
+            }
+            wmma::store_matrix_sync(Acc + r0 * ld + c0, acc, ld, wmma::mem_row_major);
+        }
+    } else {
+        for (int e = threadIdx.x; e < MHC_ATT_TILE * d; e += blockDim.x) {
+            int r = e / d, c = e % d;
+            float sum = 0;
+            for (int m = 0; m < MHC_ATT_TILE; m++)
+                sum += (transposed ? P[m * MHC_ATT_SLD + r] : P[r * MHC_ATT_SLD + m]) * X[m * ld + c];
+            Acc[r * ld + c] += sum;
+        }
     }
 }
 
@@ -1069,61 +1120,58 @@ __device__ void att_tile_accumulate(float *acc, const float *row_scale, float al
 __device__ void att_mask_scores(float *S, int t0, int s0, MhcAttShape sh) {
     for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
         int i = e / MHC_ATT_TILE, j = e % MHC_ATT_TILE, s = s0 + j;
-        float *v = &S[i * (MHC_ATT_TILE + 1) + j];
+        float *v = &S[i * MHC_ATT_SLD + j];
         *v = s <= t0 + i && s < sh.T ? *v * sh.scale : -INFINITY;
     }
 }
 
-/* shared memory of the attention kernels, in floats (the backward's; the forward uses less): four operand
-   tiles, two [32, 33] score tiles, row values */
+/* shared memory of the attention kernels, in floats (the backward's; the forward uses less): two d_qk
+   and two d_v operand tiles, one accumulator tile of each, two score tiles, four row values */
 static __host__ __device__ size_t att_smem_floats(MhcAttShape sh) {
     int dqk = sh.dn + sh.dr;
-    return (size_t)MHC_ATT_TILE * (2 * att_stride(dqk) + 2 * att_stride(sh.dv) + 2 * (MHC_ATT_TILE + 1) + 4);
+    return (size_t)MHC_ATT_TILE * (3 * att_ld(dqk) + 3 * att_ld(sh.dv) + 2 * MHC_ATT_SLD + 4);
 }
 
 /* grid (query tiles, B*H). o [N,H,d_v] = softmax(Sc) V per row, lse [B,H,T] = log sum_s exp(Sc[t,s]) */
+template <bool TC>
 __global__ void __launch_bounds__(MHC_ATT_THREADS) attention_forward_kernel(float *o, float *lse, const float *q,
                                                                              const float *kv, const float *kpe, MhcAttShape sh) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(32) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.y / sh.H, h = blockIdx.y % sh.H, t0 = blockIdx.x * MHC_ATT_TILE;
-    float *Qs = smem, *Ks = Qs + MHC_ATT_TILE * att_stride(dqk), *Vs = Ks + MHC_ATT_TILE * att_stride(dqk);
-    float *S = Vs + MHC_ATT_TILE * att_stride(dv);
-    float *row_max = S + MHC_ATT_TILE * (MHC_ATT_TILE + 1), *row_sum = row_max + MHC_ATT_TILE;
-    float *row_scale = row_sum + MHC_ATT_TILE;
-    float acc[MHC_ATT_PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) acc[k] = 0;
+    float *Qs = smem, *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
+    float *O = Vs + MHC_ATT_TILE * att_ld(dv), *S = O + MHC_ATT_TILE * att_ld(dv);
+    float *row_max = S + MHC_ATT_TILE * MHC_ATT_SLD, *row_sum = row_max + MHC_ATT_TILE;
     att_load_rows(Qs, q, dqk, 0, dqk, b, h, t0, sh);
+    att_zero(O, dv);
     if (threadIdx.x < MHC_ATT_TILE) { row_max[threadIdx.x] = -INFINITY; row_sum[threadIdx.x] = 0; }
     for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {        /* key tiles up to the diagonal one */
         __syncthreads();                                    /* the previous tile's readers are done */
         att_load_k(Ks, kv, kpe, b, h, s0, sh);
         att_load_rows(Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
         __syncthreads();
-        att_tile_dot(S, Qs, Ks, dqk);
+        att_tile_dot<TC>(S, Qs, Ks, dqk);
         __syncthreads();
         att_mask_scores(S, t0, s0, sh);
         __syncthreads();
         for (int i = threadIdx.x / 32; i < MHC_ATT_TILE; i += blockDim.x / 32) {   /* online softmax, a warp per row */
-            float *Si = S + i * (MHC_ATT_TILE + 1), x = Si[threadIdx.x % 32];
+            float *Si = S + i * MHC_ATT_SLD, x = Si[threadIdx.x % 32];
             float m_old = row_max[i], m_new = fmaxf(m_old, warp_reduce(x, MaxOp()));
-            float p = expf(x - m_new), sum = warp_reduce(p, SumOp());
+            float p = expf(x - m_new), sum = warp_reduce(p, SumOp()), rescale = expf(m_old - m_new);   /* 0 on tile 0 */
             Si[threadIdx.x % 32] = p;
+            for (int c = threadIdx.x % 32; c < dv; c += 32) O[i * att_ld(dv) + c] *= rescale;
             __syncwarp();
             if (threadIdx.x % 32 == 0) {
-                row_scale[i] = expf(m_old - m_new);         /* 0 on the first tile (m_old = -inf)  */
-                row_sum[i] = row_sum[i] * row_scale[i] + sum;
+                row_sum[i] = row_sum[i] * rescale + sum;
                 row_max[i] = m_new;
             }
         }
         __syncthreads();
-        att_tile_accumulate(acc, row_scale, 1.0f, S, 0, Vs, dv);    /* O = O * rescale + P V */
+        att_tile_accumulate<TC>(O, S, 0, Vs, dv);           /* O = O * rescale + P V */
     }
-#pragma unroll
-    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) {
-        int e = threadIdx.x + k * MHC_ATT_THREADS, r = e / dv, t = t0 + r;
-        if (e >= MHC_ATT_TILE * dv) break;
-        if (t < sh.T) o[(((size_t)b * sh.T + t) * sh.H + h) * dv + e % dv] = acc[k] / row_sum[r];
+    __syncthreads();
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * dv; e += blockDim.x) {
+        int r = e / dv, t = t0 + r;
+        if (t < sh.T) o[(((size_t)b * sh.T + t) * sh.H + h) * dv + e % dv] = O[r * att_ld(dv) + e % dv] / row_sum[r];
     }
     if (threadIdx.x < MHC_ATT_TILE && t0 + (int)threadIdx.x < sh.T)
         lse[((size_t)blockIdx.y) * sh.T + t0 + threadIdx.x] = row_max[threadIdx.x] + logf(row_sum[threadIdx.x]);
@@ -1142,18 +1190,20 @@ __global__ void attention_rowdot_kernel(float *D, const float *d_o, const float 
 }
 
 /* the query tile at t0 against the key tile at s0, with Qs, dOs, lse_s, D_s (the query side) and Ks, Vs
-   loaded: P [32,33] = exp(Sc - lse) and dS = P (dO.v - D), the softmax backward of SPEC §9 */
+   loaded: P = exp(Sc - lse) and dS = scale P (dO.v - D), the softmax backward of SPEC §9 with the score
+   scale folded in (dQ = dS K, dK = dS^T Q) */
+template <bool TC>
 __device__ void att_backward_tile(float *P, float *dS, const float *Qs, const float *dOs, const float *Ks, const float *Vs,
                                   const float *lse_s, const float *D_s, int t0, int s0, MhcAttShape sh) {
-    att_tile_dot(P, Qs, Ks, sh.dn + sh.dr);
-    att_tile_dot(dS, dOs, Vs, sh.dv);
+    att_tile_dot<TC>(P, Qs, Ks, sh.dn + sh.dr);
+    att_tile_dot<TC>(dS, dOs, Vs, sh.dv);
     __syncthreads();
     att_mask_scores(P, t0, s0, sh);
     for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
-        int i = e / MHC_ATT_TILE, at = i * (MHC_ATT_TILE + 1) + e % MHC_ATT_TILE;
+        int i = e / MHC_ATT_TILE, at = i * MHC_ATT_SLD + e % MHC_ATT_TILE;
         float p = t0 + i < sh.T ? expf(P[at] - lse_s[i]) : 0.0f;     /* padding rows take no part */
         P[at] = p;
-        dS[at] = p * (dS[at] - D_s[i]);
+        dS[at] = sh.scale * p * (dS[at] - D_s[i]);
     }
     __syncthreads();
 }
@@ -1172,73 +1222,86 @@ __device__ void att_load_query_side(float *Qs, float *dOs, float *lse_s, float *
     }
 }
 
+/* the backward kernels' shared memory: operand tiles Q, K (d_qk) and V, dO (d_v), accumulator tiles
+   Acc_qk, Acc_v, score tiles P, dS, and lse, D of the query rows */
+typedef struct {
+    float *Qs, *Ks, *Vs, *dOs, *acc_qk, *acc_v, *P, *dS, *lse_s, *D_s;
+} MhcAttBackwardSmem;
+
+__device__ MhcAttBackwardSmem att_backward_smem(float *smem, MhcAttShape sh) {
+    int lq = MHC_ATT_TILE * att_ld(sh.dn + sh.dr), lv = MHC_ATT_TILE * att_ld(sh.dv), ls = MHC_ATT_TILE * MHC_ATT_SLD;
+    MhcAttBackwardSmem m;
+    m.Qs = smem;
+    m.Ks = m.Qs + lq;
+    m.acc_qk = m.Ks + lq;
+    m.Vs = m.acc_qk + lq;
+    m.dOs = m.Vs + lv;
+    m.acc_v = m.dOs + lv;
+    m.P = m.acc_v + lv;
+    m.dS = m.P + ls;
+    m.lse_s = m.dS + ls;
+    m.D_s = m.lse_s + MHC_ATT_TILE;
+    return m;
+}
+
 /* grid (key tiles, B*H): dK and dV of keys s0 .. s0+31, summed over the query tiles t0 >= s0. Writes the
    k_nope and v parts of dkv [N,H,d_n+d_v] and this head's k_pe gradient dkpe_h [N,H,d_r]. */
+template <bool TC>
 __global__ void __launch_bounds__(MHC_ATT_THREADS) attention_backward_kv_kernel(float *dkv, float *dkpe_h, const float *d_o,
                                                                                  const float *lse, const float *D,
                                                                                  const float *q, const float *kv,
                                                                                  const float *kpe, MhcAttShape sh) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(32) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.y / sh.H, h = blockIdx.y % sh.H, s0 = blockIdx.x * MHC_ATT_TILE;
-    float *Qs = smem, *Ks = Qs + MHC_ATT_TILE * att_stride(dqk), *Vs = Ks + MHC_ATT_TILE * att_stride(dqk);
-    float *dOs = Vs + MHC_ATT_TILE * att_stride(dv), *P = dOs + MHC_ATT_TILE * att_stride(dv);
-    float *dS = P + MHC_ATT_TILE * (MHC_ATT_TILE + 1), *lse_s = dS + MHC_ATT_TILE * (MHC_ATT_TILE + 1);
-    float *D_s = lse_s + MHC_ATT_TILE;
-    float dK[MHC_ATT_PER_THREAD], dV[MHC_ATT_PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) dK[k] = dV[k] = 0;
-    att_load_k(Ks, kv, kpe, b, h, s0, sh);
-    att_load_rows(Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
+    MhcAttBackwardSmem m = att_backward_smem(smem, sh);
+    att_load_k(m.Ks, kv, kpe, b, h, s0, sh);
+    att_load_rows(m.Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
+    att_zero(m.acc_qk, dqk);
+    att_zero(m.acc_v, dv);
     for (int t0 = s0; t0 < sh.T; t0 += MHC_ATT_TILE) {
         __syncthreads();
-        att_load_query_side(Qs, dOs, lse_s, D_s, q, d_o, lse, D, b, h, t0, sh);
+        att_load_query_side(m.Qs, m.dOs, m.lse_s, m.D_s, q, d_o, lse, D, b, h, t0, sh);
         __syncthreads();
-        att_backward_tile(P, dS, Qs, dOs, Ks, Vs, lse_s, D_s, t0, s0, sh);
-        att_tile_accumulate(dV, NULL, 1.0f, P, 1, dOs, dv);            /* dV += P^T dO          */
-        att_tile_accumulate(dK, NULL, sh.scale, dS, 1, Qs, dqk);       /* dK += scale dS^T Q    */
+        att_backward_tile<TC>(m.P, m.dS, m.Qs, m.dOs, m.Ks, m.Vs, m.lse_s, m.D_s, t0, s0, sh);
+        att_tile_accumulate<TC>(m.acc_v, m.P, 1, m.dOs, dv);          /* dV += P^T dO */
+        att_tile_accumulate<TC>(m.acc_qk, m.dS, 1, m.Qs, dqk);        /* dK += dS^T Q */
     }
-#pragma unroll
-    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) {
-        int e = threadIdx.x + k * MHC_ATT_THREADS;
-        if (e < MHC_ATT_TILE * dv && s0 + e / dv < sh.T)
-            dkv[(((size_t)b * sh.T + s0 + e / dv) * sh.H + h) * (sh.dn + dv) + sh.dn + e % dv] = dV[k];
-        if (e >= MHC_ATT_TILE * dqk || s0 + e / dqk >= sh.T) continue;
-        size_t bs = (size_t)b * sh.T + s0 + e / dqk;
-        int c = e % dqk;
-        if (c < sh.dn) dkv[(bs * sh.H + h) * (sh.dn + dv) + c] = dK[k];
-        else dkpe_h[(bs * sh.H + h) * sh.dr + c - sh.dn] = dK[k];
+    __syncthreads();
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * dv; e += blockDim.x)
+        if (s0 + e / dv < sh.T)
+            dkv[(((size_t)b * sh.T + s0 + e / dv) * sh.H + h) * (sh.dn + dv) + sh.dn + e % dv] = m.acc_v[e / dv * att_ld(dv) + e % dv];
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * dqk; e += blockDim.x) {
+        int j = e / dqk, c = e % dqk;
+        if (s0 + j >= sh.T) continue;
+        size_t bs = (size_t)b * sh.T + s0 + j;
+        float v = m.acc_qk[j * att_ld(dqk) + c];
+        if (c < sh.dn) dkv[(bs * sh.H + h) * (sh.dn + dv) + c] = v;
+        else dkpe_h[(bs * sh.H + h) * sh.dr + c - sh.dn] = v;
     }
 }
 
-/* grid (query tiles, B*H): dq [N,H,d_qk] of rows t0 .. t0+31 = scale sum over key tiles s0 <= t0 of dS K */
+/* grid (query tiles, B*H): dq [N,H,d_qk] of rows t0 .. t0+31 = sum over key tiles s0 <= t0 of dS K */
+template <bool TC>
 __global__ void __launch_bounds__(MHC_ATT_THREADS) attention_backward_q_kernel(float *dq, const float *d_o, const float *lse,
                                                                                 const float *D, const float *q,
                                                                                 const float *kv, const float *kpe,
                                                                                 MhcAttShape sh) {
-    extern __shared__ float smem[];
+    extern __shared__ __align__(32) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.y / sh.H, h = blockIdx.y % sh.H, t0 = blockIdx.x * MHC_ATT_TILE;
-    float *Qs = smem, *Ks = Qs + MHC_ATT_TILE * att_stride(dqk), *Vs = Ks + MHC_ATT_TILE * att_stride(dqk);
-    float *dOs = Vs + MHC_ATT_TILE * att_stride(dv), *P = dOs + MHC_ATT_TILE * att_stride(dv);
-    float *dS = P + MHC_ATT_TILE * (MHC_ATT_TILE + 1), *lse_s = dS + MHC_ATT_TILE * (MHC_ATT_TILE + 1);
-    float *D_s = lse_s + MHC_ATT_TILE;
-    float dQ[MHC_ATT_PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) dQ[k] = 0;
-    att_load_query_side(Qs, dOs, lse_s, D_s, q, d_o, lse, D, b, h, t0, sh);
+    MhcAttBackwardSmem m = att_backward_smem(smem, sh);
+    att_load_query_side(m.Qs, m.dOs, m.lse_s, m.D_s, q, d_o, lse, D, b, h, t0, sh);
+    att_zero(m.acc_qk, dqk);
     for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {
         __syncthreads();
-        att_load_k(Ks, kv, kpe, b, h, s0, sh);
-        att_load_rows(Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
+        att_load_k(m.Ks, kv, kpe, b, h, s0, sh);
+        att_load_rows(m.Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
         __syncthreads();
-        att_backward_tile(P, dS, Qs, dOs, Ks, Vs, lse_s, D_s, t0, s0, sh);
-        att_tile_accumulate(dQ, NULL, sh.scale, dS, 0, Ks, dqk);       /* dQ += scale dS K      */
+        att_backward_tile<TC>(m.P, m.dS, m.Qs, m.dOs, m.Ks, m.Vs, m.lse_s, m.D_s, t0, s0, sh);
+        att_tile_accumulate<TC>(m.acc_qk, m.dS, 0, m.Ks, dqk);        /* dQ += dS K */
     }
-#pragma unroll
-    for (int k = 0; k < MHC_ATT_PER_THREAD; k++) {
-        int e = threadIdx.x + k * MHC_ATT_THREADS;
-        if (e >= MHC_ATT_TILE * dqk) break;
-        if (t0 + e / dqk < sh.T) dq[(((size_t)b * sh.T + t0 + e / dqk) * sh.H + h) * dqk + e % dqk] = dQ[k];
-    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * dqk; e += blockDim.x)
+        if (t0 + e / dqk < sh.T) dq[(((size_t)b * sh.T + t0 + e / dqk) * sh.H + h) * dqk + e % dqk] = m.acc_qk[e / dqk * att_ld(dqk) + e % dqk];
 }
 
 /* dkpe [N,d_r] = sum_h dkpe_h [N,H,d_r]: the shared k_pe collects the gradient of every head (SPEC §9) */
@@ -1655,31 +1718,46 @@ static size_t att_smem_bytes(const void *kernel, MhcAttShape sh) {
 }
 
 /* SPEC §9 causal attention with the shared k_pe: o [N, H*d_v] and the per-row lse [B,H,T] */
-static void gpu_attention_forward(float *o, float *lse, const float *q, const float *kv, const float *kpe, int B, int T,
-                                  const MhcConfig *c) {
-    MhcAttShape sh = att_shape(c, T);
-    size_t bytes = att_smem_bytes((const void *)attention_forward_kernel, sh);
-    attention_forward_kernel<<<dim3(mhc_blocks((size_t)T, MHC_ATT_TILE), B * sh.H), MHC_ATT_THREADS, bytes>>>(o, lse, q, kv,
-                                                                                                           kpe, sh);
+template <bool TC>
+static void gpu_attention_forward_launch(float *o, float *lse, const float *q, const float *kv, const float *kpe, int B,
+                                         MhcAttShape sh) {
+    size_t bytes = att_smem_bytes((const void *)attention_forward_kernel<TC>, sh);
+    dim3 grid(mhc_blocks((size_t)sh.T, MHC_ATT_TILE), B * sh.H);
+    attention_forward_kernel<TC><<<grid, MHC_ATT_THREADS, bytes>>>(o, lse, q, kv, kpe, sh);
+    LAUNCH_CHECK();
+}
+
+/* precision: MHC_PREC_FP32 multiplies on CUDA cores (exact), any other on TF32 tensor cores */
+static void gpu_attention_forward(int precision, float *o, float *lse, const float *q, const float *kv, const float *kpe, int B,
+                                  int T, const MhcConfig *c) {
+    if (precision == MHC_PREC_FP32) gpu_attention_forward_launch<false>(o, lse, q, kv, kpe, B, att_shape(c, T));
+    else gpu_attention_forward_launch<true>(o, lse, q, kv, kpe, B, att_shape(c, T));
+}
+
+template <bool TC>
+static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const float *d_o,
+                                          const float *lse, const float *q, const float *kv, const float *kpe, int B,
+                                          MhcAttShape sh) {
+    dim3 grid(mhc_blocks((size_t)sh.T, MHC_ATT_TILE), B * sh.H);
+    size_t bytes = att_smem_bytes((const void *)attention_backward_kv_kernel<TC>, sh);
+    attention_backward_kv_kernel<TC><<<grid, MHC_ATT_THREADS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q, kv, kpe, sh);
+    LAUNCH_CHECK();
+    bytes = att_smem_bytes((const void *)attention_backward_q_kernel<TC>, sh);
+    attention_backward_q_kernel<TC><<<grid, MHC_ATT_THREADS, bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
     LAUNCH_CHECK();
 }
 
 /* SPEC §9 backward of the attention core given d_o [N, H*d_v]: dq, dkv (k_nope and v parts) and dkpe
    (summed over heads, before RoPE^T) are overwritten; dkpe_h [N,H,d_r] and D [B,H,T] are scratch */
-static void gpu_attention_backward(float *dq, float *dkv, float *dkpe, float *dkpe_h, float *D, const float *d_o,
-                                   const float *o, const float *lse, const float *q, const float *kv, const float *kpe, int B,
-                                   int T, const MhcConfig *c) {
+static void gpu_attention_backward(int precision, float *dq, float *dkv, float *dkpe, float *dkpe_h, float *D,
+                                   const float *d_o, const float *o, const float *lse, const float *q, const float *kv,
+                                   const float *kpe, int B, int T, const MhcConfig *c) {
     MhcAttShape sh = att_shape(c, T);
     int rows = B * sh.H * T;
-    dim3 grid(mhc_blocks((size_t)T, MHC_ATT_TILE), B * sh.H);
     attention_rowdot_kernel<<<mhc_blocks((size_t)rows, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(D, d_o, o, sh, rows);
     LAUNCH_CHECK();
-    size_t bytes = att_smem_bytes((const void *)attention_backward_kv_kernel, sh);
-    attention_backward_kv_kernel<<<grid, MHC_ATT_THREADS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q, kv, kpe, sh);
-    LAUNCH_CHECK();
-    bytes = att_smem_bytes((const void *)attention_backward_q_kernel, sh);
-    attention_backward_q_kernel<<<grid, MHC_ATT_THREADS, bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
-    LAUNCH_CHECK();
+    if (precision == MHC_PREC_FP32) gpu_attention_backward_launch<false>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
+    else gpu_attention_backward_launch<true>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
     size_t count = (size_t)B * T * sh.dr;
     kpe_grad_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(dkpe, dkpe_h, B * T, sh.H, sh.dr);
     LAUNCH_CHECK();
@@ -1691,7 +1769,7 @@ static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
     gpu_mla_project(g, A, l, u, N, T, 0);
     float *o = A->a.o + (size_t)l * N * H * dv;
-    gpu_attention_forward(o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)l * N * H * (dn + dr),
+    gpu_attention_forward(g->blas.precision, o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)l * N * H * (dn + dr),
                           A->a.kv + (size_t)l * N * H * (dn + dv), A->a.kpe + (size_t)l * N * dr, B, T, c);
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, g->p.blk[l].wo, N, H * dv, C);
 }
@@ -1710,7 +1788,7 @@ static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     float *d_o = a->dwide;
     CUDA_CHECK(cudaMemset(d_o, 0, sizeof(float) * (size_t)N * H * dv));
     gpu_matmul_backward(bl, MHC_GEMM_FAST, d_o, gb->wo, dout, o, b->wo, N, H * dv, C);
-    gpu_attention_backward(a->dq, a->dkv, a->dkpe, a->dkpe_h, A->att_rowdot, d_o, o, A->att_lse + (size_t)l * B * H * T, q, kv,
+    gpu_attention_backward(g->blas.precision, a->dq, a->dkv, a->dkpe, a->dkpe_h, A->att_rowdot, d_o, o, A->att_lse + (size_t)l * B * H * T, q, kv,
                            kpe, B, T, c);
     gpu_rope(a->dkpe, N, T, 0, 1, dr, 0, dr, dr, c->rope_theta, 1);
     gpu_rope(a->dq, N, T, 0, H, H * dqk, dn, dqk, dr, c->rope_theta, 1);
@@ -2069,11 +2147,10 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
                 c->hc_mult, c->sinkhorn_iters, sk_bytes, smem_optin);
         return -1;
     }
-    int dqk = c->qk_nope_head_dim + c->qk_rope_head_dim;
     size_t att_bytes = att_smem_floats(att_shape(c, T)) * sizeof(float);
-    if (dqk > MHC_ATT_MAX_DIM || c->v_head_dim > MHC_ATT_MAX_DIM || att_bytes > (size_t)smem_optin) {
-        fprintf(stderr, "mhc_gpu_init: attention head dims d_qk %d, d_v %d are not supported (at most %d, %zu bytes of shared "
-                "memory of %d)\n", dqk, c->v_head_dim, MHC_ATT_MAX_DIM, att_bytes, smem_optin);
+    if (att_bytes > (size_t)smem_optin) {
+        fprintf(stderr, "mhc_gpu_init: attention head dims d_qk %d, d_v %d need %zu bytes of shared memory (max %d)\n",
+                c->qk_nope_head_dim + c->qk_rope_head_dim, c->v_head_dim, att_bytes, smem_optin);
         return -1;
     }
     if (c->n_routed_experts > 1024) {

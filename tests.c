@@ -2289,8 +2289,9 @@ static void gpu_test_streams(void) {
 /* SPEC §9 attention core with the shared k_pe, forward and backward, B = 2, T = 37, H = 3 */
 /* flash attention (SPEC §9) against attention_forward/backward: o, the row log-sum-exp (against a double
    sum on the host), dq, dkv, dk_pe. Shapes: one and several 32-row tiles with a partial last one, small
-   odd head dims, and the 3b preset's (d_qk 192, d_v 128). fp32 arithmetic on both sides, summed in
-   different orders (online softmax vs a max first): 1e-5 forward, 1e-4 backward (two chained GEMMs). */
+   odd head dims, and the 3b preset's (d_qk 192, d_v 128). Exact mode (CUDA cores): fp32 on both sides,
+   summed in different orders (online softmax vs a max first): 1e-5 forward, 1e-4 backward (two chained
+   products). TF32 tensor cores: 1e-2 (products of operands rounded to 10-bit mantissas, then chained). */
 static void gpu_test_attention(void) {
     const int shapes[3][6] = {{2, 37, 3, 8, 6, 10}, {1, 70, 2, 5, 4, 7}, {1, 45, 2, 128, 64, 128}};   /* B T H dn dr dv */
     for (int k = 0; k < 3; k++) {
@@ -2323,17 +2324,21 @@ static void gpu_test_attention(void) {
                     lse[((size_t)b * H + h) * T + t] = (float)log(sum);
                 }
         float *d_q = gt_upload(q, nq), *d_kv = gt_upload(kv, nkv), *d_kpe = gt_upload(kpe, (size_t)N * dr);
-        float *d_dout = gt_upload(dout, no), *d_o = gt_nan(no), *d_lse = gt_nan(nrow), *d_dq = gt_nan(nq), *d_dkv = gt_nan(nkv);
-        float *d_dkpe = gt_nan((size_t)N * dr);
-        gpu_attention_forward(d_o, d_lse, d_q, d_kv, d_kpe, B, T, &c);
-        gpu_attention_backward(d_dq, d_dkv, d_dkpe, gt_nan((size_t)N * H * dr), gt_nan(nrow), d_dout, d_o, d_lse, d_q, d_kv, d_kpe,
-                               B, T, &c);
-        double e1 = rel_err(gt_fetch(d_o, no), o, no), e2 = rel_err(gt_fetch(d_lse, nrow), lse, nrow);
-        double e3 = rel_err(gt_fetch(d_dq, nq), dq, nq), e4 = rel_err(gt_fetch(d_dkv, nkv), dkv, nkv);
-        double e5 = rel_err(gt_fetch(d_dkpe, (size_t)N * dr), dkpe, (size_t)N * dr);
-        check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-4 && e4 <= 1e-4 && e5 <= 1e-4,
-              "gpu flash attention B %d T %d H %d d_qk %d d_v %d: o %.1e, lse %.1e (tol 1e-5); dq %.1e, dkv %.1e, dk_pe %.1e (tol 1e-4)",
-              B, T, H, dqk, dv, e1, e2, e3, e4, e5);
+        float *d_dout = gt_upload(dout, no);
+        for (int tc = 0; tc < 2; tc++) {
+            double tol_f = tc ? 1e-2 : 1e-5, tol_b = tc ? 1e-2 : 1e-4;
+            float *d_o = gt_nan(no), *d_lse = gt_nan(nrow), *d_dq = gt_nan(nq), *d_dkv = gt_nan(nkv), *d_dkpe = gt_nan((size_t)N * dr);
+            int prec = tc ? MHC_PREC_TF32 : MHC_PREC_FP32;
+            gpu_attention_forward(prec, d_o, d_lse, d_q, d_kv, d_kpe, B, T, &c);
+            gpu_attention_backward(prec, d_dq, d_dkv, d_dkpe, gt_nan((size_t)N * H * dr), gt_nan(nrow), d_dout, d_o, d_lse, d_q, d_kv,
+                                   d_kpe, B, T, &c);
+            double e1 = rel_err(gt_fetch(d_o, no), o, no), e2 = rel_err(gt_fetch(d_lse, nrow), lse, nrow);
+            double e3 = rel_err(gt_fetch(d_dq, nq), dq, nq), e4 = rel_err(gt_fetch(d_dkv, nkv), dkv, nkv);
+            double e5 = rel_err(gt_fetch(d_dkpe, (size_t)N * dr), dkpe, (size_t)N * dr);
+            check(e1 <= tol_f && e2 <= tol_f && e3 <= tol_b && e4 <= tol_b && e5 <= tol_b,
+                  "gpu flash attention %s B %d T %d H %d d_qk %d d_v %d: o %.1e, lse %.1e (tol %.0e); dq %.1e, dkv %.1e, dk_pe %.1e "
+                  "(tol %.0e)", tc ? "tf32 tensor cores" : "fp32", B, T, H, dqk, dv, e1, e2, tol_f, e3, e4, e5, tol_b);
+        }
         gt_release();
     }
 }

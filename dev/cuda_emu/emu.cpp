@@ -100,7 +100,7 @@ void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::funct
     gridDim = grid;
     blockDim = block;
     emu_body = &body;
-    char *smem_buffer = (char *)malloc(smem ? smem : 1);
+    char *smem_buffer = (char *)aligned_alloc(128, (smem + 127) / 128 * 128 + 128);    /* 128-byte aligned, like the GPU's */
     if (!smem_buffer) emu_fail("out of memory", name);
     memset(smem_buffer, 0x7F, smem ? smem : 1);
     emu_dynamic_smem = smem_buffer;

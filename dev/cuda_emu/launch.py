@@ -54,7 +54,7 @@ def matching_paren(src, p):
 
 
 def rewrite(src):
-    src = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1 *\2 = (\1 *)emu_dynamic_smem;", src)
+    src = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];", r"\1 *\2 = (\1 *)emu_dynamic_smem;", src)
     out, i = [], 0
     while True:
         j = src.find("<<<", i)
