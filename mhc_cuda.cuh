@@ -301,6 +301,12 @@ static void gpu_matmul_backward(const MhcBlas *bl, int prec, float *din, float *
     if (dW) gemm(bl, prec, 1, 0, O, Ci, N, 1.0f, dout, 0, in, 0, 1.0f, dW, 0, 1);
 }
 
+/* a WMMA operand fragment loaded from p (row stride ld) and rounded to TF32, as the tensor cores take it */
+template <typename Fragment> __device__ void wmma_load_tf32(Fragment &f, const float *p, int ld) {
+    nvcuda::wmma::load_matrix_sync(f, p, ld);
+    for (int q = 0; q < f.num_elements; q++) f.x[q] = nvcuda::wmma::__float_to_tf32(f.x[q]);
+}
+
 /* Routed-expert GEMMs (SPEC §11) over token rows grouped by expert: rows seg[e] .. seg[e+1]-1 belong to
    expert e, whose weight is W_e = W + e * w_stride. The row counts live on the GPU (no host round trip),
    so these are our own tiled kernels rather than cuBLAS. Row-major, fixed summation order.
@@ -407,10 +413,8 @@ __global__ void __launch_bounds__(128) expert_gemm_tf32_kernel(MhcExpertGemm g) 
             wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> a[2];
             wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b[2];
             for (int x = 0; x < 2; x++) {
-                wmma::load_matrix_sync(a[x], &As[k][wi + 16 * x], EG_LD);
-                wmma::load_matrix_sync(b[x], &Bs[k][wj + 16 * x], EG_LD);
-                for (int q = 0; q < a[x].num_elements; q++) a[x].x[q] = wmma::__float_to_tf32(a[x].x[q]);
-                for (int q = 0; q < b[x].num_elements; q++) b[x].x[q] = wmma::__float_to_tf32(b[x].x[q]);
+                wmma_load_tf32(a[x], &As[k][wi + 16 * x], EG_LD);
+                wmma_load_tf32(b[x], &Bs[k][wj + 16 * x], EG_LD);
             }
             for (int x = 0; x < 2; x++)
                 for (int y = 0; y < 2; y++) wmma::mma_sync(acc[x][y], a[x], b[y], acc[x][y]);
@@ -1058,10 +1062,8 @@ template <bool TC> __device__ void att_tile_dot(float *S, const float *A, const 
         for (int k = 0; k < att_width(d); k += 8) {
             wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
             wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> bt;
-            wmma::load_matrix_sync(a, A + i0 * ld + k, ld);
-            wmma::load_matrix_sync(bt, B + j0 * ld + k, ld);
-            for (int q = 0; q < a.num_elements; q++) a.x[q] = wmma::__float_to_tf32(a.x[q]);
-            for (int q = 0; q < bt.num_elements; q++) bt.x[q] = wmma::__float_to_tf32(bt.x[q]);
+            wmma_load_tf32(a, A + i0 * ld + k, ld);
+            wmma_load_tf32(bt, B + j0 * ld + k, ld);
             wmma::mma_sync(acc, a, bt, acc);
         }
         wmma::store_matrix_sync(S + i0 * MHC_ATT_SLD + j0, acc, MHC_ATT_SLD, wmma::mem_row_major);
@@ -1088,17 +1090,14 @@ template <bool TC> __device__ void att_tile_accumulate(float *Acc, const float *
             wmma::load_matrix_sync(acc, Acc + r0 * ld + c0, ld, wmma::mem_row_major);
             for (int m = 0; m < MHC_ATT_TILE; m += 8) {
                 wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> x;
-                wmma::load_matrix_sync(x, X + m * ld + c0, ld);
-                for (int q = 0; q < x.num_elements; q++) x.x[q] = wmma::__float_to_tf32(x.x[q]);
+                wmma_load_tf32(x, X + m * ld + c0, ld);
                 if (transposed) {      /* P^T[r][m] = P[m][r]: P read as a column-major matrix_a */
-                    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> p;
-                    wmma::load_matrix_sync(p, P + m * MHC_ATT_SLD + r0, MHC_ATT_SLD);
-                    for (int q = 0; q < p.num_elements; q++) p.x[q] = wmma::__float_to_tf32(p.x[q]);
-                    wmma::mma_sync(acc, p, x, acc);
+                    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> pt;
+                    wmma_load_tf32(pt, P + m * MHC_ATT_SLD + r0, MHC_ATT_SLD);
+                    wmma::mma_sync(acc, pt, x, acc);
                 } else {
                     wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> p;
-                    wmma::load_matrix_sync(p, P + r0 * MHC_ATT_SLD + m, MHC_ATT_SLD);
-                    for (int q = 0; q < p.num_elements; q++) p.x[q] = wmma::__float_to_tf32(p.x[q]);
+                    wmma_load_tf32(p, P + r0 * MHC_ATT_SLD + m, MHC_ATT_SLD);
                     wmma::mma_sync(acc, p, x, acc);
                 }
             }
