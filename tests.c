@@ -1886,7 +1886,8 @@ enum { BOTH = 3, FP32_ONLY = 1, FP64_ONLY = 2 };
        <= 1e-3, loss rel ~1e-4. But bf16 moves router inputs by ~1e-2, which flips near-tied selections
        (4 of 342 in one run), and a flipped token's logits jump by up to 0.15 max|logit|: so max-abs <=
        5e-2 max|logit| and rel rms <= 2.5e-2 (3x margin) are checked when no selection differs, else
-       rel rms <= 6e-2 (measured 2.5e-2 with 4 flips);
+       rel rms <= 1e-1 (measured 2.5e-2 to 4.7e-2 with 2 to 4 flips over 9 draws; the plumbing errors met
+       while writing this, e.g. an accumulator updated once per lane, gave 0.9 to 1.1);
        gradients: per-tensor cosine >= 0.9 when no selection flipped (measured over 8 draws: 1 - cos up to
        3.9e-2, in an mHC b, the amplified tensor of the TF32 note). A flip moves whole gradient rows
        between experts and adds the PATH 3 noise on top, so a single tensor can then lose any amount (up
@@ -2417,7 +2418,7 @@ static void gpu_test_model(const char *name, const MhcConfig *cfg, int precision
     int *gsel = (int *)mhc_calloc((size_t)L * N * K, sizeof(int)), n_diff = 0;
     CUDA_CHECK(cudaMemcpy(gsel, g.acts.a.moe_sel, sizeof(int) * L * N * K, cudaMemcpyDeviceToHost));
     for (size_t k = (size_t)cfg->first_k_dense * N * K; k < (size_t)L * N * K; k++) n_diff += gsel[k] != m.acts.moe_sel[k];
-    int logits_ok = !bf16 ? diff <= tol_logit * mx : n_diff ? rms <= 6e-2 : rms <= 2.5e-2 && diff <= tol_logit * mx;
+    int logits_ok = !bf16 ? diff <= tol_logit * mx : n_diff ? rms <= 1e-1 : rms <= 2.5e-2 && diff <= tol_logit * mx;
     check(logits_ok && (!exact || n_diff == 0),
           "gpu model %s%s: logits max-abs %.2e (tol %.0e x max|logit| %.2f), rel rms %.1e, %d MoE selections differ", name, pn, diff,
           tol_logit, mx, rms, n_diff);
