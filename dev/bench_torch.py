@@ -44,6 +44,7 @@ def load_reference():
     """dev/reference.py as a module (its math untouched); float64 default dtype switched back to float32."""
     spec = importlib.util.spec_from_file_location("mhc_reference", os.path.join(HERE, "reference.py"))
     ref = importlib.util.module_from_spec(spec)
+    sys.modules["mhc_reference"] = ref    # torch.compile (Dynamo) looks modules up by name
     spec.loader.exec_module(ref)          # sets torch's default dtype to float64 ...
     torch.set_default_dtype(torch.float32)  # ... which this benchmark does not want
     ref.DT = torch.float32                # the dtype its rope tables and expert loads are built in

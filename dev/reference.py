@@ -218,7 +218,7 @@ def rope(x, pos, theta):
     """§9 RoPE on ADJACENT pairs (2i, 2i+1), DeepSeek-V3 layout.
     x [B, T, ..., d_r]; pos [T] positions.  freq_i = theta^(-2i/d_r), ang = p * freq_i."""
     d_r = x.shape[-1]
-    i = torch.arange(d_r // 2, dtype=DT)
+    i = torch.arange(d_r // 2, dtype=DT, device=x.device)
     freq = theta ** (-2.0 * i / d_r)                                      # [d_r/2]
     ang = pos.to(DT)[:, None] * freq[None, :]                             # [T, d_r/2]
     shape = [1, ang.shape[0]] + [1] * (x.dim() - 3) + [d_r // 2]         # broadcast over B and heads
@@ -248,14 +248,14 @@ def mla(u, P, pre, cfg):
     kpe_raw = kva[..., dc:]                                              # [B,T,dr]
     kv = (c @ P[pre + "wukv"].t()).reshape(B, T, H, dn + dv)             # per head [k_nope | v]
     k_nope, v = kv[..., :dn], kv[..., dn:]
-    pos = torch.arange(T)                                                # positions restart in every row
+    pos = torch.arange(T, device=u.device)                               # positions restart in every row
     q_pe = rope(q_pe_raw, pos, cfg.rope_theta)                           # [B,T,H,dr]
     k_pe = rope(kpe_raw, pos, cfg.rope_theta)                            # [B,T,dr] one per token
     Q = torch.cat([q_nope, q_pe], dim=-1)                                # [B,T,H,dqk]
     K = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, T, H, dr)], dim=-1)  # shared k_pe over heads
     scale = 1.0 / math.sqrt(dn + dr)
     Sc = torch.einsum("bthd,bshd->bhts", Q, K) * scale                   # [B,H,T,T]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=u.device).tril()
     Sc = Sc.masked_fill(~causal, float("-inf"))
     Pm = torch.softmax(Sc, dim=-1)
     o = torch.einsum("bhts,bshd->bthd", Pm, v).reshape(B, T, H * dv)     # [B,T,H*dv]
@@ -303,7 +303,7 @@ def balance_loss(s, Sel, cfg, B, T):
     s [B*T, E] affinities; Sel [B*T, K] selected indices (f_i is a constant)."""
     E, K = cfg.n_routed_experts, cfg.n_activated_experts
     with torch.no_grad():
-        onehot = torch.zeros(B * T, E).scatter_(1, Sel, 1.0).reshape(B, T, E)
+        onehot = torch.zeros(B * T, E, device=s.device).scatter_(1, Sel, 1.0).reshape(B, T, E)
         f = onehot.sum(dim=1) * (E / (K * T))                            # [B,E]
     sp = s / s.sum(dim=-1, keepdim=True)                                 # s'_it over all E experts
     Pi = sp.reshape(B, T, E).mean(dim=1)                                 # [B,E]
@@ -321,7 +321,7 @@ def moe(u, P, pre, bias, cfg):
     Sel, gaps = route(s, bias, cfg)                                      # [N,K]
     s_sel = torch.gather(s, 1, Sel)                                      # UNBIASED s of the selected
     w = cfg.route_scale * s_sel / s_sel.sum(dim=-1, keepdim=True)        # [N,K]
-    Wc = torch.zeros(B * T, E).scatter(1, Sel, w)                        # combine weights [N,E] (0 off Sel)
+    Wc = torch.zeros(B * T, E, device=w.device).scatter(1, Sel, w)       # combine weights [N,E] (0 off Sel)
     # every expert on every token (tiny sizes), then combine: unselected experts get weight exactly 0
     a = torch.einsum("nc,eic->nei", x, P[pre + "w1"])                    # [N,E,I]
     g = torch.einsum("nc,eic->nei", x, P[pre + "w3"])
@@ -345,7 +345,7 @@ def model_forward(P, biases, tokens, targets, cfg):
     n = cfg.n
     x0 = P["embed"][tokens.long()]                                       # [B,T,C]
     X = x0.unsqueeze(2).expand(B, T, n, cfg.d_model)                     # expand ONCE by replication
-    aux = torch.zeros(())
+    aux = torch.zeros((), device=x0.device)
     loads, gaps = {}, {"topk": math.inf, "group": math.inf}
     for l in range(cfg.n_layers):
         for kind in ("attn", "ffn"):
