@@ -849,34 +849,6 @@ __device__ void sinkhorn_backward_warp(float *dLam, float *G, const float *Y, co
     __syncwarp();
 }
 
-/* SPEC §4 per token: r = (|x|^2/(nC) + eps)^(-1/2), a = alpha[grp] r h + b, H_pre = sigma(a),
-   H_post = 2 sigma(a), H_res = SK(Lam). X [N,nC], h, a, H [N,m], r [N,n] (r in [0]). */
-__global__ void mhc_coeffs_forward_kernel(float *H, float *a, float *r_out, const float *h, const float *X, const float *alpha,
-                                          const float *b, int N, int n, int C, int iters, float eps_sk, float eps_rms) {
-    extern __shared__ float smem[];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = blockIdx.x * (blockDim.x / 32) + warp;
-    if (t >= N) return;
-    int m = n * n + 2 * n, nC = n * C;
-    SkWarp w = sk_warp_layout(smem + warp * sk_warp_floats(n, iters, 0), n, iters, 0);
-    const float *x = X + (size_t)t * nC;
-    float *at = a + (size_t)t * m, *Ht = H + (size_t)t * m;
-    float ss = 0;
-    for (int q = lane; q < nC; q += 32) ss += x[q] * x[q];
-    ss = warp_reduce(ss, SumOp());
-    float r = 1.0f / sqrtf(ss / nC + eps_rms);
-    for (int k = lane; k < m; k += 32) {
-        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
-        float ak = alpha[grp] * r * h[(size_t)t * m + k] + b[k];
-        at[k] = ak;
-        if (k < n) Ht[k] = mhc_sigmoidf(ak);
-        else if (k < 2 * n) Ht[k] = 2 * mhc_sigmoidf(ak);
-    }
-    if (lane == 0) r_out[(size_t)t * n] = r;
-    __syncwarp();                                   /* orders the a writes before the lanes read Lam */
-    sinkhorn_warp(w.Y, NULL, w.am, at + 2 * n, n, iters, eps_sk, 0);
-    for (int k = lane; k < n * n; k += 32) Ht[2 * n + k] = w.Y[k];
-}
-
 /* SPEC §5.4 + §5.6 per token. In: dH [N,m], the gradient of H. Out: da [N,m]; dH becomes dh = da *
    alpha[grp] * r (for the phi GEMMs); dalpha_t [N,3] = sum_{k in grp} da r h (summed over tokens later);
    dX += 2 x dS (the RMS part of PATH 3). The Sinkhorn forward is replayed into the tape first.       */
@@ -922,7 +894,93 @@ __global__ void mhc_coeffs_backward_kernel(float *da_out, float *dH, float *dalp
     for (int q = lane; q < nC; q += 32) dX[(size_t)t * nC + q] += 2 * x[q] * dS;
 }
 
-/* launch shape of the two kernels above: warps per block and dynamic shared bytes (opted in past 48 KiB) */
+/* The fused mHC pre-stage, SPEC §4 then §3's y = H_pre X, for a block of MHC_PRE_TOKENS tokens in one pass
+   over their streams: h = phi @ x and |x|^2 for every token (phi [m, nC] staged through shared memory in
+   MHC_PRE_CHUNK-column chunks, so one read of phi serves the whole block), then per token (a warp each)
+   r, a, H_pre = sigma(a), H_post = 2 sigma(a), H_res = SK(Lam) and y [N,C] = sum_j H_pre[j] X[j] (the
+   second read of x comes from L2). Writes h, a, H [N,m], r [N,n] (in [0]) like the unfused path, whose
+   GEMM + coefficient + pre kernels read X three times. Bytes that must move: X once, y, h, a, H, r.
+   Shared: xs [TOK][CHUNK], ps [CHUNK][m], acc [TOK][m+1] (h, then |x|^2), one SkWarp per warp.        */
+#define MHC_PRE_TOKENS 32
+#define MHC_PRE_CHUNK 64
+#define MHC_PRE_THREADS 256
+
+static __host__ __device__ size_t mhc_pre_smem_floats(int n, int iters) {
+    int m = n * n + 2 * n;
+    return (size_t)MHC_PRE_TOKENS * MHC_PRE_CHUNK + (size_t)MHC_PRE_CHUNK * m + (size_t)MHC_PRE_TOKENS * (m + 1) +
+           (MHC_PRE_THREADS / 32) * sk_warp_floats(n, iters, 0);
+}
+
+__global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_forward_kernel(float *y, float *H, float *a, float *h, float *r_out,
+                                                                         const float *X, const float *phi, const float *alpha,
+                                                                         const float *b, int N, int n, int C, int iters,
+                                                                         float eps_sk, float eps_rms) {
+    extern __shared__ float smem[];
+    int m = n * n + 2 * n, m1 = m + 1, nC = n * C, t0 = blockIdx.x * MHC_PRE_TOKENS;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float *xs = smem, *ps = xs + MHC_PRE_TOKENS * MHC_PRE_CHUNK, *acc = ps + MHC_PRE_CHUNK * m;
+    SkWarp w = sk_warp_layout(acc + MHC_PRE_TOKENS * m1 + warp * sk_warp_floats(n, iters, 0), n, iters, 0);
+    for (int p = threadIdx.x; p < MHC_PRE_TOKENS * m1; p += blockDim.x) acc[p] = 0;
+    for (int q0 = 0; q0 < nC; q0 += MHC_PRE_CHUNK) {
+        __syncthreads();                                /* the previous chunk's readers are done */
+        for (int e = threadIdx.x; e < MHC_PRE_TOKENS * MHC_PRE_CHUNK; e += blockDim.x) {
+            int i = e / MHC_PRE_CHUNK, q = q0 + e % MHC_PRE_CHUNK;
+            xs[e] = t0 + i < N && q < nC ? X[(size_t)(t0 + i) * nC + q] : 0.0f;
+        }
+        for (int e = threadIdx.x; e < m * MHC_PRE_CHUNK; e += blockDim.x) {
+            int k = e / MHC_PRE_CHUNK, q = e % MHC_PRE_CHUNK;
+            ps[q * m + k] = q0 + q < nC ? phi[(size_t)k * nC + q0 + q] : 0.0f;
+        }
+        __syncthreads();
+        for (int p = threadIdx.x; p < MHC_PRE_TOKENS * m1; p += blockDim.x) {   /* (token i, output k): k = m is |x|^2 */
+            int i = p / m1, k = p % m1;
+            const float *xi = xs + i * MHC_PRE_CHUNK;
+            float sum = acc[p];
+            if (k < m)
+                for (int q = 0; q < MHC_PRE_CHUNK; q++) sum += xi[q] * ps[q * m + k];
+            else
+                for (int q = 0; q < MHC_PRE_CHUNK; q++) sum += xi[q] * xi[q];
+            acc[p] = sum;
+        }
+    }
+    __syncthreads();
+    for (int i = warp; i < MHC_PRE_TOKENS && t0 + i < N; i += blockDim.x / 32) {
+        size_t t = t0 + i;
+        const float *x = X + t * nC, *acc_i = acc + i * m1;
+        float *at = a + t * m, *Ht = H + t * m, r = 1.0f / sqrtf(acc_i[m] / nC + eps_rms);
+        for (int k = lane; k < m; k += 32) {
+            int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+            float ak = alpha[grp] * r * acc_i[k] + b[k];
+            h[t * m + k] = acc_i[k];
+            at[k] = ak;
+            if (k < n) Ht[k] = mhc_sigmoidf(ak);
+            else if (k < 2 * n) Ht[k] = 2 * mhc_sigmoidf(ak);
+        }
+        if (lane == 0) r_out[t * n] = r;
+        __syncwarp();                                   /* orders the a and H_pre writes before the lanes read them */
+        sinkhorn_warp(w.Y, NULL, w.am, at + 2 * n, n, iters, eps_sk, 0);
+        for (int k = lane; k < n * n; k += 32) Ht[2 * n + k] = w.Y[k];
+        for (int c = lane; c < C; c += 32) {
+            float sum = 0;
+            for (int j = 0; j < n; j++) sum += Ht[j] * x[(size_t)j * C + c];
+            y[t * C + c] = sum;
+        }
+        __syncwarp();                                   /* this token's Sinkhorn scratch is free again */
+    }
+}
+
+static void gpu_mhc_pre_forward(float *y, float *H, float *a, float *h, float *r, const float *X, const float *phi,
+                                const float *alpha, const float *b, int N, int n, int C, int iters, double eps_sk,
+                                double eps_rms) {
+    size_t bytes = mhc_pre_smem_floats(n, iters) * sizeof(float);
+    if (bytes > 48 * 1024)
+        CUDA_CHECK(cudaFuncSetAttribute((const void *)mhc_pre_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    mhc_pre_forward_kernel<<<mhc_blocks((size_t)N, MHC_PRE_TOKENS), MHC_PRE_THREADS, bytes>>>(
+        y, H, a, h, r, X, phi, alpha, b, N, n, C, iters, (float)eps_sk, (float)eps_rms);
+    LAUNCH_CHECK();
+}
+
+/* launch shape of the kernel above: warps per block and dynamic shared bytes (opted in past 48 KiB) */
 static int sk_launch(const void *kernel, int n, int iters, int tape, size_t *bytes) {
     size_t per_warp = sk_warp_floats(n, iters, tape) * sizeof(float);
     int warps = (int)(48 * 1024 / per_warp);
@@ -930,15 +988,6 @@ static int sk_launch(const void *kernel, int n, int iters, int tape, size_t *byt
     *bytes = warps * per_warp;
     if (*bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)*bytes));
     return warps;
-}
-
-static void gpu_mhc_coeffs_forward(float *H, float *a, float *r, const float *h, const float *X, const float *alpha,
-                                   const float *b, int N, int n, int C, int iters, double eps_sk, double eps_rms) {
-    size_t bytes;
-    int warps = sk_launch((const void *)mhc_coeffs_forward_kernel, n, iters, 0, &bytes);
-    mhc_coeffs_forward_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, bytes>>>(H, a, r, h, X, alpha, b, N, n, C, iters,
-                                                                                  (float)eps_sk, (float)eps_rms);
-    LAUNCH_CHECK();
 }
 
 static void gpu_mhc_coeffs_backward(float *da, float *dH, float *dalpha_t, float *dX, const float *H, const float *a,
@@ -1608,25 +1657,28 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int wi
 
 /* ---- sublayer pieces (mirror mhc.h section 7) ---- */
 
-/* SPEC §3 / §4 / §6: the coefficients of sublayer s for all N tokens */
-static void gpu_stream_coeffs_forward(MhcGpu *g, MhcGpuActs *A, int s, int N) {
+/* Sublayer s's coefficients H (SPEC §4 mhc, §6 hc, n = 1 plain) and the pre-mix y [N,C] = H_pre X (§3) */
+static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y) {
     const MhcConfig *c = &g->cfg;
     int n = c->hc_mult, C = c->d_model, m = mhc_m(c);
     const float *X = A->a.X + (size_t)s * N * n * C;
     float *h = A->a.coef_h + (size_t)s * N * m, *a = A->a.coef_a + (size_t)s * N * m;
     float *H = A->a.coef_H + (size_t)s * N * m, *r = A->a.coef_r + (size_t)s * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
+    if (c->residual == MHC_RESIDUAL_MHC) {            /* one fused kernel */
+        gpu_mhc_pre_forward(y, H, a, h, r, X, q->phi, q->alpha, q->b, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps,
+                            c->rms_eps);
+        return;
+    }
     if (c->residual == MHC_RESIDUAL_PLAIN) {
         gpu_fill(H, 1.0f, (size_t)N * m);            /* n = 1: H = [1 | 1 | 1] */
-    } else if (c->residual == MHC_RESIDUAL_MHC) {
-        gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, h, X, q->phi, N, n * C, m);
-        gpu_mhc_coeffs_forward(H, a, r, h, X, q->alpha, q->b, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps, c->rms_eps);
     } else {                                          /* hc: Xt = per-stream RMSNorm of X, a = theta @ Xt */
         gpu_rmsnorm_forward(A->a.Xt, r, X, NULL, N * n, C, c->rms_eps);
         gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, a, A->a.Xt, q->theta, N * n, C, n + 2);
         hc_coeffs_forward_kernel<<<mhc_blocks((size_t)N, 128), 128>>>(H, a, q->alpha, q->b_pre, q->b_post, q->b_res, N, n);
         LAUNCH_CHECK();
     }
+    gpu_stream_pre_forward(y, H, X, N, n, C, m);
 }
 
 /* SPEC §5.4 (mhc) / §6 (hc): from dH [N,m] (consumed), the coefficient parameters' gradients and PATH 3 into dX */
@@ -1941,8 +1993,7 @@ static void gpu_sublayer_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, 
     const float *X = a->X + (size_t)s * N * n * C, *H = a->coef_H + (size_t)s * N * m;
     float *y = a->y + (size_t)s * N * C, *u = a->u + (size_t)s * N * C, *f = a->f + (size_t)s * N * C;
     const MhcBlock *b = &g->p.blk[l];
-    gpu_stream_coeffs_forward(g, A, s, N);
-    gpu_stream_pre_forward(y, H, X, N, n, C, m);
+    gpu_stream_pre(g, A, s, N, y);
     gpu_rmsnorm_forward(u, a->u_rstd + (size_t)s * N, y, s % 2 == 0 ? b->attn_norm : b->ffn_norm, N, C, c->rms_eps);
     if (s % 2 == 0 && cache) {
         gpu_mla_decode_forward(g, cache, l, u, f);

@@ -2216,26 +2216,35 @@ static void gpu_test_crossentropy(void) {
     gt_release();
 }
 
-/* SPEC §4-§5.6 per token: coefficients forward, then the backward fed the CPU's forward values */
+/* SPEC §4-§5.6: the fused pre-stage (h = phi x, coefficients, Sinkhorn, y = H_pre X) against matmul,
+   mhc_coeffs_forward and stream_pre_forward; then the backward fed the CPU's forward values. N = 41 tokens
+   (two token blocks, the second partial) and nC = 160 (three column chunks, the last partial). */
 static void gpu_test_mhc_coeffs(void) {
     MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
-    c.d_model = 8;
-    int N = 9, n = c.hc_mult, C = c.d_model, nC = n * C, m = mhc_m(&c);
-    float *X = gt_randn((size_t)N * nC, 1), *h = gt_randn((size_t)N * m, 1), *b = gt_randn(m, 1), alpha[3] = {0.5f, 0.7f, 0.9f};
+    c.d_model = 40;
+    int N = 41, n = c.hc_mult, C = c.d_model, nC = n * C, m = mhc_m(&c);
+    float *X = gt_randn((size_t)N * nC, 1), *phi = gt_randn((size_t)m * nC, 0.2), *b = gt_randn(m, 1);
+    float alpha[3] = {0.5f, 0.7f, 0.9f};
     MhcStreamParams q;
     memset(&q, 0, sizeof q);
     q.b = b;
     q.alpha = alpha;
-    float *H = gt_host((size_t)N * m), *a = gt_host((size_t)N * m), *r = gt_host((size_t)N * n);
+    float *h = gt_host((size_t)N * m), *H = gt_host((size_t)N * m), *a = gt_host((size_t)N * m), *r = gt_host((size_t)N * n);
+    float *y = gt_host((size_t)N * C);
+    matmul_forward(h, X, phi, N, nC, m);
     for (int t = 0; t < N; t++)
         mhc_coeffs_forward(H + (size_t)t * m, a + (size_t)t * m, r + (size_t)t * n, h + (size_t)t * m, X + (size_t)t * nC, &q, &c);
-    float *d_X = gt_upload(X, (size_t)N * nC), *d_h = gt_upload(h, (size_t)N * m), *d_alpha = gt_upload(alpha, 3);
-    float *d_H = gt_nan((size_t)N * m), *d_a = gt_nan((size_t)N * m), *d_r = gt_upload(r, (size_t)N * n);
-    CUDA_CHECK(cudaMemset(d_r, 0xFF, sizeof(float)));          /* poison r of token 0; the rest stay as uploaded */
-    gpu_mhc_coeffs_forward(d_H, d_a, d_r, d_h, d_X, d_alpha, gt_upload(b, m), N, n, C, c.sinkhorn_iters, c.sinkhorn_eps, c.rms_eps);
+    stream_pre_forward(y, H, X, N, n, C, m);
+    float *d_X = gt_upload(X, (size_t)N * nC), *d_alpha = gt_upload(alpha, 3), *d_h = gt_nan((size_t)N * m);
+    float *d_H = gt_nan((size_t)N * m), *d_a = gt_nan((size_t)N * m), *d_r = gt_upload(r, (size_t)N * n), *d_y = gt_nan((size_t)N * C);
+    for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_r + (size_t)t * n, 0xFF, sizeof(float)));   /* poison r[t][0] */
+    gpu_mhc_pre_forward(d_y, d_H, d_a, d_h, d_r, d_X, gt_upload(phi, (size_t)m * nC), d_alpha, gt_upload(b, m), N, n, C,
+                        c.sinkhorn_iters, c.sinkhorn_eps, c.rms_eps);
+    double e0 = rel_err(gt_fetch(d_h, (size_t)N * m), h, (size_t)N * m);
     double e1 = rel_err(gt_fetch(d_H, (size_t)N * m), H, (size_t)N * m), e2 = rel_err(gt_fetch(d_a, (size_t)N * m), a, (size_t)N * m);
-    double e3 = rel_err(gt_fetch(d_r, (size_t)N * n), r, (size_t)N * n);
-    check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5, "gpu mhc coefficients forward: H %.1e, a %.1e, r %.1e (tol 1e-5)", e1, e2, e3);
+    double e3 = rel_err(gt_fetch(d_r, (size_t)N * n), r, (size_t)N * n), e5 = rel_err(gt_fetch(d_y, (size_t)N * C), y, (size_t)N * C);
+    check(e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5,
+          "gpu fused mhc pre-stage: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e (tol 1e-5)", e0, e1, e2, e3, e5);
 
     float *dH = gt_randn((size_t)N * m, 1), *da = gt_host((size_t)N * m), *dx = gt_host((size_t)N * nC);
     float *dh = gt_host((size_t)N * m), *dalpha = gt_host((size_t)N * 3);
@@ -2251,8 +2260,8 @@ static void gpu_test_mhc_coeffs(void) {
     float *d_da = gt_nan((size_t)N * m), *d_dH = gt_upload(dH, (size_t)N * m), *d_dalpha = gt_nan((size_t)N * 3);
     float *d_dx = gt_nan((size_t)N * nC);
     CUDA_CHECK(cudaMemset(d_dx, 0, sizeof(float) * N * nC));
-    gpu_mhc_coeffs_backward(d_da, d_dH, d_dalpha, d_dx, gt_upload(H, (size_t)N * m), gt_upload(a, (size_t)N * m), d_h,
-                            gt_upload(r, (size_t)N * n), d_X, d_alpha, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps);
+    gpu_mhc_coeffs_backward(d_da, d_dH, d_dalpha, d_dx, gt_upload(H, (size_t)N * m), gt_upload(a, (size_t)N * m),
+                            gt_upload(h, (size_t)N * m), gt_upload(r, (size_t)N * n), d_X, d_alpha, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps);
     e1 = rel_err(gt_fetch(d_da, (size_t)N * m), da, (size_t)N * m);
     e2 = rel_err(gt_fetch(d_dH, (size_t)N * m), dh, (size_t)N * m);
     e3 = rel_err(gt_fetch(d_dalpha, (size_t)N * 3), dalpha, (size_t)N * 3);
