@@ -849,51 +849,6 @@ __device__ void sinkhorn_backward_warp(float *dLam, float *G, const float *Y, co
     __syncwarp();
 }
 
-/* SPEC §5.4 + §5.6 per token. In: dH [N,m], the gradient of H. Out: da [N,m]; dH becomes dh = da *
-   alpha[grp] * r (for the phi GEMMs); dalpha_t [N,3] = sum_{k in grp} da r h (summed over tokens later);
-   dX += 2 x dS (the RMS part of PATH 3). The Sinkhorn forward is replayed into the tape first.       */
-__global__ void mhc_coeffs_backward_kernel(float *da_out, float *dH, float *dalpha_t, float *dX, const float *H, const float *a,
-                                           const float *h, const float *r_in, const float *X, const float *alpha, int N, int n,
-                                           int C, int iters, float eps_sk) {
-    extern __shared__ float smem[];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = blockIdx.x * (blockDim.x / 32) + warp;
-    if (t >= N) return;
-    int m = n * n + 2 * n, nC = n * C;
-    SkWarp w = sk_warp_layout(smem + warp * sk_warp_floats(n, iters, 1), n, iters, 1);
-    float *da = w.da, *dHt = dH + (size_t)t * m;
-    const float *Ht = H + (size_t)t * m, *ht = h + (size_t)t * m, *x = X + (size_t)t * nC;
-    float r = r_in[(size_t)t * n];
-    for (int k = lane; k < m; k += 32) {
-        if (k < n) da[k] = dHt[k] * Ht[k] * (1 - Ht[k]);
-        else if (k < 2 * n) da[k] = dHt[k] * Ht[k] * (1 - Ht[k] / 2);      /* derivative of 2 sigma */
-        else w.G[k - 2 * n] = dHt[k];
-    }
-    sinkhorn_warp(w.Y, w.sums, w.am, a + (size_t)t * m + 2 * n, n, iters, eps_sk, 1);   /* its barriers order G, da */
-    sinkhorn_backward_warp(da + 2 * n, w.G, w.Y, w.sums, w.am, n, iters, eps_sk);
-    float dr = 0, ga0 = 0, ga1 = 0, ga2 = 0;
-    for (int k = lane; k < m; k += 32) {
-        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
-        float d = da[k], term = d * r * ht[k];
-        dr += d * alpha[grp] * ht[k];
-        ga0 += grp == 0 ? term : 0;
-        ga1 += grp == 1 ? term : 0;
-        ga2 += grp == 2 ? term : 0;
-        da_out[(size_t)t * m + k] = d;
-        dHt[k] = d * (alpha[grp] * r);
-    }
-    dr = warp_reduce(dr, SumOp());
-    ga0 = warp_reduce(ga0, SumOp());
-    ga1 = warp_reduce(ga1, SumOp());
-    ga2 = warp_reduce(ga2, SumOp());
-    if (lane == 0) {
-        dalpha_t[(size_t)t * 3] = ga0;
-        dalpha_t[(size_t)t * 3 + 1] = ga1;
-        dalpha_t[(size_t)t * 3 + 2] = ga2;
-    }
-    float dS = dr * (-r * r * r / (2.0f * nC));
-    for (int q = lane; q < nC; q += 32) dX[(size_t)t * nC + q] += 2 * x[q] * dS;
-}
-
 /* The fused mHC pre-stage, SPEC §4 then §3's y = H_pre X, for a block of MHC_PRE_TOKENS tokens in one pass
    over their streams: h = phi @ x and |x|^2 for every token (phi [m, nC] staged through shared memory in
    MHC_PRE_CHUNK-column chunks, so one read of phi serves the whole block), then per token (a warp each)
@@ -980,25 +935,101 @@ static void gpu_mhc_pre_forward(float *y, float *H, float *a, float *h, float *r
     LAUNCH_CHECK();
 }
 
-/* launch shape of the kernel above: warps per block and dynamic shared bytes (opted in past 48 KiB) */
-static int sk_launch(const void *kernel, int n, int iters, int tape, size_t *bytes) {
-    size_t per_warp = sk_warp_floats(n, iters, tape) * sizeof(float);
-    int warps = (int)(48 * 1024 / per_warp);
-    warps = warps < 1 ? 1 : warps > MHC_ROW_WARPS ? MHC_ROW_WARPS : warps;
-    *bytes = warps * per_warp;
-    if (*bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)*bytes));
-    return warps;
+/* The fused backward of the pre-stage (SPEC §5.3 PATH 2, §5.4 + §5.6 PATH 3) for a block of
+   MHC_PRE_TOKENS tokens. In: dy [N,C], the gradient of y; dH [N,m] with its post and res parts from the
+   merge backward. Per token (a warp each): dH_pre[j] = dy . X[j], da through the sigmoids and the
+   Sinkhorn (its forward replayed into the tape), dh = da alpha[grp] r written over dH (for the dphi
+   GEMM), da [N,m] (the b gradient's column sums), dalpha_t [N,3] = sum_{k in grp} da r h, and dS, the
+   gradient of |x|^2 through r. Then one pass over the streams, phi staged in column chunks:
+   dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS + sum_k dh[k] phi[k][j C + c]. The unfused path read X
+   three times and read-modify-wrote dX three times; here X is read once from memory (twice from L2)
+   and dX once. Shared: ps [m][CHUNK], dh [TOK][m], coef [TOK][n+1] (H_pre, then dS), a taped SkWarp
+   per warp.                                                                                           */
+static __host__ __device__ size_t mhc_pre_backward_smem_floats(int n, int iters) {
+    int m = n * n + 2 * n;
+    return (size_t)m * MHC_PRE_CHUNK + (size_t)MHC_PRE_TOKENS * (m + n + 1) + (MHC_PRE_THREADS / 32) * sk_warp_floats(n, iters, 1);
 }
 
-static void gpu_mhc_coeffs_backward(float *da, float *dH, float *dalpha_t, float *dX, const float *H, const float *a,
-                                    const float *h, const float *r, const float *X, const float *alpha, int N, int n, int C,
-                                    int iters, double eps_sk) {
-    size_t bytes;
-    int warps = sk_launch((const void *)mhc_coeffs_backward_kernel, n, iters, 1, &bytes);
-    mhc_coeffs_backward_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, bytes>>>(da, dH, dalpha_t, dX, H, a, h, r, X, alpha,
-                                                                                   N, n, C, iters, (float)eps_sk);
+__global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_backward_kernel(float *dX, float *dH, float *da_out, float *dalpha_t,
+                                                                          const float *dy, const float *X, const float *H,
+                                                                          const float *a, const float *h, const float *r_in,
+                                                                          const float *phi, const float *alpha, int N, int n,
+                                                                          int C, int iters, float eps_sk) {
+    extern __shared__ float smem[];
+    int m = n * n + 2 * n, nC = n * C, t0 = blockIdx.x * MHC_PRE_TOKENS, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float *ps = smem, *dh_s = ps + m * MHC_PRE_CHUNK, *coef_s = dh_s + MHC_PRE_TOKENS * m;
+    SkWarp w = sk_warp_layout(coef_s + MHC_PRE_TOKENS * (n + 1) + warp * sk_warp_floats(n, iters, 1), n, iters, 1);
+    for (int i = warp; i < MHC_PRE_TOKENS && t0 + i < N; i += blockDim.x / 32) {
+        size_t t = t0 + i;
+        const float *x = X + t * nC, *dyt = dy + t * C, *Ht = H + t * m, *ht = h + t * m;
+        float *dHt = dH + t * m, *da = w.da, r = r_in[t * n];
+        for (int j = 0; j < n; j++) {                 /* §5.3: dH_pre[j] = dy . X[j], through sigma */
+            float d = 0;
+            for (int c = lane; c < C; c += 32) d += dyt[c] * x[(size_t)j * C + c];
+            d = warp_reduce(d, SumOp());
+            if (lane == 0) da[j] = d * Ht[j] * (1 - Ht[j]);
+        }
+        for (int k = n + lane; k < m; k += 32) {
+            if (k < 2 * n) da[k] = dHt[k] * Ht[k] * (1 - Ht[k] / 2);      /* derivative of 2 sigma */
+            else w.G[k - 2 * n] = dHt[k];
+        }
+        sinkhorn_warp(w.Y, w.sums, w.am, a + t * m + 2 * n, n, iters, eps_sk, 1);   /* its barriers order G, da */
+        sinkhorn_backward_warp(da + 2 * n, w.G, w.Y, w.sums, w.am, n, iters, eps_sk);
+        float dr = 0, ga0 = 0, ga1 = 0, ga2 = 0;
+        for (int k = lane; k < m; k += 32) {
+            int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+            float d = da[k], term = d * r * ht[k], dh = d * (alpha[grp] * r);
+            dr += d * alpha[grp] * ht[k];
+            ga0 += grp == 0 ? term : 0;
+            ga1 += grp == 1 ? term : 0;
+            ga2 += grp == 2 ? term : 0;
+            da_out[t * m + k] = d;
+            dHt[k] = dh;
+            dh_s[i * m + k] = dh;
+        }
+        dr = warp_reduce(dr, SumOp());
+        ga0 = warp_reduce(ga0, SumOp());
+        ga1 = warp_reduce(ga1, SumOp());
+        ga2 = warp_reduce(ga2, SumOp());
+        if (lane == 0) {
+            dalpha_t[t * 3] = ga0;
+            dalpha_t[t * 3 + 1] = ga1;
+            dalpha_t[t * 3 + 2] = ga2;
+            coef_s[i * (n + 1) + n] = dr * (-r * r * r / (2.0f * nC));           /* dS */
+        }
+        for (int j = lane; j < n; j += 32) coef_s[i * (n + 1) + j] = Ht[j];
+        __syncwarp();                                 /* this token's Sinkhorn scratch is free again */
+    }
+    for (int q0 = 0; q0 < nC; q0 += MHC_PRE_CHUNK) {
+        __syncthreads();                              /* the per-token values are in; the previous chunk is read */
+        for (int e = threadIdx.x; e < m * MHC_PRE_CHUNK; e += blockDim.x) {
+            int k = e / MHC_PRE_CHUNK, q = q0 + e % MHC_PRE_CHUNK;
+            ps[e] = q < nC ? phi[(size_t)k * nC + q] : 0.0f;
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < MHC_PRE_TOKENS * MHC_PRE_CHUNK; e += blockDim.x) {
+            int i = e / MHC_PRE_CHUNK, qc = e % MHC_PRE_CHUNK, q = q0 + qc;
+            if (t0 + i >= N || q >= nC) continue;
+            size_t t = t0 + i;
+            const float *ci = coef_s + i * (n + 1), *dhi = dh_s + i * m;
+            float d = ci[q / C] * dy[t * C + q % C] + 2 * X[t * nC + q] * ci[n];
+            for (int k = 0; k < m; k++) d += dhi[k] * ps[k * MHC_PRE_CHUNK + qc];
+            dX[t * nC + q] += d;
+        }
+    }
+}
+
+static void gpu_mhc_pre_backward(float *dX, float *dH, float *da, float *dalpha_t, const float *dy, const float *X,
+                                 const float *H, const float *a, const float *h, const float *r, const float *phi,
+                                 const float *alpha, int N, int n, int C, int iters, double eps_sk) {
+    size_t bytes = mhc_pre_backward_smem_floats(n, iters) * sizeof(float);
+    if (bytes > 48 * 1024)
+        CUDA_CHECK(cudaFuncSetAttribute((const void *)mhc_pre_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    mhc_pre_backward_kernel<<<mhc_blocks((size_t)N, MHC_PRE_TOKENS), MHC_PRE_THREADS, bytes>>>(
+        dX, dH, da, dalpha_t, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, (float)eps_sk);
     LAUNCH_CHECK();
 }
+
 
 /* SPEC §6 HC, one thread per token: tv [N, n, n+2] = theta @ Xt per stream j (pre, post, res_0..res_{n-1})
    becomes tanh(tv) in place; H_pre[j] = alpha0 tp + b_pre[j], H_post[j] = alpha1 to + b_post[j],
@@ -1681,8 +1712,10 @@ static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y) {
     gpu_stream_pre_forward(y, H, X, N, n, C, m);
 }
 
-/* SPEC §5.4 (mhc) / §6 (hc): from dH [N,m] (consumed), the coefficient parameters' gradients and PATH 3 into dX */
-static void gpu_stream_coeffs_backward(MhcGpu *g, MhcGpuActs *A, int s, int N, float *dH, float *dX) {
+/* The backward of gpu_stream_pre (SPEC §5.3 PATH 2, §5.4 mhc / §6 hc PATH 3): from dy [N,C] and dH [N,m]
+   (post and res parts set by the merge backward; consumed) into dX, and the coefficient parameters'
+   gradients */
+static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const float *dy, float *dH, float *dX) {
     const MhcConfig *c = &g->cfg;
     int n = c->hc_mult, C = c->d_model, m = mhc_m(c);
     const float *X = A->a.X + (size_t)s * N * n * C, *h = A->a.coef_h + (size_t)s * N * m;
@@ -1690,13 +1723,16 @@ static void gpu_stream_coeffs_backward(MhcGpu *g, MhcGpuActs *A, int s, int N, f
     float *r = A->a.coef_r + (size_t)s * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
     MhcStreamParams *gq = &g->g.sub[s];
-    if (c->residual == MHC_RESIDUAL_MHC) {
-        gpu_mhc_coeffs_backward(A->a.dcoef, dH, A->coef_alpha, dX, H, a, h, r, X, q->alpha, N, n, C, c->sinkhorn_iters,
-                                c->sinkhorn_eps);
+    if (c->residual == MHC_RESIDUAL_MHC) {            /* one fused kernel, then the parameter reductions */
+        gpu_mhc_pre_backward(dX, dH, A->a.dcoef, A->coef_alpha, dy, X, H, a, h, r, q->phi, q->alpha, N, n, C,
+                             c->sinkhorn_iters, c->sinkhorn_eps);
         gpu_colsum(gq->b, A->a.dcoef, m, NULL, 0, NULL, N, m, A->colsum_part);
         gpu_colsum(gq->alpha, A->coef_alpha, 3, NULL, 0, NULL, N, 3, A->colsum_part);
-        gpu_matmul_backward(&g->blas, MHC_GEMM_FP32, dX, gq->phi, dH, X, q->phi, N, n * C, m);   /* dH holds dh */
-    } else if (c->residual == MHC_RESIDUAL_HC) {
+        gpu_matmul_backward(&g->blas, MHC_GEMM_FP32, NULL, gq->phi, dH, X, q->phi, N, n * C, m);   /* dH holds dh */
+        return;
+    }
+    gpu_stream_pre_backward(dX, dH, dy, H, X, N, n, C, m);
+    if (c->residual == MHC_RESIDUAL_HC) {
         hc_coeffs_backward_kernel<<<mhc_blocks((size_t)N, 128), 128>>>(A->a.dcoef, A->coef_alpha, dH, a, q->alpha, N, n);
         LAUNCH_CHECK();
         gpu_colsum(gq->b_pre, dH, m, NULL, 0, NULL, N, n, A->colsum_part);
@@ -2033,8 +2069,7 @@ static void gpu_sublayer_backward(MhcGpu *g, MhcGpuActs *A, int s, const float *
     CUDA_CHECK(cudaMemset(a->dy, 0, sizeof(float) * (size_t)N * C));
     gpu_rmsnorm_backward(a->dy, s % 2 == 0 ? gb->attn_norm : gb->ffn_norm, a->du, y, s % 2 == 0 ? b->attn_norm : b->ffn_norm,
                          a->u_rstd + (size_t)s * N, N, C, A->colsum_part);
-    gpu_stream_pre_backward(dX, a->dH, a->dy, H, X, N, n, C, m);                       /* §5.3, PATH 2 */
-    gpu_stream_coeffs_backward(g, A, s, N, a->dH, dX);                                 /* §5.4, PATH 3 */
+    gpu_stream_pre_grad(g, A, s, N, a->dy, a->dH, dX);                                 /* §5.3-§5.4, PATHs 2, 3 */
 }
 
 /* SPEC §2: embed, expand once, the S sublayers, reduce once, norm, head, and (with targets) the fused

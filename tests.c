@@ -1878,7 +1878,9 @@ enum { BOTH = 3, FP32_ONLY = 1, FP64_ONLY = 2 };
        attention 1e-2, the whole model logits 1e-2 max|logit| and gradient cosine >= 0.99. The loose
        cosine is for the mHC b (and alpha) gradients: Sinkhorn's backward removes the row/column-constant
        part of dH_res, so dLam is a small remainder of large terms and carries their relative noise
-       amplified (emulated TF32: 1 - cos ~ 1e-3 for one b tensor; every other tensor ~1e-5).
+       amplified (emulated TF32: 1 - cos ~ 1e-3 for one b tensor; every other tensor ~1e-5). TF32 can
+       flip a near-tied MoE selection too (one flip on the mhc config here): then, as for bf16 below,
+       rel rms <= 1e-1 and the cosine over all parameters >= 0.99.
      BF16 (mhc_gpu_set_precision(g, MHC_PREC_BF16): GEMM operands rounded to 8-bit mantissas, 2^-9 ~ 2e-3
        relative per operand, 8x TF32's): one GEMM 2e-2 of max|out| (measured ~3e-3, see gpu_test_gemm).
        The whole model (emulated, measured on these configs): with no MoE selection flipped, logits
@@ -2246,8 +2248,12 @@ static void gpu_test_mhc_coeffs(void) {
     check(e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5,
           "gpu fused mhc pre-stage: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e (tol 1e-5)", e0, e1, e2, e3, e5);
 
-    float *dH = gt_randn((size_t)N * m, 1), *da = gt_host((size_t)N * m), *dx = gt_host((size_t)N * nC);
-    float *dh = gt_host((size_t)N * m), *dalpha = gt_host((size_t)N * 3);
+    /* backward: dX starts random (the kernel adds), dH's H_pre part is NaN on the GPU (the kernel makes it) */
+    float *dH = gt_randn((size_t)N * m, 1), *dy = gt_randn((size_t)N * C, 1), *dX0 = gt_randn((size_t)N * nC, 1);
+    float *da = gt_host((size_t)N * m), *dx = gt_copy(dX0, (size_t)N * nC), *dh = gt_host((size_t)N * m);
+    float *dalpha = gt_host((size_t)N * 3), *d_dH = gt_upload(dH, (size_t)N * m);
+    for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_dH + (size_t)t * m, 0xFF, sizeof(float) * n));
+    stream_pre_backward(dx, dH, dy, H, X, N, n, C, m);                     /* PATH 2, and dH_pre */
     for (int t = 0; t < N; t++) {
         mhc_coeffs_backward(da + (size_t)t * m, dx + (size_t)t * nC, dH + (size_t)t * m, H + (size_t)t * m, a + (size_t)t * m,
                             h + (size_t)t * m, r[(size_t)t * n], X + (size_t)t * nC, &q, &c);
@@ -2257,17 +2263,17 @@ static void gpu_test_mhc_coeffs(void) {
             dalpha[(size_t)t * 3 + grp] += da[(size_t)t * m + k] * r[(size_t)t * n] * h[(size_t)t * m + k];
         }
     }
-    float *d_da = gt_nan((size_t)N * m), *d_dH = gt_upload(dH, (size_t)N * m), *d_dalpha = gt_nan((size_t)N * 3);
-    float *d_dx = gt_nan((size_t)N * nC);
-    CUDA_CHECK(cudaMemset(d_dx, 0, sizeof(float) * N * nC));
-    gpu_mhc_coeffs_backward(d_da, d_dH, d_dalpha, d_dx, gt_upload(H, (size_t)N * m), gt_upload(a, (size_t)N * m),
-                            gt_upload(h, (size_t)N * m), gt_upload(r, (size_t)N * n), d_X, d_alpha, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps);
+    matmul_backward(dx, NULL, dh, X, phi, N, nC, m);                      /* the phi part of PATH 3 */
+    float *d_da = gt_nan((size_t)N * m), *d_dalpha = gt_nan((size_t)N * 3), *d_dx = gt_upload(dX0, (size_t)N * nC);
+    gpu_mhc_pre_backward(d_dx, d_dH, d_da, d_dalpha, gt_upload(dy, (size_t)N * C), d_X, gt_upload(H, (size_t)N * m),
+                         gt_upload(a, (size_t)N * m), gt_upload(h, (size_t)N * m), gt_upload(r, (size_t)N * n),
+                         gt_upload(phi, (size_t)m * nC), d_alpha, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps);
     e1 = rel_err(gt_fetch(d_da, (size_t)N * m), da, (size_t)N * m);
     e2 = rel_err(gt_fetch(d_dH, (size_t)N * m), dh, (size_t)N * m);
     e3 = rel_err(gt_fetch(d_dalpha, (size_t)N * 3), dalpha, (size_t)N * 3);
     double e4 = rel_err(gt_fetch(d_dx, (size_t)N * nC), dx, (size_t)N * nC);
     check(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4 && e4 <= 1e-4,
-          "gpu mhc coefficients backward (Sinkhorn replayed): da %.1e, dh %.1e, dalpha %.1e, dx %.1e (tol 1e-4)", e1, e2, e3, e4);
+          "gpu fused mhc pre-stage backward (Sinkhorn replayed): da %.1e, dh %.1e, dalpha %.1e, dX %.1e (tol 1e-4)", e1, e2, e3, e4);
     gt_release();
 }
 
@@ -2422,12 +2428,13 @@ static void gpu_test_model(const char *name, const MhcConfig *cfg, int precision
         ll += (double)m.acts.logits[i] * m.acts.logits[i];
     }
     double rms = sqrt(dd / ll);     /* |gpu - cpu| / |cpu| over all logits */
-    /* T4: identical selections on tie-free inputs in fp32; TF32 moves the router inputs by ~1e-3, which
-       may flip a near-tie, so there the differences are only counted */
+    /* T4: identical selections on tie-free inputs in fp32; TF32 and bf16 move the router inputs by ~1e-3
+       and ~1e-2, which may flip a near-tie, so there the differences are only counted, and a flip (which
+       sends a token through another expert) is judged over all logits and the whole gradient */
     int *gsel = (int *)mhc_calloc((size_t)L * N * K, sizeof(int)), n_diff = 0;
     CUDA_CHECK(cudaMemcpy(gsel, g.acts.a.moe_sel, sizeof(int) * L * N * K, cudaMemcpyDeviceToHost));
     for (size_t k = (size_t)cfg->first_k_dense * N * K; k < (size_t)L * N * K; k++) n_diff += gsel[k] != m.acts.moe_sel[k];
-    int logits_ok = !bf16 ? diff <= tol_logit * mx : n_diff ? rms <= 1e-1 : rms <= 2.5e-2 && diff <= tol_logit * mx;
+    int logits_ok = exact || !n_diff ? diff <= tol_logit * mx && (!bf16 || rms <= 2.5e-2) : rms <= 1e-1;
     check(logits_ok && (!exact || n_diff == 0),
           "gpu model %s%s: logits max-abs %.2e (tol %.0e x max|logit| %.2f), rel rms %.1e, %d MoE selections differ", name, pn, diff,
           tol_logit, mx, rms, n_diff);
@@ -2451,10 +2458,10 @@ static void gpu_test_model(const char *name, const MhcConfig *cfg, int precision
         double cs = gt_cosine(m.grads + t->offset, cpu_grads + t->offset, t->size);
         if (!(cs >= worst)) { worst = cs; worst_name = t->name; }
     }
-    if (!bf16 || n_diff == 0) {
+    if (exact || n_diff == 0) {
         check(worst >= tol_cos, "gpu model %s%s: %d gradient tensors, worst 1 - cosine %.1e in %s (tol %.0e)", name, pn,
               m.n_tensors, 1 - worst, worst_name, 1 - tol_cos);
-    } else {        /* bf16 with flipped selections: the whole gradient (per tensor printed, not checked) */
+    } else {        /* flipped selections: the whole gradient (per tensor printed, not checked) */
         double all = gt_cosine(m.grads, cpu_grads, m.n_params);
         check(all >= 0.99, "gpu model %s%s: gradient 1 - cosine %.1e over all %zu parameters (tol 1e-02; %d flips, worst tensor "
               "%.1e in %s)", name, pn, 1 - all, m.n_params, n_diff, 1 - worst, worst_name);

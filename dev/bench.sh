@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # dev/bench.sh - one benchmark table: training tokens/s, MFU and GPU memory of train_gpu and of the same
 # model in PyTorch (dev/bench_torch.py: dev/reference.py in bf16 autocast, eager and torch.compile) for
-# the small and 3b presets, the mHC / HC overhead (step time over plain), and infer_gpu's batch-1 decode
-# against the bandwidth bound (SPEC §15).
+# the small and 3b presets, the mHC / HC overhead (step time over plain), infer_gpu's batch-1 decode
+# against the bandwidth bound (SPEC §15), and the mHC stream kernels' bandwidth (dev/bench_mhc.c).
 #
 #   bash dev/bench.sh          GPU machine (one H100 or H200): `make gpu`, then about 9 minutes
 #   bash dev/bench.sh --cpu    smoke test of the same pipeline with the CPU builds and the tiny preset
@@ -322,6 +322,14 @@ if [ "$TORCH_OK" = 1 ]; then
     fi
 fi
 
+# ---- 2b. the mHC stream kernels' achieved bandwidth (dev/bench_mhc.c; GPU only, seconds) ---------
+MHC_KERNELS=""
+if [ "$CPU" != 1 ]; then
+    run_sub mhc_kernels 90 ./dev/bench_mhc
+    if [ "$RC" = 0 ]; then MHC_KERNELS=$(sed 1d "$LOGDIR/mhc_kernels.log")
+    else MHC_KERNELS="dev/bench_mhc failed ($(why_failed mhc_kernels)); log: logs/mhc_kernels.log"; fi
+fi
+
 # ---- 3. the torch model's sparse MoE against reference.moe (CPU, float64; a few seconds) ---------
 CHECK_NOTE="not run"
 if [ "$TORCH_OK" = 1 ]; then
@@ -373,6 +381,10 @@ OUT_MD=$OUTDIR/bench.md
     echo "| preset | setup | run | tokens/s | step (ms) | MFU | GPU mem (GiB) | notes |"
     echo "|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${ROWS[@]}"
+    if [ -n "$MHC_KERNELS" ]; then
+        echo
+        echo "### $MHC_KERNELS"
+    fi
 } >"$OUT_MD"
 cat "$OUT_MD"
 say "wrote $OUT_MD (logs in $LOGDIR)"

@@ -1,0 +1,153 @@
+/* dev/bench_mhc.c - achieved memory bandwidth of the mHC stream kernels of mhc_cuda.cuh (issue 5): each
+   kernel's time at a preset's shape (n = 4 streams, N = batch x seq_len tokens), the bytes it must move
+   (every input read once, every output written once; phi and the other parameters are negligible), and
+   that over the time against a measured device-to-device copy (bytes read + written). Built by
+   `make gpu` as dev/bench_mhc; run on the GPU machine:
+
+       ./dev/bench_mhc                 small (C 512, N 32 x 1024) and 3b (C 1280, N 2 x 4096)
+       ./dev/bench_mhc C N [C N ...]   other shapes
+
+   Prints a markdown table. For scale, it also times the one GEMM the fused pre-stage replaced, h = X
+   phi^T in exact fp32 through cuBLAS: that GEMM alone read X once, as the whole fused kernel now does. */
+#define MHC_IMPLEMENTATION
+#include "mhc.h"
+#include "mhc_cuda.cuh"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#define REPS 20
+
+/* x[i] = scale * a hash of (i, seed) in [-1, 1): inputs with no zeros, without host memory */
+__global__ void bench_fill_kernel(float *x, size_t count, unsigned seed, float scale) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    unsigned h = (unsigned)i * 2654435761u ^ seed * 2246822519u;
+    h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+    x[i] = scale * ((float)(h >> 8) / 8388608.0f - 1.0f);
+}
+
+static float *bench_buffer(size_t count, unsigned seed, float scale) {
+    float *p;
+    CUDA_CHECK(cudaMalloc((void **)&p, count * sizeof(float)));
+    bench_fill_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(p, count, seed, scale);
+    LAUNCH_CHECK();
+    return p;
+}
+
+typedef struct { cudaEvent_t start, stop; } BenchTimer;
+
+static float bench_ms(BenchTimer *tm) {            /* mean of the REPS repetitions just recorded */
+    float ms;
+    CUDA_CHECK(cudaEventSynchronize(tm->stop));
+    CUDA_CHECK(cudaEventElapsedTime(&ms, tm->start, tm->stop));
+    return ms / REPS;
+}
+
+static void bench_row(const char *kernel, int C, int N, double bytes, float ms, double copy_gbs) {
+    double gbs = bytes / (ms * 1e-3) / 1e9;
+    printf("| %s | %d | %d | %.1f | %.3f | %.0f | %.0f%% |\n", kernel, C, N, bytes / 1e6, ms, gbs, 100 * gbs / copy_gbs);
+}
+
+/* device-to-device copy of 1 GiB, bytes read + written over the time */
+static double bench_copy_gbs(BenchTimer *tm) {
+    size_t bytes = (size_t)1 << 30;
+    void *a, *b;
+    CUDA_CHECK(cudaMalloc(&a, bytes));
+    CUDA_CHECK(cudaMalloc(&b, bytes));
+    CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int r = 0; r < REPS; r++) CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    float ms = bench_ms(tm);
+    CUDA_CHECK(cudaFree(a));
+    CUDA_CHECK(cudaFree(b));
+    return 2.0 * bytes / (ms * 1e-3) / 1e9;
+}
+
+static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_gbs) {
+    const int n = 4, m = n * n + 2 * n, iters = 20, nC = n * C;
+    const double f = sizeof(float);
+    float *X = bench_buffer((size_t)N * nC, 1, 1.0f), *phi = bench_buffer((size_t)m * nC, 2, 0.02f);
+    float *alpha = bench_buffer(3, 3, 0.01f), *b = bench_buffer(m, 4, 1.0f), *fo = bench_buffer((size_t)N * C, 5, 1.0f);
+    float *dXo = bench_buffer((size_t)N * nC, 6, 1.0f), *dy = bench_buffer((size_t)N * C, 7, 1.0f);
+    float *y = bench_buffer((size_t)N * C, 8, 0), *H = bench_buffer((size_t)N * m, 9, 0), *a = bench_buffer((size_t)N * m, 10, 0);
+    float *h = bench_buffer((size_t)N * m, 11, 0), *r = bench_buffer((size_t)N * n, 12, 0), *Xo = bench_buffer((size_t)N * nC, 13, 0);
+    float *dX = bench_buffer((size_t)N * nC, 14, 0), *df = bench_buffer((size_t)N * C, 15, 0), *dH = bench_buffer((size_t)N * m, 16, 0);
+    float *da = bench_buffer((size_t)N * m, 17, 0), *dalpha = bench_buffer((size_t)N * 3, 18, 0);
+    float *dphi = bench_buffer((size_t)m * nC, 19, 0);
+
+    gpu_mhc_pre_forward(y, H, a, h, r, X, phi, alpha, b, N, n, C, iters, 1e-6, 1e-6);     /* warm-up, and H for the rest */
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(y, H, a, h, r, X, phi, alpha, b, N, n, C, iters, 1e-6, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("pre-stage forward (fused)", C, N, f * N * (nC + C + 3.0 * m + n), bench_ms(tm), copy_gbs);
+
+    gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, nC, m);
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, nC, m);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("for scale: cuBLAS h = phi X alone", C, N, f * N * (nC + m), bench_ms(tm), copy_gbs);
+
+    gpu_stream_merge_forward(Xo, H, X, fo, N, n, C, m);
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_stream_merge_forward(Xo, H, X, fo, N, n, C, m);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("merge forward", C, N, f * N * (2.0 * nC + C + m), bench_ms(tm), copy_gbs);
+
+    gpu_stream_merge_backward(dX, df, dH, dXo, H, X, fo, N, n, C, m);
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_stream_merge_backward(dX, df, dH, dXo, H, X, fo, N, n, C, m);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("merge backward", C, N, f * N * (3.0 * nC + 2.0 * C + 2.0 * m), bench_ms(tm), copy_gbs);
+
+    /* dH is rewritten with dh by each run: the repetitions see other values, the same work */
+    gpu_mhc_pre_backward(dX, dH, da, dalpha, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_backward(dX, dH, da, dalpha, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("pre-stage backward (fused)", C, N, f * N * (3.0 * nC + C + 7.0 * m + n + 3), bench_ms(tm), copy_gbs);
+
+    gpu_matmul_backward(bl, MHC_GEMM_FP32, NULL, dphi, dH, X, phi, N, nC, m);
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_matmul_backward(bl, MHC_GEMM_FP32, NULL, dphi, dH, X, phi, N, nC, m);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("dphi += dh^T X (cuBLAS)", C, N, f * N * (nC + m), bench_ms(tm), copy_gbs);
+
+    float *all[] = {X, phi, alpha, b, fo, dXo, dy, y, H, a, h, r, Xo, dX, df, dH, da, dalpha, dphi};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) CUDA_CHECK(cudaFree(all[k]));
+}
+
+int main(int argc, char **argv) {
+    int shapes[16][2] = {{512, 32 * 1024}, {1280, 2 * 4096}}, n_shapes = 2;
+    if (argc > 1) {
+        if ((argc - 1) % 2 || argc - 1 > 32) {
+            fprintf(stderr, "usage: %s [C N ...]  (at most 16 pairs)\n", argv[0]);
+            return 2;
+        }
+        n_shapes = (argc - 1) / 2;
+        for (int k = 0; k < n_shapes; k++) {
+            shapes[k][0] = atoi(argv[1 + 2 * k]);
+            shapes[k][1] = atoi(argv[2 + 2 * k]);
+            if (shapes[k][0] <= 0 || shapes[k][1] <= 0) {
+                fprintf(stderr, "bench_mhc: C and N must be positive integers\n");
+                return 2;
+            }
+        }
+    }
+    MhcBlas bl;
+    memset(&bl, 0, sizeof bl);
+    bl.precision = MHC_PREC_FP32;
+    CUBLAS_CHECK(cublasCreate(&bl.handle));
+    BenchTimer tm;
+    CUDA_CHECK(cudaEventCreate(&tm.start));
+    CUDA_CHECK(cudaEventCreate(&tm.stop));
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    double copy_gbs = bench_copy_gbs(&tm);
+    printf("mHC stream kernels on %s, n = 4, fp32; device-to-device copy %.0f GB/s (read + write)\n\n", prop.name, copy_gbs);
+    printf("| kernel | C | N | MB moved | ms | GB/s | of copy |\n|---|---|---|---|---|---|---|\n");
+    for (int k = 0; k < n_shapes; k++) bench_shape(&bl, &tm, shapes[k][0], shapes[k][1], copy_gbs);
+    CUBLAS_CHECK(cublasDestroy(bl.handle));
+    return 0;
+}
