@@ -7,7 +7,9 @@
 
    The GPU model mirrors MhcModel: one parameter slab in the CPU's layout (upload and download are plain
    copies), the CPU's activation buffers (mhc.h's mhc_acts_table) on the device plus GPU-only scratch, and
-   the CPU's order of operations, so every kernel has a CPU function to be tested against.
+   the CPU's order of operations, so every kernel has a CPU function to be tested against. Where kernels
+   are fused (mHC's pre-stage: coefficients, Sinkhorn and the pre-mix in one pass over the streams, and
+   its backward), the test compares the fused kernel with the chain of CPU functions it replaces.
 
    Precision (SPEC §0): fp32 storage for parameters (the master weights), gradients, activations and
    optimizer state. mhc_gpu_set_precision picks how the MHC_GEMM_FAST GEMMs (every MLA, FFN, shared-expert
@@ -19,11 +21,12 @@
                               upload and the AdamW kernel rewrite from the fp32 master (round to nearest
                               even); activation and gradient operands are rounded into scratch by one
                               conversion kernel just before their GEMM. Outputs, weight gradients and the
-                              accumulation stay fp32. Not yet run on real hardware (only dev/cuda_emu).
+                              accumulation stay fp32.
    The routed-expert GEMMs and the flash-attention tile products are our own kernels: exact fp32 FMAs on
    CUDA cores under MHC_PREC_FP32, TF32 tensor cores (WMMA m16n16k8, fp32 operands rounded, fp32
-   accumulate) under TF32 and BF16. Always fp32 whatever the setting: the mHC/HC coefficient GEMMs and the
-   router GEMM (MHC_GEMM_FP32), the attention softmax statistics, and every elementwise kernel. Norm
+   accumulate) under TF32 and BF16. Always fp32 whatever the setting: the mHC/HC coefficient products
+   (mHC: inside the fused pre-stage kernels, plus the dphi GEMM; HC and the router: MHC_GEMM_FP32), the
+   attention softmax statistics, and every elementwise kernel. Norm
    statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
 
    Determinism: no float atomics. A reduction is a warp's butterfly, a block's fixed tree, or per-block
@@ -60,9 +63,8 @@ typedef struct {
     size_t bytes;
 } MhcGpuArena;
 
-/* Precision of the MHC_GEMM_FAST GEMMs (mhc_gpu_set_precision). TF32 is the default; BF16 (bf16 operands,
-   fp32 accumulate and output, fp32 master weights) has so far run only under dev/cuda_emu, never on real
-   hardware. */
+/* Precision of the MHC_GEMM_FAST GEMMs (mhc_gpu_set_precision). TF32 is the default; BF16: bf16 operands,
+   fp32 accumulate and output, fp32 master weights. */
 enum { MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16 };
 
 /* the cuBLAS handle, the precision of the MHC_GEMM_FAST GEMMs, and what BF16 needs: the parameter slab
