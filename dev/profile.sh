@@ -6,23 +6,26 @@
 #
 #   bash dev/profile.sh [train_gpu flags...]     e.g. --preset small --batch 8
 #
-# Writes $OUT/profile.md (or runs/profile/profile.md) and the raw CSV beside it. Needs `make gpu` done and
-# the default corpus. STEPS (default 2) steps are run; all are profiled and the table is per step.
+# Writes $OUT/$NAME.md (NAME defaults to profile; OUT to runs/profile); the raw CSV and the run's files go
+# to runs/profile-scratch. Needs `make gpu` done and the default corpus. STEPS (default 2) steps are run,
+# all profiled (the first step's one-time kernels included); the table is per step.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUTDIR=${OUT:-runs/profile}
 STEPS=${STEPS:-2}
 NAME=${NAME:-profile}
-mkdir -p "$OUTDIR"
+SCRATCH=runs/profile-scratch
+mkdir -p "$OUTDIR" "$SCRATCH"
 command -v ncu >/dev/null || { echo "profile: ncu (Nsight Compute) is not on the PATH" >&2; exit 1; }
-ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-    ./train_gpu "$@" --steps "$STEPS" --bench --out "$OUTDIR/run-$NAME" >"$OUTDIR/$NAME.csv" 2>"$OUTDIR/$NAME.err" \
-    || { tail -20 "$OUTDIR/$NAME.err" >&2; exit 1; }
-"${PYTHON:-python3}" - "$OUTDIR/$NAME.csv" "$STEPS" "$*" >"$OUTDIR/$NAME.md" <<'PY'
+ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base --log-file "$SCRATCH/$NAME.csv" \
+    ./train_gpu "$@" --steps "$STEPS" --bench --out "$SCRATCH/run-$NAME" >"$SCRATCH/$NAME.log" 2>&1 \
+    || { tail -20 "$SCRATCH/$NAME.log" "$SCRATCH/$NAME.csv" >&2; exit 1; }
+"${PYTHON:-python3}" - "$SCRATCH/$NAME.csv" "$STEPS" "$*" >"$OUTDIR/$NAME.md" <<'PY'
 import csv, sys, collections
 path, steps, flags = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-rows = [r for r in csv.reader(open(path)) if len(r) > 5]
-head = rows[0]
+rows = list(csv.reader(open(path)))
+at = next(i for i, r in enumerate(rows) if "Kernel Name" in r and "Metric Value" in r)
+head, rows = rows[at], rows[at:]
 name_col, val_col = head.index("Kernel Name"), head.index("Metric Value")
 total = collections.Counter(); calls = collections.Counter()
 for r in rows[1:]:

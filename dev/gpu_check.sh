@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# dev/gpu_check.sh - the checks one call on the GPU machine should make, logs under $OUT (default
+# runs/gpu_check): `make gpu`, the GPU test group, the mHC kernels' bandwidth (dev/bench_mhc), and where
+# a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers. About 4
+# minutes on an H100; the full benchmark table is dev/bench.sh. Needs the default corpus.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+nvidia-smi -L
+make -j8 gpu >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+./tests_gpu gpu >"$OUT/tests_gpu.log" 2>&1
+grep FAIL "$OUT/tests_gpu.log"
+tail -n 1 "$OUT/tests_gpu.log"
+timeout 120 ./dev/bench_mhc >"$OUT/bench_mhc.md" 2>&1
+cat "$OUT/bench_mhc.md"
+NAME=profile_small timeout 200 bash dev/profile.sh --preset small --batch 32 --seq-len 1024 | head -30
+NAME=profile_3b timeout 200 bash dev/profile.sh --preset 3b --set n_layers=4 --batch 2 --seq-len 4096 | head -30
