@@ -854,9 +854,10 @@ __device__ void sinkhorn_backward_warp(float *dLam, float *G, const float *Y, co
 /* The fused mHC pre-stage, SPEC §4 then §3's y = H_pre X, for a block of MHC_PRE_TOKENS tokens in one pass
    over their streams: h = phi @ x and |x|^2 for every token (phi [m, nC] staged through shared memory in
    MHC_PRE_CHUNK-column chunks, so one read of phi serves the whole block), then per token (a warp each)
-   r, a, H_pre = sigma(a), H_post = 2 sigma(a), H_res = SK(Lam) and y [N,C] = sum_j H_pre[j] X[j] (the
-   second read of x comes from L2). Writes h, a, H [N,m], r [N,n] (in [0]) like the unfused path, whose
-   GEMM + coefficient + pre kernels read X three times. Bytes that must move: X once, y, h, a, H, r.
+   r, a, H_pre = sigma(a), H_post = 2 sigma(a), H_res = SK(Lam) and y [N,C] = sum_j H_pre[j] X[j] (x read
+   again, recently enough to hit L2 when few blocks are in flight). Writes h, a, H [N,m], r [N,n] (in
+   [0]) like the unfused path, whose GEMM + coefficient + pre kernels read X three times. Bytes that
+   must move: X once, y, h, a, H, r (dev/bench_mhc sets the time against them).
    Shared: xs [TOK][CHUNK], ps [CHUNK][m], acc [TOK][m+1] (h, then |x|^2), one SkWarp per warp.        */
 #define MHC_PRE_TOKENS 32
 #define MHC_PRE_CHUNK 64
@@ -944,8 +945,8 @@ static void gpu_mhc_pre_forward(float *y, float *H, float *a, float *h, float *r
    GEMM), da [N,m] (the b gradient's column sums), dalpha_t [N,3] = sum_{k in grp} da r h, and dS, the
    gradient of |x|^2 through r. Then one pass over the streams, phi staged in column chunks:
    dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS + sum_k dh[k] phi[k][j C + c]. The unfused path read X
-   three times and read-modify-wrote dX three times; here X is read once from memory (twice from L2)
-   and dX once. Shared: ps [m][CHUNK], dh [TOK][m], coef [TOK][n+1] (H_pre, then dS), a taped SkWarp
+   three times and read-modify-wrote dX three times; here one kernel reads X twice (the second read
+   meant to hit L2) and dX once. Shared: ps [m][CHUNK], dh [TOK][m], coef [TOK][n+1] (H_pre, then dS), a taped SkWarp
    per warp.                                                                                           */
 static __host__ __device__ size_t mhc_pre_backward_smem_floats(int n, int iters) {
     int m = n * n + 2 * n;
