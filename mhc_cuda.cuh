@@ -52,6 +52,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+#include <type_traits>
 
 /* ---------------------------------------------------------------------------------------------
    Types and interface                                                                            */
@@ -313,13 +314,21 @@ template <typename Fragment> __device__ void wmma_load_tf32(Fragment &f, const f
    expert e, whose weight is W_e = W + e * w_stride. The row counts live on the GPU (no host round trip),
    so these are our own tiled kernels rather than cuBLAS. Row-major, fixed summation order.
      kseg = 0:  C[rows] = A[rows] @ op(W_e) + beta * C[rows]     (B = W, op = ^T when transB; M = rows of e)
-     kseg = 1:  W_e    += A[rows]^T @ B[rows]                   (C = W; K = rows of e, M and N fixed)
-   One block computes a 64x64 tile of one expert; blocks past that expert's rows return at once. Two
-   kernels share the tile loads and differ in the multiply: exact fp32 FMAs (MHC_PREC_FP32, the tests) or
-   TF32 tensor cores through WMMA (MHC_PREC_TF32 and MHC_PREC_BF16).                                      */
-#define EG_TILE 64
-#define EG_K 16                   /* K slab per shared-memory stage                                      */
-#define EG_LD (EG_TILE + 4)       /* shared row stride: a multiple of 4 floats keeps WMMA rows 32-byte aligned */
+     kseg = 1:  W_e    += A[rows]^T @ B[rows]                   (C = W; K = rows of e, M and N fixed; no transB)
+   One block computes a 128 x 128 tile of one expert's output with 256 threads. For kseg = 0 the row tiles
+   of all experts are packed into gridDim.x (expert e's tiles follow expert e-1's, and eg_tile finds its
+   expert by walking seg), so no block is launched for rows an expert does not have.
+   K goes in 32-deep slabs through two shared-memory stages: while the block multiplies one slab, each
+   thread holds its share of the next one in registers, so the global loads are in flight during the
+   multiply. Each operand is copied in its own memory order (no transpose on the way in); the multiply
+   reads it in that order. Two multiplies share everything else: exact fp32 FMAs (MHC_PREC_FP32, the tests;
+   an 8 x 8 register tile per thread) and TF32 tensor cores through WMMA (MHC_PREC_TF32 and MHC_PREC_BF16;
+   8 warps, each a 64 x 32 quarter-column of the tile as 4 x 2 m16n16k8 accumulators).                 */
+#define EG_TILE 128
+#define EG_K 32                            /* K slab per shared-memory stage                            */
+#define EG_THREADS 256
+#define EG_OPERAND (EG_TILE * (EG_K + 4))  /* floats of one operand slab: [128][36] or [32][132], the larger */
+#define EG_SMEM_FLOATS (4 * EG_OPERAND)    /* two stages of A and B; also holds the [128][132] output tile */
 
 typedef struct {
     float *C;
@@ -327,11 +336,11 @@ typedef struct {
     int ldc, lda, ldb, transB, kseg;
     size_t w_stride;
     const int *seg;
-    int Mfix, N, Kfix;
+    int E, Mfix, N, Kfix;
     float beta;
 } MhcExpertGemm;
 
-/* this block's problem: expert blockIdx.z, output tile (i0, j0); M = 0 when the tile is past its rows */
+/* this block's problem: expert e, output tile (i0, j0), M x K; M = 0 when the block has no tile */
 typedef struct {
     int M, K, i0, j0;
     const float *A, *B;
@@ -339,12 +348,19 @@ typedef struct {
 } MhcExpertTile;
 
 __device__ MhcExpertTile eg_tile(const MhcExpertGemm &g) {
-    MhcExpertTile t;
-    int e = blockIdx.z, r0 = g.seg[e], rows = g.seg[e + 1] - r0;
+    MhcExpertTile t = {0, 0, 0, (int)blockIdx.y * EG_TILE, NULL, NULL, NULL};
+    int e = blockIdx.z, tile = blockIdx.x;
+    if (!g.kseg)                                   /* walk the experts' packed row tiles */
+        for (e = 0; e < g.E; e++) {
+            int tiles = (g.seg[e + 1] - g.seg[e] + EG_TILE - 1) / EG_TILE;
+            if (tile < tiles) break;
+            tile -= tiles;
+        }
+    if (e >= g.E) return t;
+    int r0 = g.seg[e], rows = g.seg[e + 1] - r0;
     t.M = g.kseg ? g.Mfix : rows;
     t.K = g.kseg ? rows : g.Kfix;
-    t.i0 = blockIdx.y * EG_TILE;
-    t.j0 = blockIdx.x * EG_TILE;
+    t.i0 = tile * EG_TILE;
     if (t.i0 >= t.M) t.M = 0;
     t.A = g.A + (size_t)r0 * g.lda;
     t.B = g.kseg ? g.B + (size_t)r0 * g.ldb : g.B + e * g.w_stride;
@@ -352,94 +368,173 @@ __device__ MhcExpertTile eg_tile(const MhcExpertGemm &g) {
     return t;
 }
 
-/* As[k][i] = op(A)[i0+i][k0+k], Bs[k][j] = op(B)[k0+k][j0+j] for the K slab at k0, zero outside */
-__device__ void eg_load_slab(float (*As)[EG_LD], float (*Bs)[EG_LD], const MhcExpertGemm &g, const MhcExpertTile &t, int k0) {
-    for (int q = threadIdx.x; q < EG_K * EG_TILE; q += blockDim.x) {   /* consecutive threads, consecutive addresses */
-        int i, j, k;
-        if (g.kseg) { k = q / EG_TILE; i = q % EG_TILE; } else { i = q / EG_K; k = q % EG_K; }
-        int gi = t.i0 + i, gk = k0 + k;
-        As[k][i] = gi < t.M && gk < t.K ? (g.kseg ? t.A[(size_t)gk * g.lda + gi] : t.A[(size_t)gi * g.lda + gk]) : 0.0f;
-        if (g.transB) { j = q / EG_K; k = q % EG_K; } else { k = q / EG_TILE; j = q % EG_TILE; }
-        int gj = t.j0 + j;
-        gk = k0 + k;
-        Bs[k][j] = gj < g.N && gk < t.K ? (g.transB ? t.B[(size_t)gj * g.ldb + gk] : t.B[(size_t)gk * g.ldb + gj]) : 0.0f;
+/* One operand slab in its memory order: `outer` lines of `inner` contiguous elements, line o at src + o ld;
+   elements past (outer_n, inner_n) read as zero. i-major (rows of the tile outer, k inner): [128][32];
+   k-major: [32][128]. Each thread fetches 4 runs of 4 elements (one float4 where aligned). */
+typedef struct {
+    const float *src;
+    int ld, inner, outer_n, inner_n;
+} MhcEgSlab;
+
+__device__ MhcEgSlab eg_slab(const float *base, int ld, int kmajor, int r0, int rows, int k0, int K) {
+    MhcEgSlab s;
+    s.ld = ld;
+    if (kmajor) { s.src = base + (size_t)k0 * ld + r0; s.inner = EG_TILE; s.outer_n = K - k0; s.inner_n = rows - r0; }
+    else        { s.src = base + (size_t)r0 * ld + k0; s.inner = EG_K;    s.outer_n = rows - r0; s.inner_n = K - k0; }
+    return s;
+}
+
+__device__ void eg_fetch(float reg[16], MhcEgSlab s) {
+    for (int q = 0; q < 4; q++) {
+        int g = threadIdx.x + q * EG_THREADS, o = g / (s.inner / 4), c = g % (s.inner / 4) * 4;
+        const float *p = s.src + (size_t)o * s.ld + c;
+        if (o < s.outer_n && c + 4 <= s.inner_n && (uintptr_t)p % 16 == 0) {
+            float4 v = *(const float4 *)p;
+            reg[4 * q] = v.x; reg[4 * q + 1] = v.y; reg[4 * q + 2] = v.z; reg[4 * q + 3] = v.w;
+        } else {
+            for (int x = 0; x < 4; x++) reg[4 * q + x] = o < s.outer_n && c + x < s.inner_n ? p[x] : 0.0f;
+        }
     }
 }
 
-/* C[i0+i][j0+j] = v (+ beta C) inside the problem */
-__device__ void eg_store(const MhcExpertGemm &g, const MhcExpertTile &t, int i, int j, float v) {
-    int gi = t.i0 + i, gj = t.j0 + j;
-    if (gi >= t.M || gj >= g.N) return;
-    float *c = t.C + (size_t)gi * g.ldc + gj;
-    *c = g.beta == 0.0f ? v : v + g.beta * *c;
+/* the fetched elements into shared memory, line stride inner + 4 (rounded to TF32 for the tensor cores) */
+template <bool TC> __device__ void eg_stash(float *dst, const float reg[16], int inner) {
+    for (int q = 0; q < 4; q++) {
+        int g = threadIdx.x + q * EG_THREADS, o = g / (inner / 4), c = g % (inner / 4) * 4;
+        for (int x = 0; x < 4; x++) dst[o * (inner + 4) + c + x] = TC ? nvcuda::wmma::__float_to_tf32(reg[4 * q + x]) : reg[4 * q + x];
+    }
 }
 
-/* exact fp32: 256 threads, a 4x4 register tile each */
-__global__ void __launch_bounds__(256) expert_gemm_kernel(MhcExpertGemm g) {
-    __shared__ float As[EG_K][EG_LD], Bs[EG_K][EG_LD];
-    MhcExpertTile t = eg_tile(g);
-    if (!t.M) return;
+/* element (r, k) of an operand slab in shared memory: r along the tile (row of op(A), column of op(B)) */
+__device__ float eg_at(const float *s, int kmajor, int r, int k) {
+    return kmajor ? s[k * (EG_TILE + 4) + r] : s[r * (EG_K + 4) + k];
+}
+
+/* the fp32 multiply: thread (ty, tx) owns rows ty + 16x and columns tx + 16y of the tile */
+template <bool A_KMAJOR, bool B_KMAJOR> __device__ void eg_multiply_fp32(float acc[64], const float *As, const float *Bs) {
     int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    float acc[4][4] = {{0}};
-    for (int k0 = 0; k0 < t.K; k0 += EG_K) {
-        eg_load_slab(As, Bs, g, t, k0);
-        __syncthreads();
-        for (int k = 0; k < EG_K; k++) {
-            float av[4], bv[4];
-            for (int x = 0; x < 4; x++) { av[x] = As[k][ty + 16 * x]; bv[x] = Bs[k][tx + 16 * x]; }
-            for (int x = 0; x < 4; x++)
-                for (int y = 0; y < 4; y++) acc[x][y] += av[x] * bv[y];
-        }
-        __syncthreads();
+    for (int k = 0; k < EG_K; k++) {
+        float av[8], bv[8];
+        for (int x = 0; x < 8; x++) { av[x] = eg_at(As, A_KMAJOR, ty + 16 * x, k); bv[x] = eg_at(Bs, B_KMAJOR, tx + 16 * x, k); }
+        for (int x = 0; x < 8; x++)
+            for (int y = 0; y < 8; y++) acc[8 * x + y] += av[x] * bv[y];
     }
-    for (int x = 0; x < 4; x++)
-        for (int y = 0; y < 4; y++) eg_store(g, t, ty + 16 * x, tx + 16 * y, acc[x][y]);
 }
 
-/* TF32 tensor cores: 4 warps, each a 32x32 quarter of the tile as 2x2 WMMA m16n16k8 accumulators. As is
-   k-major, so op(A) is read as a column-major matrix_a; Bs is a row-major matrix_b. */
-__global__ void __launch_bounds__(128) expert_gemm_tf32_kernel(MhcExpertGemm g) {
+__device__ void eg_store_fp32(float *Cs, const float acc[64]) {
+    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    for (int x = 0; x < 8; x++)
+        for (int y = 0; y < 8; y++) Cs[(ty + 16 * x) * (EG_TILE + 4) + tx + 16 * y] = acc[8 * x + y];
+}
+
+/* TF32 multiply of one slab into the warp's accumulators. A k-major A slab is op(A) in column-major order,
+   an i-major one in row-major; a k-major B slab is op(B) row-major, a j-major one column-major. */
+template <bool A_KMAJOR, bool B_KMAJOR, typename Acc>
+__device__ void eg_multiply_tf32(Acc (&acc)[4][2], const float *As, const float *Bs) {
     using namespace nvcuda;
-    __shared__ __align__(32) float As[EG_K][EG_LD], Bs[EG_K][EG_LD];
-    __shared__ __align__(32) float Cs[EG_TILE][EG_LD];
+    typedef typename std::conditional<A_KMAJOR, wmma::col_major, wmma::row_major>::type LayoutA;
+    typedef typename std::conditional<B_KMAJOR, wmma::row_major, wmma::col_major>::type LayoutB;
+    int warp = threadIdx.x / 32, wi = (warp / 4) * 64, wj = (warp % 4) * 32;
+    for (int k = 0; k < EG_K; k += 8) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LayoutA> a[4];
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LayoutB> b[2];
+        for (int x = 0; x < 4; x++)
+            wmma::load_matrix_sync(a[x], A_KMAJOR ? As + k * (EG_TILE + 4) + wi + 16 * x : As + (wi + 16 * x) * (EG_K + 4) + k,
+                                   A_KMAJOR ? EG_TILE + 4 : EG_K + 4);
+        for (int y = 0; y < 2; y++)
+            wmma::load_matrix_sync(b[y], B_KMAJOR ? Bs + k * (EG_TILE + 4) + wj + 16 * y : Bs + (wj + 16 * y) * (EG_K + 4) + k,
+                                   B_KMAJOR ? EG_TILE + 4 : EG_K + 4);
+        for (int x = 0; x < 4; x++)
+            for (int y = 0; y < 2; y++) wmma::mma_sync(acc[x][y], a[x], b[y], acc[x][y]);
+    }
+}
+
+/* A_KMAJOR = kseg (op(A) = A^T), B_KMAJOR = !transB; TC picks the multiply */
+template <bool TC, bool A_KMAJOR, bool B_KMAJOR>
+__global__ void __launch_bounds__(EG_THREADS) expert_gemm_kernel(MhcExpertGemm g) {
+    using namespace nvcuda;
+    extern __shared__ __align__(32) float smem[];
     MhcExpertTile t = eg_tile(g);
     if (!t.M) return;
-    int warp = threadIdx.x / 32, wi = (warp / 2) * 32, wj = (warp % 2) * 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
-    for (int x = 0; x < 2; x++)
-        for (int y = 0; y < 2; y++) wmma::fill_fragment(acc[x][y], 0.0f);
-    for (int k0 = 0; k0 < t.K; k0 += EG_K) {
-        eg_load_slab(As, Bs, g, t, k0);
-        __syncthreads();
-        for (int k = 0; k < EG_K; k += 8) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> a[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b[2];
-            for (int x = 0; x < 2; x++) {
-                wmma_load_tf32(a[x], &As[k][wi + 16 * x], EG_LD);
-                wmma_load_tf32(b[x], &Bs[k][wj + 16 * x], EG_LD);
-            }
-            for (int x = 0; x < 2; x++)
-                for (int y = 0; y < 2; y++) wmma::mma_sync(acc[x][y], a[x], b[y], acc[x][y]);
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc_tc[4][2];
+    float acc[64];
+    if constexpr (TC) {
+        for (int x = 0; x < 4; x++)
+            for (int y = 0; y < 2; y++) wmma::fill_fragment(acc_tc[x][y], 0.0f);
+    } else {
+        for (int x = 0; x < 64; x++) acc[x] = 0.0f;
+    }
+    int a_inner = A_KMAJOR ? EG_TILE : EG_K, b_inner = B_KMAJOR ? EG_TILE : EG_K;
+    float ra[16], rb[16];
+    eg_fetch(ra, eg_slab(t.A, g.lda, A_KMAJOR, t.i0, t.M, 0, t.K));
+    eg_fetch(rb, eg_slab(t.B, g.ldb, B_KMAJOR, t.j0, g.N, 0, t.K));
+    eg_stash<TC>(smem, ra, a_inner);
+    eg_stash<TC>(smem + EG_OPERAND, rb, b_inner);
+    __syncthreads();
+    for (int k0 = 0, stage = 0; k0 < t.K; k0 += EG_K, stage ^= 1) {
+        float *As = smem + stage * 2 * EG_OPERAND, *Bs = As + EG_OPERAND;
+        int more = k0 + EG_K < t.K;
+        if (more) {                                /* the next slab's loads, in flight during the multiply */
+            eg_fetch(ra, eg_slab(t.A, g.lda, A_KMAJOR, t.i0, t.M, k0 + EG_K, t.K));
+            eg_fetch(rb, eg_slab(t.B, g.ldb, B_KMAJOR, t.j0, g.N, k0 + EG_K, t.K));
+        }
+        if constexpr (TC) eg_multiply_tf32<A_KMAJOR, B_KMAJOR>(acc_tc, As, Bs);
+        else eg_multiply_fp32<A_KMAJOR, B_KMAJOR>(acc, As, Bs);
+        if (more) {                                /* into the other stage, last read one slab ago */
+            float *next = smem + (stage ^ 1) * 2 * EG_OPERAND;
+            eg_stash<TC>(next, ra, a_inner);
+            eg_stash<TC>(next + EG_OPERAND, rb, b_inner);
         }
         __syncthreads();
     }
-    for (int x = 0; x < 2; x++)
-        for (int y = 0; y < 2; y++)
-            wmma::store_matrix_sync(&Cs[wi + 16 * x][wj + 16 * y], acc[x][y], EG_LD, wmma::mem_row_major);
+    float *Cs = smem;                              /* [128][132] output tile over the operand stages */
+    if constexpr (TC) {
+        int warp = threadIdx.x / 32, wi = (warp / 4) * 64, wj = (warp % 4) * 32;
+        for (int x = 0; x < 4; x++)
+            for (int y = 0; y < 2; y++)
+                wmma::store_matrix_sync(Cs + (wi + 16 * x) * (EG_TILE + 4) + wj + 16 * y, acc_tc[x][y], EG_TILE + 4,
+                                        wmma::mem_row_major);
+    } else {
+        eg_store_fp32(Cs, acc);
+    }
     __syncthreads();
-    for (int q = threadIdx.x; q < EG_TILE * EG_TILE; q += blockDim.x) eg_store(g, t, q / EG_TILE, q % EG_TILE, Cs[q / EG_TILE][q % EG_TILE]);
+    for (int q = threadIdx.x; q < EG_TILE * EG_TILE; q += EG_THREADS) {   /* C = tile (+ beta C), inside the problem */
+        int i = q / EG_TILE, j = q % EG_TILE, gi = t.i0 + i, gj = t.j0 + j;
+        if (gi >= t.M || gj >= g.N) continue;
+        float *c = t.C + (size_t)gi * g.ldc + gj, v = Cs[i * (EG_TILE + 4) + j];
+        *c = g.beta == 0.0f ? v : v + g.beta * *c;
+    }
 }
 
-/* max_rows (kseg = 0): the most rows one expert can hold (N tokens: a token picks an expert at most once);
-   kseg = 1: M = the rows of W_e. precision: MHC_PREC_FP32 runs the exact kernel, any other TF32 WMMA. */
+template <bool TC, bool A_KMAJOR, bool B_KMAJOR> static void eg_launch(dim3 grid, const MhcExpertGemm &g) {
+    size_t bytes = EG_SMEM_FLOATS * sizeof(float);
+    CUDA_CHECK(cudaFuncSetAttribute((const void *)expert_gemm_kernel<TC, A_KMAJOR, B_KMAJOR>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    expert_gemm_kernel<TC, A_KMAJOR, B_KMAJOR><<<grid, EG_THREADS, bytes>>>(g);
+    LAUNCH_CHECK();
+}
+
+template <bool TC> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &g) {
+    if (g.kseg) eg_launch<TC, true, true>(grid, g);
+    else if (g.transB) eg_launch<TC, false, false>(grid, g);
+    else eg_launch<TC, false, true>(grid, g);
+}
+
+/* M (kseg = 0): the rows of all experts together, seg[E]; kseg = 1: M = the rows of W_e (kseg = 1 takes no
+   transB). precision: MHC_PREC_FP32 runs the exact multiply, any other TF32 WMMA. */
 static void gpu_expert_gemm(int precision, float *C, int ldc, const float *A, int lda, const float *B, int ldb, int transB,
                             size_t w_stride, const int *seg, int E, int M, int N, int K, int kseg, float beta) {
     if (M <= 0 || N <= 0 || E <= 0) return;
-    MhcExpertGemm g = {C, A, B, ldc, lda, ldb, transB, kseg, w_stride, seg, M, N, K, beta};
-    dim3 grid(mhc_blocks((size_t)N, EG_TILE), mhc_blocks((size_t)M, EG_TILE), E);
-    if (precision == MHC_PREC_FP32) expert_gemm_kernel<<<grid, 256>>>(g);
-    else expert_gemm_tf32_kernel<<<grid, 128>>>(g);
-    LAUNCH_CHECK();
+    if (kseg && transB) {
+        fprintf(stderr, "mhc_cuda gpu_expert_gemm: kseg = 1 takes no transB (a bug)\n");
+        exit(1);
+    }
+    MhcExpertGemm g = {C, A, B, ldc, lda, ldb, transB, kseg, w_stride, seg, E, M, N, K, beta};
+    /* kseg = 0: every expert's row tiles, at most ceil(M / 128) + E of them, packed along x */
+    dim3 grid(kseg ? mhc_blocks((size_t)M, EG_TILE) : mhc_blocks((size_t)M, EG_TILE) + E, mhc_blocks((size_t)N, EG_TILE),
+              kseg ? E : 1);
+    if (precision == MHC_PREC_FP32) eg_launch_layout<false>(grid, g);
+    else eg_launch_layout<true>(grid, g);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -858,14 +953,20 @@ __device__ void sinkhorn_backward_warp(float *dLam, float *G, const float *Y, co
    again, recently enough to hit L2 when few blocks are in flight). Writes h, a, H [N,m], r [N,n] (in
    [0]) like the unfused path, whose GEMM + coefficient + pre kernels read X three times. Bytes that
    must move: X once, y, h, a, H, r (dev/bench_mhc sets the time against them).
-   Shared: xs [TOK][CHUNK], ps [CHUNK][m], acc [TOK][m+1] (h, then |x|^2), one SkWarp per warp.        */
+   The products run on CUDA cores in fp32 (h feeds the Sinkhorn exponent, so it stays exact): a thread
+   owns one token and four consecutive outputs, so each x it reads from shared memory serves four FMAs
+   and the four phi values come in one float4 (the outputs are padded to m4, a multiple of 4).
+   Shared: xs [TOK][CHUNK+1] (the +1 puts the rows that one warp reads on different banks),
+   ps [CHUNK][m4], acc [TOK][m4+4] (h, then |x|^2 at m4), one SkWarp per warp.                     */
 #define MHC_PRE_TOKENS 32
 #define MHC_PRE_CHUNK 64
 #define MHC_PRE_THREADS 256
 
+static __host__ __device__ int mhc_pre_m4(int n) { return (n * n + 2 * n + 3) / 4 * 4; }
+
 static __host__ __device__ size_t mhc_pre_smem_floats(int n, int iters) {
-    int m = n * n + 2 * n;
-    return (size_t)MHC_PRE_TOKENS * MHC_PRE_CHUNK + (size_t)MHC_PRE_CHUNK * m + (size_t)MHC_PRE_TOKENS * (m + 1) +
+    int m4 = mhc_pre_m4(n);
+    return (size_t)MHC_PRE_TOKENS * (MHC_PRE_CHUNK + 1) + (size_t)MHC_PRE_CHUNK * m4 + (size_t)MHC_PRE_TOKENS * (m4 + 4) +
            (MHC_PRE_THREADS / 32) * sk_warp_floats(n, iters, 0);
 }
 
@@ -874,38 +975,43 @@ __global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_forward_kernel(float 
                                                                          const float *b, int N, int n, int C, int iters,
                                                                          float eps_sk, float eps_rms) {
     extern __shared__ float smem[];
-    int m = n * n + 2 * n, m1 = m + 1, nC = n * C, t0 = blockIdx.x * MHC_PRE_TOKENS;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float *xs = smem, *ps = xs + MHC_PRE_TOKENS * MHC_PRE_CHUNK, *acc = ps + MHC_PRE_CHUNK * m;
-    SkWarp w = sk_warp_layout(acc + MHC_PRE_TOKENS * m1 + warp * sk_warp_floats(n, iters, 0), n, iters, 0);
-    for (int p = threadIdx.x; p < MHC_PRE_TOKENS * m1; p += blockDim.x) acc[p] = 0;
+    int m = n * n + 2 * n, m4 = mhc_pre_m4(n), groups = m4 / 4 + 1, nC = n * C, t0 = blockIdx.x * MHC_PRE_TOKENS;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, xs_ld = MHC_PRE_CHUNK + 1, acc_ld = m4 + 4;
+    float *xs = smem, *ps = xs + MHC_PRE_TOKENS * xs_ld, *acc = ps + MHC_PRE_CHUNK * m4;
+    SkWarp w = sk_warp_layout(acc + MHC_PRE_TOKENS * acc_ld + warp * sk_warp_floats(n, iters, 0), n, iters, 0);
+    for (int p = threadIdx.x; p < MHC_PRE_TOKENS * acc_ld; p += blockDim.x) acc[p] = 0;
     for (int q0 = 0; q0 < nC; q0 += MHC_PRE_CHUNK) {
         __syncthreads();                                /* the previous chunk's readers are done */
         for (int e = threadIdx.x; e < MHC_PRE_TOKENS * MHC_PRE_CHUNK; e += blockDim.x) {
             int i = e / MHC_PRE_CHUNK, q = q0 + e % MHC_PRE_CHUNK;
-            xs[e] = t0 + i < N && q < nC ? X[(size_t)(t0 + i) * nC + q] : 0.0f;
+            xs[i * xs_ld + e % MHC_PRE_CHUNK] = t0 + i < N && q < nC ? X[(size_t)(t0 + i) * nC + q] : 0.0f;
         }
-        for (int e = threadIdx.x; e < m * MHC_PRE_CHUNK; e += blockDim.x) {
+        for (int e = threadIdx.x; e < m4 * MHC_PRE_CHUNK; e += blockDim.x) {
             int k = e / MHC_PRE_CHUNK, q = e % MHC_PRE_CHUNK;
-            ps[q * m + k] = q0 + q < nC ? phi[(size_t)k * nC + q0 + q] : 0.0f;
+            ps[q * m4 + k] = k < m && q0 + q < nC ? phi[(size_t)k * nC + q0 + q] : 0.0f;
         }
         __syncthreads();
-        for (int p = threadIdx.x; p < MHC_PRE_TOKENS * m1; p += blockDim.x) {   /* (token i, output k): k = m is |x|^2 */
-            int i = p / m1, k = p % m1;
-            const float *xi = xs + i * MHC_PRE_CHUNK;
-            float sum = acc[p];
-            if (k < m)
-                for (int q = 0; q < MHC_PRE_CHUNK; q++) sum += xi[q] * ps[q * m + k];
-            else
-                for (int q = 0; q < MHC_PRE_CHUNK; q++) sum += xi[q] * xi[q];
-            acc[p] = sum;
+        for (int p = threadIdx.x; p < MHC_PRE_TOKENS * groups; p += blockDim.x) {   /* token i, outputs 4g .. 4g+3 */
+            int i = p / groups, g = p % groups;
+            const float *xi = xs + i * xs_ld;
+            float4 *out = (float4 *)(acc + i * acc_ld + 4 * g), sum = *out;
+            if (g < groups - 1) {
+                for (int q = 0; q < MHC_PRE_CHUNK; q++) {
+                    float x = xi[q];
+                    float4 f = *(const float4 *)(ps + q * m4 + 4 * g);
+                    sum.x += x * f.x; sum.y += x * f.y; sum.z += x * f.z; sum.w += x * f.w;
+                }
+            } else {                                    /* the last group: |x|^2 in .x */
+                for (int q = 0; q < MHC_PRE_CHUNK; q++) sum.x += xi[q] * xi[q];
+            }
+            *out = sum;
         }
     }
     __syncthreads();
     for (int i = warp; i < MHC_PRE_TOKENS && t0 + i < N; i += blockDim.x / 32) {
         size_t t = t0 + i;
-        const float *x = X + t * nC, *acc_i = acc + i * m1;
-        float *at = a + t * m, *Ht = H + t * m, r = 1.0f / sqrtf(acc_i[m] / nC + eps_rms);
+        const float *x = X + t * nC, *acc_i = acc + i * acc_ld;
+        float *at = a + t * m, *Ht = H + t * m, r = 1.0f / sqrtf(acc_i[m4] / nC + eps_rms);
         for (int k = lane; k < m; k += 32) {
             int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
             float ak = alpha[grp] * r * acc_i[k] + b[k];
@@ -946,11 +1052,15 @@ static void gpu_mhc_pre_forward(float *y, float *H, float *a, float *h, float *r
    gradient of |x|^2 through r. Then one pass over the streams, phi staged in column chunks:
    dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS + sum_k dh[k] phi[k][j C + c]. The unfused path read X
    three times and read-modify-wrote dX three times; here one kernel reads X twice (the second read
-   meant to hit L2) and dX once. Shared: ps [m][CHUNK], dh [TOK][m], coef [TOK][n+1] (H_pre, then dS), a taped SkWarp
-   per warp.                                                                                           */
+   meant to hit L2) and dX once. In that pass a thread owns one column of the chunk for 8 tokens: the
+   phi values it reads serve 8 tokens, and each token's dh comes four at a time as one float4 (the same
+   address across the warp: a broadcast). Shared: ps [m4][CHUNK] (rows past m zero), dh [TOK][m4] (zero
+   padded), coef [TOK][n+1] (H_pre, then dS), a taped SkWarp per warp.                              */
+#define MHC_PRE_TOKENS_PER_THREAD 8
+
 static __host__ __device__ size_t mhc_pre_backward_smem_floats(int n, int iters) {
-    int m = n * n + 2 * n;
-    return (size_t)m * MHC_PRE_CHUNK + (size_t)MHC_PRE_TOKENS * (m + n + 1) + (MHC_PRE_THREADS / 32) * sk_warp_floats(n, iters, 1);
+    int m4 = mhc_pre_m4(n);
+    return (size_t)m4 * MHC_PRE_CHUNK + (size_t)MHC_PRE_TOKENS * (m4 + n + 1) + (MHC_PRE_THREADS / 32) * sk_warp_floats(n, iters, 1);
 }
 
 __global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_backward_kernel(float *dX, float *dH, float *da_out, float *dalpha_t,
@@ -959,8 +1069,11 @@ __global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_backward_kernel(float
                                                                           const float *phi, const float *alpha, int N, int n,
                                                                           int C, int iters, float eps_sk) {
     extern __shared__ float smem[];
-    int m = n * n + 2 * n, nC = n * C, t0 = blockIdx.x * MHC_PRE_TOKENS, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float *ps = smem, *dh_s = ps + m * MHC_PRE_CHUNK, *coef_s = dh_s + MHC_PRE_TOKENS * m;
+    int m = n * n + 2 * n, m4 = mhc_pre_m4(n), nC = n * C, t0 = blockIdx.x * MHC_PRE_TOKENS;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float *ps = smem, *dh_s = ps + m4 * MHC_PRE_CHUNK, *coef_s = dh_s + MHC_PRE_TOKENS * m4;
+    for (int p = threadIdx.x; p < MHC_PRE_TOKENS * m4; p += blockDim.x) dh_s[p] = 0;   /* padding, and tokens past N */
+    __syncthreads();
     SkWarp w = sk_warp_layout(coef_s + MHC_PRE_TOKENS * (n + 1) + warp * sk_warp_floats(n, iters, 1), n, iters, 1);
     for (int i = warp; i < MHC_PRE_TOKENS && t0 + i < N; i += blockDim.x / 32) {
         size_t t = t0 + i;
@@ -988,7 +1101,7 @@ __global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_backward_kernel(float
             ga2 += grp == 2 ? term : 0;
             da_out[t * m + k] = d;
             dHt[k] = dh;
-            dh_s[i * m + k] = dh;
+            dh_s[i * m4 + k] = dh;
         }
         dr = warp_reduce(dr, SumOp());
         ga0 = warp_reduce(ga0, SumOp());
@@ -1005,19 +1118,28 @@ __global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_backward_kernel(float
     }
     for (int q0 = 0; q0 < nC; q0 += MHC_PRE_CHUNK) {
         __syncthreads();                              /* the per-token values are in; the previous chunk is read */
-        for (int e = threadIdx.x; e < m * MHC_PRE_CHUNK; e += blockDim.x) {
+        for (int e = threadIdx.x; e < m4 * MHC_PRE_CHUNK; e += blockDim.x) {
             int k = e / MHC_PRE_CHUNK, q = q0 + e % MHC_PRE_CHUNK;
-            ps[e] = q < nC ? phi[(size_t)k * nC + q] : 0.0f;
+            ps[e] = k < m && q < nC ? phi[(size_t)k * nC + q] : 0.0f;
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < MHC_PRE_TOKENS * MHC_PRE_CHUNK; e += blockDim.x) {
-            int i = e / MHC_PRE_CHUNK, qc = e % MHC_PRE_CHUNK, q = q0 + qc;
-            if (t0 + i >= N || q >= nC) continue;
-            size_t t = t0 + i;
-            const float *ci = coef_s + i * (n + 1), *dhi = dh_s + i * m;
-            float d = ci[q / C] * dy[t * C + q % C] + 2 * X[t * nC + q] * ci[n];
-            for (int k = 0; k < m; k++) d += dhi[k] * ps[k * MHC_PRE_CHUNK + qc];
-            dX[t * nC + q] += d;
+        for (int e = threadIdx.x; e < MHC_PRE_TOKENS / MHC_PRE_TOKENS_PER_THREAD * MHC_PRE_CHUNK; e += blockDim.x) {
+            int i0 = e / MHC_PRE_CHUNK * MHC_PRE_TOKENS_PER_THREAD, qc = e % MHC_PRE_CHUNK, q = q0 + qc;
+            float d[MHC_PRE_TOKENS_PER_THREAD] = {0};  /* sum_k dh[i][k] phi[k][q] for tokens i0 .. i0+7 */
+            for (int k = 0; k < m4; k += 4) {
+                float p0 = ps[k * MHC_PRE_CHUNK + qc], p1 = ps[(k + 1) * MHC_PRE_CHUNK + qc];
+                float p2 = ps[(k + 2) * MHC_PRE_CHUNK + qc], p3 = ps[(k + 3) * MHC_PRE_CHUNK + qc];
+                for (int r = 0; r < MHC_PRE_TOKENS_PER_THREAD; r++) {
+                    float4 v = *(const float4 *)(dh_s + (i0 + r) * m4 + k);
+                    d[r] += v.x * p0 + v.y * p1 + v.z * p2 + v.w * p3;
+                }
+            }
+            for (int r = 0; r < MHC_PRE_TOKENS_PER_THREAD; r++) {
+                size_t t = t0 + i0 + r;
+                if (t >= (size_t)N || q >= nC) continue;
+                const float *ci = coef_s + (i0 + r) * (n + 1);
+                dX[t * nC + q] += ci[q / C] * dy[t * C + q % C] + 2 * X[t * nC + q] * ci[n] + d[r];
+            }
         }
     }
 }
@@ -1969,10 +2091,10 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_moe_group(A, sel, NK, E, g->expert_load + (size_t)l * E);
     gpu_moe_gather(A, u, NK, K, C);
     const int *seg = a->expert_start;
-    gpu_expert_gemm(g->blas.precision, ha, I, A->moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, N, I, C, 0, 0.0f);   /* a = W1_e x */
-    gpu_expert_gemm(g->blas.precision, hg, I, A->moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, N, I, C, 0, 0.0f);   /* g = W3_e x */
+    gpu_expert_gemm(g->blas.precision, ha, I, A->moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f);   /* a = W1_e x */
+    gpu_expert_gemm(g->blas.precision, hg, I, A->moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f);   /* g = W3_e x */
     gpu_swiglu_forward(hh, ha, hg, (size_t)NK * I);
-    gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, N, C, I, 0, 0.0f);        /* W2_e h    */
+    gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, NK, C, I, 0, 0.0f);       /* W2_e h    */
     gpu_moe_combine(out, eo, A->moe_row, w, N, K, C);
     if (c->seq_aux_alpha > 0) {
         moe_balance_kernel<<<B, MHC_BLOCK>>>(A->moe_bal + (size_t)l * B, A->moe_f, A->moe_ssum, s, sel, B, T, E, K,
@@ -2004,11 +2126,11 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     moe_uncombine_kernel<<<mhc_blocks((size_t)NK, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(dYp, a->dgw, dout, eo, w,
                                                                                        a->expert_order, NK, K, C);
     LAUNCH_CHECK();
-    gpu_expert_gemm(g->blas.precision, dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, N, I, C, 0, 0.0f);       /* dh = W2_e^T dy   */
+    gpu_expert_gemm(g->blas.precision, dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, NK, I, C, 0, 0.0f);      /* dh = W2_e^T dy   */
     gpu_expert_gemm(g->blas.precision, gb->w2, I, dYp, C, hh, I, 0, (size_t)C * I, seg, E, C, I, 0, 1, 1.0f);      /* dW2_e += dy (x) h */
     gpu_swiglu_backward(da, dg, dh, ha, hg, (size_t)NK * I);
-    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, N, C, I, 0, 0.0f);   /* dx = W1_e^T da  */
-    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, N, C, I, 0, 1.0f);   /*   + W3_e^T dg   */
+    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 0.0f);   /* dx = W1_e^T da  */
+    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 1.0f);   /*   + W3_e^T dg   */
     gpu_expert_gemm(g->blas.precision, gb->w1, C, da, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW1_e += da (x) x */
     gpu_expert_gemm(g->blas.precision, gb->w3, C, dg, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW3_e += dg (x) x */
     gpu_moe_combine(du, A->moe_dx, A->moe_row, NULL, N, K, C);                                    /* slots -> tokens */

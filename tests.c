@@ -2143,11 +2143,12 @@ static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
     gt_release();
 }
 
-/* two problems: one partial 64x64 tile per expert (one expert empty), and several tiles in every
-   dimension with K over several 16-deep slabs */
+/* three problems: one partial 128x128 tile per expert (one expert empty, rows and N_out not multiples of 4,
+   so the loads take the scalar path); two tiles of rows per expert, several of N_out and K over several
+   32-deep slabs, with a partial last one, as float4 loads; expert 0 one row into its second row tile */
 static void gpu_test_expert_gemm(void) {
-    const int sizes[2][4] = {{12, 20, 17, 5}, {150, 40, 130, 70}};     /* rows, K_in, N_out, rows of expert 0 */
-    for (int p = 0; p < 2; p++) gpu_test_expert_gemm_case(sizes[p][0], sizes[p][1], sizes[p][2], sizes[p][3]);
+    const int sizes[3][4] = {{12, 20, 17, 5}, {300, 72, 260, 140}, {277, 76, 132, 129}};   /* rows, K_in, N_out, rows of expert 0 */
+    for (int p = 0; p < 3; p++) gpu_test_expert_gemm_case(sizes[p][0], sizes[p][1], sizes[p][2], sizes[p][3]);
 }
 
 static void gpu_test_rmsnorm(void) {

@@ -26,6 +26,7 @@ struct dim3 {
     dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
 struct emu_uint3 { unsigned x, y, z; };
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
 extern emu_uint3 threadIdx, blockIdx;
 extern dim3 blockDim, gridDim;
 
