@@ -93,7 +93,7 @@ typedef struct {
     float *moe_x, *moe_dx;           /* [N*K, C] expert inputs in grouped order, their gradient        */
     double *moe_score, *moe_gscore;  /* [N,E] selection scores, [N,G] group scores                     */
     double *moe_ssum, *moe_f;        /* [N] sum_j s_j, [B,E] f_i of the balance loss                   */
-    double *moe_bal;                 /* [L,B] per layer and sequence: alpha sum_i f_i P_i / B          */
+    double *moe_bal;                 /* [L,B,E] per layer, sequence and expert: alpha f_i P_i / B      */
     float *coef_alpha;               /* [N,3] per-token alpha-gradient terms (backward)                */
     __nv_bfloat16 *gemm_bf16[2];     /* BF16 GEMM operand scratch, gemm_bf16_count each (bf16 only)    */
     size_t gemm_bf16_count;
@@ -706,15 +706,20 @@ static void gpu_swiglu_backward(float *da, float *dg, const float *dh, const flo
 }
 
 /* SPEC §8 cross-entropy fused with its backward, one block per row: losses[t] = log sum exp - logit[tgt]
-   (max-subtracted), and the row becomes dlogits = (softmax - onehot(tgt)) * scale, scale = 1/N_tok.   */
+   (max-subtracted), and the row becomes dlogits = (softmax - onehot(tgt)) * scale, scale = 1/N_tok.
+   Two passes over the row (it is too long to stay in cache): the first keeps each thread's running max
+   and its sum of exp rescaled to it (online softmax), the block combines those; the second writes.     */
 __global__ void crossentropy_kernel(float *losses, float *logits, const int *targets, int V, float scale) {
     float *x = logits + (size_t)blockIdx.x * V;
     int tgt = targets[blockIdx.x];
-    float x_tgt = x[tgt], mx = -INFINITY, sum = 0;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, x[v]);
-    mx = block_reduce(mx, MaxOp());
-    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(x[v] - mx);
-    sum = block_reduce(sum, SumOp());      /* its barriers also order every read of x before the writes */
+    float x_tgt = x[tgt], m = -INFINITY, s = 0;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float m_new = fmaxf(m, x[v]);
+        s = s * expf(m - m_new) + expf(x[v] - m_new);    /* expf(-inf) = 0 on the first element */
+        m = m_new;
+    }
+    float mx = block_reduce(m, MaxOp());
+    float sum = block_reduce(m == -INFINITY ? 0.0f : s * expf(m - mx), SumOp());   /* its barriers also order every read of x before the writes */
     if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) - (x_tgt - mx);
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
         float d = expf(x[v] - mx) / sum * scale;
@@ -1686,32 +1691,44 @@ __global__ void moe_uncombine_kernel(float *dYp, float *dgw, const float *dout, 
     if (lane == 0) dgw[p] = dot;
 }
 
-/* SPEC §11 balance loss, one block per sequence b: f_i = E/(K T) #{t : i in Sel_t}, P_i = mean_t s_it /
-   sum_j s_jt; bal[b] = alpha sum_i f_i P_i / B (this layer's share of L_aux). f [B,E] and ssum [N] are
-   kept for the router backward. */
-__global__ void moe_balance_kernel(double *bal, double *f, double *ssum, const float *s, const int *sel, int B, int T, int E,
-                                   int K, double alpha) {
-    int b = blockIdx.x;
+/* SPEC §11 balance loss: f_i = E/(K T) #{t : i in Sel_t}, P_i = mean_t s_it / sum_j s_jt per sequence;
+   alpha sum_i f_i P_i / B is this layer's share of L_aux. f [B,E] and ssum [N] are kept for the router
+   backward. Two kernels, so that the per-expert sums run one block per (expert, sequence).
+   ssum [N]: sum_j s[t][j], one thread per token. */
+__global__ void moe_score_sum_kernel(double *ssum, const float *s, int N, int E) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    double sum = 0;
+    for (int i = 0; i < E; i++) sum += s[(size_t)t * E + i];
+    ssum[t] = sum;
+}
+
+/* grid (E, B), after moe_score_sum_kernel: block (i, b) reduces over the T tokens of sequence b the
+   count of slots that chose expert i and P_i = (1/T) sum_t s[t][i] / ssum[t]; f [B,E] = E/(K T) count,
+   bal [B,E] = alpha f_i P_i / B (the loss is the sum of bal over sequences and experts) */
+__global__ void moe_balance_kernel(double *bal, double *f, const double *ssum, const float *s, const int *sel, int B, int T,
+                                   int E, int K, double alpha) {
+    int i = blockIdx.x, b = blockIdx.y;
+    double count = 0, P = 0;
     for (int t = b * T + threadIdx.x; t < (b + 1) * T; t += blockDim.x) {
-        double sum = 0;
-        for (int i = 0; i < E; i++) sum += s[(size_t)t * E + i];
-        ssum[t] = sum;
+        for (int k = 0; k < K; k++) count += sel[(size_t)t * K + k] == i;
+        P += s[(size_t)t * E + i] / ssum[t];
     }
-    __syncthreads();
-    double part = 0;
-    for (int i = threadIdx.x; i < E; i += blockDim.x) {
-        int count = 0;
-        double P = 0;
-        for (int t = b * T; t < (b + 1) * T; t++) {
-            for (int k = 0; k < K; k++) count += sel[(size_t)t * K + k] == i;
-            P += s[(size_t)t * E + i] / ssum[t] / T;
-        }
+    count = block_reduce(count, SumOp());
+    P = block_reduce(P, SumOp());
+    if (threadIdx.x == 0) {
         double fi = (double)E / ((double)K * T) * count;
         f[(size_t)b * E + i] = fi;
-        part += fi * P;
+        bal[(size_t)b * E + i] = alpha * fi * (P / T) / B;
     }
-    part = block_reduce(part, SumOp());
-    if (threadIdx.x == 0) bal[b] = alpha * part / B;
+}
+
+static void gpu_moe_balance(double *bal, double *f, double *ssum, const float *s, const int *sel, int B, int T, int E, int K,
+                            double alpha) {
+    moe_score_sum_kernel<<<mhc_blocks((size_t)B * T, MHC_BLOCK), MHC_BLOCK>>>(ssum, s, B * T, E);
+    LAUNCH_CHECK();
+    moe_balance_kernel<<<dim3(E, B), MHC_BLOCK>>>(bal, f, ssum, s, sel, B, T, E, K, alpha);
+    LAUNCH_CHECK();
 }
 
 /* SPEC §11 router backward, one thread per token t (sequence t / T), Sel fixed: ds from the gate weights,
@@ -1787,7 +1804,7 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int wi
     A->moe_gscore = arena_new<double>(ar, N * G);
     A->moe_ssum = arena_new<double>(ar, N);
     A->moe_f = arena_new<double>(ar, (size_t)B * E);
-    A->moe_bal = arena_new<double>(ar, (size_t)c->n_layers * B);
+    A->moe_bal = arena_new<double>(ar, (size_t)c->n_layers * B * c->n_routed_experts);
     A->reduce_part = arena_new<double>(ar, MHC_REDUCE_BLOCKS);
     A->reduce_out = arena_new<double>(ar, 2);
     if (bf16) {
@@ -2097,9 +2114,7 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, NK, C, I, 0, 0.0f);       /* W2_e h    */
     gpu_moe_combine(out, eo, A->moe_row, w, N, K, C);
     if (c->seq_aux_alpha > 0) {
-        moe_balance_kernel<<<B, MHC_BLOCK>>>(A->moe_bal + (size_t)l * B, A->moe_f, A->moe_ssum, s, sel, B, T, E, K,
-                                             c->seq_aux_alpha);
-        LAUNCH_CHECK();
+        gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);
     }
 }
 
@@ -2135,9 +2150,7 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     gpu_expert_gemm(g->blas.precision, gb->w3, C, dg, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW3_e += dg (x) x */
     gpu_moe_combine(du, A->moe_dx, A->moe_row, NULL, N, K, C);                                    /* slots -> tokens */
     if (c->seq_aux_alpha > 0) {                     /* f of each sequence (the forward's values again) */
-        moe_balance_kernel<<<B, MHC_BLOCK>>>(A->moe_bal + (size_t)l * B, A->moe_f, A->moe_ssum, s, sel, B, T, E, K,
-                                             c->seq_aux_alpha);
-        LAUNCH_CHECK();
+        gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);
     }
     moe_router_backward_kernel<<<mhc_blocks((size_t)N, 128), 128>>>(a->dscore, s, sel, a->dgw, A->moe_f, N, T, B, E, K,
                                                                      c->route_scale, c->seq_aux_alpha);
@@ -2204,7 +2217,7 @@ static double gpu_model_forward(MhcGpu *g, MhcGpuActs *A, int B, int T, int has_
     int N = B * T, n = c->hc_mult, C = c->d_model, V = c->vocab_size, S = 2 * c->n_layers;
     MhcActs *a = &A->a;
     gpu_stream_expand(a->X, g->p.embed, A->tokens, N, n, C);
-    CUDA_CHECK(cudaMemset(A->moe_bal, 0, sizeof(double) * (size_t)c->n_layers * B));
+    CUDA_CHECK(cudaMemset(A->moe_bal, 0, sizeof(double) * (size_t)c->n_layers * B * c->n_routed_experts));
     for (int s = 0; s < S; s++) gpu_sublayer_forward(g, A, s, B, T, cache);
     gpu_stream_reduce(a->z, a->X + (size_t)S * N * n * C, N, n, C);
     gpu_rmsnorm_forward(a->hf, a->hf_rstd, a->z, g->p.norm_final, N, C, c->rms_eps);
@@ -2212,7 +2225,7 @@ static double gpu_model_forward(MhcGpu *g, MhcGpuActs *A, int B, int T, int has_
     if (cache) return 0;
     if (has_targets) gpu_crossentropy(a->losses, a->logits, A->targets, N, V);
     gpu_reduce_sum(A->reduce_out, a->losses, has_targets ? (size_t)N : 0, 0, A->reduce_part);
-    gpu_reduce_sum(A->reduce_out + 1, A->moe_bal, (size_t)c->n_layers * B, 0, A->reduce_part);
+    gpu_reduce_sum(A->reduce_out + 1, A->moe_bal, (size_t)c->n_layers * B * c->n_routed_experts, 0, A->reduce_part);
     double sums[2];
     CUDA_CHECK(cudaMemcpy(sums, A->reduce_out, sizeof sums, cudaMemcpyDeviceToHost));
     g->ce = has_targets ? sums[0] / N : 0;

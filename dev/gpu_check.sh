@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # dev/gpu_check.sh - the checks one call on the GPU machine should make, logs under $OUT (default
 # runs/gpu_check): `make gpu`, the GPU test group, the mHC kernels' bandwidth (dev/bench_mhc), and where
-# a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers. About 4
-# minutes on an H100; the full benchmark table is dev/bench.sh. Needs the default corpus.
+# a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers, and what limits
+# the mHC kernels (ncu sections; the full report in ncu_mhc.txt). About 4 minutes on an H100; the full
+# benchmark table is dev/bench.sh. Needs the default corpus. Eight files under $OUT, the most one device
+# call brings back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export OUT=${OUT:-runs/gpu_check}
@@ -18,5 +20,14 @@ for mode in mhc plain; do   # step time without the profiler, to set the kernel 
     ./train_gpu --preset small --batch 32 --seq-len 1024 --residual $mode --steps 8 --bench --out runs/gpu_check_$mode \
         >"$OUT/train_small_$mode.log" 2>&1; grep -E "^step +[5-8]" "$OUT/train_small_$mode.log" | tail -3
 done
-NAME=profile_small timeout 200 bash dev/profile.sh --preset small --batch 32 --seq-len 1024 | head -30
-NAME=profile_3b timeout 200 bash dev/profile.sh --preset 3b --set n_layers=4 --batch 2 --seq-len 4096 | head -30
+NAME=profile_small timeout 200 bash dev/profile.sh --preset small --batch 32 --seq-len 1024 | head -18
+NAME=profile_3b timeout 200 bash dev/profile.sh --preset 3b --set n_layers=4 --batch 2 --seq-len 4096 | head -18
+# what limits the mHC kernels: one launch of each under Nsight Compute's throughput, occupancy and stall sections
+for k in mhc_pre_forward_kernel mhc_pre_backward_kernel stream_merge_forward_kernel; do
+    timeout 120 ncu -k "$k" -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis ./dev/bench_mhc >"$OUT/ncu.txt" 2>&1
+    cat "$OUT/ncu.txt" >>"$OUT/ncu_mhc.txt"
+    grep -E "Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Block Limit|Registers Per|Warp Cycles|Issued Warp|No Eligible|L1/TEX Hit|L2 Hit" \
+        "$OUT/ncu.txt" | head -18
+done
+rm -f "$OUT/ncu.txt"
