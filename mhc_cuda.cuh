@@ -1207,22 +1207,42 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
 }
 
 /* ---------------------------------------------------------------------------------------------
-   4. MLA (SPEC §9). Training attention is flash-style: no [T,T] matrix in memory. A block takes a
-      32 x 32 tile of (query t, key s) pairs of one (b, h) at a time in shared memory, reading q, k =
-      [k_nope | k_pe] and v straight from the projections' buffers (q [N,H,d_qk], kv [N,H,d_n+d_v],
-      kpe [N,d_r]); the forward keeps a running max and sum per query row (online softmax) and stores
-      only lse = log sum_s exp(Sc[t,s]) per row, [B,H,T]; the backward recomputes P = exp(Sc - lse).
-      Two backward kernels, one owning a key tile (dK, dV: loops over the query tiles below it) and one
-      owning a query tile (dQ: loops over the key tiles up to it), so no gradient needs an atomic add.
-      Every kernel is built from two tile products, Sc = Q K^T and Acc += P X, whose accumulators live in
-      shared memory; the template flag TC picks how they multiply: fp32 FMAs on CUDA cores (exact mode,
-      the tests) or TF32 tensor cores through WMMA m16n16k8 (TF32 and BF16 modes).
-      Shared layout: a [32, d] operand or accumulator tile has row stride att_ld(d) = d rounded up to 16,
-      plus 4 (a multiple of 4 floats keeps WMMA rows 32-byte aligned; the +4 spreads rows over banks),
-      columns d .. up to 16 zero; a [32, 32] score tile has stride MHC_ATT_SLD.                       */
-#define MHC_ATT_TILE 32           /* query rows and keys per tile                                  */
-#define MHC_ATT_THREADS 256       /* threads per attention block                                   */
-#define MHC_ATT_SLD 36            /* row stride of the [32, 32] score tiles                        */
+   4. MLA (SPEC §9). Training attention is flash-style: no [T,T] matrix in memory. A block owns a
+      64-row tile of one (b, h), queries (forward, dQ) or keys (dK and dV), and loops over the 64-row
+      tiles of the other side, reading q, k = [k_nope | k_pe] and v straight from the projections'
+      buffers (q [N,H,d_qk], kv [N,H,d_n+d_v], kpe [N,d_r]) into shared memory.
+      The block's result (O, dQ, or dK and dV) accumulates in registers for the whole loop: 16x16
+      accumulator tiles spread evenly over the 8 warps. Only the operand tiles and the [64, 64] score
+      tiles go through shared memory.
+      A register tile cannot be rescaled row by row (which element a lane holds is unspecified), so
+      the forward does not rescale O as the online softmax goes; it makes two passes over the keys
+      instead. Pass 1 computes the scores and, per query row, the running max and sum of exp (the
+      online softmax on scalars) -> lse = log sum_s exp(Sc[t,s]). Pass 2 recomputes the scores, takes
+      P = exp(Sc - lse), already normalised, and accumulates O += P V. That costs one extra Q K^T
+      product and keeps O in registers. Only lse [B,H,T] is stored; the backward recomputes P the same
+      way. Two backward kernels, one owning a key tile (dK, dV: loops over the query tiles at and past
+      it) and one owning a query tile (dQ: loops over the key tiles up to it), so no gradient needs an
+      atomic add.
+      Every product is acc += A B over a warp's accumulator tiles, A and B read from shared memory.
+      The template flag TC picks how it multiplies: fp32 FMAs on CUDA cores (exact mode, the tests) or
+      TF32 tensor cores through WMMA m16n16k8 (TF32 and BF16 modes). Accumulators are touched only
+      through att_zero, att_mma and att_store, so nothing depends on a fragment's element layout.
+      Shared layout: a [64, d] operand tile has row stride att_ld(d) = d rounded up to 16, plus 4 (a
+      multiple of 4 floats keeps WMMA rows 32-byte aligned; the +4 spreads rows over banks), columns d
+      .. up to 16 and rows past T zero; a [64, 64] score tile has stride MHC_ATT_SLD.                 */
+
+/* Query rows and keys per tile. A tile is MHC_ATT_TILE / 16 row blocks of 16; the warps split them
+   evenly (8 warps, 4 row blocks: two warps per row block, each taking every other 16-column block). */
+#define MHC_ATT_TILE 64
+#define MHC_ATT_THREADS 256                                     /* threads per attention block     */
+#define MHC_ATT_SLD (MHC_ATT_TILE + 4)                          /* row stride of the score tiles   */
+#define MHC_ATT_ROW_BLOCKS (MHC_ATT_TILE / 16)
+#define MHC_ATT_COL_GROUPS (MHC_ATT_THREADS / 32 / MHC_ATT_ROW_BLOCKS)   /* warps sharing a row block */
+#define MHC_ATT_FRAGS 8           /* most accumulator tiles a warp holds of one [64, d] result     */
+#define MHC_ATT_MAX_WIDTH (16 * MHC_ATT_COL_GROUPS * MHC_ATT_FRAGS)       /* so d_qk, d_v <= 256   */
+#define MHC_ATT_SCORE_FRAGS ((MHC_ATT_ROW_BLOCKS + MHC_ATT_COL_GROUPS - 1) / MHC_ATT_COL_GROUPS)   /* of a score tile */
+static_assert(MHC_ATT_TILE % 32 == 0 && MHC_ATT_THREADS / 32 % MHC_ATT_ROW_BLOCKS == 0,
+              "a tile is whole warps wide, and the warps split its 16-row blocks evenly");
 
 typedef struct {
     int T, H, dn, dr, dv;
@@ -1232,158 +1252,250 @@ typedef struct {
 static __host__ __device__ int att_width(int d) { return (d + 15) / 16 * 16; }   /* WMMA-padded columns */
 static __host__ __device__ int att_ld(int d) { return att_width(d) + 4; }
 
-/* dst[i][c] = kv row t0+i (the k_nope part) for c < dn, kpe row t0+i for dn <= c < dn+dr; zero for rows
-   past T and the padding columns */
-__device__ void att_load_k(float *dst, const float *kv, const float *kpe, int b, int h, int t0, MhcAttShape sh) {
-    int dqk = sh.dn + sh.dr, w = att_width(dqk), ld = att_ld(dqk);
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * w; e += blockDim.x) {
-        int i = e / w, c = e % w, t = t0 + i;
-        size_t bt = (size_t)b * sh.T + t;
-        float v = 0;
-        if (t < sh.T && c < dqk) v = c < sh.dn ? kv[(bt * sh.H + h) * (sh.dn + sh.dv) + c] : kpe[bt * sh.dr + c - sh.dn];
-        dst[i * ld + c] = v;
+/* key s is visible to query t: causal, and a real key (a padding query row t >= T still sees the real
+   keys, so its softmax stays finite) */
+__device__ bool att_visible(int t, int s, MhcAttShape sh) { return s <= t && s < sh.T; }
+
+/* A warp's share of a [64, w] result: the 16x16 tiles at rows r0 .. r0+15 and columns c0 + 16 G i ..
+   +15 for i < n (G = MHC_ATT_COL_GROUPS). Taking every G-th column block spreads any width over the
+   warps to within a tile (192: 6 tiles a warp, 128: 4, a score tile: 2), and all n tiles share the
+   warp's rows of A. */
+typedef struct { int r0, c0, n; } AttWarpTiles;
+
+__device__ AttWarpTiles att_warp_tiles(int w) {
+    int warp = threadIdx.x / 32, g = warp / MHC_ATT_ROW_BLOCKS;
+    AttWarpTiles wt = {warp % MHC_ATT_ROW_BLOCKS * 16, g * 16, (w / 16 - g + MHC_ATT_COL_GROUPS - 1) / MHC_ATT_COL_GROUPS};
+    return wt;
+}
+
+__device__ int att_tile_col(AttWarpTiles wt, int i) { return wt.c0 + i * 16 * MHC_ATT_COL_GROUPS; }   /* tile i's first column */
+
+/* A 16x16 fp32 accumulator tile held by one warp. TC: a WMMA fragment, whose element layout is
+   unspecified (and differs between the GPU and dev/cuda_emu). Exact: lane l holds row l/2, columns
+   (l%2)*8 .. +7. */
+template <bool TC> struct AttFrag { float x[8]; };
+template <> struct AttFrag<true> { nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> f; };
+
+/* the WMMA operand layout of an operand stored transposed (col_major) or not */
+template <bool Transposed> struct AttLayout { typedef nvcuda::wmma::row_major type; };
+template <> struct AttLayout<true> { typedef nvcuda::wmma::col_major type; };
+
+template <bool TC, int NF> __device__ void att_zero(AttFrag<TC> (&acc)[NF]) {
+#pragma unroll
+    for (int i = 0; i < NF; i++) {
+        if constexpr (TC) nvcuda::wmma::fill_fragment(acc[i].f, 0.0f);
+        else for (int j = 0; j < 8; j++) acc[i].x[j] = 0.0f;
     }
 }
 
-/* dst[i][c] = src[((b T + t0+i) H + h) row_len + offset + c] for c < d (one head's slice of a token-major
-   row), zero for rows past T and the padding columns */
-__device__ void att_load_rows(float *dst, const float *src, int row_len, int offset, int d, int b, int h, int t0,
-                              MhcAttShape sh) {
-    int w = att_width(d), ld = att_ld(d);
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * w; e += blockDim.x) {
-        int i = e / w, c = e % w, t = t0 + i;
-        dst[i * ld + c] = t < sh.T && c < d ? src[(((size_t)b * sh.T + t) * sh.H + h) * row_len + offset + c] : 0.0f;
-    }
-}
-
-__device__ void att_zero(float *tile, int d) {
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * att_ld(d); e += blockDim.x) tile[e] = 0.0f;
-}
-
-/* S[i][j] = sum_c A[i][c] B[j][c], the [32, 32] tile of A B^T (A, B [32, d] operand tiles) */
-template <bool TC> __device__ void att_tile_dot(float *S, const float *A, const float *B, int d) {
-    int ld = att_ld(d);
-    if constexpr (TC) {        /* warps 0-3: one 16x16 quarter each; B^T is B read as a column-major matrix_b */
+/* acc[i] += A[r0 .. r0+15, 0 .. K) B[0 .. K, tile i's 16 columns) for the warp's tiles wt (K a multiple
+   of 8). AT / BT: the operand is stored transposed, element (r, k) of A at A[k lda + r], (k, c) of B at
+   B[c ldb + k]; that is how P^T, dS^T and K^T are read without moving them. The loops over the tiles
+   are unrolled so acc[] stays in registers. */
+template <bool TC, bool AT, bool BT, int NF>
+__device__ void att_mma(AttFrag<TC> (&acc)[NF], AttWarpTiles wt, const float *A, int lda, const float *B, int ldb, int K) {
+    if constexpr (TC) {
         using namespace nvcuda;
-        int warp = threadIdx.x / 32, i0 = (warp / 2) * 16, j0 = (warp % 2) * 16;
-        if (warp >= 4) return;          /* warps 4-7 wait at the caller's next barrier */
-        wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-        for (int k = 0; k < att_width(d); k += 8) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> bt;
-            wmma_load_tf32(a, A + i0 * ld + k, ld);
-            wmma_load_tf32(bt, B + j0 * ld + k, ld);
-            wmma::mma_sync(acc, a, bt, acc);
-        }
-        wmma::store_matrix_sync(S + i0 * MHC_ATT_SLD + j0, acc, MHC_ATT_SLD, wmma::mem_row_major);
-    } else {
-        for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
-            int i = e / MHC_ATT_TILE, j = e % MHC_ATT_TILE;
-            float acc = 0;
-            for (int c = 0; c < d; c++) acc += A[i * ld + c] * B[j * ld + c];
-            S[i * MHC_ATT_SLD + j] = acc;
-        }
-    }
-}
-
-/* Acc[r][c] += sum_m M[r][m] X[m][c] for the [32, d] accumulator tile, M = P or, transposed, P^T (P a
-   [32, 32] score tile, X a [32, d] operand tile) */
-template <bool TC> __device__ void att_tile_accumulate(float *Acc, const float *P, int transposed, const float *X, int d) {
-    int ld = att_ld(d);
-    if constexpr (TC) {        /* the 2 x width/16 fragments of Acc, spread over the warps */
-        using namespace nvcuda;
-        int n_col = att_width(d) / 16;
-        for (int f = threadIdx.x / 32; f < 2 * n_col; f += blockDim.x / 32) {
-            int r0 = (f / n_col) * 16, c0 = (f % n_col) * 16;
-            wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
-            wmma::load_matrix_sync(acc, Acc + r0 * ld + c0, ld, wmma::mem_row_major);
-            for (int m = 0; m < MHC_ATT_TILE; m += 8) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> x;
-                wmma_load_tf32(x, X + m * ld + c0, ld);
-                if (transposed) {      /* P^T[r][m] = P[m][r]: P read as a column-major matrix_a */
-                    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> pt;
-                    wmma_load_tf32(pt, P + m * MHC_ATT_SLD + r0, MHC_ATT_SLD);
-                    wmma::mma_sync(acc, pt, x, acc);
-                } else {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> p;
-                    wmma_load_tf32(p, P + r0 * MHC_ATT_SLD + m, MHC_ATT_SLD);
-                    wmma::mma_sync(acc, p, x, acc);
-                }
+        for (int k = 0; k < K; k += 8) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, typename AttLayout<AT>::type> a;
+            wmma_load_tf32(a, AT ? A + k * lda + wt.r0 : A + wt.r0 * lda + k, lda);
+#pragma unroll
+            for (int i = 0; i < NF; i++) {
+                if (i >= wt.n) continue;
+                int c = att_tile_col(wt, i);
+                wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, typename AttLayout<BT>::type> bf;
+                wmma_load_tf32(bf, BT ? B + c * ldb + k : B + k * ldb + c, ldb);
+                wmma::mma_sync(acc[i].f, a, bf, acc[i].f);
             }
-            wmma::store_matrix_sync(Acc + r0 * ld + c0, acc, ld, wmma::mem_row_major);
         }
     } else {
-        for (int e = threadIdx.x; e < MHC_ATT_TILE * d; e += blockDim.x) {
-            int r = e / d, c = e % d;
-            float sum = 0;
-            for (int m = 0; m < MHC_ATT_TILE; m++)
-                sum += (transposed ? P[m * MHC_ATT_SLD + r] : P[r * MHC_ATT_SLD + m]) * X[m * ld + c];
-            Acc[r * ld + c] += sum;
+        int r = wt.r0 + threadIdx.x % 32 / 2, c8 = threadIdx.x % 2 * 8;
+        for (int k = 0; k < K; k++) {
+            float a = AT ? A[k * lda + r] : A[r * lda + k];
+#pragma unroll
+            for (int i = 0; i < NF; i++) {
+                if (i >= wt.n) continue;
+                int c = att_tile_col(wt, i) + c8;
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[i].x[j] += a * (BT ? B[(c + j) * ldb + k] : B[k * ldb + c + j]);
+            }
         }
     }
 }
 
-/* Sc[i][j] (in place over the dot products) = scale q.k where key s0+j is visible to query t0+i (causal,
-   both < T; a padding row past T sees the real keys, so its row stays finite), -inf elsewhere */
-__device__ void att_mask_scores(float *S, int t0, int s0, MhcAttShape sh) {
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
-        int i = e / MHC_ATT_TILE, j = e % MHC_ATT_TILE, s = s0 + j;
-        float *v = &S[i * MHC_ATT_SLD + j];
-        *v = s <= t0 + i && s < sh.T ? *v * sh.scale : -INFINITY;
+/* the warp's tiles into the row-major shared tile C (row stride ldc) at their places */
+template <bool TC, int NF> __device__ void att_store(float *C, int ldc, const AttFrag<TC> (&acc)[NF], AttWarpTiles wt) {
+#pragma unroll
+    for (int i = 0; i < NF; i++) {
+        if (i >= wt.n) continue;
+        float *p = C + wt.r0 * ldc + att_tile_col(wt, i);
+        if constexpr (TC) nvcuda::wmma::store_matrix_sync(p, acc[i].f, ldc, nvcuda::wmma::mem_row_major);
+        else for (int j = 0; j < 8; j++) p[threadIdx.x % 32 / 2 * ldc + threadIdx.x % 2 * 8 + j] = acc[i].x[j];
     }
 }
 
-/* shared memory of the attention kernels, in floats (the backward's; the forward uses less): two d_qk
-   and two d_v operand tiles, one accumulator tile of each, two score tiles, four row values */
-static __host__ __device__ size_t att_smem_floats(MhcAttShape sh) {
-    int dqk = sh.dn + sh.dr;
-    return (size_t)MHC_ATT_TILE * (3 * att_ld(dqk) + 3 * att_ld(sh.dv) + 2 * MHC_ATT_SLD + 4);
+/* S = A B^T on this warp's tiles of the [64, 64] score tile (A, B [64, d] operand tiles): S[i][j] =
+   sum_c A[i][c] B[j][c]. The warp then owns those entries of S: att_probs finishes them after a
+   __syncwarp, with no block barrier in between. */
+template <bool TC> __device__ void att_scores(float *S, const float *A, const float *B, int d) {
+    AttWarpTiles wt = att_warp_tiles(MHC_ATT_TILE);
+    AttFrag<TC> acc[MHC_ATT_SCORE_FRAGS];
+    att_zero(acc);
+    att_mma<TC, false, true>(acc, wt, A, att_ld(d), B, att_ld(d), att_width(d));
+    att_store(S, MHC_ATT_SLD, acc, wt);
 }
 
-/* grid (query tiles, B*H). o [N,H,d_v] = softmax(Sc) V per row, lse [B,H,T] = log sum_s exp(Sc[t,s]) */
+/* On this warp's entries of the score tiles (att_scores' tiles): P = exp(scale S - lse) where key s0+j
+   is visible to query t0+i, 0 elsewhere and on padding rows (so they add nothing to any product). With
+   dS (the backward; it holds dP = dO V^T on entry): dS = scale P (dP - D), the softmax backward of
+   SPEC §9 with the score scale folded in, so that dQ = dS K and dK = dS^T Q. */
+__device__ void att_probs(float *P, float *dS, const float *lse_s, const float *D_s, int t0, int s0, MhcAttShape sh) {
+    AttWarpTiles wt = att_warp_tiles(MHC_ATT_TILE);
+    for (int f = 0; f < wt.n; f++)
+        for (int e = threadIdx.x % 32; e < 16 * 16; e += 32) {
+            int i = wt.r0 + e / 16, j = att_tile_col(wt, f) + e % 16, at = i * MHC_ATT_SLD + j;
+            float p = t0 + i < sh.T && att_visible(t0 + i, s0 + j, sh) ? expf(sh.scale * P[at] - lse_s[i]) : 0.0f;
+            P[at] = p;
+            if (dS) dS[at] = sh.scale * p * (dS[at] - D_s[i]);
+        }
+}
+
+/* Forward pass 1: folds the key tile at s0 (S = Q K^T, unscaled) into each query row's running max and
+   sum of exp. A warp per row, lanes over the keys. The max is finite from the first tile on: key s0 <=
+   t0 is visible to every row of the tile. */
+__device__ void att_row_stats(float *row_max, float *row_sum, const float *S, int t0, int s0, MhcAttShape sh) {
+    int lane = threadIdx.x % 32;
+    for (int i = threadIdx.x / 32; i < MHC_ATT_TILE; i += MHC_ATT_THREADS / 32) {
+        float x[MHC_ATT_TILE / 32], m_old = row_max[i], m = m_old, sum = 0;
+        for (int k = 0; k < MHC_ATT_TILE / 32; k++) {
+            int j = lane + 32 * k;
+            x[k] = att_visible(t0 + i, s0 + j, sh) ? sh.scale * S[i * MHC_ATT_SLD + j] : -INFINITY;
+            m = fmaxf(m, x[k]);
+        }
+        m = warp_reduce(m, MaxOp());
+        for (int k = 0; k < MHC_ATT_TILE / 32; k++) sum += expf(x[k] - m);
+        sum = warp_reduce(sum, SumOp());          /* every lane has read row_max[i] before lane 0 gets here */
+        if (lane == 0) {
+            row_sum[i] = row_sum[i] * expf(m_old - m) + sum;     /* exp(-inf) = 0 on the first tile */
+            row_max[i] = m;
+        }
+    }
+}
+
+struct __align__(16) AttVec4 { float x[4]; };   /* 16 bytes moved by one vector load or store */
+
+/* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for c < d, zero for d <= c < n and for rows past T:
+   one head's slice of token-major rows into a shared tile (row stride ld). Each thread moves 4
+   consecutive columns, coalesced: one 16-byte load when all offsets are multiples of 4 floats (every
+   preset), element by element otherwise (the tests' odd dims). */
+__device__ void att_load_tile(float *dst, int ld, int c0, int n, const float *src, size_t tok_stride, int d, int b, int t0,
+                              MhcAttShape sh) {
+    bool vec = c0 % 4 == 0 && n % 4 == 0 && d % 4 == 0 && tok_stride % 4 == 0 && (uintptr_t)src % 16 == 0;
+    int quads = (n + 3) / 4;
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * quads; e += MHC_ATT_THREADS) {
+        int i = e / quads, c = e % quads * 4, t = t0 + i;
+        const float *row = src + ((size_t)b * sh.T + t) * tok_stride;
+        float *out = dst + i * ld + c0 + c;
+        if (vec) {
+            AttVec4 v = {};
+            if (t < sh.T && c < d) v = *(const AttVec4 *)(row + c);
+            *(AttVec4 *)out = v;
+        } else {
+            for (int k = 0; k < 4 && c + k < n; k++) out[k] = t < sh.T && c + k < d ? row[c + k] : 0.0f;
+        }
+    }
+}
+
+/* the inverse, for results: dst[(b T + t0+i) tok_stride + c] = src[i][c0 + c] for c < d, rows below T */
+__device__ void att_store_tile(float *dst, size_t tok_stride, int d, const float *src, int ld, int c0, int b, int t0,
+                               MhcAttShape sh) {
+    bool vec = c0 % 4 == 0 && d % 4 == 0 && tok_stride % 4 == 0 && (uintptr_t)dst % 16 == 0;
+    int quads = (d + 3) / 4;
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * quads; e += MHC_ATT_THREADS) {
+        int i = e / quads, c = e % quads * 4, t = t0 + i;
+        if (t >= sh.T) continue;
+        float *row = dst + ((size_t)b * sh.T + t) * tok_stride;
+        const float *in = src + i * ld + c0 + c;
+        if (vec) *(AttVec4 *)(row + c) = *(const AttVec4 *)in;
+        else for (int k = 0; k < 4 && c + k < d; k++) row[c + k] = in[k];
+    }
+}
+
+/* K tile of keys s0 .. s0+63: [k_nope | k_pe] per row (k_pe shared by the heads), zero-padded */
+__device__ void att_load_k(float *Ks, const float *kv, const float *kpe, int b, int h, int s0, MhcAttShape sh) {
+    int dqk = sh.dn + sh.dr, row = sh.dn + sh.dv;
+    att_load_tile(Ks, att_ld(dqk), 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, sh);
+    att_load_tile(Ks, att_ld(dqk), sh.dn, att_width(dqk) - sh.dn, kpe, sh.dr, sh.dr, b, s0, sh);
+}
+
+/* V tile of keys s0 .. s0+63 */
+__device__ void att_load_v(float *Vs, const float *kv, int b, int h, int s0, MhcAttShape sh) {
+    int row = sh.dn + sh.dv;
+    att_load_tile(Vs, att_ld(sh.dv), 0, att_width(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row, sh.dv, b, s0, sh);
+}
+
+/* Q tile of queries t0 .. t0+63 */
+__device__ void att_load_q(float *Qs, const float *q, int b, int h, int t0, MhcAttShape sh) {
+    int dqk = sh.dn + sh.dr;
+    att_load_tile(Qs, att_ld(dqk), 0, att_width(dqk), q + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, b, t0, sh);
+}
+
+/* shared memory of the attention kernels, in floats, carved by the kernels in this order:
+   forward:  Q, K [64, d_qk], V [64, d_v], S [64, 64], running max and sum [64]
+   backward: Q, K [64, d_qk], V, dO [64, d_v], P, dS [64, 64], lse, D [64]
+   att_smem_floats is the backward's, the larger: the most any attention kernel needs. */
+static size_t att_forward_smem_floats(MhcAttShape sh) {
+    return (size_t)MHC_ATT_TILE * (2 * att_ld(sh.dn + sh.dr) + att_ld(sh.dv) + MHC_ATT_SLD + 2);
+}
+static size_t att_smem_floats(MhcAttShape sh) {
+    return (size_t)MHC_ATT_TILE * (2 * att_ld(sh.dn + sh.dr) + 2 * att_ld(sh.dv) + 2 * MHC_ATT_SLD + 2);
+}
+
+/* grid (B*H, query tiles). o [N,H,d_v] = softmax(Sc) V per row, lse [B,H,T] = log sum_s exp(Sc[t,s]).
+   The tiles run last one first: they have the most key tiles, and a long block started late would
+   leave the GPU idle at the end. */
 template <bool TC>
 __global__ void __launch_bounds__(MHC_ATT_THREADS) attention_forward_kernel(float *o, float *lse, const float *q,
                                                                              const float *kv, const float *kpe, MhcAttShape sh) {
     extern __shared__ __align__(32) float smem[];
-    int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.y / sh.H, h = blockIdx.y % sh.H, t0 = blockIdx.x * MHC_ATT_TILE;
+    int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
+    int t0 = (gridDim.y - 1 - blockIdx.y) * MHC_ATT_TILE;
     float *Qs = smem, *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
-    float *O = Vs + MHC_ATT_TILE * att_ld(dv), *S = O + MHC_ATT_TILE * att_ld(dv);
-    float *row_max = S + MHC_ATT_TILE * MHC_ATT_SLD, *row_sum = row_max + MHC_ATT_TILE;
-    att_load_rows(Qs, q, dqk, 0, dqk, b, h, t0, sh);
-    att_zero(O, dv);
+    float *S = Vs + MHC_ATT_TILE * att_ld(dv), *row_max = S + MHC_ATT_TILE * MHC_ATT_SLD, *row_sum = row_max + MHC_ATT_TILE;
+    att_load_q(Qs, q, b, h, t0, sh);
     if (threadIdx.x < MHC_ATT_TILE) { row_max[threadIdx.x] = -INFINITY; row_sum[threadIdx.x] = 0; }
-    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {        /* key tiles up to the diagonal one */
+    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {        /* pass 1: lse, over the key tiles up to the diagonal */
         __syncthreads();                                    /* the previous tile's readers are done */
         att_load_k(Ks, kv, kpe, b, h, s0, sh);
-        att_load_rows(Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
         __syncthreads();
-        att_tile_dot<TC>(S, Qs, Ks, dqk);
+        att_scores<TC>(S, Qs, Ks, dqk);
         __syncthreads();
-        att_mask_scores(S, t0, s0, sh);
-        __syncthreads();
-        for (int i = threadIdx.x / 32; i < MHC_ATT_TILE; i += blockDim.x / 32) {   /* online softmax, a warp per row */
-            float *Si = S + i * MHC_ATT_SLD, x = Si[threadIdx.x % 32];
-            float m_old = row_max[i], m_new = fmaxf(m_old, warp_reduce(x, MaxOp()));
-            float p = expf(x - m_new), sum = warp_reduce(p, SumOp()), rescale = expf(m_old - m_new);   /* 0 on tile 0 */
-            Si[threadIdx.x % 32] = p;
-            for (int c = threadIdx.x % 32; c < dv; c += 32) O[i * att_ld(dv) + c] *= rescale;
-            __syncwarp();
-            if (threadIdx.x % 32 == 0) {
-                row_sum[i] = row_sum[i] * rescale + sum;
-                row_max[i] = m_new;
-            }
-        }
-        __syncthreads();
-        att_tile_accumulate<TC>(O, S, 0, Vs, dv);           /* O = O * rescale + P V */
+        att_row_stats(row_max, row_sum, S, t0, s0, sh);
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * dv; e += blockDim.x) {
-        int r = e / dv, t = t0 + r;
-        if (t < sh.T) o[(((size_t)b * sh.T + t) * sh.H + h) * dv + e % dv] = O[r * att_ld(dv) + e % dv] / row_sum[r];
+    float *lse_s = row_max;                                 /* max + log sum, in place */
+    if (threadIdx.x < MHC_ATT_TILE) {
+        lse_s[threadIdx.x] += logf(row_sum[threadIdx.x]);
+        if (t0 + (int)threadIdx.x < sh.T) lse[(size_t)blockIdx.x * sh.T + t0 + threadIdx.x] = lse_s[threadIdx.x];
     }
-    if (threadIdx.x < MHC_ATT_TILE && t0 + (int)threadIdx.x < sh.T)
-        lse[((size_t)blockIdx.y) * sh.T + t0 + threadIdx.x] = row_max[threadIdx.x] + logf(row_sum[threadIdx.x]);
+    AttWarpTiles ot = att_warp_tiles(att_width(dv));
+    AttFrag<TC> O[MHC_ATT_FRAGS];                           /* this warp's tiles of O [64, d_v] */
+    att_zero(O);
+    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {        /* pass 2: O = sum over key tiles of P V */
+        __syncthreads();
+        att_load_k(Ks, kv, kpe, b, h, s0, sh);
+        att_load_v(Vs, kv, b, h, s0, sh);
+        __syncthreads();
+        att_scores<TC>(S, Qs, Ks, dqk);
+        __syncwarp();
+        att_probs(S, NULL, lse_s, NULL, t0, s0, sh);
+        __syncthreads();
+        att_mma<TC, false, false>(O, ot, S, MHC_ATT_SLD, Vs, att_ld(dv), MHC_ATT_TILE);
+    }
+    __syncthreads();
+    att_store(Vs, att_ld(dv), O, ot);                       /* through V's tile, for whole coalesced rows */
+    __syncthreads();
+    att_store_tile(o + (size_t)h * dv, (size_t)sh.H * dv, dv, Vs, att_ld(dv), 0, b, t0, sh);
 }
 
 /* D [B,H,T]: D[t] = sum_c dO[t][c] O[t][c], the row term of the softmax backward; one warp per row */
@@ -1398,43 +1510,10 @@ __global__ void attention_rowdot_kernel(float *D, const float *d_o, const float 
     if (lane == 0) D[row] = sum;
 }
 
-/* the query tile at t0 against the key tile at s0, with Qs, dOs, lse_s, D_s (the query side) and Ks, Vs
-   loaded: P = exp(Sc - lse) and dS = scale P (dO.v - D), the softmax backward of SPEC §9 with the score
-   scale folded in (dQ = dS K, dK = dS^T Q) */
-template <bool TC>
-__device__ void att_backward_tile(float *P, float *dS, const float *Qs, const float *dOs, const float *Ks, const float *Vs,
-                                  const float *lse_s, const float *D_s, int t0, int s0, MhcAttShape sh) {
-    att_tile_dot<TC>(P, Qs, Ks, sh.dn + sh.dr);
-    att_tile_dot<TC>(dS, dOs, Vs, sh.dv);
-    __syncthreads();
-    att_mask_scores(P, t0, s0, sh);
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * MHC_ATT_TILE; e += blockDim.x) {
-        int i = e / MHC_ATT_TILE, at = i * MHC_ATT_SLD + e % MHC_ATT_TILE;
-        float p = t0 + i < sh.T ? expf(P[at] - lse_s[i]) : 0.0f;     /* padding rows take no part */
-        P[at] = p;
-        dS[at] = sh.scale * p * (dS[at] - D_s[i]);
-    }
-    __syncthreads();
-}
-
-/* loads the query side of a tile: q, dO, lse and D rows t0 .. t0+31 */
-__device__ void att_load_query_side(float *Qs, float *dOs, float *lse_s, float *D_s, const float *q, const float *d_o,
-                                    const float *lse, const float *D, int b, int h, int t0, MhcAttShape sh) {
-    int dqk = sh.dn + sh.dr;
-    att_load_rows(Qs, q, dqk, 0, dqk, b, h, t0, sh);
-    att_load_rows(dOs, d_o, sh.dv, 0, sh.dv, b, h, t0, sh);
-    if (threadIdx.x < MHC_ATT_TILE) {
-        int t = t0 + threadIdx.x;
-        size_t row = ((size_t)b * sh.H + h) * sh.T + t;
-        lse_s[threadIdx.x] = t < sh.T ? lse[row] : 0.0f;
-        D_s[threadIdx.x] = t < sh.T ? D[row] : 0.0f;
-    }
-}
-
-/* the backward kernels' shared memory: operand tiles Q, K (d_qk) and V, dO (d_v), accumulator tiles
-   Acc_qk, Acc_v, score tiles P, dS, and lse, D of the query rows */
+/* the backward kernels' shared memory: operand tiles Q, K (d_qk) and V, dO (d_v), score tiles P, dS, and
+   lse, D of the query rows */
 typedef struct {
-    float *Qs, *Ks, *Vs, *dOs, *acc_qk, *acc_v, *P, *dS, *lse_s, *D_s;
+    float *Qs, *Ks, *Vs, *dOs, *P, *dS, *lse_s, *D_s;
 } MhcAttBackwardSmem;
 
 __device__ MhcAttBackwardSmem att_backward_smem(float *smem, MhcAttShape sh) {
@@ -1442,75 +1521,101 @@ __device__ MhcAttBackwardSmem att_backward_smem(float *smem, MhcAttShape sh) {
     MhcAttBackwardSmem m;
     m.Qs = smem;
     m.Ks = m.Qs + lq;
-    m.acc_qk = m.Ks + lq;
-    m.Vs = m.acc_qk + lq;
+    m.Vs = m.Ks + lq;
     m.dOs = m.Vs + lv;
-    m.acc_v = m.dOs + lv;
-    m.P = m.acc_v + lv;
+    m.P = m.dOs + lv;
     m.dS = m.P + ls;
     m.lse_s = m.dS + ls;
     m.D_s = m.lse_s + MHC_ATT_TILE;
     return m;
 }
 
-/* grid (key tiles, B*H): dK and dV of keys s0 .. s0+31, summed over the query tiles t0 >= s0. Writes the
-   k_nope and v parts of dkv [N,H,d_n+d_v] and this head's k_pe gradient dkpe_h [N,H,d_r]. */
+/* the query side of a backward tile: q, dO rows t0 .. t0+63 and their lse, D (0 past T) */
+__device__ void att_load_query_side(const MhcAttBackwardSmem &m, const float *q, const float *d_o, const float *lse,
+                                    const float *D, int b, int h, int t0, MhcAttShape sh) {
+    att_load_q(m.Qs, q, b, h, t0, sh);
+    att_load_tile(m.dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv, b, t0, sh);
+    if (threadIdx.x < MHC_ATT_TILE) {
+        int t = t0 + threadIdx.x;
+        size_t row = ((size_t)b * sh.H + h) * sh.T + t;
+        m.lse_s[threadIdx.x] = t < sh.T ? lse[row] : 0.0f;
+        m.D_s[threadIdx.x] = t < sh.T ? D[row] : 0.0f;
+    }
+}
+
+/* the query tile at t0 against the key tile at s0, both sides loaded: P and dS (att_probs) for the whole
+   block, ready to be multiplied after the barrier */
+template <bool TC> __device__ void att_backward_scores(const MhcAttBackwardSmem &m, int t0, int s0, MhcAttShape sh) {
+    att_scores<TC>(m.P, m.Qs, m.Ks, sh.dn + sh.dr);
+    att_scores<TC>(m.dS, m.dOs, m.Vs, sh.dv);               /* dP = dO V^T */
+    __syncwarp();
+    att_probs(m.P, m.dS, m.lse_s, m.D_s, t0, s0, sh);
+    __syncthreads();
+}
+
+/* grid (B*H, key tiles): dK and dV of keys s0 .. s0+63, summed over the query tiles t0 >= s0 (the first
+   key tiles have the most, and run first). Writes the k_nope and v parts of dkv [N,H,d_n+d_v] and this
+   head's k_pe gradient dkpe_h [N,H,d_r]. */
 template <bool TC>
 __global__ void __launch_bounds__(MHC_ATT_THREADS) attention_backward_kv_kernel(float *dkv, float *dkpe_h, const float *d_o,
                                                                                  const float *lse, const float *D,
                                                                                  const float *q, const float *kv,
                                                                                  const float *kpe, MhcAttShape sh) {
     extern __shared__ __align__(32) float smem[];
-    int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.y / sh.H, h = blockIdx.y % sh.H, s0 = blockIdx.x * MHC_ATT_TILE;
+    int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H, s0 = blockIdx.y * MHC_ATT_TILE;
     MhcAttBackwardSmem m = att_backward_smem(smem, sh);
     att_load_k(m.Ks, kv, kpe, b, h, s0, sh);
-    att_load_rows(m.Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
-    att_zero(m.acc_qk, dqk);
-    att_zero(m.acc_v, dv);
+    att_load_v(m.Vs, kv, b, h, s0, sh);
+    AttWarpTiles kt = att_warp_tiles(att_width(dqk)), vt = att_warp_tiles(att_width(dv));
+    AttFrag<TC> dK[MHC_ATT_FRAGS], dV[MHC_ATT_FRAGS];       /* this warp's tiles of dK [64, d_qk], dV [64, d_v] */
+    att_zero(dK);
+    att_zero(dV);
     for (int t0 = s0; t0 < sh.T; t0 += MHC_ATT_TILE) {
+        __syncthreads();                                    /* the previous tile's readers are done */
+        att_load_query_side(m, q, d_o, lse, D, b, h, t0, sh);
         __syncthreads();
-        att_load_query_side(m.Qs, m.dOs, m.lse_s, m.D_s, q, d_o, lse, D, b, h, t0, sh);
-        __syncthreads();
-        att_backward_tile<TC>(m.P, m.dS, m.Qs, m.dOs, m.Ks, m.Vs, m.lse_s, m.D_s, t0, s0, sh);
-        att_tile_accumulate<TC>(m.acc_v, m.P, 1, m.dOs, dv);          /* dV += P^T dO */
-        att_tile_accumulate<TC>(m.acc_qk, m.dS, 1, m.Qs, dqk);        /* dK += dS^T Q */
+        att_backward_scores<TC>(m, t0, s0, sh);
+        att_mma<TC, true, false>(dV, vt, m.P, MHC_ATT_SLD, m.dOs, att_ld(dv), MHC_ATT_TILE);    /* dV += P^T dO */
+        att_mma<TC, true, false>(dK, kt, m.dS, MHC_ATT_SLD, m.Qs, att_ld(dqk), MHC_ATT_TILE);   /* dK += dS^T Q */
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * dv; e += blockDim.x)
-        if (s0 + e / dv < sh.T)
-            dkv[(((size_t)b * sh.T + s0 + e / dv) * sh.H + h) * (sh.dn + dv) + sh.dn + e % dv] = m.acc_v[e / dv * att_ld(dv) + e % dv];
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * dqk; e += blockDim.x) {
-        int j = e / dqk, c = e % dqk;
-        if (s0 + j >= sh.T) continue;
-        size_t bs = (size_t)b * sh.T + s0 + j;
-        float v = m.acc_qk[j * att_ld(dqk) + c];
-        if (c < sh.dn) dkv[(bs * sh.H + h) * (sh.dn + dv) + c] = v;
-        else dkpe_h[(bs * sh.H + h) * sh.dr + c - sh.dn] = v;
-    }
+    att_store(m.Ks, att_ld(dqk), dK, kt);                   /* through K's and V's tiles, for whole rows */
+    att_store(m.Vs, att_ld(dv), dV, vt);
+    __syncthreads();
+    size_t row = (size_t)sh.H * (sh.dn + dv);
+    float *dkv_h = dkv + (size_t)h * (sh.dn + dv);
+    att_store_tile(dkv_h, row, sh.dn, m.Ks, att_ld(dqk), 0, b, s0, sh);
+    att_store_tile(dkv_h + sh.dn, row, dv, m.Vs, att_ld(dv), 0, b, s0, sh);
+    att_store_tile(dkpe_h + (size_t)h * sh.dr, (size_t)sh.H * sh.dr, sh.dr, m.Ks, att_ld(dqk), sh.dn, b, s0, sh);
 }
 
-/* grid (query tiles, B*H): dq [N,H,d_qk] of rows t0 .. t0+31 = sum over key tiles s0 <= t0 of dS K */
+/* grid (B*H, query tiles, last first as in the forward): dq [N,H,d_qk] of rows t0 .. t0+63 = sum over
+   the key tiles s0 <= t0 of dS K */
 template <bool TC>
 __global__ void __launch_bounds__(MHC_ATT_THREADS) attention_backward_q_kernel(float *dq, const float *d_o, const float *lse,
                                                                                 const float *D, const float *q,
                                                                                 const float *kv, const float *kpe,
                                                                                 MhcAttShape sh) {
     extern __shared__ __align__(32) float smem[];
-    int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.y / sh.H, h = blockIdx.y % sh.H, t0 = blockIdx.x * MHC_ATT_TILE;
+    int dqk = sh.dn + sh.dr, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
+    int t0 = (gridDim.y - 1 - blockIdx.y) * MHC_ATT_TILE;
     MhcAttBackwardSmem m = att_backward_smem(smem, sh);
-    att_load_query_side(m.Qs, m.dOs, m.lse_s, m.D_s, q, d_o, lse, D, b, h, t0, sh);
-    att_zero(m.acc_qk, dqk);
+    att_load_query_side(m, q, d_o, lse, D, b, h, t0, sh);
+    AttWarpTiles qt = att_warp_tiles(att_width(dqk));
+    AttFrag<TC> dQ[MHC_ATT_FRAGS];                          /* this warp's tiles of dQ [64, d_qk] */
+    att_zero(dQ);
     for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {
         __syncthreads();
         att_load_k(m.Ks, kv, kpe, b, h, s0, sh);
-        att_load_rows(m.Vs, kv, sh.dn + dv, sh.dn, dv, b, h, s0, sh);
+        att_load_v(m.Vs, kv, b, h, s0, sh);
         __syncthreads();
-        att_backward_tile<TC>(m.P, m.dS, m.Qs, m.dOs, m.Ks, m.Vs, m.lse_s, m.D_s, t0, s0, sh);
-        att_tile_accumulate<TC>(m.acc_qk, m.dS, 0, m.Ks, dqk);        /* dQ += dS K */
+        att_backward_scores<TC>(m, t0, s0, sh);
+        att_mma<TC, false, false>(dQ, qt, m.dS, MHC_ATT_SLD, m.Ks, att_ld(dqk), MHC_ATT_TILE);  /* dQ += dS K */
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * dqk; e += blockDim.x)
-        if (t0 + e / dqk < sh.T) dq[(((size_t)b * sh.T + t0 + e / dqk) * sh.H + h) * dqk + e % dqk] = m.acc_qk[e / dqk * att_ld(dqk) + e % dqk];
+    att_store(m.Qs, att_ld(dqk), dQ, qt);
+    __syncthreads();
+    att_store_tile(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, m.Qs, att_ld(dqk), 0, b, t0, sh);
 }
 
 /* dkpe [N,d_r] = sum_h dkpe_h [N,H,d_r]: the shared k_pe collects the gradient of every head (SPEC §9) */
@@ -1940,19 +2045,22 @@ static MhcAttShape att_shape(const MhcConfig *c, int T) {
 }
 
 /* dynamic shared bytes of an attention kernel, opted in past the default 48 KiB */
-static size_t att_smem_bytes(const void *kernel, MhcAttShape sh) {
-    size_t bytes = att_smem_floats(sh) * sizeof(float);
+static size_t att_smem_bytes(const void *kernel, size_t floats) {
+    size_t bytes = floats * sizeof(float);
     if (bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
     return bytes;
 }
+
+/* (b, h) along x, tiles along y: blocks start x first, so the kernels' longest tiles of every head go
+   first */
+static dim3 att_grid(int B, MhcAttShape sh) { return dim3((unsigned)(B * sh.H), mhc_blocks((size_t)sh.T, MHC_ATT_TILE)); }
 
 /* SPEC §9 causal attention with the shared k_pe: o [N, H*d_v] and the per-row lse [B,H,T] */
 template <bool TC>
 static void gpu_attention_forward_launch(float *o, float *lse, const float *q, const float *kv, const float *kpe, int B,
                                          MhcAttShape sh) {
-    size_t bytes = att_smem_bytes((const void *)attention_forward_kernel<TC>, sh);
-    dim3 grid(mhc_blocks((size_t)sh.T, MHC_ATT_TILE), B * sh.H);
-    attention_forward_kernel<TC><<<grid, MHC_ATT_THREADS, bytes>>>(o, lse, q, kv, kpe, sh);
+    size_t bytes = att_smem_bytes((const void *)attention_forward_kernel<TC>, att_forward_smem_floats(sh));
+    attention_forward_kernel<TC><<<att_grid(B, sh), MHC_ATT_THREADS, bytes>>>(o, lse, q, kv, kpe, sh);
     LAUNCH_CHECK();
 }
 
@@ -1967,12 +2075,11 @@ template <bool TC>
 static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const float *d_o,
                                           const float *lse, const float *q, const float *kv, const float *kpe, int B,
                                           MhcAttShape sh) {
-    dim3 grid(mhc_blocks((size_t)sh.T, MHC_ATT_TILE), B * sh.H);
-    size_t bytes = att_smem_bytes((const void *)attention_backward_kv_kernel<TC>, sh);
-    attention_backward_kv_kernel<TC><<<grid, MHC_ATT_THREADS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q, kv, kpe, sh);
+    size_t bytes = att_smem_bytes((const void *)attention_backward_kv_kernel<TC>, att_smem_floats(sh));
+    attention_backward_kv_kernel<TC><<<att_grid(B, sh), MHC_ATT_THREADS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q, kv, kpe, sh);
     LAUNCH_CHECK();
-    bytes = att_smem_bytes((const void *)attention_backward_q_kernel<TC>, sh);
-    attention_backward_q_kernel<TC><<<grid, MHC_ATT_THREADS, bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
+    bytes = att_smem_bytes((const void *)attention_backward_q_kernel<TC>, att_smem_floats(sh));
+    attention_backward_q_kernel<TC><<<att_grid(B, sh), MHC_ATT_THREADS, bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
     LAUNCH_CHECK();
 }
 
@@ -2371,9 +2478,11 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
         return -1;
     }
     size_t att_bytes = att_smem_floats(att_shape(c, T)) * sizeof(float);
-    if (att_bytes > (size_t)smem_optin) {
-        fprintf(stderr, "mhc_gpu_init: attention head dims d_qk %d, d_v %d need %zu bytes of shared memory (max %d)\n",
-                c->qk_nope_head_dim + c->qk_rope_head_dim, c->v_head_dim, att_bytes, smem_optin);
+    int att_widest = max(att_width(c->qk_nope_head_dim + c->qk_rope_head_dim), att_width(c->v_head_dim));
+    if (att_bytes > (size_t)smem_optin || att_widest > MHC_ATT_MAX_WIDTH) {
+        fprintf(stderr, "mhc_gpu_init: attention head dims d_qk %d, d_v %d need %zu bytes of shared memory (max %d) and "
+                "%d columns (max %d)\n", c->qk_nope_head_dim + c->qk_rope_head_dim, c->v_head_dim, att_bytes, smem_optin,
+                att_widest, MHC_ATT_MAX_WIDTH);
         return -1;
     }
     if (c->n_routed_experts > 1024) {

@@ -2303,15 +2303,17 @@ static void gpu_test_streams(void) {
     gt_release();
 }
 
-/* SPEC §9 attention core with the shared k_pe, forward and backward, B = 2, T = 37, H = 3 */
 /* flash attention (SPEC §9) against attention_forward/backward: o, the row log-sum-exp (against a double
-   sum on the host), dq, dkv, dk_pe. Shapes: one and several 32-row tiles with a partial last one, small
-   odd head dims, and the 3b preset's (d_qk 192, d_v 128). Exact mode (CUDA cores): fp32 on both sides,
-   summed in different orders (online softmax vs a max first): 1e-5 forward, 1e-4 backward (two chained
+   sum on the host), dq, dkv, dk_pe. Shapes (64-row tiles): one tile; two and three tiles with a partial
+   last one, so that the register accumulators carry over several tiles and the causal diagonal falls
+   inside a tile; small odd head dims (element-wise loads, warps with no accumulator tile) and multiples
+   of 4 (16-byte loads); the 3b preset's head dims (d_qk 192, d_v 128) over two tiles. Exact mode (CUDA
+   cores): fp32 on both sides, summed in different orders: 1e-5 forward, 1e-4 backward (two chained
    products). TF32 tensor cores: 1e-2 (products of operands rounded to 10-bit mantissas, then chained). */
 static void gpu_test_attention(void) {
-    const int shapes[3][6] = {{2, 37, 3, 8, 6, 10}, {1, 70, 2, 5, 4, 7}, {1, 45, 2, 128, 64, 128}};   /* B T H dn dr dv */
-    for (int k = 0; k < 3; k++) {
+    const int shapes[4][6] = {{2, 37, 3, 8, 6, 10}, {1, 70, 2, 5, 4, 7}, {1, 150, 2, 16, 8, 12},
+                               {1, 100, 2, 128, 64, 128}};                           /* B T H dn dr dv */
+    for (int k = 0; k < 4; k++) {
         MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
         int B = shapes[k][0], T = shapes[k][1], N = B * T;
         c.n_heads = shapes[k][2]; c.qk_nope_head_dim = shapes[k][3]; c.qk_rope_head_dim = shapes[k][4]; c.v_head_dim = shapes[k][5];
