@@ -95,6 +95,7 @@ typedef struct {
     double *moe_ssum, *moe_f;        /* [N] sum_j s_j, [B,E] f_i of the balance loss                   */
     double *moe_bal;                 /* [L,B,E] per layer, sequence and expert: alpha f_i P_i / B      */
     float *coef_alpha;               /* [N,3] per-token alpha-gradient terms (backward)                */
+    float *expert_split;             /* row-split partials of the expert weight gradients (backward; may be NULL) */
     __nv_bfloat16 *gemm_bf16[2];     /* BF16 GEMM operand scratch, gemm_bf16_count each (bf16 only)    */
     size_t gemm_bf16_count;
     float *colsum_part;              /* [MHC_COLSUM_CHUNKS, max(C, d_c, d_q, m)] (backward)            */
@@ -323,12 +324,19 @@ template <typename Fragment> __device__ void wmma_load_tf32(Fragment &f, const f
    multiply. Each operand is copied in its own memory order (no transpose on the way in); the multiply
    reads it in that order. Two multiplies share everything else: exact fp32 FMAs (MHC_PREC_FP32, the tests;
    an 8 x 8 register tile per thread) and TF32 tensor cores through WMMA (MHC_PREC_TF32 and MHC_PREC_BF16;
-   8 warps, each a 64 x 32 quarter-column of the tile as 4 x 2 m16n16k8 accumulators).                 */
+   8 warps, each a 64 x 32 quarter-column of the tile as 4 x 2 m16n16k8 accumulators).
+   kseg = 1 has only E x (M/128) x (N/128) tiles, too few blocks to fill the GPU on small models, so there
+   each expert's rows are split into S parts (eg_splits: from the shapes alone); split s writes its partial
+   product to scratch [S][E][M][N] and expert_gemm_reduce_kernel adds the partials to W_e in split order,
+   so the result does not depend on timing.                                                             */
 #define EG_TILE 128
 #define EG_K 32                            /* K slab per shared-memory stage                            */
 #define EG_THREADS 256
 #define EG_OPERAND (EG_TILE * (EG_K + 4))  /* floats of one operand slab: [128][36] or [32][132], the larger */
 #define EG_SMEM_FLOATS (4 * EG_OPERAND)    /* two stages of A and B; also holds the [128][132] output tile */
+#define EG_TARGET_BLOCKS 512               /* kseg = 1: split rows until about this many blocks          */
+#define EG_MAX_SPLITS 8
+#define EG_MIN_SPLIT_ROWS 256              /* ... keeping at least this many rows per split on average   */
 
 typedef struct {
     float *C;
@@ -338,18 +346,22 @@ typedef struct {
     const int *seg;
     int E, Mfix, N, Kfix;
     float beta;
+    int splits;                            /* kseg = 1: S; partial [S][E][M][N] when S > 1               */
+    float *partial;
 } MhcExpertGemm;
 
-/* this block's problem: expert e, output tile (i0, j0), M x K; M = 0 when the block has no tile */
+/* this block's problem: expert e, output tile (i0, j0), M x K, into C (row stride ldc, C = tile + beta C);
+   M = 0 when the block has no tile */
 typedef struct {
-    int M, K, i0, j0;
+    int M, K, i0, j0, ldc;
+    float beta;
     const float *A, *B;
     float *C;
 } MhcExpertTile;
 
 __device__ MhcExpertTile eg_tile(const MhcExpertGemm &g) {
-    MhcExpertTile t = {0, 0, 0, (int)blockIdx.y * EG_TILE, NULL, NULL, NULL};
-    int e = blockIdx.z, tile = blockIdx.x;
+    MhcExpertTile t = {0, 0, 0, (int)blockIdx.y * EG_TILE, g.ldc, g.beta, NULL, NULL, NULL};
+    int e = g.kseg ? blockIdx.z / g.splits : 0, split = g.kseg ? blockIdx.z % g.splits : 0, tile = blockIdx.x;
     if (!g.kseg)                                   /* walk the experts' packed row tiles */
         for (e = 0; e < g.E; e++) {
             int tiles = (g.seg[e + 1] - g.seg[e] + EG_TILE - 1) / EG_TILE;
@@ -358,6 +370,11 @@ __device__ MhcExpertTile eg_tile(const MhcExpertGemm &g) {
         }
     if (e >= g.E) return t;
     int r0 = g.seg[e], rows = g.seg[e + 1] - r0;
+    if (g.kseg && g.splits > 1) {                  /* this split's share of the rows (maybe none: then zeros) */
+        int per = (rows + g.splits - 1) / g.splits, lo = min(rows, split * per);
+        r0 += lo;
+        rows = min(rows - lo, per);
+    }
     t.M = g.kseg ? g.Mfix : rows;
     t.K = g.kseg ? rows : g.Kfix;
     t.i0 = tile * EG_TILE;
@@ -365,6 +382,11 @@ __device__ MhcExpertTile eg_tile(const MhcExpertGemm &g) {
     t.A = g.A + (size_t)r0 * g.lda;
     t.B = g.kseg ? g.B + (size_t)r0 * g.ldb : g.B + e * g.w_stride;
     t.C = g.kseg ? g.C + e * g.w_stride : g.C + (size_t)r0 * g.ldc;
+    if (g.kseg && g.splits > 1) {
+        t.C = g.partial + ((size_t)split * g.E + e) * g.Mfix * g.N;
+        t.ldc = g.N;
+        t.beta = 0.0f;
+    }
     return t;
 }
 
@@ -501,9 +523,30 @@ __global__ void __launch_bounds__(EG_THREADS) expert_gemm_kernel(MhcExpertGemm g
     for (int q = threadIdx.x; q < EG_TILE * EG_TILE; q += EG_THREADS) {   /* C = tile (+ beta C), inside the problem */
         int i = q / EG_TILE, j = q % EG_TILE, gi = t.i0 + i, gj = t.j0 + j;
         if (gi >= t.M || gj >= g.N) continue;
-        float *c = t.C + (size_t)gi * g.ldc + gj, v = Cs[i * (EG_TILE + 4) + j];
-        *c = g.beta == 0.0f ? v : v + g.beta * *c;
+        float *c = t.C + (size_t)gi * t.ldc + gj, v = Cs[i * (EG_TILE + 4) + j];
+        *c = t.beta == 0.0f ? v : v + t.beta * *c;
     }
+}
+
+/* W_e (contiguous [M][N] at e * w_stride) = sum_s partial[s][e] + beta W_e, the splits added in order */
+__global__ void expert_gemm_reduce_kernel(float *C, const float *partial, int splits, int E, size_t MN, size_t w_stride,
+                                          float beta) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)E * MN) return;
+    float v = 0;
+    for (int s = 0; s < splits; s++) v += partial[(size_t)s * E * MN + idx];
+    float *c = C + idx / MN * w_stride + idx % MN;
+    *c = beta == 0.0f ? v : v + beta * *c;
+}
+
+/* S for kseg = 1 over rows_total rows (all experts): enough splits to reach about EG_TARGET_BLOCKS
+   blocks, at most EG_MAX_SPLITS and no more than the rows allow; 1 means no split */
+static int eg_splits(int E, int M, int N, int rows_total) {
+    int blocks = E * (int)mhc_blocks((size_t)M, EG_TILE) * (int)mhc_blocks((size_t)N, EG_TILE);
+    int s = (EG_TARGET_BLOCKS + blocks - 1) / blocks, by_rows = rows_total / E / EG_MIN_SPLIT_ROWS;
+    s = s < by_rows ? s : by_rows;
+    s = s < EG_MAX_SPLITS ? s : EG_MAX_SPLITS;
+    return s > 1 ? s : 1;
 }
 
 template <bool TC, bool A_KMAJOR, bool B_KMAJOR> static void eg_launch(dim3 grid, const MhcExpertGemm &g) {
@@ -520,21 +563,35 @@ template <bool TC> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &
     else eg_launch<TC, false, true>(grid, g);
 }
 
-/* M (kseg = 0): the rows of all experts together, seg[E]; kseg = 1: M = the rows of W_e (kseg = 1 takes no
-   transB). precision: MHC_PREC_FP32 runs the exact multiply, any other TF32 WMMA. */
+/* floats of the split scratch gpu_expert_gemm needs for kseg = 1 at (E, M, N, rows_total); 0: no split */
+static size_t gpu_expert_split_floats(int E, int M, int N, int rows_total) {
+    int S = eg_splits(E, M, N, rows_total);
+    return S > 1 ? (size_t)S * E * M * N : 0;
+}
+
+/* M (kseg = 0): the rows of all experts together, seg[E]; kseg = 1: M = the rows of W_e, K = the rows of
+   all experts together, W_e contiguous (ldc = N, w_stride = M N), no transB; scratch: NULL, or
+   gpu_expert_split_floats floats for the row splits. precision: MHC_PREC_FP32 runs the exact multiply,
+   any other TF32 WMMA. */
 static void gpu_expert_gemm(int precision, float *C, int ldc, const float *A, int lda, const float *B, int ldb, int transB,
-                            size_t w_stride, const int *seg, int E, int M, int N, int K, int kseg, float beta) {
+                            size_t w_stride, const int *seg, int E, int M, int N, int K, int kseg, float beta, float *scratch) {
     if (M <= 0 || N <= 0 || E <= 0) return;
-    if (kseg && transB) {
-        fprintf(stderr, "mhc_cuda gpu_expert_gemm: kseg = 1 takes no transB (a bug)\n");
+    if (kseg && (transB || ldc != N || w_stride != (size_t)M * N)) {
+        fprintf(stderr, "mhc_cuda gpu_expert_gemm: kseg = 1 takes no transB and a contiguous W (a bug)\n");
         exit(1);
     }
-    MhcExpertGemm g = {C, A, B, ldc, lda, ldb, transB, kseg, w_stride, seg, E, M, N, K, beta};
+    int splits = kseg && scratch ? eg_splits(E, M, N, K) : 1;
+    MhcExpertGemm g = {C, A, B, ldc, lda, ldb, transB, kseg, w_stride, seg, E, M, N, K, beta, splits, scratch};
     /* kseg = 0: every expert's row tiles, at most ceil(M / 128) + E of them, packed along x */
     dim3 grid(kseg ? mhc_blocks((size_t)M, EG_TILE) : mhc_blocks((size_t)M, EG_TILE) + E, mhc_blocks((size_t)N, EG_TILE),
-              kseg ? E : 1);
+              kseg ? E * splits : 1);
     if (precision == MHC_PREC_FP32) eg_launch_layout<false>(grid, g);
     else eg_launch_layout<true>(grid, g);
+    if (splits > 1) {
+        size_t count = (size_t)E * M * N;
+        expert_gemm_reduce_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(C, scratch, splits, E, (size_t)M * N, w_stride, beta);
+        LAUNCH_CHECK();
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -887,9 +944,14 @@ static __device__ SkWarp sk_warp_layout(float *base, int n, int iters, int tape)
     return w;
 }
 
-/* SPEC §4 Sinkhorn-Knopp of one token by one warp, rows last. Lane a < n owns column a in a column step
-   and row a in a row step. tape = 1 keeps every step's output Y[k] (Y[0] = M_0) and its sums for the
-   backward; tape = 0 runs the steps in place in Y[0]. am[j] = argmax_i Lam[i][j], lowest i on ties. */
+/* SPEC §4 Sinkhorn-Knopp of one token by one warp, rows last. In every step lane l owns the elements
+   l, l + 32, ... of the n x n matrix (n <= 16: at most MHC_SK_PER_LANE each), so n*n lanes divide at
+   once; each sums its row or column itself, in the same order as the CPU, reads everything it needs
+   before any lane writes (the untaped steps run in place), and the sum's first owner tapes it.
+   tape = 1 keeps every step's output Y[k] (Y[0] = M_0) and its sums for the backward; tape = 0 runs the
+   steps in place in Y[0]. am[j] = argmax_i Lam[i][j], lowest i on ties. */
+#define MHC_SK_PER_LANE 8
+
 __device__ void sinkhorn_warp(float *Y, float *sums, int *am, const float *Lam, int n, int iters, float eps, int tape) {
     int lane = threadIdx.x % 32, nn = n * n;
     if (lane < n) {
@@ -905,37 +967,40 @@ __device__ void sinkhorn_warp(float *Y, float *sums, int *am, const float *Lam, 
         const float *in = Y + (tape ? (size_t)k * nn : 0);
         float *out = Y + (tape ? (size_t)(k + 1) * nn : 0);
         int column = k % 2 == 0;
-        if (lane < n) {
+        float v[MHC_SK_PER_LANE];
+        for (int e = 0; e < MHC_SK_PER_LANE && lane + 32 * e < nn; e++) {
+            int idx = lane + 32 * e, i = idx / n, j = idx % n;
             float s = 0;
-            for (int b = 0; b < n; b++) s += in[column ? b * n + lane : lane * n + b];
-            if (tape) sums[k * n + lane] = s;
-            for (int b = 0; b < n; b++) {
-                int idx = column ? b * n + lane : lane * n + b;
-                out[idx] = in[idx] / (s + eps);
-            }
+            for (int b = 0; b < n; b++) s += in[column ? b * n + j : i * n + b];
+            if (tape && (column ? i : j) == 0) sums[k * n + (column ? j : i)] = s;
+            v[e] = in[idx] / (s + eps);
         }
+        __syncwarp();
+        for (int e = 0; e < MHC_SK_PER_LANE && lane + 32 * e < nn; e++) out[lane + 32 * e] = v[e];
         __syncwarp();
     }
 }
 
-/* SPEC §5.6: walk the taped steps in reverse from G = dH_res, then through the shifted exp; dLam [n,n] */
+/* SPEC §5.6: walk the taped steps in reverse from G = dH_res (lanes own elements as in sinkhorn_warp),
+   then through the shifted exp; dLam [n,n] */
 __device__ void sinkhorn_backward_warp(float *dLam, float *G, const float *Y, const float *sums, const int *am, int n,
                                        int iters, float eps) {
     int lane = threadIdx.x % 32, nn = n * n;
     for (int k = 2 * iters - 1; k >= 0; k--) {      /* Y_out = Y_in/(s+eps): dY_in = (G - sum(G*Y_out))/(s+eps) */
         const float *out = Y + (size_t)(k + 1) * nn;
         int column = k % 2 == 0;
-        if (lane < n) {
+        float v[MHC_SK_PER_LANE];
+        for (int e = 0; e < MHC_SK_PER_LANE && lane + 32 * e < nn; e++) {
+            int idx = lane + 32 * e, i = idx / n, j = idx % n;
             float dot = 0;
             for (int b = 0; b < n; b++) {
-                int idx = column ? b * n + lane : lane * n + b;
-                dot += G[idx] * out[idx];
+                int at = column ? b * n + j : i * n + b;
+                dot += G[at] * out[at];
             }
-            for (int b = 0; b < n; b++) {
-                int idx = column ? b * n + lane : lane * n + b;
-                G[idx] = (G[idx] - dot) / (sums[k * n + lane] + eps);
-            }
+            v[e] = (G[idx] - dot) / (sums[k * n + (column ? j : i)] + eps);
         }
+        __syncwarp();
+        for (int e = 0; e < MHC_SK_PER_LANE && lane + 32 * e < nn; e++) G[lane + 32 * e] = v[e];
         __syncwarp();
     }
     if (lane < n) {                                 /* exp with the column-max shift */
@@ -1068,7 +1133,7 @@ static __host__ __device__ size_t mhc_pre_backward_smem_floats(int n, int iters)
     return (size_t)m4 * MHC_PRE_CHUNK + (size_t)MHC_PRE_TOKENS * (m4 + n + 1) + (MHC_PRE_THREADS / 32) * sk_warp_floats(n, iters, 1);
 }
 
-__global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_backward_kernel(float *dX, float *dH, float *da_out, float *dalpha_t,
+__global__ void __launch_bounds__(MHC_PRE_THREADS, 3) mhc_pre_backward_kernel(float *dX, float *dH, float *da_out, float *dalpha_t,
                                                                           const float *dy, const float *X, const float *H,
                                                                           const float *a, const float *h, const float *r_in,
                                                                           const float *phi, const float *alpha, int N, int n,
@@ -1455,7 +1520,7 @@ static size_t att_smem_floats(MhcAttShape sh) {
    The tiles run last one first: they have the most key tiles, and a long block started late would
    leave the GPU idle at the end. */
 template <bool TC>
-__global__ void __launch_bounds__(MHC_ATT_THREADS) attention_forward_kernel(float *o, float *lse, const float *q,
+__global__ void __launch_bounds__(MHC_ATT_THREADS, 2) attention_forward_kernel(float *o, float *lse, const float *q,
                                                                              const float *kv, const float *kpe, MhcAttShape sh) {
     extern __shared__ __align__(32) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
@@ -1921,6 +1986,8 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int wi
         A->att_rowdot = arena_new<float>(ar, N * H);
         A->moe_dx = arena_new<float>(ar, N * K * C);
         A->coef_alpha = arena_new<float>(ar, N * 3);
+        size_t split = gpu_expert_split_floats((int)E, c->moe_inter_dim, (int)C, (int)(N * K));
+        if (split) A->expert_split = arena_new<float>(ar, split);
         A->colsum_part = arena_new<float>(ar, MHC_COLSUM_CHUNKS * wide);
         A->emb_rows = arena_new<int>(ar, N);
         A->emb_start = arena_new<int>(ar, N + 1);
@@ -2215,10 +2282,10 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_moe_group(A, sel, NK, E, g->expert_load + (size_t)l * E);
     gpu_moe_gather(A, u, NK, K, C);
     const int *seg = a->expert_start;
-    gpu_expert_gemm(g->blas.precision, ha, I, A->moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f);   /* a = W1_e x */
-    gpu_expert_gemm(g->blas.precision, hg, I, A->moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f);   /* g = W3_e x */
+    gpu_expert_gemm(g->blas.precision, ha, I, A->moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL);   /* a = W1_e x */
+    gpu_expert_gemm(g->blas.precision, hg, I, A->moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL);   /* g = W3_e x */
     gpu_swiglu_forward(hh, ha, hg, (size_t)NK * I);
-    gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, NK, C, I, 0, 0.0f);       /* W2_e h    */
+    gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, NK, C, I, 0, 0.0f, NULL);       /* W2_e h    */
     gpu_moe_combine(out, eo, A->moe_row, w, N, K, C);
     if (c->seq_aux_alpha > 0) {
         gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);
@@ -2248,13 +2315,13 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     moe_uncombine_kernel<<<mhc_blocks((size_t)NK, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(dYp, a->dgw, dout, eo, w,
                                                                                        a->expert_order, NK, K, C);
     LAUNCH_CHECK();
-    gpu_expert_gemm(g->blas.precision, dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, NK, I, C, 0, 0.0f);      /* dh = W2_e^T dy   */
-    gpu_expert_gemm(g->blas.precision, gb->w2, I, dYp, C, hh, I, 0, (size_t)C * I, seg, E, C, I, 0, 1, 1.0f);      /* dW2_e += dy (x) h */
+    gpu_expert_gemm(g->blas.precision, dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, NK, I, C, 0, 0.0f, NULL);      /* dh = W2_e^T dy   */
+    gpu_expert_gemm(g->blas.precision, gb->w2, I, dYp, C, hh, I, 0, (size_t)C * I, seg, E, C, I, NK, 1, 1.0f, A->expert_split);   /* dW2_e += dy (x) h */
     gpu_swiglu_backward(da, dg, dh, ha, hg, (size_t)NK * I);
-    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 0.0f);   /* dx = W1_e^T da  */
-    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 1.0f);   /*   + W3_e^T dg   */
-    gpu_expert_gemm(g->blas.precision, gb->w1, C, da, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW1_e += da (x) x */
-    gpu_expert_gemm(g->blas.precision, gb->w3, C, dg, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, 0, 1, 1.0f);   /* dW3_e += dg (x) x */
+    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 0.0f, NULL);   /* dx = W1_e^T da  */
+    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 1.0f, NULL);   /*   + W3_e^T dg   */
+    gpu_expert_gemm(g->blas.precision, gb->w1, C, da, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1, 1.0f, A->expert_split);   /* dW1_e += da (x) x */
+    gpu_expert_gemm(g->blas.precision, gb->w3, C, dg, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1, 1.0f, A->expert_split);   /* dW3_e += dg (x) x */
     gpu_moe_combine(du, A->moe_dx, A->moe_row, NULL, N, K, C);                                    /* slots -> tokens */
     if (c->seq_aux_alpha > 0) {                     /* f of each sequence (the forward's values again) */
         gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);

@@ -2130,25 +2130,28 @@ static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
         int prec = tf32 ? MHC_PREC_TF32 : MHC_PREC_FP32;
         double tol = tf32 ? 5e-3 : 1e-5;
         float *d_Y = gt_nan((size_t)rows * Nout), *d_dX = gt_upload(dX0, (size_t)rows * Kin), *d_dW = gt_upload(dW0, (size_t)E * Nout * Kin);
-        gpu_expert_gemm(prec, d_Y, Nout, d_X, Kin, d_W, Kin, 1, ws, d_seg, E, rows, Nout, Kin, 0, 0.0f);   /* Y = X W_e^T    */
-        gpu_expert_gemm(prec, d_dX, Kin, d_dY, Nout, d_W, Kin, 0, ws, d_seg, E, rows, Kin, Nout, 0, 1.0f); /* dX += dY W_e   */
-        gpu_expert_gemm(prec, d_dW, Kin, d_dY, Nout, d_X, Kin, 0, ws, d_seg, E, Nout, Kin, 0, 1, 1.0f);    /* dW_e += dY^T X */
+        size_t split = gpu_expert_split_floats(E, Nout, Kin, rows);      /* poisoned: every partial must be written */
+        float *d_split = split ? gt_nan(split) : NULL;
+        gpu_expert_gemm(prec, d_Y, Nout, d_X, Kin, d_W, Kin, 1, ws, d_seg, E, rows, Nout, Kin, 0, 0.0f, NULL);   /* Y = X W_e^T    */
+        gpu_expert_gemm(prec, d_dX, Kin, d_dY, Nout, d_W, Kin, 0, ws, d_seg, E, rows, Kin, Nout, 0, 1.0f, NULL); /* dX += dY W_e   */
+        gpu_expert_gemm(prec, d_dW, Kin, d_dY, Nout, d_X, Kin, 0, ws, d_seg, E, Nout, Kin, rows, 1, 1.0f, d_split); /* dW_e += dY^T X */
         double e1 = rel_err(gt_fetch(d_Y, (size_t)rows * Nout), Y, (size_t)rows * Nout);
         double e2 = rel_err(gt_fetch(d_dX, (size_t)rows * Kin), dX, (size_t)rows * Kin);
         double e3 = rel_err(gt_fetch(d_dW, (size_t)E * Nout * Kin), dW, (size_t)E * Nout * Kin);
         check(e1 <= tol && e2 <= tol && e3 <= tol,
-              "gpu expert gemm %s, %d rows x %d -> %d: forward %.1e, input grad %.1e, weight grad %.1e (tol %.0e)",
-              tf32 ? "tf32 tensor cores" : "fp32", rows, Kin, Nout, e1, e2, e3, tol);
+              "gpu expert gemm %s, %d rows x %d -> %d: forward %.1e, input grad %.1e, weight grad %.1e (%d row splits) (tol %.0e)",
+              tf32 ? "tf32 tensor cores" : "fp32", rows, Kin, Nout, e1, e2, e3, eg_splits(E, Nout, Kin, rows), tol);
     }
     gt_release();
 }
 
-/* three problems: one partial 128x128 tile per expert (one expert empty, rows and N_out not multiples of 4,
+/* four problems: one partial 128x128 tile per expert (one expert empty, rows and N_out not multiples of 4,
    so the loads take the scalar path); two tiles of rows per expert, several of N_out and K over several
-   32-deep slabs, with a partial last one, as float4 loads; expert 0 one row into its second row tile */
+   32-deep slabs, with a partial last one, as float4 loads; expert 0 one row into its second row tile;
+   enough rows for the weight gradient to split each expert's rows in 3 (the empty expert's splits too) */
 static void gpu_test_expert_gemm(void) {
-    const int sizes[3][4] = {{12, 20, 17, 5}, {300, 72, 260, 140}, {277, 76, 132, 129}};   /* rows, K_in, N_out, rows of expert 0 */
-    for (int p = 0; p < 3; p++) gpu_test_expert_gemm_case(sizes[p][0], sizes[p][1], sizes[p][2], sizes[p][3]);
+    const int sizes[4][4] = {{12, 20, 17, 5}, {300, 72, 260, 140}, {277, 76, 132, 129}, {2400, 24, 40, 1000}};   /* rows, K_in, N_out, rows of expert 0 */
+    for (int p = 0; p < 4; p++) gpu_test_expert_gemm_case(sizes[p][0], sizes[p][1], sizes[p][2], sizes[p][3]);
 }
 
 static void gpu_test_rmsnorm(void) {

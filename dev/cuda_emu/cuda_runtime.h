@@ -35,7 +35,7 @@ extern dim3 blockDim, gridDim;
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static      /* one block runs at a time: a static is that block's shared array */
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
