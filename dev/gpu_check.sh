@@ -2,7 +2,7 @@
 # dev/gpu_check.sh - the checks one call on the GPU machine should make, logs under $OUT (default
 # runs/gpu_check): `make gpu`, the GPU test group, the mHC kernels' bandwidth (dev/bench_mhc), and where
 # a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers, and what limits
-# the mHC kernels (ncu sections; the full report in ncu_mhc.txt). About 4 minutes on an H100; the full
+# the mHC kernels (with NCU=1: ncu sections; the full report in ncu_mhc.txt). About 4 minutes on an H100; the full
 # benchmark table is dev/bench.sh. Needs the default corpus. Eight files under $OUT, the most one device
 # call brings back.
 set -uo pipefail
@@ -22,7 +22,8 @@ for mode in mhc plain; do   # step time without the profiler, to set the kernel 
 done
 NAME=profile_small timeout 200 bash dev/profile.sh --preset small --batch 32 --seq-len 1024 | head -18
 NAME=profile_3b timeout 200 bash dev/profile.sh --preset 3b --set n_layers=4 --batch 2 --seq-len 4096 | head -18
-# what limits the mHC kernels: one launch of each under Nsight Compute's throughput, occupancy and stall sections
+# what limits the mHC kernels (NCU=1): one launch of each under Nsight Compute's throughput, occupancy and stall sections
+[ "${NCU:-0}" = 1 ] || exit 0
 for k in mhc_pre_forward_kernel mhc_pre_backward_kernel stream_merge_forward_kernel; do
     timeout 120 ncu -k "$k" -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis ./dev/bench_mhc >"$OUT/ncu.txt" 2>&1
