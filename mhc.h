@@ -673,8 +673,10 @@ void mhc_model_free(MhcModel *m) {
 }
 
 /* splitmix64: one 64-bit state, statistically good, trivially reproducible on CPU and GPU */
+#define MHC_RNG_STEP 0x9E3779B97F4A7C15ull   /* splitmix64's state increment per draw */
+
 uint64_t mhc_rng_u64(uint64_t *state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    uint64_t z = (*state += MHC_RNG_STEP);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
@@ -686,16 +688,31 @@ double mhc_rng_normal(uint64_t *state) {
     return sqrt(-2.0 * log(u1)) * cos(2.0 * MHC_PI * u2);
 }
 
+/* what the (d+1)-th mhc_rng_normal call on a state that started at seed returns, computed directly: the
+   state only ever advances by the constant above, two draws per normal, so draws can run in parallel */
+static double mhc_rng_normal_at(uint64_t seed, uint64_t d) {
+    uint64_t state = seed + 2 * d * MHC_RNG_STEP;
+    return mhc_rng_normal(&state);
+}
+
 /* SPEC §12 (2-D weights ~ N(0, sigma_0), gains 1), §6 (HC init), §7.1 (mHC identity / uniform). */
 void mhc_init_params(MhcModel *m, uint64_t seed) {
     const MhcConfig *c = &m->cfg;
-    uint64_t rng = seed;
+    uint64_t drawn = 0;                                      /* normals drawn so far, in walk order */
     for (int k = 0; k < m->n_tensors; k++) {
         const MhcTensor *t = &m->tensors[k];
         if (strncmp(t->name, "hc.", 3) == 0) break;          /* stream tensors come last */
         mhc_real *x = m->params + t->offset;
-        for (size_t i = 0; i < t->size; i++) x[i] = t->ndim == 1 ? 1 : (mhc_real)(c->init_std * mhc_rng_normal(&rng));
+        long long size = (long long)t->size;
+        if (t->ndim == 1) {
+            for (long long i = 0; i < size; i++) x[i] = 1;
+            continue;
+        }
+#pragma omp parallel for schedule(static)
+        for (long long i = 0; i < size; i++) x[i] = (mhc_real)(c->init_std * mhc_rng_normal_at(seed, drawn + (uint64_t)i));
+        drawn += (uint64_t)size;
     }
+    uint64_t rng = seed + 2 * drawn * MHC_RNG_STEP;            /* the sequential stream, continued */
     int n = c->hc_mult, m_ = mhc_m(c);
     for (int s = 0; s < 2 * c->n_layers && c->residual != MHC_RESIDUAL_PLAIN; s++) {
         MhcStreamParams *q = &m->p.sub[s];
