@@ -1439,6 +1439,32 @@ static void test_initial_ce(void) {
     mhc_model_free(&m);
 }
 
+/* mhc_init_params computes each draw of its random stream directly (in parallel); the weights must be
+   the ones the sequential stream gives: every 2-D shared tensor in walk order, then the uniform-init
+   phi of each sublayer. Bit for bit. */
+static void test_init_stream(void) {
+    MhcConfig cfg = tiny_config(MHC_RESIDUAL_MHC, 512, 1, 8);
+    cfg.mhc_init = MHC_INIT_UNIFORM;
+    MhcModel m;
+    mhc_model_init(&m, &cfg);
+    mhc_init_params(&m, 4242);
+    uint64_t rng = 4242;
+    size_t checked = 0, differ = 0;
+    for (int k = 0; k < m.n_tensors; k++) {
+        const MhcTensor *t = &m.tensors[k];
+        if (strncmp(t->name, "hc.", 3) == 0) break;
+        for (size_t i = 0; i < t->size; i++, checked++) {
+            mhc_real want = t->ndim == 1 ? 1 : (mhc_real)(cfg.init_std * mhc_rng_normal(&rng));
+            differ += m.params[t->offset + i] != want;
+        }
+    }
+    size_t phi_size = (size_t)mhc_m(&cfg) * cfg.hc_mult * cfg.d_model;
+    for (int s = 0; s < 2 * cfg.n_layers; s++)
+        for (size_t i = 0; i < phi_size; i++, checked++) differ += m.p.sub[s].phi[i] != (mhc_real)(cfg.init_std * mhc_rng_normal(&rng));
+    check(differ == 0, "init: %zu weights drawn directly equal the sequential stream's: %zu differ", checked, differ);
+    mhc_model_free(&m);
+}
+
 /* ---------------------------------------------------------------------------------------------
    T10: the parameter-count identity (SPEC §13) and the FLOPs per token (SPEC §15, to 0.1%: the
    table prints 4 significant digits).                                                          */
@@ -2773,6 +2799,7 @@ static const struct {
     {"decode", test_decode, BOTH, "T7 absorbed decode = prefill"},
     {"routing", test_routing, BOTH, "T8 routing"},
     {"initial_ce", test_initial_ce, BOTH, "T9 step-0 CE"},
+    {"init_stream", test_init_stream, BOTH, "initial weights = the sequential random stream"},
     {"counts", test_counts, BOTH, "T10 parameter counts, FLOPs"},
     {"shards", test_shards, BOTH, "T11 token shards"},
     {"safetensors", test_safetensors, BOTH, "T12 safetensors"},
