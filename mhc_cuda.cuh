@@ -1064,7 +1064,8 @@ __global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_forward_kernel(float 
         for (int p = threadIdx.x; p < MHC_PRE_TOKENS * groups; p += blockDim.x) {   /* token i, outputs 4g .. 4g+3 */
             int i = p / groups, g = p % groups;
             const float *xi = xs + i * xs_ld;
-            float4 *out = (float4 *)(acc + i * acc_ld + 4 * g), sum = *out;
+            float4 *out = (float4 *)(acc + i * acc_ld + 4 * g);
+            float4 sum = *out;
             if (g < groups - 1) {
                 for (int q = 0; q < MHC_PRE_CHUNK; q++) {
                     float x = xi[q];
@@ -1447,8 +1448,6 @@ __device__ void att_row_stats(float *row_max, float *row_sum, const float *S, in
     }
 }
 
-struct __align__(16) AttVec4 { float x[4]; };   /* 16 bytes moved by one vector load or store */
-
 /* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for c < d, zero for d <= c < n and for rows past T:
    one head's slice of token-major rows into a shared tile (row stride ld). Each thread moves 4
    consecutive columns, coalesced: one 16-byte load when all offsets are multiples of 4 floats (every
@@ -1462,9 +1461,9 @@ __device__ void att_load_tile(float *dst, int ld, int c0, int n, const float *sr
         const float *row = src + ((size_t)b * sh.T + t) * tok_stride;
         float *out = dst + i * ld + c0 + c;
         if (vec) {
-            AttVec4 v = {};
-            if (t < sh.T && c < d) v = *(const AttVec4 *)(row + c);
-            *(AttVec4 *)out = v;
+            float4 v = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (t < sh.T && c < d) v = *(const float4 *)(row + c);
+            *(float4 *)out = v;
         } else {
             for (int k = 0; k < 4 && c + k < n; k++) out[k] = t < sh.T && c + k < d ? row[c + k] : 0.0f;
         }
@@ -1481,7 +1480,7 @@ __device__ void att_store_tile(float *dst, size_t tok_stride, int d, const float
         if (t >= sh.T) continue;
         float *row = dst + ((size_t)b * sh.T + t) * tok_stride;
         const float *in = src + i * ld + c0 + c;
-        if (vec) *(AttVec4 *)(row + c) = *(const AttVec4 *)in;
+        if (vec) *(float4 *)(row + c) = *(const float4 *)in;
         else for (int k = 0; k < 4 && c + k < d; k++) row[c + k] = in[k];
     }
 }
