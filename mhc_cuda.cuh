@@ -29,6 +29,12 @@
    attention softmax statistics, and every elementwise kernel. Norm
    statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
 
+   Memory: mhc_gpu_set_recompute trades compute for activation memory. The forward then keeps only the
+   residual streams X_s of every sublayer (and the losses); each sublayer's backward first reruns its
+   forward from X_s into one shared set of buffers, and the head's logits live MHC_LOGIT_CHUNK_ROWS rows at
+   a time, recomputed chunk by chunk in the backward. The kernels are deterministic, so the rerun rebuilds
+   the very bits the backward would have read.
+
    Determinism: no float atomics. A reduction is a warp's butterfly, a block's fixed tree, or per-block
    partials summed in a fixed order; the scatters (embedding gradient, expert outputs) loop over a
    precomputed order. Two runs with the same inputs on the same GPU give identical bits.
@@ -61,8 +67,15 @@
 typedef struct {
     void *ptr[MHC_GPU_MAX_ALLOCS];
     int n, failed;
+    int measure;                          /* 1: only add up the bytes asked for, allocate nothing (NULLs) */
     size_t bytes;
 } MhcGpuArena;
+
+/* With recompute, the rows of logits held at once (the head and cross-entropy run in chunks of this many
+   rows). 1024 rows of a 129k vocabulary are 0.5 GiB. */
+#ifndef MHC_LOGIT_CHUNK_ROWS
+#define MHC_LOGIT_CHUNK_ROWS 1024
+#endif
 
 /* Precision of the MHC_GEMM_FAST GEMMs (mhc_gpu_set_precision). TF32 is the default; BF16: bf16 operands,
    fp32 accumulate and output, fp32 master weights. */
@@ -85,9 +98,13 @@ typedef struct {
    GPU-only scratch. */
 typedef struct {
     int B, T;
-    MhcActs a;                       /* mhc.h's buffers (mhc_acts_table), on the device               */
+    int flags;                       /* GPU_ACTS_*: what they were allocated for (0: nothing allocated) */
+    int logit_rows;                  /* rows the logits buffer holds: B*T, or with recompute a chunk  */
+    MhcActs a;                       /* mhc.h's buffers (mhc_acts_table), on the device; with recompute
+                                        the per-layer ones hold one layer (see gpu_layer_slot)         */
     int *tokens, *targets;           /* [N]                                                           */
-    float *att_lse;                  /* [L,B,H,T] log-sum-exp of each attention row (in place of a.att)  */
+    float *att_lse;                  /* [L,B,H,T] log-sum-exp of each attention row (in place of a.att)
+                                        ([1,B,H,T] with recompute)                                     */
     float *att_rowdot;               /* [B,H,T] sum_c dO O per row (backward)                          */
     int *moe_row, *moe_count;        /* [N*K] grouped row of each assignment, [E]                      */
     float *moe_x, *moe_dx;           /* [N*K, C] expert inputs in grouped order, their gradient        */
@@ -99,7 +116,6 @@ typedef struct {
     __nv_bfloat16 *gemm_bf16[2];     /* BF16 GEMM operand scratch, gemm_bf16_count each (bf16 only)    */
     size_t gemm_bf16_count;
     float *colsum_part;              /* [MHC_COLSUM_CHUNKS, max(C, d_c, d_q, m)] (backward)            */
-    double *reduce_part, *reduce_out;/* [MHC_REDUCE_BLOCKS], [2]                                       */
     int *emb_rows, *emb_start, *emb_order;   /* embedding-gradient groups: [U], [U+1], [N] (backward)   */
     int n_emb_rows;                  /* U, distinct tokens of the last forward                         */
     MhcGpuArena arena;
@@ -121,6 +137,8 @@ typedef struct {
     int step;                          /* optimizer steps taken                                        */
     double ce, aux;                    /* of the last forward                                          */
     int has_targets;                   /* the last forward had targets (its logits hold dlogits)      */
+    int recompute;                     /* mhc_gpu_set_recompute                                        */
+    double *reduce_part, *reduce_out;  /* [MHC_REDUCE_BLOCKS], [2] scratch of the loss and norm sums   */
     MhcBlas blas;
     MhcGpuActs acts;
     MhcGpuArena arena;                 /* parameters, optimizer state, bias, loads                    */
@@ -135,14 +153,24 @@ typedef struct {
     MhcGpuArena arena;
 } MhcGpuCache;
 
-/* B x T: the batch shape the buffers are sized for (a forward with another shape reallocates them).
-   0 ok; -1 with a message on stderr (unsupported config, out of GPU memory). */
+/* B x T: the batch shape to expect. The activation buffers are allocated by the first forward (for its
+   shape and the settings below; a forward with another shape or after a setting changed reallocates them),
+   and running out of memory there is fatal. 0 ok; -1 with a message on stderr (unsupported config, out of
+   GPU memory for the parameters and optimizer state). */
 int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T);
 void mhc_gpu_free(MhcGpu *g);
 /* MHC_PREC_TF32 (default), MHC_PREC_FP32 (exact, tests) or MHC_PREC_BF16 (first use allocates the bf16
-   parameter copy and the operand scratch); call it between steps, not between a forward and its backward */
+   parameter copy, and the next forward the operand scratch); call it between steps, not between a forward
+   and its backward */
 void mhc_gpu_set_precision(MhcGpu *g, int precision);
 void mhc_gpu_set_tf32(MhcGpu *g, int enable);        /* 1: MHC_PREC_TF32, 0: MHC_PREC_FP32 (kept for old callers) */
+/* 1: keep only the residual streams and recompute the rest in the backward (see Memory above): about a
+   third more FLOPs for much less activation memory. Then a forward without targets keeps logits only when
+   B*T <= MHC_LOGIT_CHUNK_ROWS. Call it between steps, like mhc_gpu_set_precision. */
+void mhc_gpu_set_recompute(MhcGpu *g, int enable);
+/* device bytes of the activation buffers of a B x T training forward with that precision and recompute
+   setting (what the first forward allocates); touches no GPU */
+size_t mhc_gpu_acts_bytes(const MhcConfig *c, int B, int T, int precision, int recompute);
 void mhc_gpu_upload(MhcGpu *g, const MhcModel *host);                 /* params, Adam m/v, expert bias, step */
 void mhc_gpu_download(MhcGpu *g, MhcModel *host);    /* the same plus expert loads, and ce/aux of the last forward */
 void mhc_gpu_download_grads(MhcGpu *g, MhcModel *host);               /* into host->grads                     */
@@ -160,7 +188,7 @@ void mhc_gpu_cache_free(MhcGpuCache *c);
 /* feeds one token at position c->len (absorbed MLA); writes logits [V] to a host array; 0 ok, -1 when the
    cache is full or the token is out of range */
 int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host);
-size_t mhc_gpu_memory_bytes(const MhcGpu *g);        /* device bytes of g (not of caches)                   */
+size_t mhc_gpu_memory_bytes(const MhcGpu *g);        /* device bytes of g now (not of caches)               */
 
 /* ---------------------------------------------------------------------------------------------
    0. Checks, device memory, reductions                                                          */
@@ -184,6 +212,10 @@ static unsigned mhc_blocks(size_t count, int per_block) { return (unsigned)((cou
 
 static void *arena_alloc(MhcGpuArena *ar, size_t bytes) {
     void *p = NULL;
+    if (ar->measure) {
+        ar->bytes += bytes;
+        return NULL;
+    }
     if (ar->failed) return NULL;
     if (ar->n == MHC_GPU_MAX_ALLOCS || cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
         cudaGetLastError();                 /* clear it: the owner reports the failure */
@@ -785,9 +817,10 @@ __global__ void crossentropy_kernel(float *losses, float *logits, const int *tar
     }
 }
 
-static void gpu_crossentropy(float *losses, float *logits, const int *targets, int N, int V) {
-    if (N <= 0) return;
-    crossentropy_kernel<<<N, 1024>>>(losses, logits, targets, V, 1.0f / N);
+/* rows of logits [rows, V]; scale is 1 / (the number of tokens the loss averages over) */
+static void gpu_crossentropy(float *losses, float *logits, const int *targets, int rows, int V, float scale) {
+    if (rows <= 0) return;
+    crossentropy_kernel<<<rows, 1024>>>(losses, logits, targets, V, scale);
     LAUNCH_CHECK();
 }
 
@@ -1939,38 +1972,62 @@ static void gpu_acts_free(MhcGpuActs *A) {
 
 /* The largest non-weight operand of an MHC_GEMM_FAST GEMM, in elements (gemm_bf16_operand checks it):
    N rows of an activation or its gradient (u, dy: C; FFN: F; q: H d_qk; c_q: d_q; latent + k_pe: d_c + d_r;
-   kv: H (d_nope + d_v); o: H d_v; logits: V), or decode's [H, d_c] latent output at N = 1. */
-static size_t gpu_bf16_scratch_count(const MhcConfig *c, size_t N) {
+   kv: H (d_nope + d_v); o: H d_v), logit_rows rows of dlogits (V), or decode's [H, d_c] latent output. */
+static size_t gpu_bf16_scratch_count(const MhcConfig *c, size_t N, size_t logit_rows) {
     size_t H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, w = c->d_model, x[] = {
         (size_t)mhc_ffn_width(c), H * dqk, (size_t)c->q_lora_rank, (size_t)c->kv_lora_rank + c->qk_rope_head_dim,
-        H * (c->qk_nope_head_dim + c->v_head_dim), H * c->v_head_dim, (size_t)c->vocab_size};
+        H * (c->qk_nope_head_dim + c->v_head_dim), H * c->v_head_dim};
     for (size_t k = 0; k < sizeof x / sizeof x[0]; k++) w = w > x[k] ? w : x[k];
-    size_t decode = H * c->kv_lora_rank;
-    return N * w > decode ? N * w : decode;
+    size_t count = N * w, logits = logit_rows * c->vocab_size, decode = H * c->kv_lora_rank;
+    count = count > logits ? count : logits;
+    return count > decode ? count : decode;
 }
 
-/* 0 ok, -1 out of GPU memory (nothing left allocated). bf16: with the BF16 GEMM operand scratch */
-static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int with_grad, int bf16) {
+/* What a set of activation buffers is for (gpu_acts_init's flags) */
+enum {
+    GPU_ACTS_GRAD = 1,         /* the backward's buffers too                                      */
+    GPU_ACTS_BF16 = 2,         /* the BF16 GEMM operand scratch                                   */
+    GPU_ACTS_RECOMPUTE = 4,    /* one layer's buffers and a chunk of logits (mhc_gpu_set_recompute) */
+    GPU_ACTS_MEASURE = 8       /* count the bytes only (A->arena.bytes), allocate nothing         */
+};
+
+/* Which slot of the per-sublayer (y, u, f, coefficients) and per-layer (MLA, FFN, MoE) buffers sublayer
+   s or layer l uses: its own, or with recompute the one that its backward refills. The recompute buffers
+   are those of a one-layer model: two sublayer slots (attention, FFN) and one layer slot. */
+static int gpu_sub_slot(const MhcGpuActs *A, int s) { return A->flags & GPU_ACTS_RECOMPUTE ? s % 2 : s; }
+static int gpu_layer_slot(const MhcGpuActs *A, int l) { return A->flags & GPU_ACTS_RECOMPUTE ? 0 : l; }
+
+/* 0 ok, -1 out of GPU memory (nothing left allocated) */
+static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int flags) {
     MhcBuffer tab[MHC_MAX_BUFFERS];
     memset(A, 0, sizeof *A);
     A->B = A->a.B = B;
     A->T = A->a.T = T;
+    A->flags = flags;
     MhcGpuArena *ar = &A->arena;
-    int n = mhc_acts_table(&A->a, c, B, T, tab);
+    ar->measure = (flags & GPU_ACTS_MEASURE) != 0;
+    int recompute = (flags & GPU_ACTS_RECOMPUTE) != 0, with_grad = (flags & GPU_ACTS_GRAD) != 0;
+    size_t N = (size_t)B * T, H = c->n_heads, S = 2 * (size_t)c->n_layers, L = recompute ? 1 : c->n_layers;
+    A->logit_rows = recompute && N > MHC_LOGIT_CHUNK_ROWS ? MHC_LOGIT_CHUNK_ROWS : (int)N;
+    MhcConfig slots = *c;
+    slots.n_layers = (int)L;
+    int n = mhc_acts_table(&A->a, &slots, B, T, tab);
     for (int k = 0; k < n; k++) {
+        size_t count = tab[k].count;
         if (tab[k].grad && !with_grad) continue;
         if (tab[k].real == &A->a.att) continue;      /* flash attention keeps att_lse instead of [L,B,H,T,T] */
-        if (tab[k].real) *tab[k].real = arena_new<float>(ar, tab[k].count);
-        else *tab[k].integer = arena_new<int>(ar, tab[k].count);
+        if (tab[k].real == &A->a.X) count = (S + 1) * N * c->hc_mult * c->d_model;   /* all S + 1, always */
+        if (tab[k].real == &A->a.logits) count = (size_t)A->logit_rows * c->vocab_size;
+        if (tab[k].real) *tab[k].real = arena_new<float>(ar, count);
+        else *tab[k].integer = arena_new<int>(ar, count);
     }
-    size_t N = (size_t)B * T, H = c->n_heads;
     size_t E = c->n_routed_experts, K = c->n_activated_experts, C = c->d_model, G = c->n_expert_groups;
     size_t wide = C > (size_t)c->kv_lora_rank ? C : c->kv_lora_rank;
     wide = wide > (size_t)c->q_lora_rank ? wide : c->q_lora_rank;
     wide = wide > (size_t)mhc_m(c) ? wide : mhc_m(c);
     A->tokens = arena_new<int>(ar, N);
     A->targets = arena_new<int>(ar, N);
-    A->att_lse = arena_new<float>(ar, (size_t)c->n_layers * N * H);
+    A->att_lse = arena_new<float>(ar, L * N * H);
     A->moe_row = arena_new<int>(ar, N * K);
     A->moe_count = arena_new<int>(ar, E);
     A->moe_x = arena_new<float>(ar, N * K * C);
@@ -1979,10 +2036,8 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int wi
     A->moe_ssum = arena_new<double>(ar, N);
     A->moe_f = arena_new<double>(ar, (size_t)B * E);
     A->moe_bal = arena_new<double>(ar, (size_t)c->n_layers * B * c->n_routed_experts);
-    A->reduce_part = arena_new<double>(ar, MHC_REDUCE_BLOCKS);
-    A->reduce_out = arena_new<double>(ar, 2);
-    if (bf16) {
-        A->gemm_bf16_count = gpu_bf16_scratch_count(c, N);
+    if (flags & GPU_ACTS_BF16) {
+        A->gemm_bf16_count = gpu_bf16_scratch_count(c, N, (size_t)A->logit_rows);
         A->gemm_bf16[0] = arena_new<__nv_bfloat16>(ar, A->gemm_bf16_count);
         A->gemm_bf16[1] = arena_new<__nv_bfloat16>(ar, A->gemm_bf16_count);
     }
@@ -2009,10 +2064,10 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int wi
 /* Sublayer s's coefficients H (SPEC §4 mhc, §6 hc, n = 1 plain) and the pre-mix y [N,C] = H_pre X (§3) */
 static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y) {
     const MhcConfig *c = &g->cfg;
-    int n = c->hc_mult, C = c->d_model, m = mhc_m(c);
+    int n = c->hc_mult, C = c->d_model, m = mhc_m(c), ss = gpu_sub_slot(A, s);
     const float *X = A->a.X + (size_t)s * N * n * C;
-    float *h = A->a.coef_h + (size_t)s * N * m, *a = A->a.coef_a + (size_t)s * N * m;
-    float *H = A->a.coef_H + (size_t)s * N * m, *r = A->a.coef_r + (size_t)s * N * n;
+    float *h = A->a.coef_h + (size_t)ss * N * m, *a = A->a.coef_a + (size_t)ss * N * m;
+    float *H = A->a.coef_H + (size_t)ss * N * m, *r = A->a.coef_r + (size_t)ss * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
     if (c->residual == MHC_RESIDUAL_MHC) {            /* one fused kernel */
         gpu_mhc_pre_forward(y, H, a, h, r, X, q->phi, q->alpha, q->b, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps,
@@ -2035,10 +2090,10 @@ static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y) {
    gradients */
 static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const float *dy, float *dH, float *dX) {
     const MhcConfig *c = &g->cfg;
-    int n = c->hc_mult, C = c->d_model, m = mhc_m(c);
-    const float *X = A->a.X + (size_t)s * N * n * C, *h = A->a.coef_h + (size_t)s * N * m;
-    const float *a = A->a.coef_a + (size_t)s * N * m, *H = A->a.coef_H + (size_t)s * N * m;
-    float *r = A->a.coef_r + (size_t)s * N * n;
+    int n = c->hc_mult, C = c->d_model, m = mhc_m(c), ss = gpu_sub_slot(A, s);
+    const float *X = A->a.X + (size_t)s * N * n * C, *h = A->a.coef_h + (size_t)ss * N * m;
+    const float *a = A->a.coef_a + (size_t)ss * N * m, *H = A->a.coef_H + (size_t)ss * N * m;
+    float *r = A->a.coef_r + (size_t)ss * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
     MhcStreamParams *gq = &g->g.sub[s];
     if (c->residual == MHC_RESIDUAL_MHC) {            /* one fused kernel, then the parameter reductions */
@@ -2090,21 +2145,21 @@ static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
     const MhcBlock *b = &g->p.blk[l];
     const MhcBlas *bl = &g->blas;
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
-    int dqk = dn + dr, dq = c->q_lora_rank, dc = c->kv_lora_rank, dv = c->v_head_dim;
-    float *q = A->a.q + (size_t)l * N * H * dqk;
+    int dqk = dn + dr, dq = c->q_lora_rank, dc = c->kv_lora_rank, dv = c->v_head_dim, ls = gpu_layer_slot(A, l);
+    float *q = A->a.q + (size_t)ls * N * H * dqk;
     if (dq == 0) {
         gpu_matmul_forward(bl, MHC_GEMM_FAST, q, u, b->wq, N, C, H * dqk);
     } else {
-        float *cq_raw = A->a.cq_raw + (size_t)l * N * dq, *cq = A->a.cq + (size_t)l * N * dq;
+        float *cq_raw = A->a.cq_raw + (size_t)ls * N * dq, *cq = A->a.cq + (size_t)ls * N * dq;
         gpu_matmul_forward(bl, MHC_GEMM_FAST, cq_raw, u, b->wdq, N, C, dq);
-        gpu_rmsnorm_forward(cq, A->a.cq_rstd + (size_t)l * N, cq_raw, b->q_norm, N, dq, c->rms_eps);
+        gpu_rmsnorm_forward(cq, A->a.cq_rstd + (size_t)ls * N, cq_raw, b->q_norm, N, dq, c->rms_eps);
         gpu_matmul_forward(bl, MHC_GEMM_FAST, q, cq, b->wuq, N, dq, H * dqk);
     }
-    float *c_raw = A->a.c_raw + (size_t)l * N * dc, *lat = A->a.c + (size_t)l * N * dc, *kpe = A->a.kpe + (size_t)l * N * dr;
+    float *c_raw = A->a.c_raw + (size_t)ls * N * dc, *lat = A->a.c + (size_t)ls * N * dc, *kpe = A->a.kpe + (size_t)ls * N * dr;
     gpu_matmul_forward(bl, MHC_GEMM_FAST, c_raw, u, b->wdkv, N, C, dc);                  /* rows [0, d_c) of W_dkv  */
     gpu_matmul_forward(bl, MHC_GEMM_FAST, kpe, u, b->wdkv + (size_t)dc * C, N, C, dr);   /* rows [d_c, d_c+d_r)     */
-    gpu_rmsnorm_forward(lat, A->a.c_rstd + (size_t)l * N, c_raw, b->kv_norm, N, dc, c->rms_eps);
-    gpu_matmul_forward(bl, MHC_GEMM_FAST, A->a.kv + (size_t)l * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
+    gpu_rmsnorm_forward(lat, A->a.c_rstd + (size_t)ls * N, c_raw, b->kv_norm, N, dc, c->rms_eps);
+    gpu_matmul_forward(bl, MHC_GEMM_FAST, A->a.kv + (size_t)ls * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
     gpu_rope(q, N, T, pos0, H, H * dqk, dn, dqk, dr, c->rope_theta, 0);
     gpu_rope(kpe, N, T, pos0, 1, dr, 0, dr, dr, c->rope_theta, 0);
 }
@@ -2174,10 +2229,11 @@ static void gpu_attention_backward(int precision, float *dq, float *dkv, float *
 static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, float *out, int B, int T) {
     const MhcConfig *c = &g->cfg;
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
+    int ls = gpu_layer_slot(A, l);
     gpu_mla_project(g, A, l, u, N, T, 0);
-    float *o = A->a.o + (size_t)l * N * H * dv;
-    gpu_attention_forward(g->blas.precision, o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)l * N * H * (dn + dr),
-                          A->a.kv + (size_t)l * N * H * (dn + dv), A->a.kpe + (size_t)l * N * dr, B, T, c);
+    float *o = A->a.o + (size_t)ls * N * H * dv;
+    gpu_attention_forward(g->blas.precision, o, A->att_lse + (size_t)ls * B * H * T, A->a.q + (size_t)ls * N * H * (dn + dr),
+                          A->a.kv + (size_t)ls * N * H * (dn + dv), A->a.kpe + (size_t)ls * N * dr, B, T, c);
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, g->p.blk[l].wo, N, H * dv, C);
 }
 
@@ -2189,31 +2245,32 @@ static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     const MhcBlas *bl = &g->blas;
     MhcActs *a = &A->a;
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
-    int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, dq = c->q_lora_rank;
-    const float *q = a->q + (size_t)l * N * H * dqk, *kv = a->kv + (size_t)l * N * H * (dn + dv);
-    const float *kpe = a->kpe + (size_t)l * N * dr, *o = a->o + (size_t)l * N * H * dv, *lat = a->c + (size_t)l * N * dc;
+    int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, dq = c->q_lora_rank, ls = gpu_layer_slot(A, l);
+    const float *q = a->q + (size_t)ls * N * H * dqk, *kv = a->kv + (size_t)ls * N * H * (dn + dv);
+    const float *kpe = a->kpe + (size_t)ls * N * dr, *o = a->o + (size_t)ls * N * H * dv, *lat = a->c + (size_t)ls * N * dc;
     float *d_o = a->dwide;
     CUDA_CHECK(cudaMemset(d_o, 0, sizeof(float) * (size_t)N * H * dv));
     gpu_matmul_backward(bl, MHC_GEMM_FAST, d_o, gb->wo, dout, o, b->wo, N, H * dv, C);
-    gpu_attention_backward(g->blas.precision, a->dq, a->dkv, a->dkpe, a->dkpe_h, A->att_rowdot, d_o, o, A->att_lse + (size_t)l * B * H * T, q, kv,
-                           kpe, B, T, c);
+    gpu_attention_backward(g->blas.precision, a->dq, a->dkv, a->dkpe, a->dkpe_h, A->att_rowdot, d_o, o,
+                           A->att_lse + (size_t)ls * B * H * T, q, kv, kpe, B, T, c);
     gpu_rope(a->dkpe, N, T, 0, 1, dr, 0, dr, dr, c->rope_theta, 1);
     gpu_rope(a->dq, N, T, 0, H, H * dqk, dn, dqk, dr, c->rope_theta, 1);
     CUDA_CHECK(cudaMemset(a->dlat, 0, sizeof(float) * (size_t)N * dc));
     CUDA_CHECK(cudaMemset(a->dlat_raw, 0, sizeof(float) * (size_t)N * dc));
     gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dlat, gb->wukv, a->dkv, lat, b->wukv, N, dc, H * (dn + dv));
-    gpu_rmsnorm_backward(a->dlat_raw, gb->kv_norm, a->dlat, a->c_raw + (size_t)l * N * dc, b->kv_norm,
-                         a->c_rstd + (size_t)l * N, N, dc, A->colsum_part);
+    gpu_rmsnorm_backward(a->dlat_raw, gb->kv_norm, a->dlat, a->c_raw + (size_t)ls * N * dc, b->kv_norm,
+                         a->c_rstd + (size_t)ls * N, N, dc, A->colsum_part);
     gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdkv, a->dlat_raw, u, b->wdkv, N, C, dc);
     gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdkv + (size_t)dc * C, a->dkpe, u, b->wdkv + (size_t)dc * C, N, C, dr);
     if (dq == 0) {
         gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wq, a->dq, u, b->wq, N, C, H * dqk);
     } else {
-        const float *cq_raw = a->cq_raw + (size_t)l * N * dq, *cq = a->cq + (size_t)l * N * dq;
+        const float *cq_raw = a->cq_raw + (size_t)ls * N * dq, *cq = a->cq + (size_t)ls * N * dq;
         CUDA_CHECK(cudaMemset(a->dcq, 0, sizeof(float) * (size_t)N * dq));
         CUDA_CHECK(cudaMemset(a->dcq_raw, 0, sizeof(float) * (size_t)N * dq));
         gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dcq, gb->wuq, a->dq, cq, b->wuq, N, dq, H * dqk);
-        gpu_rmsnorm_backward(a->dcq_raw, gb->q_norm, a->dcq, cq_raw, b->q_norm, a->cq_rstd + (size_t)l * N, N, dq, A->colsum_part);
+        gpu_rmsnorm_backward(a->dcq_raw, gb->q_norm, a->dcq, cq_raw, b->q_norm, a->cq_rstd + (size_t)ls * N, N, dq,
+                             A->colsum_part);
         gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdq, a->dcq_raw, u, b->wdq, N, C, dq);
     }
 }
@@ -2225,15 +2282,15 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     const MhcBlock *b = &g->p.blk[l];
     MhcActs *a = &cache->acts.a;
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
-    int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, t = cache->len;
+    int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, t = cache->len, ls = gpu_layer_slot(&cache->acts, l);
     long long w_head = (long long)(dn + dv) * dc;                /* W_ukv rows of one head */
     gpu_mla_project(g, &cache->acts, l, u, 1, 1, t);
-    CUDA_CHECK(cudaMemcpy(cache->ckv + ((size_t)l * cache->max_len + t) * dc, a->c + (size_t)l * dc, sizeof(float) * dc,
+    CUDA_CHECK(cudaMemcpy(cache->ckv + ((size_t)l * cache->max_len + t) * dc, a->c + (size_t)ls * dc, sizeof(float) * dc,
                           cudaMemcpyDeviceToDevice));
-    CUDA_CHECK(cudaMemcpy(cache->kpe + ((size_t)l * cache->max_len + t) * dr, a->kpe + (size_t)l * dr, sizeof(float) * dr,
+    CUDA_CHECK(cudaMemcpy(cache->kpe + ((size_t)l * cache->max_len + t) * dr, a->kpe + (size_t)ls * dr, sizeof(float) * dr,
                           cudaMemcpyDeviceToDevice));
-    const float *q = a->q + (size_t)l * H * dqk;
-    float *o = a->o + (size_t)l * H * dv;
+    const float *q = a->q + (size_t)ls * H * dqk;
+    float *o = a->o + (size_t)ls * H * dv;
     gemm(&g->blas, MHC_GEMM_FAST, 0, 0, 1, dc, dn, 1.0f, q, dqk, b->wukv, w_head, 0.0f, cache->qabs, dc, H);
     mla_decode_attention_kernel<<<H, MHC_BLOCK>>>(cache->olat, cache->scores, cache->qabs, q,
                                                   cache->ckv + (size_t)l * cache->max_len * dc,
@@ -2271,10 +2328,10 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     const MhcBlock *b = &g->p.blk[l];
     MhcActs *a = &A->a;
     int N = B * T, C = c->d_model, E = c->n_routed_experts, K = c->n_activated_experts, I = c->moe_inter_dim;
-    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c), NK = N * K;
-    float *s = a->moe_s + (size_t)l * N * E, *w = a->moe_w + (size_t)l * NK, *eo = a->moe_eo + (size_t)l * NK * C;
-    float *ha = a->ffn_a + (size_t)l * N * F, *hg = a->ffn_g + (size_t)l * N * F, *hh = a->ffn_h + (size_t)l * N * F;
-    int *sel = a->moe_sel + (size_t)l * NK;
+    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c), NK = N * K, ls = gpu_layer_slot(A, l);
+    float *s = a->moe_s + (size_t)ls * N * E, *w = a->moe_w + (size_t)ls * NK, *eo = a->moe_eo + (size_t)ls * NK * C;
+    float *ha = a->ffn_a + (size_t)ls * N * F, *hg = a->ffn_g + (size_t)ls * N * F, *hh = a->ffn_h + (size_t)ls * N * F;
+    int *sel = a->moe_sel + (size_t)ls * NK;
     gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, s, u, b->gate, N, C, E);          /* z = W_gate u (fp32) */
     gpu_moe_route(sel, w, s, A->moe_score, A->moe_gscore, g->expert_bias + (size_t)l * E, N, c);
     if (NsI > 0) {
@@ -2304,10 +2361,10 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     const MhcBlas *bl = &g->blas;
     MhcActs *a = &A->a;
     int N = B * T, C = c->d_model, E = c->n_routed_experts, K = c->n_activated_experts, I = c->moe_inter_dim;
-    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c), NK = N * K;
-    const float *s = a->moe_s + (size_t)l * N * E, *w = a->moe_w + (size_t)l * NK, *eo = a->moe_eo + (size_t)l * NK * C;
-    const float *ha = a->ffn_a + (size_t)l * N * F, *hg = a->ffn_g + (size_t)l * N * F, *hh = a->ffn_h + (size_t)l * N * F;
-    const int *sel = a->moe_sel + (size_t)l * NK, *seg = a->expert_start;
+    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c), NK = N * K, ls = gpu_layer_slot(A, l);
+    const float *s = a->moe_s + (size_t)ls * N * E, *w = a->moe_w + (size_t)ls * NK, *eo = a->moe_eo + (size_t)ls * NK * C;
+    const float *ha = a->ffn_a + (size_t)ls * N * F, *hg = a->ffn_g + (size_t)ls * N * F, *hh = a->ffn_h + (size_t)ls * N * F;
+    const int *sel = a->moe_sel + (size_t)ls * NK, *seg = a->expert_start;
     if (NsI > 0) {
         size_t off = (size_t)NK * I;
         gpu_swiglu_ffn_backward(bl, du, gb->sw1, gb->sw3, gb->sw2, dout, ha + off, hg + off, hh + off, u, b->sw1, b->sw3, b->sw2,
@@ -2336,17 +2393,18 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     gpu_matmul_backward(bl, MHC_GEMM_FP32, du, gb->gate, a->dscore, u, b->gate, N, C, E);
 }
 
-/* One sublayer (SPEC §3): X_{s+1} = H_res X_s + H_post^T F_s(H_pre X_s); cache != NULL: one token of
-   absorbed decode (B = T = 1) */
-static void gpu_sublayer_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, MhcGpuCache *cache) {
+/* The branch of one sublayer (SPEC §3) from X_s: its coefficients H, y = H_pre X_s, u = RMSNorm(y) and
+   f = F_s(u), with every intermediate the backward reads. cache != NULL: one token of absorbed decode
+   (B = T = 1). With recompute the backward calls it again to refill the sublayer's buffers. */
+static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, MhcGpuCache *cache) {
     const MhcConfig *c = &g->cfg;
-    int N = B * T, n = c->hc_mult, C = c->d_model, m = mhc_m(c), l = s / 2, F = mhc_ffn_width(c);
+    int N = B * T, C = c->d_model, l = s / 2, F = mhc_ffn_width(c);
+    int ss = gpu_sub_slot(A, s), ls = gpu_layer_slot(A, l);
     MhcActs *a = &A->a;
-    const float *X = a->X + (size_t)s * N * n * C, *H = a->coef_H + (size_t)s * N * m;
-    float *y = a->y + (size_t)s * N * C, *u = a->u + (size_t)s * N * C, *f = a->f + (size_t)s * N * C;
+    float *y = a->y + (size_t)ss * N * C, *u = a->u + (size_t)ss * N * C, *f = a->f + (size_t)ss * N * C;
     const MhcBlock *b = &g->p.blk[l];
     gpu_stream_pre(g, A, s, N, y);
-    gpu_rmsnorm_forward(u, a->u_rstd + (size_t)s * N, y, s % 2 == 0 ? b->attn_norm : b->ffn_norm, N, C, c->rms_eps);
+    gpu_rmsnorm_forward(u, a->u_rstd + (size_t)ss * N, y, s % 2 == 0 ? b->attn_norm : b->ffn_norm, N, C, c->rms_eps);
     if (s % 2 == 0 && cache) {
         gpu_mla_decode_forward(g, cache, l, u, f);
     } else if (s % 2 == 0) {
@@ -2354,11 +2412,20 @@ static void gpu_sublayer_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, 
     } else if (mhc_is_moe(c, l)) {
         gpu_moe_forward(g, A, l, u, f, B, T);
     } else {
-        size_t off = (size_t)l * N * F;
+        size_t off = (size_t)ls * N * F;
         gpu_swiglu_ffn_forward(&g->blas, f, a->ffn_a + off, a->ffn_g + off, a->ffn_h + off, u, b->w1, b->w3, b->w2, N, C,
                                c->dense_inter_dim);
     }
-    gpu_stream_merge_forward(a->X + (size_t)(s + 1) * N * n * C, H, X, f, N, n, C, m);
+}
+
+/* One sublayer (SPEC §3): X_{s+1} = H_res X_s + H_post^T F_s(H_pre X_s) */
+static void gpu_sublayer_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, MhcGpuCache *cache) {
+    const MhcConfig *c = &g->cfg;
+    int N = B * T, n = c->hc_mult, C = c->d_model, m = mhc_m(c), ss = gpu_sub_slot(A, s);
+    MhcActs *a = &A->a;
+    gpu_sublayer_branch_forward(g, A, s, B, T, cache);
+    gpu_stream_merge_forward(a->X + (size_t)(s + 1) * N * n * C, a->coef_H + (size_t)ss * N * m, a->X + (size_t)s * N * n * C,
+                             a->f + (size_t)ss * N * C, N, n, C, m);
 }
 
 /* Backward of one sublayer (SPEC §5, mhc.h sublayer_backward): from dX' (dXo) to dX = PATH 1 (residual)
@@ -2367,10 +2434,11 @@ static void gpu_sublayer_backward(MhcGpu *g, MhcGpuActs *A, int s, const float *
     const MhcConfig *c = &g->cfg;
     MhcActs *a = &A->a;
     int B = A->B, T = A->T, N = B * T, n = c->hc_mult, C = c->d_model, m = mhc_m(c), l = s / 2, F = mhc_ffn_width(c);
+    int ss = gpu_sub_slot(A, s), ls = gpu_layer_slot(A, l);
     const MhcBlock *b = &g->p.blk[l];
     MhcBlock *gb = &g->g.blk[l];
-    const float *X = a->X + (size_t)s * N * n * C, *H = a->coef_H + (size_t)s * N * m;
-    const float *y = a->y + (size_t)s * N * C, *u = a->u + (size_t)s * N * C, *f = a->f + (size_t)s * N * C;
+    const float *X = a->X + (size_t)s * N * n * C, *H = a->coef_H + (size_t)ss * N * m;
+    const float *y = a->y + (size_t)ss * N * C, *u = a->u + (size_t)ss * N * C, *f = a->f + (size_t)ss * N * C;
     gpu_stream_merge_backward(dX, a->df, a->dH, dXo, H, X, f, N, n, C, m);          /* §5.1, PATH 1 */
     CUDA_CHECK(cudaMemset(a->du, 0, sizeof(float) * (size_t)N * C));
     if (s % 2 == 0) {
@@ -2378,34 +2446,43 @@ static void gpu_sublayer_backward(MhcGpu *g, MhcGpuActs *A, int s, const float *
     } else if (mhc_is_moe(c, l)) {
         gpu_moe_backward(g, A, l, u, a->df, a->du, B, T);
     } else {
-        size_t off = (size_t)l * N * F;
+        size_t off = (size_t)ls * N * F;
         gpu_swiglu_ffn_backward(&g->blas, a->du, gb->w1, gb->w3, gb->w2, a->df, a->ffn_a + off, a->ffn_g + off, a->ffn_h + off,
                                 u, b->w1, b->w3, b->w2, a->dwide, a->dffn_a, a->dffn_g, N, C, c->dense_inter_dim);
     }
     CUDA_CHECK(cudaMemset(a->dy, 0, sizeof(float) * (size_t)N * C));
     gpu_rmsnorm_backward(a->dy, s % 2 == 0 ? gb->attn_norm : gb->ffn_norm, a->du, y, s % 2 == 0 ? b->attn_norm : b->ffn_norm,
-                         a->u_rstd + (size_t)s * N, N, C, A->colsum_part);
+                         a->u_rstd + (size_t)ss * N, N, C, A->colsum_part);
     gpu_stream_pre_grad(g, A, s, N, a->dy, a->dH, dX);                                 /* §5.3-§5.4, PATHs 2, 3 */
 }
 
+/* Rows [r0, r0 + rows) of the head (SPEC §2) into the logits buffer, whose row 0 is row r0, and with
+   targets the fused cross-entropy (§8): their losses, and the rows become dlogits of the mean over all N */
+static void gpu_head_forward(MhcGpu *g, MhcGpuActs *A, int r0, int rows, int has_targets) {
+    const MhcConfig *c = &g->cfg;
+    int C = c->d_model, V = c->vocab_size;
+    gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, A->a.logits, A->a.hf + (size_t)r0 * C, g->p.head, rows, C, V);
+    if (has_targets) gpu_crossentropy(A->a.losses + r0, A->a.logits, A->targets + r0, rows, V, 1.0f / (A->B * A->T));
+}
+
 /* SPEC §2: embed, expand once, the S sublayers, reduce once, norm, head, and (with targets) the fused
-   cross-entropy. Tokens (and targets) are already in A. Sets g->ce and g->aux unless decoding. */
+   cross-entropy, logit_rows rows at a time. Tokens (and targets) are already in A. Sets g->ce and g->aux
+   unless decoding. */
 static double gpu_model_forward(MhcGpu *g, MhcGpuActs *A, int B, int T, int has_targets, MhcGpuCache *cache) {
     const MhcConfig *c = &g->cfg;
-    int N = B * T, n = c->hc_mult, C = c->d_model, V = c->vocab_size, S = 2 * c->n_layers;
+    int N = B * T, n = c->hc_mult, C = c->d_model, S = 2 * c->n_layers;
     MhcActs *a = &A->a;
     gpu_stream_expand(a->X, g->p.embed, A->tokens, N, n, C);
     CUDA_CHECK(cudaMemset(A->moe_bal, 0, sizeof(double) * (size_t)c->n_layers * B * c->n_routed_experts));
     for (int s = 0; s < S; s++) gpu_sublayer_forward(g, A, s, B, T, cache);
     gpu_stream_reduce(a->z, a->X + (size_t)S * N * n * C, N, n, C);
     gpu_rmsnorm_forward(a->hf, a->hf_rstd, a->z, g->p.norm_final, N, C, c->rms_eps);
-    gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, a->logits, a->hf, g->p.head, N, C, V);
+    for (int r0 = 0; r0 < N; r0 += A->logit_rows) gpu_head_forward(g, A, r0, min(A->logit_rows, N - r0), has_targets);
     if (cache) return 0;
-    if (has_targets) gpu_crossentropy(a->losses, a->logits, A->targets, N, V);
-    gpu_reduce_sum(A->reduce_out, a->losses, has_targets ? (size_t)N : 0, 0, A->reduce_part);
-    gpu_reduce_sum(A->reduce_out + 1, A->moe_bal, (size_t)c->n_layers * B * c->n_routed_experts, 0, A->reduce_part);
+    gpu_reduce_sum(g->reduce_out, a->losses, has_targets ? (size_t)N : 0, 0, g->reduce_part);
+    gpu_reduce_sum(g->reduce_out + 1, A->moe_bal, (size_t)c->n_layers * B * c->n_routed_experts, 0, g->reduce_part);
     double sums[2];
-    CUDA_CHECK(cudaMemcpy(sums, A->reduce_out, sizeof sums, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(sums, g->reduce_out, sizeof sums, cudaMemcpyDeviceToHost));
     g->ce = has_targets ? sums[0] / N : 0;
     g->aux = sums[1];
     return g->ce + g->aux;
@@ -2473,16 +2550,35 @@ void mhc_gpu_set_precision(MhcGpu *g, int precision) {
         }
         gpu_to_bf16(g->params_bf16, g->params, g->n_params);
     }
-    if (!g->acts.gemm_bf16[0]) {            /* the activation buffers again, now with the operand scratch */
-        int B = g->acts.B, T = g->acts.T;
-        gpu_acts_free(&g->acts);
-        if (gpu_acts_init(&g->acts, &g->cfg, B, T, 1, 1)) {
-            fprintf(stderr, "mhc_gpu_set_precision: out of GPU memory for the bf16 GEMM scratch (batch %d x %d)\n", B, T);
-            exit(1);
-        }
-        g->has_targets = 0;
+}
+
+void mhc_gpu_set_recompute(MhcGpu *g, int enable) { g->recompute = enable != 0; }
+
+/* The activation buffers a forward of B x T needs with g's settings (the bf16 operand scratch once the
+   bf16 weight copy exists, recompute): kept when they already are those, else freed and allocated anew
+   (which forgets the last forward). Out of memory is fatal. */
+static void gpu_acts_ensure(MhcGpu *g, int B, int T, const char *who) {
+    MhcGpuActs *A = &g->acts;
+    int flags = GPU_ACTS_GRAD | (g->params_bf16 ? GPU_ACTS_BF16 : 0) | (g->recompute ? GPU_ACTS_RECOMPUTE : 0);
+    if (A->flags == flags && A->B == B && A->T == T) return;
+    gpu_acts_free(A);
+    g->has_targets = 0;
+    if (gpu_acts_init(A, &g->cfg, B, T, flags)) {
+        MhcGpuActs need;
+        gpu_acts_init(&need, &g->cfg, B, T, flags | GPU_ACTS_MEASURE);
+        fprintf(stderr, "%s: out of GPU memory for the activations of a %d x %d batch (%.2f GiB)%s\n", who, B, T,
+                (double)need.arena.bytes / (1 << 30), g->recompute ? "" : "; recompute or smaller micro-batches need less");
+        exit(1);
     }
     gpu_blas_bind(g);
+}
+
+size_t mhc_gpu_acts_bytes(const MhcConfig *c, int B, int T, int precision, int recompute) {
+    MhcGpuActs A;
+    int flags = GPU_ACTS_GRAD | GPU_ACTS_MEASURE | (precision == MHC_PREC_BF16 ? GPU_ACTS_BF16 : 0) |
+                (recompute ? GPU_ACTS_RECOMPUTE : 0);
+    gpu_acts_init(&A, c, B, T, flags);
+    return A.arena.bytes;
 }
 
 void mhc_gpu_set_tf32(MhcGpu *g, int enable) { mhc_gpu_set_precision(g, enable ? MHC_PREC_TF32 : MHC_PREC_FP32); }
@@ -2520,6 +2616,10 @@ void mhc_gpu_download_grads(MhcGpu *g, MhcModel *host) {
 
 void mhc_gpu_download_logits(MhcGpu *g, float *logits) {
     size_t count = (size_t)g->acts.B * g->acts.T * g->cfg.vocab_size;
+    if (!g->acts.flags || g->has_targets || g->acts.logit_rows < g->acts.B * g->acts.T) {
+        fprintf(stderr, "mhc_gpu_download_logits: the last forward kept no raw logits of all its rows\n");
+        exit(1);
+    }
     CUDA_CHECK(cudaMemcpy(logits, g->acts.a.logits, sizeof(float) * count, cudaMemcpyDeviceToHost));
 }
 
@@ -2578,10 +2678,14 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     g->step_load = arena_new<int>(&g->arena, LE);
     g->p.blk = (MhcBlock *)mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
     g->g.blk = (MhcBlock *)mhc_calloc((size_t)c->n_layers, sizeof(MhcBlock));
+    g->reduce_part = arena_new<double>(&g->arena, MHC_REDUCE_BLOCKS);
+    g->reduce_out = arena_new<double>(&g->arena, 2);
     g->p.sub = (MhcStreamParams *)mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
     g->g.sub = (MhcStreamParams *)mhc_calloc((size_t)2 * c->n_layers, sizeof(MhcStreamParams));
-    if (g->arena.failed || gpu_acts_init(&g->acts, c, B, T, 1, 0)) {
-        fprintf(stderr, "mhc_gpu_init: out of GPU memory (%zu parameters, batch %d x %d)\n", g->n_params, B, T);
+    g->acts.B = B;                  /* the shape to expect; the first forward allocates (gpu_acts_ensure) */
+    g->acts.T = T;
+    if (g->arena.failed) {
+        fprintf(stderr, "mhc_gpu_init: out of GPU memory (%zu parameters)\n", g->n_params);
         mhc_gpu_free(g);
         return -1;
     }
@@ -2600,13 +2704,11 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
 double mhc_gpu_forward(MhcGpu *g, const int *tokens, const int *targets, int B, int T) {
     const MhcConfig *c = &g->cfg;
     int N = B * T;
-    if (B != g->acts.B || T != g->acts.T) {
-        gpu_acts_free(&g->acts);
-        if (gpu_acts_init(&g->acts, c, B, T, 1, g->params_bf16 != NULL)) {
-            fprintf(stderr, "mhc_gpu_forward: out of GPU memory for batch %d x %d\n", B, T);
-            exit(1);
-        }
-        gpu_blas_bind(g);
+    gpu_acts_ensure(g, B, T, "mhc_gpu_forward");
+    if (!targets && g->acts.logit_rows < N) {
+        fprintf(stderr, "mhc_gpu_forward: with recompute, a forward without targets keeps the logits of at most %d rows "
+                "(MHC_LOGIT_CHUNK_ROWS), not %d x %d\n", g->acts.logit_rows, B, T);
+        exit(1);
     }
     for (int t = 0; t < N; t++)
         if (tokens[t] < 0 || tokens[t] >= c->vocab_size || (targets && (targets[t] < 0 || targets[t] >= c->vocab_size))) {
@@ -2628,8 +2730,9 @@ __global__ void add_int_kernel(int *acc, const int *x, size_t count) {
     if (i < count) acc[i] += x[i];
 }
 
-/* the last forward's logits already hold dlogits (fused cross-entropy); accumulates into grads, and the
-   forward's expert loads into step_load */
+/* Accumulates into grads, and the forward's expert loads into step_load. The logits buffer holds the
+   dlogits of the forward's last chunk of rows (fused cross-entropy); when it holds a chunk, the others
+   are computed again. With recompute each sublayer's branch is run again from its X_s first. */
 void mhc_gpu_backward(MhcGpu *g) {
     const MhcConfig *c = &g->cfg;
     MhcGpuActs *A = &g->acts;
@@ -2641,12 +2744,19 @@ void mhc_gpu_backward(MhcGpu *g) {
         exit(1);
     }
     CUDA_CHECK(cudaMemset(a->dy, 0, sizeof(float) * (size_t)N * C));
-    gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dy, g->g.head, a->logits, a->hf, g->p.head, N, C, V);
+    int last = (N - 1) / A->logit_rows * A->logit_rows;          /* first row of the forward's last chunk */
+    for (int r0 = last; r0 >= 0; r0 -= A->logit_rows) {
+        int rows = min(A->logit_rows, N - r0);
+        if (r0 != last) gpu_head_forward(g, A, r0, rows, 1);
+        gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dy + (size_t)r0 * C, g->g.head, a->logits, a->hf + (size_t)r0 * C, g->p.head,
+                            rows, C, V);
+    }
     CUDA_CHECK(cudaMemset(a->du, 0, sizeof(float) * (size_t)N * C));
     gpu_rmsnorm_backward(a->du, g->g.norm_final, a->dy, a->z, g->p.norm_final, a->hf_rstd, N, C, A->colsum_part);
     float *dXo = a->dX, *dX = a->dX2;
     gpu_stream_expand(dXo, a->du, NULL, N, n, C);          /* reduce by sum: every stream receives dz */
     for (int s = S - 1; s >= 0; s--) {
+        if (A->flags & GPU_ACTS_RECOMPUTE) gpu_sublayer_branch_forward(g, A, s, A->B, A->T, NULL);
         gpu_sublayer_backward(g, A, s, dXo, dX);
         float *swap = dXo;
         dXo = dX;
@@ -2665,8 +2775,8 @@ void mhc_gpu_backward(MhcGpu *g) {
    7. Optimizer (SPEC §11, §12)                                                                  */
 double mhc_gpu_clip_grad(MhcGpu *g, double max_norm) {
     double sum;
-    gpu_reduce_sum(g->acts.reduce_out, g->grads, g->n_params, 1, g->acts.reduce_part);
-    CUDA_CHECK(cudaMemcpy(&sum, g->acts.reduce_out, sizeof sum, cudaMemcpyDeviceToHost));
+    gpu_reduce_sum(g->reduce_out, g->grads, g->n_params, 1, g->reduce_part);
+    CUDA_CHECK(cudaMemcpy(&sum, g->reduce_out, sizeof sum, cudaMemcpyDeviceToHost));
     double norm = sqrt(sum);
     if (max_norm > 0 && norm > max_norm) {
         scale_kernel<<<mhc_blocks(g->n_params, MHC_BLOCK), MHC_BLOCK>>>(g->grads, (float)(max_norm / norm), g->n_params);
@@ -2739,7 +2849,7 @@ int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
     c->qabs = arena_new<float>(&c->arena, H * dc);
     c->olat = arena_new<float>(&c->arena, H * dc);
     c->scores = arena_new<float>(&c->arena, H * max_len);
-    if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0, 0)) {   /* decode's GEMMs use g's bf16 scratch */
+    if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0)) {   /* decode's GEMMs use g's bf16 scratch */
         fprintf(stderr, "mhc_gpu_cache_init: out of GPU memory for a cache of %d positions\n", max_len);
         arena_free(&c->arena);
         return -1;
@@ -2755,6 +2865,7 @@ void mhc_gpu_cache_free(MhcGpuCache *c) {
 
 int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host) {
     if (c->len >= c->max_len || token < 0 || token >= g->cfg.vocab_size) return -1;
+    gpu_acts_ensure(g, g->acts.B, g->acts.T, "mhc_gpu_decode_step");     /* decode's bf16 GEMMs use g's operand scratch */
     CUDA_CHECK(cudaMemcpy(c->acts.tokens, &token, sizeof(int), cudaMemcpyHostToDevice));
     gpu_model_forward(g, &c->acts, 1, 1, 0, c);
     CUDA_CHECK(cudaMemcpy(logits_host, c->acts.a.logits, sizeof(float) * g->cfg.vocab_size, cudaMemcpyDeviceToHost));

@@ -1887,6 +1887,8 @@ static void test_parity_all(void) {
 enum { BOTH = 3, FP32_ONLY = 1, FP64_ONLY = 2 };
 
 #ifdef __CUDACC__
+/* the recompute test's 3 x 19 = 57 rows then make chunks of 24, 24 and 9 rows of logits */
+#define MHC_LOGIT_CHUNK_ROWS 24
 #include "mhc_cuda.cuh"
 
 /* ---------------------------------------------------------------------------------------------
@@ -2242,7 +2244,7 @@ static void gpu_test_crossentropy(void) {
     crossentropy_forward(losses, probs, targets, N, V);
     crossentropy_backward(probs, targets, N, V, (mhc_real)(1.0 / N));
     float *d_logits = gt_upload(logits, (size_t)N * V), *d_losses = gt_nan(N);
-    gpu_crossentropy(d_losses, d_logits, gt_upload_int(targets, N), N, V);
+    gpu_crossentropy(d_losses, d_logits, gt_upload_int(targets, N), N, V, 1.0f / N);
     double e1 = rel_err(gt_fetch(d_losses, N), losses, N), e2 = rel_err(gt_fetch(d_logits, (size_t)N * V), probs, (size_t)N * V);
     check(e1 <= 1e-5 && e2 <= 1e-5, "gpu cross-entropy: losses %.1e, dlogits %.1e (tol 1e-5)", e1, e2);
     gt_release();
@@ -2637,6 +2639,58 @@ static void gpu_test_determinism(const MhcConfig *cfg) {
     gt_release();
 }
 
+/* mhc_gpu_set_recompute: the same loss, expert loads and gradients as keeping every activation, with the
+   logits in chunks (partial last one) and one layer's buffers. Exact fp32: the recompute runs the same
+   kernels on the same inputs, so only the order in which the head's weight gradient adds its chunks'
+   partial sums (and on hardware, cuBLAS's choice of kernel for the chunk-sized GEMMs) may move a result,
+   by fp32 rounding: tol 1e-5 per tensor. A stale buffer or a wrong chunk offset is an O(1) error. */
+static void gpu_test_recompute(const char *name, const MhcConfig *cfg) {
+    MhcModel m;
+    MhcGpu g[2];
+    gt_model(&m, cfg, 17);
+    int B = cfg->batch_size, T = cfg->seq_len, N = B * T;
+    size_t LE = (size_t)cfg->n_layers * cfg->n_routed_experts;
+    int *tokens = (int *)mhc_calloc((size_t)N, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N, sizeof(int));
+    gt_tokens(tokens, targets, N, cfg->vocab_size);
+    float *grads[2];
+    int *load[2];
+    double loss[2];
+    for (int r = 0; r < 2; r++) {
+        if (mhc_gpu_init(&g[r], &m, B, T)) { check(0, "gpu recompute %s: init failed", name); return; }
+        mhc_gpu_set_precision(&g[r], MHC_PREC_FP32);
+        mhc_gpu_set_recompute(&g[r], r);
+        mhc_gpu_zero_grad(&g[r]);
+        loss[r] = mhc_gpu_forward(&g[r], tokens, targets, B, T);
+        mhc_gpu_backward(&g[r]);
+        grads[r] = gt_host(m.n_params);
+        load[r] = (int *)mhc_calloc(LE, sizeof(int));
+        CUDA_CHECK(cudaMemcpy(grads[r], g[r].grads, sizeof(float) * m.n_params, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(load[r], g[r].step_load, sizeof(int) * LE, cudaMemcpyDeviceToHost));
+    }
+    double worst = 0;
+    const char *worst_name = "";
+    int n_identical = 0;
+    for (int k = 0; k < m.n_tensors; k++) {
+        const MhcTensor *t = &m.tensors[k];
+        double e = rel_err(grads[1] + t->offset, grads[0] + t->offset, t->size);
+        n_identical += !memcmp(grads[1] + t->offset, grads[0] + t->offset, sizeof(float) * t->size);
+        if (!(e <= worst)) { worst = e; worst_name = t->name; }
+    }
+    size_t bytes[2] = {g[0].acts.arena.bytes, g[1].acts.arena.bytes};
+    int loads_equal = !memcmp(load[0], load[1], sizeof(int) * LE), chunked = g[1].acts.logit_rows < N;
+    int measured = bytes[1] == mhc_gpu_acts_bytes(cfg, B, T, MHC_PREC_FP32, 1) &&
+                   bytes[0] == mhc_gpu_acts_bytes(cfg, B, T, MHC_PREC_FP32, 0);
+    check(worst <= 1e-5 && loss[0] == loss[1] && loads_equal && chunked && measured && bytes[1] < bytes[0],
+          "gpu recompute %s: loss %s, step loads %s, worst gradient %.1e in %s (tol 1e-5; %d of %d tensors bit-identical), "
+          "logits in chunks of %d of %d rows, activations %zu -> %zu bytes (mhc_gpu_acts_bytes %s)", name,
+          loss[0] == loss[1] ? "identical" : "DIFFERS", loads_equal ? "identical" : "DIFFER", worst, worst_name, n_identical,
+          m.n_tensors, g[1].acts.logit_rows, N, bytes[0], bytes[1], measured ? "agrees" : "DISAGREES");
+    for (int r = 0; r < 2; r++) { free(load[r]); mhc_gpu_free(&g[r]); }
+    free(tokens); free(targets);
+    mhc_model_free(&m);
+    gt_release();
+}
+
 /* SPEC §10 absorbed decode: GPU decode vs CPU decode, and vs the GPU's own non-absorbed prefill (T7) */
 static void gpu_test_decode(const MhcConfig *cfg) {
     MhcModel m;
@@ -2765,6 +2819,8 @@ void gpu_tests(void) {
     gpu_test_training(&mhc);
     gpu_test_grad_accum(&mhc);
     gpu_test_determinism(&mhc);
+    gpu_test_recompute("mhc", &mhc);
+    gpu_test_recompute("hc", &hc);
     gpu_test_decode(&mhc);
     gpu_test_decode(&qg);
     gpu_test_checkpoint(&mhc);
