@@ -661,6 +661,7 @@ typedef struct {
     int eval_every, eval_batches, ckpt_every, threads, dry_run, resume, stop_after, bench;
     int grad_accum;           /* micro-batches per step: forward + backward of batch/grad_accum sequences each */
     int precision;            /* index into precision_names: GEMM precision (GPU build)               */
+    int recompute;            /* GPU build: keep only the residual streams, recompute the rest        */
     uint64_t seed;
 } Options;
 
@@ -703,6 +704,9 @@ static void usage(void) {
            "  --precision P          GPU GEMMs: fp32 | tf32 | bf16 (default tf32; bf16: bf16 operands, fp32\n"
            "                         accumulate and master weights, untested on real hardware). The CPU build\n"
            "                         takes only fp32 (it computes in fp32, or fp64 when built so)\n"
+           "  --recompute            GPU: keep only the residual streams and recompute each sublayer (and the\n"
+           "                         logits, in chunks) in the backward: about a third more FLOPs, far less\n"
+           "                         activation memory (see --dry-run)\n"
            "  --loss-gap PNG DIR...  plot CE(run) - CE(first run) from finished runs' log.csv\n"
            "  --help\n");
 }
@@ -750,6 +754,13 @@ static void parse_args(Options *o, int argc, char **argv) {
         if (!strcmp(a, "--dry-run")) { o->dry_run = 1; continue; }
         if (!strcmp(a, "--resume")) { o->resume = 1; continue; }
         if (!strcmp(a, "--bench")) { o->bench = 1; continue; }
+        if (!strcmp(a, "--recompute")) {
+#ifndef __CUDACC__
+            die("--recompute needs the GPU build (make gpu)%s%s", "", "");
+#endif
+            o->recompute = 1;
+            continue;
+        }
         int known = !strcmp(a, "--preset") || !strcmp(a, "--set") || !strcmp(a, "--train") || !strcmp(a, "--val") ||
                     !strcmp(a, "--out") || !strcmp(a, "--eval-every") || !strcmp(a, "--eval-batches") ||
                     !strcmp(a, "--ckpt-every") || !strcmp(a, "--threads") || !strcmp(a, "--stop-after") || !strcmp(a, "--seed") ||
@@ -832,17 +843,18 @@ static void print_config(MhcConfig *cfg) {
     }
 }
 
-static void dry_run(MhcConfig *cfg, int grad_accum, int precision) {
+static void dry_run(MhcConfig *cfg, int grad_accum, int precision, int recompute) {
     int64_t total, active;
     int M = cfg->batch_size / grad_accum;     /* sequences per forward: what the activations are sized for */
     mhc_count_params(cfg, &total, &active);
     double flops = mhc_flops_per_token(cfg);
     double state = (double)total * sizeof(mhc_real) * 4;   /* params, grads, Adam m and v */
     if (!strcmp(precision_names[precision], "bf16")) state += (double)total * 2;   /* the bf16 copy of the weights */
-    double acts = (double)mhc_acts_bytes(cfg, M, cfg->seq_len);
 #ifdef __CUDACC__
-    /* the GPU's flash attention keeps one log-sum-exp per row in place of the [L,B,H,T,T] probabilities */
-    acts -= ((double)cfg->seq_len - 1) * cfg->n_layers * M * cfg->n_heads * cfg->seq_len * sizeof(mhc_real);
+    double acts = (double)mhc_gpu_acts_bytes(cfg, M, cfg->seq_len, precision, recompute);   /* what the GPU allocates */
+#else
+    (void)recompute;
+    double acts = (double)mhc_acts_bytes(cfg, M, cfg->seq_len);
 #endif
     print_config(cfg);
     printf("parameters: total %lld (%.3fB), active %lld (%.3fB)\n", (long long)total, total / 1e9, (long long)active,
@@ -850,7 +862,8 @@ static void dry_run(MhcConfig *cfg, int grad_accum, int precision) {
     printf("training FLOPs per token (SPEC §15): %.4g, per step: %.4g\n", flops,
            flops * cfg->batch_size * cfg->seq_len);
     printf("memory (fp32 training as this code does it): weights+grads+AdamW %.2f GiB, activations for %d x %d per forward "
-           "(%d micro-batches per step): %.2f GiB\n", state / (1 << 30), M, cfg->seq_len, grad_accum, acts / (1 << 30));
+           "(%d micro-batches per step%s): %.2f GiB\n", state / (1 << 30), M, cfg->seq_len, grad_accum,
+           recompute ? ", recompute" : "", acts / (1 << 30));
 }
 
 /* =============================================================================================
@@ -860,6 +873,7 @@ typedef struct {
     int micro;                /* sequences per forward: batch_size / grad_accum */
     MhcActs probe;            /* B = 1 forward over the diagnostics probe (CPU) */
     int precision;            /* MHC_PREC_* of the GPU GEMMs (Options.precision) */
+    int recompute;            /* Options.recompute */
 #ifdef __CUDACC__
     MhcGpu gpu;
 #endif
@@ -870,6 +884,7 @@ static void trainer_start(Trainer *tr, int grad_accum) {
 #ifdef __CUDACC__
     if (mhc_gpu_init(&tr->gpu, &tr->m, tr->micro, tr->m.cfg.seq_len)) exit(1);
     mhc_gpu_set_precision(&tr->gpu, tr->precision);       /* precision_names is in MHC_PREC_* order */
+    mhc_gpu_set_recompute(&tr->gpu, tr->recompute);
 #endif
     mhc_acts_create(&tr->probe, &tr->m.cfg, 1, tr->m.cfg.seq_len);
 }
@@ -1281,7 +1296,7 @@ int main(int argc, char **argv) {
     if (o.resume) resume_config(&o);
     char err[512];
     if (mhc_config_validate(&o.cfg, err, sizeof err)) { fprintf(stderr, "train: %s\n", err); return 2; }
-    if (o.dry_run) { dry_run(&o.cfg, o.grad_accum, o.precision); return 0; }
+    if (o.dry_run) { dry_run(&o.cfg, o.grad_accum, o.precision, o.recompute); return 0; }
 #ifdef _OPENMP
     if (o.threads) omp_set_num_threads(o.threads);
 #endif
@@ -1327,9 +1342,10 @@ int main(int argc, char **argv) {
     int *probe = (int *)calloc((size_t)T, sizeof(int));
     for (int t = 0; t < T; t++) probe[t] = (int)val.tokens[t];    /* SPEC §14: the first T validation tokens */
     tr.precision = o.precision;
+    tr.recompute = o.recompute;
     trainer_start(&tr, o.grad_accum);
 #ifdef __CUDACC__
-    printf("GPU GEMM precision: %s\n", precision_names[o.precision]);
+    printf("GPU GEMM precision: %s%s\n", precision_names[o.precision], o.recompute ? ", recompute" : "");
 #endif
     double t_start = now_seconds();
     int first_step = tr.m.step;
@@ -1373,7 +1389,7 @@ int main(int argc, char **argv) {
         if (step == first_step) {   /* every device buffer exists after the first step (cuBLAS workspace included) */
             size_t free_b = 0, total_b = 0;
             CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-            printf("gpu memory after the first step: %.3f GiB in use on the device (of %.3f GiB), %.3f GiB allocated by mhc_gpu_init\n",
+            printf("gpu memory after the first step: %.3f GiB in use on the device (of %.3f GiB), %.3f GiB allocated by mhc_gpu\n",
                    (double)(total_b - free_b) / (1 << 30), (double)total_b / (1 << 30),
                    (double)mhc_gpu_memory_bytes(&tr.gpu) / (1 << 30));
         }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # dev/bench.sh - one benchmark table: training tokens/s, MFU and GPU memory of train_gpu and of the same
 # model in PyTorch (dev/bench_torch.py: dev/reference.py in bf16 autocast, eager and torch.compile) for
-# the small and 3b presets, the mHC / HC overhead (step time over plain), infer_gpu's batch-1 decode
-# against the bandwidth bound (SPEC §15), and the mHC stream kernels' bandwidth (dev/bench_mhc.c).
+# the small and 3b presets (and the whole 3b with --recompute), the mHC / HC overhead (step time over
+# plain), infer_gpu's batch-1 decode against the bandwidth bound (SPEC §15), and the mHC stream kernels'
+# bandwidth (dev/bench_mhc.c).
 #
 #   bash dev/bench.sh          GPU machine (one H100 or H200): `make gpu`, then about 9 minutes
 #   bash dev/bench.sh --cpu    smoke test of the same pipeline with the CPU builds and the tiny preset
@@ -62,10 +63,12 @@ else
     : "${SMALL_BATCH:=32}" "${SMALL_SEQ:=1024}" "${BIG_LAYERS:=4}" "${BIG_BATCH:=2}" "${BIG_SEQ:=4096}"
     CAP_TRAIN=150 CAP_TORCH=240 CAP_CKPT=180 CAP_INFER=120 CAP_BW=60 MIN_S=30
     SLOTS=(small big)
-    declare -A PRESET=([small]=small [big]=3b)
+    declare -A PRESET=([small]=small [big]=3b [full]=3b)
     declare -A FLAGS=([small]="--batch $SMALL_BATCH --seq-len $SMALL_SEQ"
-                      [big]="--set n_layers=$BIG_LAYERS --batch $BIG_BATCH --seq-len $BIG_SEQ")
-    declare -A SETUP=([small]="B=$SMALL_BATCH T=$SMALL_SEQ" [big]="L=$BIG_LAYERS (of 12), B=$BIG_BATCH T=$BIG_SEQ")
+                      [big]="--set n_layers=$BIG_LAYERS --batch $BIG_BATCH --seq-len $BIG_SEQ"
+                      [full]="--batch $BIG_BATCH --seq-len $BIG_SEQ")
+    declare -A SETUP=([small]="B=$SMALL_BATCH T=$SMALL_SEQ" [big]="L=$BIG_LAYERS (of 12), B=$BIG_BATCH T=$BIG_SEQ"
+                      [full]="L=12, B=$BIG_BATCH T=$BIG_SEQ")
     TRAIN_FLAGS_NOTE=" (3b: BIG_LAYERS=$BIG_LAYERS BIG_BATCH=$BIG_BATCH BIG_SEQ=$BIG_SEQ)"
 fi
 DEADLINE=$((T0 + BUDGET_S))
@@ -146,12 +149,16 @@ row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 | $8 |"); }
 
 declare -A STEP_MS=()
 
-# ours SLOT MODE [PRECISION]: one train run with --bench (GEMMs --precision PRECISION, default tf32); adds
-# its row and remembers its step time
+# ours SLOT MODE [VARIANT]: one train run with --bench, TF32 GEMMs; VARIANT bf16 runs them on bf16
+# operands (--precision bf16), recompute adds --recompute. Adds its row; remembers the step time of the
+# runs without a variant (the overhead rows)
 ours() {
-    local slot=$1 mode=$2 prec=${3:-} name="train_${1}_$2${3:+_$3}" flags dry params fpt
+    local slot=$1 mode=$2 variant=${3:-} name="train_${1}_$2${3:+_$3}" flags dry params fpt vlabel=""
     read -r -a flags <<<"${FLAGS[$slot]}"
-    [ -z "$prec" ] || flags+=(--precision "$prec")
+    case $variant in
+        bf16) flags+=(--precision bf16) vlabel=", bf16 GEMMs" ;;
+        recompute) flags+=(--recompute) vlabel=", recompute" ;;
+    esac
     dry=$("$TRAIN" --preset "${PRESET[$slot]}" "${flags[@]}" --residual "$mode" --dry-run)
     params=$(sed -n 's/^parameters: total \([0-9]*\) .*/\1/p' <<<"$dry")
     fpt=$(sed -n 's/^training FLOPs per token (SPEC §15): \([^,]*\),.*/\1/p' <<<"$dry")
@@ -168,17 +175,17 @@ ours() {
         END { if (k) printf "%.6g %.6g %d %d\n", n * k / s, 1000 * s / k, k, total; else printf "0 0 0 %d\n", total }' \
         "$LOGDIR/$name/log.csv" 2>/dev/null || echo "0 0 0 0")
     read -r tok_s step_ms timed total <<<"$stats"
-    local label="ours (${TRAIN#./}), $mode${prec:+, $prec GEMMs}"
+    local label="ours (${TRAIN#./}), $mode$vlabel"
     if [ "$timed" = 0 ]; then
         row "${PRESET[$slot]}" "${SETUP[$slot]}" "$label" "$(why_failed "$name")" "" "" "" \
             "$total of $STEPS steps done; log: logs/$name.log"
         return 0
     fi
-    [ -n "$prec" ] || STEP_MS[$slot/$mode]=$step_ms
+    [ -n "$variant" ] || STEP_MS[$slot/$mode]=$step_ms
     local mem="n/a (CPU)" used arena note=""
     if [ "$CPU" != 1 ]; then
         used=$(sed -n 's/^gpu memory after the first step: \([0-9.]*\) GiB in use.*/\1/p' "$LOGDIR/$name.log")
-        arena=$(sed -n 's/^gpu memory after the first step: .*, \([0-9.]*\) GiB allocated by mhc_gpu_init$/\1/p' "$LOGDIR/$name.log")
+        arena=$(sed -n 's/^gpu memory after the first step: .*, \([0-9.]*\) GiB allocated by mhc_gpu$/\1/p' "$LOGDIR/$name.log")
         mem="${used:-?} (arena ${arena:-?})"
     fi
     [ "$RC" = 0 ] || note="; partial: $(why_failed "$name") after $total steps"
@@ -342,6 +349,7 @@ fi
 for slot in "${SLOTS[@]}"; do
     ours "$slot" mhc
     [ "$CPU" = 1 ] || ours "$slot" mhc bf16
+    [ "$CPU" = 1 ] || ours "$slot" mhc recompute
     torchrun "$slot" eager
     torchrun "$slot" compile
     for mode in $MODES; do ours "$slot" "$mode"; done
@@ -349,6 +357,7 @@ for slot in "${SLOTS[@]}"; do
     for mode in $MODES; do [ "$mode" = plain ] || [ "$mode" = mhc ] || overhead "$slot" "$mode"; done
     decode "$slot"
 done
+[ "$CPU" = 1 ] || ours full mhc recompute       # the whole 3b preset on one GPU (the CPU build has no --recompute)
 
 # ---- 5. the table -----------------------------------------------------------------------------
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -372,7 +381,7 @@ OUT_MD=$OUTDIR/bench.md
     if [ "$CPU" = 1 ]; then
         echo "- ours: $STEPS steps with \`--bench\`, the first $SKIP untimed; tokens/s = tokens per step / mean step time of the rest (CPU build, fp32, OpenMP)."
     else
-        echo "- ours: $STEPS steps with \`--bench\`, the first $SKIP untimed; tokens/s = tokens per step / mean step time of the rest. fp32 weights and activations, TF32 GEMMs (the bf16 row: \`--precision bf16\`, bf16 GEMM operands, fp32 master weights). GPU mem = device memory in use after step 1 (cudaMemGetInfo, CUDA context included); arena = mhc_gpu_init's buffers${TRAIN_FLAGS_NOTE}."
+        echo "- ours: $STEPS steps with \`--bench\`, the first $SKIP untimed; tokens/s = tokens per step / mean step time of the rest. fp32 weights and activations, TF32 GEMMs (the bf16 row: \`--precision bf16\`, bf16 GEMM operands, fp32 master weights). GPU mem = device memory in use after step 1 (cudaMemGetInfo, CUDA context included); arena = mhc_gpu's buffers (weights, optimizer state, activations)${TRAIN_FLAGS_NOTE}; the whole-3b row: all 12 layers with \`--recompute\`."
     fi
     precision="fp32 weights with bf16 autocast"
     [ "$TORCH_DTYPE" = bf16 ] || precision="fp32 throughout"

@@ -16,10 +16,14 @@ grep FAIL "$OUT/tests_gpu.log"
 tail -n 1 "$OUT/tests_gpu.log"
 timeout 120 ./dev/bench_mhc >"$OUT/bench_mhc.md" 2>&1
 cat "$OUT/bench_mhc.md"
-for mode in mhc plain; do   # step time without the profiler, to set the kernel sums against
-    ./train_gpu --preset small --batch 32 --seq-len 1024 --residual $mode --steps 8 --bench --out runs/gpu_check_$mode \
-        >"$OUT/train_small_$mode.log" 2>&1; grep -E "^step +[5-8]" "$OUT/train_small_$mode.log" | tail -3
+# step times without the profiler, to set the kernel sums against; recompute's cost and memory
+for run in "mhc" "plain" "mhc --recompute"; do
+    echo "== $run" | tee -a "$OUT/train_small.log"
+    ./train_gpu --preset small --batch 32 --seq-len 1024 --residual $run --steps 8 --bench --out runs/gpu_check \
+        >"$OUT/train.log" 2>&1
+    grep -E "^step +[5-8]|^gpu memory" "$OUT/train.log" | tail -4 | tee -a "$OUT/train_small.log"
 done
+rm -f "$OUT/train.log"
 NAME=profile_small timeout 200 bash dev/profile.sh --preset small --batch 32 --seq-len 1024 | head -18
 NAME=profile_3b timeout 200 bash dev/profile.sh --preset 3b --set n_layers=4 --batch 2 --seq-len 4096 | head -18
 # what limits the mHC kernels (NCU=1): one launch of each under Nsight Compute's throughput, occupancy and stall sections

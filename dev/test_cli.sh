@@ -38,11 +38,19 @@ expect_error "train: out-of-range streams" 2 "out of range" -- ./train --streams
 expect_error "train: unknown preset" 2 "unknown preset" -- ./train --preset huge
 expect_error "train: unknown --set field" 2 "unknown config field" -- ./train --set nonsense=1
 expect_error "train: bad --precision" 2 "bad value 'fp8' for --precision" -- ./train --precision fp8
+expect_error "train: --recompute on the CPU build" 2 "needs the GPU build" -- ./train --recompute
 expect_error "infer: unknown flag" 2 "unknown flag" -- ./infer x.safetensors --frobnicate 1
 expect_error "infer: no checkpoint" 2 "no checkpoint" -- ./infer
 ./train --preset 27b --dry-run >"$work/dry" 2>&1
 grep -q "total 27048293460" "$work/dry" && grep -q "active 4138873940" "$work/dry"
 check "train --preset 27b --dry-run prints the SPEC parameter counts" $?
+if [ -x ./train_gpu ]; then      # the CUDA build's --dry-run sizes its buffers without touching a GPU
+    gib() { sed -n 's/^memory .* per forward .*: \([0-9.]*\) GiB$/\1/p'; }
+    full=$(./train_gpu --preset 3b --batch 2 --dry-run | gib)
+    less=$(./train_gpu --preset 3b --batch 2 --recompute --dry-run | gib)
+    awk "BEGIN { exit !($less > 0 && $less < $full / 2) }"
+    check "train_gpu --dry-run: --recompute needs under half the activation memory (3b, 2 x 4096: $full -> $less GiB)" $?
+fi
 
 # --- shards ----------------------------------------------------------------------------------------
 expect_error "train: missing shard" 1 "cannot open shard" -- ./train "${small[@]}" --train "$work/none.bin" --out "$work/r"
