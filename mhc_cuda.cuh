@@ -30,9 +30,10 @@
    statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
 
    Memory: mhc_gpu_set_recompute trades compute for activation memory. The forward then keeps only the
-   residual streams X_s of every sublayer (and the losses); each sublayer's backward first reruns its
-   forward from X_s into one shared set of buffers, and the head's logits live MHC_LOGIT_CHUNK_ROWS rows at
-   a time, recomputed chunk by chunk in the backward. The kernels are deterministic, so the rerun rebuilds
+   residual streams X_s of every sublayer, the attention outputs o and their lse of every layer, and the
+   losses; each sublayer's backward first reruns its branch from X_s into one shared set of buffers (all
+   but the attention kernel, the costliest piece and the one whose output is kept), and the head's logits
+   live MHC_LOGIT_CHUNK_ROWS rows at a time, recomputed chunk by chunk in the backward. The kernels are deterministic, so the rerun rebuilds
    the very bits the backward would have read.
 
    Determinism: no float atomics. A reduction is a warp's butterfly, a block's fixed tree, or per-block
@@ -101,10 +102,9 @@ typedef struct {
     int flags;                       /* GPU_ACTS_*: what they were allocated for (0: nothing allocated) */
     int logit_rows;                  /* rows the logits buffer holds: B*T, or with recompute a chunk  */
     MhcActs a;                       /* mhc.h's buffers (mhc_acts_table), on the device; with recompute
-                                        the per-layer ones hold one layer (see gpu_layer_slot)         */
+                                        the per-layer ones but o hold one layer (see gpu_layer_slot)   */
     int *tokens, *targets;           /* [N]                                                           */
-    float *att_lse;                  /* [L,B,H,T] log-sum-exp of each attention row (in place of a.att)
-                                        ([1,B,H,T] with recompute)                                     */
+    float *att_lse;                  /* [L,B,H,T] log-sum-exp of each attention row (in place of a.att) */
     float *att_rowdot;               /* [B,H,T] sum_c dO O per row (backward)                          */
     int *moe_row, *moe_count;        /* [N*K] grouped row of each assignment, [E]                      */
     float *moe_x, *moe_dx;           /* [N*K, C] expert inputs in grouped order, their gradient        */
@@ -164,8 +164,8 @@ void mhc_gpu_free(MhcGpu *g);
    and its backward */
 void mhc_gpu_set_precision(MhcGpu *g, int precision);
 void mhc_gpu_set_tf32(MhcGpu *g, int enable);        /* 1: MHC_PREC_TF32, 0: MHC_PREC_FP32 (kept for old callers) */
-/* 1: keep only the residual streams and recompute the rest in the backward (see Memory above): about a
-   third more FLOPs for much less activation memory. Then a forward without targets keeps logits only when
+/* 1: keep the residual streams and attention outputs, recompute the rest in the backward (see Memory
+   above): the forward's FLOPs once more, less attention's, for much less activation memory. Then a forward without targets keeps logits only when
    B*T <= MHC_LOGIT_CHUNK_ROWS. Call it between steps, like mhc_gpu_set_precision. */
 void mhc_gpu_set_recompute(MhcGpu *g, int enable);
 /* device bytes of the activation buffers of a B x T training forward with that precision and recompute
@@ -1991,9 +1991,9 @@ enum {
     GPU_ACTS_MEASURE = 8       /* count the bytes only (A->arena.bytes), allocate nothing         */
 };
 
-/* Which slot of the per-sublayer (y, u, f, coefficients) and per-layer (MLA, FFN, MoE) buffers sublayer
-   s or layer l uses: its own, or with recompute the one that its backward refills. The recompute buffers
-   are those of a one-layer model: two sublayer slots (attention, FFN) and one layer slot. */
+/* Which slot of the per-sublayer (y, u, f, coefficients) and per-layer (MLA but o, FFN, MoE) buffers
+   sublayer s or layer l uses: its own, or with recompute the one that its backward refills. The recompute
+   buffers are those of a one-layer model: two sublayer slots (attention, FFN) and one layer slot. */
 static int gpu_sub_slot(const MhcGpuActs *A, int s) { return A->flags & GPU_ACTS_RECOMPUTE ? s % 2 : s; }
 static int gpu_layer_slot(const MhcGpuActs *A, int l) { return A->flags & GPU_ACTS_RECOMPUTE ? 0 : l; }
 
@@ -2007,16 +2007,17 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
     MhcGpuArena *ar = &A->arena;
     ar->measure = (flags & GPU_ACTS_MEASURE) != 0;
     int recompute = (flags & GPU_ACTS_RECOMPUTE) != 0, with_grad = (flags & GPU_ACTS_GRAD) != 0;
-    size_t N = (size_t)B * T, H = c->n_heads, S = 2 * (size_t)c->n_layers, L = recompute ? 1 : c->n_layers;
+    size_t N = (size_t)B * T, H = c->n_heads, S = 2 * (size_t)c->n_layers;
     A->logit_rows = recompute && N > MHC_LOGIT_CHUNK_ROWS ? MHC_LOGIT_CHUNK_ROWS : (int)N;
     MhcConfig slots = *c;
-    slots.n_layers = (int)L;
+    if (recompute) slots.n_layers = 1;
     int n = mhc_acts_table(&A->a, &slots, B, T, tab);
     for (int k = 0; k < n; k++) {
         size_t count = tab[k].count;
         if (tab[k].grad && !with_grad) continue;
         if (tab[k].real == &A->a.att) continue;      /* flash attention keeps att_lse instead of [L,B,H,T,T] */
         if (tab[k].real == &A->a.X) count = (S + 1) * N * c->hc_mult * c->d_model;   /* all S + 1, always */
+        if (tab[k].real == &A->a.o) count = (size_t)c->n_layers * N * H * c->v_head_dim;   /* every layer, always */
         if (tab[k].real == &A->a.logits) count = (size_t)A->logit_rows * c->vocab_size;
         if (tab[k].real) *tab[k].real = arena_new<float>(ar, count);
         else *tab[k].integer = arena_new<int>(ar, count);
@@ -2027,7 +2028,7 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
     wide = wide > (size_t)mhc_m(c) ? wide : mhc_m(c);
     A->tokens = arena_new<int>(ar, N);
     A->targets = arena_new<int>(ar, N);
-    A->att_lse = arena_new<float>(ar, L * N * H);
+    A->att_lse = arena_new<float>(ar, (size_t)c->n_layers * N * H);
     A->moe_row = arena_new<int>(ar, N * K);
     A->moe_count = arena_new<int>(ar, E);
     A->moe_x = arena_new<float>(ar, N * K * C);
@@ -2225,15 +2226,18 @@ static void gpu_attention_backward(int precision, float *dq, float *dkv, float *
     LAUNCH_CHECK();
 }
 
-/* training / prefill: out [N,C] = MLA_l(u) */
-static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, float *out, int B, int T) {
+/* training / prefill: out [N,C] = MLA_l(u). The attention output o and its lse are kept for every layer,
+   also with recompute; rerun (the backward's recompute) runs only the projections again, not attention. */
+static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, float *out, int B, int T, int rerun) {
     const MhcConfig *c = &g->cfg;
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
     int ls = gpu_layer_slot(A, l);
     gpu_mla_project(g, A, l, u, N, T, 0);
-    float *o = A->a.o + (size_t)ls * N * H * dv;
-    gpu_attention_forward(g->blas.precision, o, A->att_lse + (size_t)ls * B * H * T, A->a.q + (size_t)ls * N * H * (dn + dr),
-                          A->a.kv + (size_t)ls * N * H * (dn + dv), A->a.kpe + (size_t)ls * N * dr, B, T, c);
+    float *o = A->a.o + (size_t)l * N * H * dv;
+    if (!rerun) {
+        gpu_attention_forward(g->blas.precision, o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)ls * N * H * (dn + dr),
+                              A->a.kv + (size_t)ls * N * H * (dn + dv), A->a.kpe + (size_t)ls * N * dr, B, T, c);
+    }
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, g->p.blk[l].wo, N, H * dv, C);
 }
 
@@ -2247,12 +2251,12 @@ static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, dq = c->q_lora_rank, ls = gpu_layer_slot(A, l);
     const float *q = a->q + (size_t)ls * N * H * dqk, *kv = a->kv + (size_t)ls * N * H * (dn + dv);
-    const float *kpe = a->kpe + (size_t)ls * N * dr, *o = a->o + (size_t)ls * N * H * dv, *lat = a->c + (size_t)ls * N * dc;
+    const float *kpe = a->kpe + (size_t)ls * N * dr, *o = a->o + (size_t)l * N * H * dv, *lat = a->c + (size_t)ls * N * dc;
     float *d_o = a->dwide;
     CUDA_CHECK(cudaMemset(d_o, 0, sizeof(float) * (size_t)N * H * dv));
     gpu_matmul_backward(bl, MHC_GEMM_FAST, d_o, gb->wo, dout, o, b->wo, N, H * dv, C);
     gpu_attention_backward(g->blas.precision, a->dq, a->dkv, a->dkpe, a->dkpe_h, A->att_rowdot, d_o, o,
-                           A->att_lse + (size_t)ls * B * H * T, q, kv, kpe, B, T, c);
+                           A->att_lse + (size_t)l * B * H * T, q, kv, kpe, B, T, c);
     gpu_rope(a->dkpe, N, T, 0, 1, dr, 0, dr, dr, c->rope_theta, 1);
     gpu_rope(a->dq, N, T, 0, H, H * dqk, dn, dqk, dr, c->rope_theta, 1);
     CUDA_CHECK(cudaMemset(a->dlat, 0, sizeof(float) * (size_t)N * dc));
@@ -2290,7 +2294,7 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     CUDA_CHECK(cudaMemcpy(cache->kpe + ((size_t)l * cache->max_len + t) * dr, a->kpe + (size_t)ls * dr, sizeof(float) * dr,
                           cudaMemcpyDeviceToDevice));
     const float *q = a->q + (size_t)ls * H * dqk;
-    float *o = a->o + (size_t)ls * H * dv;
+    float *o = a->o + (size_t)l * H * dv;
     gemm(&g->blas, MHC_GEMM_FAST, 0, 0, 1, dc, dn, 1.0f, q, dqk, b->wukv, w_head, 0.0f, cache->qabs, dc, H);
     mla_decode_attention_kernel<<<H, MHC_BLOCK>>>(cache->olat, cache->scores, cache->qabs, q,
                                                   cache->ckv + (size_t)l * cache->max_len * dc,
@@ -2395,8 +2399,8 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
 
 /* The branch of one sublayer (SPEC §3) from X_s: its coefficients H, y = H_pre X_s, u = RMSNorm(y) and
    f = F_s(u), with every intermediate the backward reads. cache != NULL: one token of absorbed decode
-   (B = T = 1). With recompute the backward calls it again to refill the sublayer's buffers. */
-static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, MhcGpuCache *cache) {
+   (B = T = 1). With recompute the backward calls it again (rerun) to refill the sublayer's buffers. */
+static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, MhcGpuCache *cache, int rerun) {
     const MhcConfig *c = &g->cfg;
     int N = B * T, C = c->d_model, l = s / 2, F = mhc_ffn_width(c);
     int ss = gpu_sub_slot(A, s), ls = gpu_layer_slot(A, l);
@@ -2408,7 +2412,7 @@ static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, 
     if (s % 2 == 0 && cache) {
         gpu_mla_decode_forward(g, cache, l, u, f);
     } else if (s % 2 == 0) {
-        gpu_mla_forward(g, A, l, u, f, B, T);
+        gpu_mla_forward(g, A, l, u, f, B, T, rerun);
     } else if (mhc_is_moe(c, l)) {
         gpu_moe_forward(g, A, l, u, f, B, T);
     } else {
@@ -2423,7 +2427,7 @@ static void gpu_sublayer_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, 
     const MhcConfig *c = &g->cfg;
     int N = B * T, n = c->hc_mult, C = c->d_model, m = mhc_m(c), ss = gpu_sub_slot(A, s);
     MhcActs *a = &A->a;
-    gpu_sublayer_branch_forward(g, A, s, B, T, cache);
+    gpu_sublayer_branch_forward(g, A, s, B, T, cache, 0);
     gpu_stream_merge_forward(a->X + (size_t)(s + 1) * N * n * C, a->coef_H + (size_t)ss * N * m, a->X + (size_t)s * N * n * C,
                              a->f + (size_t)ss * N * C, N, n, C, m);
 }
@@ -2756,7 +2760,7 @@ void mhc_gpu_backward(MhcGpu *g) {
     float *dXo = a->dX, *dX = a->dX2;
     gpu_stream_expand(dXo, a->du, NULL, N, n, C);          /* reduce by sum: every stream receives dz */
     for (int s = S - 1; s >= 0; s--) {
-        if (A->flags & GPU_ACTS_RECOMPUTE) gpu_sublayer_branch_forward(g, A, s, A->B, A->T, NULL);
+        if (A->flags & GPU_ACTS_RECOMPUTE) gpu_sublayer_branch_forward(g, A, s, A->B, A->T, NULL, 1);
         gpu_sublayer_backward(g, A, s, dXo, dX);
         float *swap = dXo;
         dXo = dX;

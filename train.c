@@ -704,9 +704,9 @@ static void usage(void) {
            "  --precision P          GPU GEMMs: fp32 | tf32 | bf16 (default tf32; bf16: bf16 operands, fp32\n"
            "                         accumulate and master weights, untested on real hardware). The CPU build\n"
            "                         takes only fp32 (it computes in fp32, or fp64 when built so)\n"
-           "  --recompute            GPU: keep only the residual streams and recompute each sublayer (and the\n"
-           "                         logits, in chunks) in the backward: about a third more FLOPs, far less\n"
-           "                         activation memory (see --dry-run)\n"
+           "  --recompute            GPU: keep the residual streams and attention outputs, recompute the rest\n"
+           "                         (the logits in chunks) in the backward: the forward's FLOPs again, less\n"
+           "                         attention, for far less activation memory (see --dry-run)\n"
            "  --loss-gap PNG DIR...  plot CE(run) - CE(first run) from finished runs' log.csv\n"
            "  --help\n");
 }
