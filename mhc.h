@@ -1253,8 +1253,9 @@ static void stream_merge_backward(mhc_real *dX, mhc_real *df, mhc_real *dH, cons
    5. MLA (SPEC §9 training/prefill, §10 absorbed decode).                                       */
 
 /* Projections shared by training and decode: q (optionally through the q latent), the KV latent c
-   with its RMSNorm, k_pe, and RoPE at position pos0 + (t mod T). u [N,C]. */
-static void mla_project(MhcModel *md, MhcActs *A, int l, const mhc_real *u, int N, int T, int pos0) {
+   with its RMSNorm, k_pe, and RoPE at position pos0 + (t mod T). u [N,C]. with_kv: also kv = W_ukv c,
+   which training and prefill attend over; absorbed decode (SPEC §10) folds W_ukv into q and o instead. */
+static void mla_project(MhcModel *md, MhcActs *A, int l, const mhc_real *u, int N, int T, int pos0, int with_kv) {
     const MhcConfig *c = &md->cfg;
     const MhcBlock *b = &md->p.blk[l];
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
@@ -1273,7 +1274,7 @@ static void mla_project(MhcModel *md, MhcActs *A, int l, const mhc_real *u, int 
     matmul_forward(c_raw, u, b->wdkv, N, C, dc);                    /* rows [0, d_c) of W_dkv   */
     matmul_forward(kpe, u, b->wdkv + (size_t)dc * C, N, C, dr);     /* rows [d_c, d_c+d_r)      */
     rmsnorm_forward(lat, A->c_rstd + (size_t)l * N, c_raw, b->kv_norm, N, dc, c->rms_eps);
-    matmul_forward(A->kv + (size_t)l * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
+    if (with_kv) matmul_forward(A->kv + (size_t)l * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
 #pragma omp parallel for
     for (int t = 0; t < N; t++) {
         int pos = pos0 + t % T;
@@ -1357,7 +1358,7 @@ static void mla_forward(MhcModel *md, MhcActs *A, int l, const mhc_real *u, mhc_
     const MhcConfig *c = &md->cfg;
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dv = c->v_head_dim;
-    mla_project(md, A, l, u, N, T, 0);
+    mla_project(md, A, l, u, N, T, 0, 1);
     mhc_real *o = A->o + (size_t)l * N * H * dv;
     attention_forward(o, A->att + (size_t)l * B * H * T * T, A->q + (size_t)l * N * H * (dn + dr),
                       A->kv + (size_t)l * N * H * (dn + dv), A->kpe + (size_t)l * N * dr, B, T, c);
@@ -1416,7 +1417,7 @@ static void mla_decode_forward(MhcModel *md, MhcCache *cache, int l, const mhc_r
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, t = cache->len;
     double scale = 1.0 / sqrt((double)dqk);
-    mla_project(md, A, l, u, 1, 1, t);
+    mla_project(md, A, l, u, 1, 1, t, 0);
     mhc_real *ckv = cache->ckv + (size_t)l * cache->max_len * dc, *kpe = cache->kpe + (size_t)l * cache->max_len * dr;
     memcpy(ckv + (size_t)t * dc, A->c + (size_t)l * dc, sizeof(mhc_real) * dc);
     memcpy(kpe + (size_t)t * dr, A->kpe + (size_t)l * dr, sizeof(mhc_real) * dr);

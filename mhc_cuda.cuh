@@ -2140,8 +2140,9 @@ static void gpu_swiglu_ffn_backward(const MhcBlas *bl, float *du, float *dw1, fl
 }
 
 /* SPEC §9 projections of layer l for N tokens at positions pos0 + (t mod T): q (optionally through the q
-   latent), the KV latent c with its RMSNorm, k_pe, kv = W_ukv c, and RoPE (mhc.h mla_project) */
-static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, int T, int pos0) {
+   latent), the KV latent c with its RMSNorm, k_pe, with_kv: kv = W_ukv c (not in absorbed decode), and
+   RoPE (mhc.h mla_project) */
+static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, int T, int pos0, int with_kv) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     const MhcBlas *bl = &g->blas;
@@ -2160,7 +2161,9 @@ static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
     gpu_matmul_forward(bl, MHC_GEMM_FAST, c_raw, u, b->wdkv, N, C, dc);                  /* rows [0, d_c) of W_dkv  */
     gpu_matmul_forward(bl, MHC_GEMM_FAST, kpe, u, b->wdkv + (size_t)dc * C, N, C, dr);   /* rows [d_c, d_c+d_r)     */
     gpu_rmsnorm_forward(lat, A->a.c_rstd + (size_t)ls * N, c_raw, b->kv_norm, N, dc, c->rms_eps);
-    gpu_matmul_forward(bl, MHC_GEMM_FAST, A->a.kv + (size_t)ls * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
+    if (with_kv) {
+        gpu_matmul_forward(bl, MHC_GEMM_FAST, A->a.kv + (size_t)ls * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
+    }
     gpu_rope(q, N, T, pos0, H, H * dqk, dn, dqk, dr, c->rope_theta, 0);
     gpu_rope(kpe, N, T, pos0, 1, dr, 0, dr, dr, c->rope_theta, 0);
 }
@@ -2232,7 +2235,7 @@ static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     const MhcConfig *c = &g->cfg;
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
     int ls = gpu_layer_slot(A, l);
-    gpu_mla_project(g, A, l, u, N, T, 0);
+    gpu_mla_project(g, A, l, u, N, T, 0, 1);
     float *o = A->a.o + (size_t)l * N * H * dv;
     if (!rerun) {
         gpu_attention_forward(g->blas.precision, o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)ls * N * H * (dn + dr),
@@ -2288,7 +2291,7 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, t = cache->len, ls = gpu_layer_slot(&cache->acts, l);
     long long w_head = (long long)(dn + dv) * dc;                /* W_ukv rows of one head */
-    gpu_mla_project(g, &cache->acts, l, u, 1, 1, t);
+    gpu_mla_project(g, &cache->acts, l, u, 1, 1, t, 0);
     CUDA_CHECK(cudaMemcpy(cache->ckv + ((size_t)l * cache->max_len + t) * dc, a->c + (size_t)ls * dc, sizeof(float) * dc,
                           cudaMemcpyDeviceToDevice));
     CUDA_CHECK(cudaMemcpy(cache->kpe + ((size_t)l * cache->max_len + t) * dr, a->kpe + (size_t)ls * dr, sizeof(float) * dr,
