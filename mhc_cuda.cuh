@@ -888,16 +888,25 @@ __global__ void stream_pre_backward_kernel(float *dX, float *dH, const float *dy
     }
 }
 
-/* SPEC §3 X'[i] = H_post[i] f + sum_j H_res[i][j] X[j], one thread per (t, i, c) */
+#define MHC_MAX_STREAMS 16       /* hc_mult's upper bound (mhc.h checks 1..16) */
+
+/* SPEC §3 X'[i] = H_post[i] f + sum_j H_res[i][j] X[j], one thread per (t, c) for all n output streams:
+   the n inputs X[t][j][c] are read once, into registers (loops over MHC_MAX_STREAMS unroll fully) */
 __global__ void stream_merge_forward_kernel(float *Xo, const float *H, const float *X, const float *f, int N, int n, int C, int m) {
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)N * n * C) return;
-    size_t t = idx / ((size_t)n * C), c = idx % C;
-    int i = (int)(idx / C % n);
-    const float *Ht = H + t * m, *Xt = X + t * n * C;
-    float xo = Ht[n + i] * f[t * C + c];
-    for (int j = 0; j < n; j++) xo += Ht[2 * n + i * n + j] * Xt[j * C + c];
-    Xo[idx] = xo;
+    if (idx >= (size_t)N * C) return;
+    size_t t = idx / C, col = t * n * C + (idx - t * C);     /* X[t][0][c] */
+    const float *Ht = H + t * m;
+    float x[MHC_MAX_STREAMS], ft = f[idx];
+#pragma unroll
+    for (int j = 0; j < MHC_MAX_STREAMS; j++) x[j] = j < n ? X[col + (size_t)j * C] : 0.0f;
+    for (int i = 0; i < n; i++) {
+        float xo = Ht[n + i] * ft;
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++)
+            if (j < n) xo += Ht[2 * n + i * n + j] * x[j];
+        Xo[col + (size_t)i * C] = xo;
+    }
 }
 
 /* SPEC §5.1, one block per token: df = H_post^T dX' and dX = H_res^T dX' (PATH 1, overwrite; threads over
@@ -945,7 +954,7 @@ static void gpu_stream_pre_backward(float *dX, float *dH, const float *dy, const
     LAUNCH_CHECK();
 }
 static void gpu_stream_merge_forward(float *Xo, const float *H, const float *X, const float *f, int N, int n, int C, int m) {
-    stream_merge_forward_kernel<<<mhc_blocks((size_t)N * n * C, MHC_BLOCK), MHC_BLOCK>>>(Xo, H, X, f, N, n, C, m);
+    stream_merge_forward_kernel<<<mhc_blocks((size_t)N * C, MHC_BLOCK), MHC_BLOCK>>>(Xo, H, X, f, N, n, C, m);
     LAUNCH_CHECK();
 }
 static void gpu_stream_merge_backward(float *dX, float *df, float *dH, const float *dXo, const float *H, const float *X,
