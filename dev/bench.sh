@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # dev/bench.sh - one benchmark table: training tokens/s, MFU and GPU memory of train_gpu and of the same
 # model in PyTorch (dev/bench_torch.py: dev/reference.py in bf16 autocast, eager and torch.compile) for
-# the small and 3b presets (and the whole 3b with --recompute), the mHC / HC overhead (step time over
-# plain), infer_gpu's batch-1 decode against the bandwidth bound (SPEC §15), and the mHC stream kernels'
-# bandwidth (dev/bench_mhc.c).
+# the small and 3b presets (with RECOMPUTE=1 also --recompute and the whole 3b), the mHC / HC overhead
+# (step time over plain), infer_gpu's batch-1 decode against the bandwidth bound (SPEC §15), and the mHC
+# stream kernels' bandwidth (dev/bench_mhc.c).
 #
 #   bash dev/bench.sh          GPU machine (one H100 or H200): `make gpu`, then about 9 minutes
 #   bash dev/bench.sh --cpu    smoke test of the same pipeline with the CPU builds and the tiny preset
@@ -23,6 +23,8 @@
 #   TORCH_STEPS=10 TORCH_WARMUP=3    PyTorch: timed steps after untimed warm-up steps (compilation)
 #   TORCH_DTYPE=bf16                 bf16 (fp32 weights + bf16 autocast) or fp32
 #   MODES="plain hc"                 residual modes timed against mhc for the overhead rows
+#   RECOMPUTE=0                      1: also mhc with --recompute per preset, and the whole 3b preset (12 layers)
+#                                    with it (about 4 more minutes: raise BUDGET_S or drop MODES to fit)
 #   DECODE_TOKENS=256 DECODE_SEQ=512 decode: tokens generated; seq_len of the short run that makes the checkpoint
 #   PEAK_TFLOPS                      MFU denominator; default 989 (dense BF16) on H100 / H200, else MFU is n/a
 set -euo pipefail
@@ -349,7 +351,7 @@ fi
 for slot in "${SLOTS[@]}"; do
     ours "$slot" mhc
     [ "$CPU" = 1 ] || ours "$slot" mhc bf16
-    [ "$CPU" = 1 ] || ours "$slot" mhc recompute
+    [ "$CPU" = 1 ] || [ "${RECOMPUTE:-0}" != 1 ] || ours "$slot" mhc recompute
     torchrun "$slot" eager
     torchrun "$slot" compile
     for mode in $MODES; do ours "$slot" "$mode"; done
@@ -357,7 +359,8 @@ for slot in "${SLOTS[@]}"; do
     for mode in $MODES; do [ "$mode" = plain ] || [ "$mode" = mhc ] || overhead "$slot" "$mode"; done
     decode "$slot"
 done
-[ "$CPU" = 1 ] || ours full mhc recompute       # the whole 3b preset on one GPU (the CPU build has no --recompute)
+# the whole 3b preset on one GPU (the CPU build has no --recompute)
+[ "$CPU" = 1 ] || [ "${RECOMPUTE:-0}" != 1 ] || ours full mhc recompute
 
 # ---- 5. the table -----------------------------------------------------------------------------
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -381,7 +384,7 @@ OUT_MD=$OUTDIR/bench.md
     if [ "$CPU" = 1 ]; then
         echo "- ours: $STEPS steps with \`--bench\`, the first $SKIP untimed; tokens/s = tokens per step / mean step time of the rest (CPU build, fp32, OpenMP)."
     else
-        echo "- ours: $STEPS steps with \`--bench\`, the first $SKIP untimed; tokens/s = tokens per step / mean step time of the rest. fp32 weights and activations, TF32 GEMMs (the bf16 row: \`--precision bf16\`, bf16 GEMM operands, fp32 master weights). GPU mem = device memory in use after step 1 (cudaMemGetInfo, CUDA context included); arena = mhc_gpu's buffers (weights, optimizer state, activations)${TRAIN_FLAGS_NOTE}; the whole-3b row: all 12 layers with \`--recompute\`."
+        echo "- ours: $STEPS steps with \`--bench\`, the first $SKIP untimed; tokens/s = tokens per step / mean step time of the rest. fp32 weights and activations, TF32 GEMMs (the bf16 row: \`--precision bf16\`, bf16 GEMM operands, fp32 master weights). GPU mem = device memory in use after step 1 (cudaMemGetInfo, CUDA context included); arena = mhc_gpu's buffers (weights, optimizer state, activations)${TRAIN_FLAGS_NOTE}; the whole-3b row (RECOMPUTE=1): all 12 layers with \`--recompute\`."
     fi
     precision="fp32 weights with bf16 autocast"
     [ "$TORCH_DTYPE" = bf16 ] || precision="fp32 throughout"
