@@ -33,8 +33,8 @@
    residual streams X_s of every sublayer, the attention outputs o and their lse of every layer, and the
    losses; each sublayer's backward first reruns its branch from X_s into one shared set of buffers (all
    but the attention kernel, the costliest piece and the one whose output is kept), and the head's logits
-   live MHC_LOGIT_CHUNK_ROWS rows at a time, recomputed chunk by chunk in the backward. The kernels are deterministic, so the rerun rebuilds
-   the very bits the backward would have read.
+   live MHC_LOGIT_CHUNK_ROWS rows at a time, recomputed chunk by chunk in the backward. The kernels are
+   deterministic, so the rerun rebuilds the very bits the backward would have read.
 
    Determinism: no float atomics. A reduction is a warp's butterfly, a block's fixed tree, or per-block
    partials summed in a fixed order; the scatters (embedding gradient, expert outputs) loop over a
@@ -165,8 +165,9 @@ void mhc_gpu_free(MhcGpu *g);
 void mhc_gpu_set_precision(MhcGpu *g, int precision);
 void mhc_gpu_set_tf32(MhcGpu *g, int enable);        /* 1: MHC_PREC_TF32, 0: MHC_PREC_FP32 (kept for old callers) */
 /* 1: keep the residual streams and attention outputs, recompute the rest in the backward (see Memory
-   above): the forward's FLOPs once more, less attention's, for much less activation memory. Then a forward without targets keeps logits only when
-   B*T <= MHC_LOGIT_CHUNK_ROWS. Call it between steps, like mhc_gpu_set_precision. */
+   above): the forward's FLOPs once more, less attention's, for much less activation memory. Then a
+   forward without targets keeps logits only when B*T <= MHC_LOGIT_CHUNK_ROWS. Call it between steps,
+   like mhc_gpu_set_precision. */
 void mhc_gpu_set_recompute(MhcGpu *g, int enable);
 /* device bytes of the activation buffers of a B x T training forward with that precision and recompute
    setting (what the first forward allocates); touches no GPU */
