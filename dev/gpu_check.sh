@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # dev/gpu_check.sh - the checks one call on the GPU machine should make, logs under $OUT (default
 # runs/gpu_check): `make gpu`, the GPU test group, the mHC kernels' bandwidth (dev/bench_mhc), and where
-# a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers, and what limits
-# the mHC kernels (with NCU=1: ncu sections; the full report in ncu_mhc.txt). About 4 minutes on an H100; the full
-# benchmark table is dev/bench.sh. Needs the default corpus. Eight files under $OUT, the most one device
-# call brings back.
+# a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers, where small's
+# batch-1 decode time goes, and what limits the mHC kernels (with NCU=1: ncu sections; the full report in
+# ncu_mhc.txt). About 5 minutes on an H100; the full benchmark table is dev/bench.sh. Needs the default
+# corpus. At most eight files under $OUT, the most one device call brings back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export OUT=${OUT:-runs/gpu_check}
@@ -26,6 +26,13 @@ done
 rm -f "$OUT/train.log"
 NAME=profile_small timeout 200 bash dev/profile.sh --preset small --batch 32 --seq-len 1024 | head -18
 NAME=profile_3b timeout 200 bash dev/profile.sh --preset 3b --set n_layers=4 --batch 2 --seq-len 4096 | head -18
+# decode of small at batch 1: its time per token, then its kernels per token (is it kernels or launches?)
+./train_gpu --preset small --batch 1 --seq-len 256 --steps 1 --eval-every 1 --eval-batches 1 --out runs/gpu_check_ckpt \
+    >/dev/null 2>&1 || echo "gpu_check: the decode checkpoint failed"
+./infer_gpu runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 64 --temperature 0 \
+    2>&1 >/dev/null | tail -n 1
+NAME=profile_decode timeout 200 bash dev/profile.sh --infer runs/gpu_check_ckpt/model.safetensors \
+    --prompt "The state of the Union" | head -24
 # what limits the mHC kernels (NCU=1): one launch of each under Nsight Compute's throughput, occupancy and stall sections
 [ "${NCU:-0}" = 1 ] || exit 0
 for k in mhc_pre_forward_kernel mhc_pre_backward_kernel stream_merge_forward_kernel; do
