@@ -2647,11 +2647,12 @@ static void gpu_test_determinism(const MhcConfig *cfg) {
 }
 
 /* mhc_gpu_set_recompute: the same loss, expert loads and gradients as keeping every activation, with the
-   logits in chunks (partial last one) and one layer's buffers. Exact fp32: the recompute runs the same
-   kernels on the same inputs, so only the order in which the head's weight gradient adds its chunks'
-   partial sums (and on hardware, cuBLAS's choice of kernel for the chunk-sized GEMMs) may move a result,
-   by fp32 rounding: tol 1e-5 per tensor. A stale buffer or a wrong chunk offset is an O(1) error. */
-static void gpu_test_recompute(const char *name, const MhcConfig *cfg) {
+   logits in chunks (partial last one) and one layer's buffers. The recompute runs the same kernels on the
+   same inputs (bf16: the same roundings, with operand scratch sized for a chunk of dlogits), so only the
+   order in which the head's weight gradient adds its chunks' partial sums (and on hardware, cuBLAS's
+   choice of kernel for the chunk-sized GEMMs) may move a result, by fp32 rounding: tol 1e-5 per tensor.
+   A stale buffer or a wrong chunk offset is an O(1) error. */
+static void gpu_test_recompute(const char *name, const MhcConfig *cfg, int precision) {
     MhcModel m;
     MhcGpu g[2];
     gt_model(&m, cfg, 17);
@@ -2664,7 +2665,7 @@ static void gpu_test_recompute(const char *name, const MhcConfig *cfg) {
     double loss[2];
     for (int r = 0; r < 2; r++) {
         if (mhc_gpu_init(&g[r], &m, B, T)) { check(0, "gpu recompute %s: init failed", name); return; }
-        mhc_gpu_set_precision(&g[r], MHC_PREC_FP32);
+        mhc_gpu_set_precision(&g[r], precision);
         mhc_gpu_set_recompute(&g[r], r);
         mhc_gpu_zero_grad(&g[r]);
         loss[r] = mhc_gpu_forward(&g[r], tokens, targets, B, T);
@@ -2685,13 +2686,14 @@ static void gpu_test_recompute(const char *name, const MhcConfig *cfg) {
     }
     size_t bytes[2] = {g[0].acts.arena.bytes, g[1].acts.arena.bytes};
     int loads_equal = !memcmp(load[0], load[1], sizeof(int) * LE), chunked = g[1].acts.logit_rows < N;
-    int measured = bytes[1] == mhc_gpu_acts_bytes(cfg, B, T, MHC_PREC_FP32, 1) &&
-                   bytes[0] == mhc_gpu_acts_bytes(cfg, B, T, MHC_PREC_FP32, 0);
+    int measured = bytes[1] == mhc_gpu_acts_bytes(cfg, B, T, precision, 1) &&
+                   bytes[0] == mhc_gpu_acts_bytes(cfg, B, T, precision, 0);
     check(worst <= 1e-5 && loss[0] == loss[1] && loads_equal && chunked && measured && bytes[1] < bytes[0],
-          "gpu recompute %s: loss %s, step loads %s, worst gradient %.1e in %s (tol 1e-5; %d of %d tensors bit-identical), "
+          "gpu recompute %s%s: loss %s, step loads %s, worst gradient %.1e in %s (tol 1e-5; %d of %d tensors bit-identical), "
           "logits in chunks of %d of %d rows, activations %zu -> %zu bytes (mhc_gpu_acts_bytes %s)", name,
-          loss[0] == loss[1] ? "identical" : "DIFFERS", loads_equal ? "identical" : "DIFFER", worst, worst_name, n_identical,
-          m.n_tensors, g[1].acts.logit_rows, N, bytes[0], bytes[1], measured ? "agrees" : "DISAGREES");
+          precision == MHC_PREC_BF16 ? " bf16" : "", loss[0] == loss[1] ? "identical" : "DIFFERS",
+          loads_equal ? "identical" : "DIFFER", worst, worst_name, n_identical, m.n_tensors, g[1].acts.logit_rows, N, bytes[0],
+          bytes[1], measured ? "agrees" : "DISAGREES");
     for (int r = 0; r < 2; r++) { free(load[r]); mhc_gpu_free(&g[r]); }
     free(tokens); free(targets);
     mhc_model_free(&m);
@@ -2826,8 +2828,9 @@ void gpu_tests(void) {
     gpu_test_training(&mhc);
     gpu_test_grad_accum(&mhc);
     gpu_test_determinism(&mhc);
-    gpu_test_recompute("mhc", &mhc);
-    gpu_test_recompute("hc", &hc);
+    gpu_test_recompute("mhc", &mhc, MHC_PREC_FP32);
+    gpu_test_recompute("mhc", &mhc, MHC_PREC_BF16);
+    gpu_test_recompute("hc", &hc, MHC_PREC_FP32);
     gpu_test_decode(&mhc);
     gpu_test_decode(&qg);
     gpu_test_checkpoint(&mhc);
