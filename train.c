@@ -661,7 +661,7 @@ typedef struct {
     int eval_every, eval_batches, ckpt_every, threads, dry_run, resume, stop_after, bench;
     int grad_accum;           /* micro-batches per step: forward + backward of batch/grad_accum sequences each */
     int precision;            /* index into precision_names: GEMM precision (GPU build)               */
-    int recompute;            /* GPU build: keep only the residual streams, recompute the rest        */
+    int recompute;            /* GPU build: --recompute (mhc_gpu_set_recompute)                       */
     uint64_t seed;
 } Options;
 
