@@ -2571,12 +2571,17 @@ void mhc_gpu_set_precision(MhcGpu *g, int precision) {
 
 void mhc_gpu_set_recompute(MhcGpu *g, int enable) { g->recompute = enable != 0; }
 
+/* the buffers of a training forward: with the bf16 operand scratch, with recompute's one-layer slots */
+static int gpu_training_acts_flags(int bf16, int recompute) {
+    return GPU_ACTS_GRAD | (bf16 ? GPU_ACTS_BF16 : 0) | (recompute ? GPU_ACTS_RECOMPUTE : 0);
+}
+
 /* The activation buffers a forward of B x T needs with g's settings (the bf16 operand scratch once the
    bf16 weight copy exists, recompute): kept when they already are those, else freed and allocated anew
    (which forgets the last forward). Out of memory is fatal. */
 static void gpu_acts_ensure(MhcGpu *g, int B, int T, const char *who) {
     MhcGpuActs *A = &g->acts;
-    int flags = GPU_ACTS_GRAD | (g->params_bf16 ? GPU_ACTS_BF16 : 0) | (g->recompute ? GPU_ACTS_RECOMPUTE : 0);
+    int flags = gpu_training_acts_flags(g->params_bf16 != NULL, g->recompute);
     if (A->flags == flags && A->B == B && A->T == T) return;
     gpu_acts_free(A);
     g->has_targets = 0;
@@ -2592,9 +2597,7 @@ static void gpu_acts_ensure(MhcGpu *g, int B, int T, const char *who) {
 
 size_t mhc_gpu_acts_bytes(const MhcConfig *c, int B, int T, int precision, int recompute) {
     MhcGpuActs A;
-    int flags = GPU_ACTS_GRAD | GPU_ACTS_MEASURE | (precision == MHC_PREC_BF16 ? GPU_ACTS_BF16 : 0) |
-                (recompute ? GPU_ACTS_RECOMPUTE : 0);
-    gpu_acts_init(&A, c, B, T, flags);
+    gpu_acts_init(&A, c, B, T, gpu_training_acts_flags(precision == MHC_PREC_BF16, recompute) | GPU_ACTS_MEASURE);
     return A.arena.bytes;
 }
 
