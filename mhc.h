@@ -747,82 +747,78 @@ void mhc_init_params(MhcModel *m, uint64_t seed) {
 }
 
 /* ---------------------------------------------------------------------------------------------
-   3. Primitives. Every matrix product goes through gemm_dot: out[i][j] (+)= A[i,:] . B[j,:], computed
-      in 4 x 4 register blocks inside cache tiles, the reduction split into fixed chunks. Each output
-      is owned by one thread and summed in a fixed order, so results are deterministic.            */
-#define MHC_TILE 64
-#define MHC_KCHUNK 256
+   3. Primitives. Every matrix product goes through strided_gemm: out[m][n] (+)= sum_k A(m,k) B(n,k),
+      each operand read through a row and a column stride, so a transposed operand needs no copy.
+      A task owns MHC_GEMM_ROWS rows x MHC_GEMM_NR columns of out. For each MHC_KCHUNK slice of k it
+      copies its columns of B into a k-major panel, then builds MHC_GEMM_MR x MHC_GEMM_NR blocks of
+      out in registers as sums of outer products: per k, MR values of A broadcast times one panel row.
+      Each output is owned by one task and summed in k order, so results are deterministic and the
+      same for any thread count.                                                                    */
+#define MHC_KCHUNK 256        /* k per panel: 256 x 32 values, 32 KiB in float, stay in L1         */
+#define MHC_GEMM_ROWS 1024    /* rows of out per task: each packed panel serves this many rows      */
+#define MHC_GEMM_MR 6         /* register block of out: 6 x 32 accumulators, 12 AVX-512 registers  */
+#define MHC_GEMM_NR 32
 static int mhc_min(int a, int b) { return a < b ? a : b; }
 static mhc_real mhc_sigmoid(mhc_real z) { return (mhc_real)(1.0 / (1.0 + exp(-(double)z))); }
 /* exp in the working precision: the softmax over V logits is the one place where exp is hot */
 static mhc_real mhc_exp(mhc_real x) { return sizeof(mhc_real) == sizeof(float) ? (mhc_real)expf((float)x) : (mhc_real)exp((double)x); }
 
-/* out[0..3][0..3] (+)= the 16 dot products of 4 rows of A with 4 rows of B over k values */
-static void dot_block4x4(mhc_real *out, int ldo, const mhc_real *A, int lda, const mhc_real *B, int ldb, int k, int add) {
-    const mhc_real *a0 = A, *a1 = A + lda, *a2 = A + 2 * (size_t)lda, *a3 = A + 3 * (size_t)lda;
-    const mhc_real *b0 = B, *b1 = B + ldb, *b2 = B + 2 * (size_t)ldb, *b3 = B + 3 * (size_t)ldb;
-    mhc_real s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
-    mhc_real s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
-#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
-    for (int i = 0; i < k; i++) {
-        s00 += a0[i] * b0[i]; s01 += a0[i] * b1[i]; s02 += a0[i] * b2[i]; s03 += a0[i] * b3[i];
-        s10 += a1[i] * b0[i]; s11 += a1[i] * b1[i]; s12 += a1[i] * b2[i]; s13 += a1[i] * b3[i];
-        s20 += a2[i] * b0[i]; s21 += a2[i] * b1[i]; s22 += a2[i] * b2[i]; s23 += a2[i] * b3[i];
-        s30 += a3[i] * b0[i]; s31 += a3[i] * b1[i]; s32 += a3[i] * b2[i]; s33 += a3[i] * b3[i];
-    }
-    mhc_real s[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < 4; c++) out[(size_t)r * ldo + c] = (add ? out[(size_t)r * ldo + c] : 0) + s[r][c];
+/* packed[k][j] = B(n0 + j, k0 + k) for k < kc, j < cols; zero for the columns past the right edge */
+static void gemm_pack_panel(mhc_real *packed, const mhc_real *B, size_t b_n, size_t b_k, int n0, int cols, int k0, int kc) {
+    for (int k = 0; k < kc; k++)
+        for (int j = 0; j < MHC_GEMM_NR; j++)
+            packed[(size_t)k * MHC_GEMM_NR + j] = j < cols ? B[(size_t)(n0 + j) * b_n + (size_t)(k0 + k) * b_k] : 0;
 }
 
-/* out[M,N] (+)= A[M,K] @ B[N,K]^T  (add = 0 overwrites) */
-static void gemm_dot(mhc_real *out, const mhc_real *A, const mhc_real *B, int M, int N, int K, int add) {
-#pragma omp parallel for collapse(2) schedule(dynamic)
-    for (int m0 = 0; m0 < M; m0 += MHC_TILE)
-        for (int n0 = 0; n0 < N; n0 += MHC_TILE) {
-            int m1 = mhc_min(m0 + MHC_TILE, M), n1 = mhc_min(n0 + MHC_TILE, N);
-            for (int k0 = 0; k0 < K || k0 == 0; k0 += MHC_KCHUNK) {
-                int k = mhc_min(MHC_KCHUNK, K - k0), first = k0 == 0 && !add;
-                for (int m = m0; m < m1; m += 4)
-                    for (int n = n0; n < n1; n += 4) {
-                        const mhc_real *a = A + (size_t)m * K + k0, *b = B + (size_t)n * K + k0;
-                        mhc_real *o = out + (size_t)m * N + n;
-                        if (m + 4 <= m1 && n + 4 <= n1) {
-                            dot_block4x4(o, N, a, K, b, K, k, !first);
-                            continue;
-                        }
-                        for (int r = 0; r < mhc_min(4, m1 - m); r++)     /* edge of the matrix */
-                            for (int c = 0; c < mhc_min(4, n1 - n); c++) {
-                                mhc_real sum = 0;
-                                const mhc_real *ar = a + (size_t)r * K, *bc = b + (size_t)c * K;
-#pragma omp simd reduction(+ : sum)
-                                for (int i = 0; i < k; i++) sum += ar[i] * bc[i];
-                                if (!first) sum += o[(size_t)r * N + c];
-                                o[(size_t)r * N + c] = sum;
-                            }
-                    }
-                if (K == 0) break;
-            }
+/* out[r][j] (+)= sum_k A(r, k) packed[k][j] for r < rows, j < cols. Rows past the bottom edge read
+   row 0 and are not stored. */
+static void gemm_block(mhc_real *out, size_t ldo, const mhc_real *A, size_t a_m, size_t a_k, const mhc_real *packed,
+                       int kc, int rows, int cols, int add) {
+    const mhc_real *a_row[MHC_GEMM_MR];
+    for (int r = 0; r < MHC_GEMM_MR; r++) a_row[r] = A + (size_t)(r < rows ? r : 0) * a_m;
+    mhc_real acc[MHC_GEMM_MR][MHC_GEMM_NR] = {{0}};
+    for (int k = 0; k < kc; k++) {
+        const mhc_real *p = packed + (size_t)k * MHC_GEMM_NR;
+        for (int r = 0; r < MHC_GEMM_MR; r++) {
+            mhc_real a = a_row[r][(size_t)k * a_k];
+#pragma omp simd
+            for (int j = 0; j < MHC_GEMM_NR; j++) acc[r][j] += a * p[j];
         }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < cols; j++) out[r * ldo + j] = (add ? out[r * ldo + j] : 0) + acc[r][j];
 }
 
-/* dst[cols, rows] = src[rows, cols]^T, src rows have stride ld; 32 x 32 blocks stay in cache */
-static void transpose(mhc_real *dst, const mhc_real *src, int rows, int cols, int ld) {
-#pragma omp parallel for collapse(2)
-    for (int r0 = 0; r0 < rows; r0 += 32)
-        for (int c0 = 0; c0 < cols; c0 += 32)
-            for (int r = r0; r < mhc_min(r0 + 32, rows); r++)
-                for (int c = c0; c < mhc_min(c0 + 32, cols); c++) dst[(size_t)c * rows + r] = src[(size_t)r * ld + c];
+/* out[M,N] (+)= A B^T with A(m,k) = A[m a_m + k a_k], B(n,k) = B[n b_n + k b_k]  (add = 0 overwrites) */
+static void strided_gemm(mhc_real *out, const mhc_real *A, size_t a_m, size_t a_k, const mhc_real *B, size_t b_n, size_t b_k,
+                         int M, int N, int K, int add) {
+#pragma omp parallel
+    {
+        mhc_real *packed = (mhc_real *)mhc_calloc((size_t)MHC_KCHUNK * MHC_GEMM_NR, sizeof(mhc_real));
+#pragma omp for collapse(2) schedule(dynamic)
+        for (int n0 = 0; n0 < N; n0 += MHC_GEMM_NR)
+            for (int m0 = 0; m0 < M; m0 += MHC_GEMM_ROWS) {
+                int m1 = mhc_min(m0 + MHC_GEMM_ROWS, M), cols = mhc_min(MHC_GEMM_NR, N - n0);
+                for (int k0 = 0; k0 < K || k0 == 0; k0 += MHC_KCHUNK) {    /* K = 0 still writes the zeros */
+                    int kc = mhc_min(MHC_KCHUNK, K - k0), first = k0 == 0 && !add;
+                    gemm_pack_panel(packed, B, b_n, b_k, n0, cols, k0, kc);
+                    for (int m = m0; m < m1; m += MHC_GEMM_MR)
+                        gemm_block(out + (size_t)m * N + n0, (size_t)N, A + m * a_m + k0 * a_k, a_m, a_k, packed, kc,
+                                   mhc_min(MHC_GEMM_MR, m1 - m), cols, !first);
+                    if (K == 0) break;
+                }
+            }
+        free(packed);
+    }
 }
 
 /* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row) */
 static void matmul_forward(mhc_real *out, const mhc_real *in, const mhc_real *W, int N, int Ci, int O) {
-    gemm_dot(out, in, W, N, O, Ci, 0);
+    strided_gemm(out, in, (size_t)Ci, 1, W, (size_t)Ci, 1, N, O, Ci, 0);
 }
 
-/* din[N,Ci] += dout[N,O] @ W[O,Ci]   (din may be NULL);   dW[O,Ci] += dout^T @ in   (dW may be NULL).
-   Large N: gemm_dot on transposed operands, dW summed over row chunks of MHC_KCHUNK in order.
-   Small N (one token's expert): plain row updates, no transposes. */
+/* din[N,Ci] += dout[N,O] @ W[O,Ci]   (din may be NULL);   dW[O,Ci] += dout^T @ in   (dW may be NULL),
+   summed over the N rows in order. Small N (one token's expert): plain row updates. */
 static void matmul_backward(mhc_real *din, mhc_real *dW, const mhc_real *dout, const mhc_real *in,
                             const mhc_real *W, int N, int Ci, int O) {
     if (N < 16) {
@@ -838,25 +834,8 @@ static void matmul_backward(mhc_real *din, mhc_real *dW, const mhc_real *dout, c
             }
         return;
     }
-    if (din) {
-        mhc_real *WT = (mhc_real *)mhc_calloc((size_t)Ci * O, sizeof(mhc_real));
-        transpose(WT, W, O, Ci, Ci);
-        gemm_dot(din, dout, WT, N, Ci, O, 1);
-        free(WT);
-    }
-    if (dW) {
-        int chunk = mhc_min(N, MHC_KCHUNK);
-        mhc_real *doutT = (mhc_real *)mhc_calloc((size_t)O * chunk, sizeof(mhc_real));
-        mhc_real *inT = (mhc_real *)mhc_calloc((size_t)Ci * chunk, sizeof(mhc_real));
-        for (int n0 = 0; n0 < N; n0 += chunk) {
-            int rows = mhc_min(chunk, N - n0);
-            transpose(doutT, dout + (size_t)n0 * O, rows, O, O);
-            transpose(inT, in + (size_t)n0 * Ci, rows, Ci, Ci);
-            gemm_dot(dW, doutT, inT, O, Ci, rows, 1);
-        }
-        free(doutT);
-        free(inT);
-    }
+    if (din) strided_gemm(din, dout, (size_t)O, 1, W, 1, (size_t)Ci, N, Ci, O, 1);      /* din(n, i) += sum_o dout(n, o) W(o, i) */
+    if (dW) strided_gemm(dW, dout, 1, (size_t)O, in, 1, (size_t)Ci, O, Ci, N, 1);       /* dW(o, i) += sum_n dout(n, o) in(n, i) */
 }
 
 /* SPEC §8: y = g * x * r,  r = (mean(x^2) + eps)^(-1/2); in, out [N,D]; rstd [N] */
