@@ -96,19 +96,37 @@ static int by_probability(const void *a, const void *b) {
     return x->id - y->id;
 }
 
-/* temperature, then top-k, then top-p (nucleus), then one draw; temperature 0 is argmax */
-static int sample_token(const float *logits, int V, const Options *o, Candidate *cand, uint64_t *rng) {
+/* cand[0..keep) = the keep most probable of the V tokens, in by_probability order, from one pass: a
+   token below the least kept one costs one comparison, any other is inserted in place. keep = V sorts. */
+static void most_probable(Candidate *cand, int keep, const double *p, int V) {
+    if (keep == V) {
+        for (int v = 0; v < V; v++) cand[v] = (Candidate){p[v], v};
+        qsort(cand, (size_t)V, sizeof(Candidate), by_probability);
+        return;
+    }
+    int kept = 0;
+    for (int v = 0; v < V; v++) {
+        Candidate c = {p[v], v};
+        if (kept == keep && by_probability(&c, &cand[keep - 1]) > 0) continue;
+        int i = kept < keep ? kept++ : keep - 1;
+        for (; i > 0 && by_probability(&c, &cand[i - 1]) < 0; i--) cand[i] = cand[i - 1];
+        cand[i] = c;
+    }
+}
+
+/* temperature, then top-k, then top-p (nucleus), then one draw; temperature 0 is argmax.
+   p [V]: scratch for the unnormalised probabilities. */
+static int sample_token(const float *logits, int V, const Options *o, double *p, Candidate *cand, uint64_t *rng) {
     int best = 0;
     for (int v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
     if (o->temperature == 0) return best;
     double sum = 0;
     for (int v = 0; v < V; v++) {
-        cand[v].p = exp((logits[v] - logits[best]) / o->temperature);
-        cand[v].id = v;
-        sum += cand[v].p;
+        p[v] = exp((logits[v] - logits[best]) / o->temperature);
+        sum += p[v];
     }
-    qsort(cand, (size_t)V, sizeof(Candidate), by_probability);
     int keep = o->top_k > 0 && o->top_k < V ? o->top_k : V;
+    most_probable(cand, keep, p, V);
     double mass = 0;
     for (int k = 0; k < keep; k++) {
         mass += cand[k].p / sum;
@@ -165,12 +183,13 @@ int main(int argc, char **argv) {
                 o.max_tokens, cfg.seq_len);
         return 2;
     }
-    int *prompt = (int *)calloc((size_t)P, sizeof(int));
+    int *prompt = (int *)mhc_calloc((size_t)P, sizeof(int));
     prompt[0] = (int)bpe_eot_id(&tok);
     for (int i = 1; i < P; i++) prompt[i] = (int)ids[i - 1];
-    float *logits = (float *)calloc((size_t)V, sizeof(float));
-    mhc_real *out = (mhc_real *)calloc((size_t)V, sizeof(mhc_real));
-    Candidate *cand = (Candidate *)calloc((size_t)V, sizeof(Candidate));
+    float *logits = (float *)mhc_calloc((size_t)V, sizeof(float));
+    mhc_real *out = (mhc_real *)mhc_calloc((size_t)V, sizeof(mhc_real));
+    Candidate *cand = (Candidate *)mhc_calloc((size_t)V, sizeof(Candidate));
+    double *prob = (double *)mhc_calloc((size_t)V, sizeof(double));
     uint64_t rng = o.seed;
 
     fputs(o.prompt, stdout);
@@ -190,7 +209,7 @@ int main(int argc, char **argv) {
     double t1 = now_seconds();
     int generated = 0;
     for (; generated < o.max_tokens; generated++) {
-        int next = sample_token(logits, V, &o, cand, &rng);
+        int next = sample_token(logits, V, &o, prob, cand, &rng);
         if (next == (int)bpe_eot_id(&tok)) break;
         print_token(&tok, next);
         if (generated + 1 == o.max_tokens) { generated++; break; }
@@ -211,7 +230,7 @@ int main(int argc, char **argv) {
 #else
     mhc_cache_free(&cache);
 #endif
-    free(prompt); free(logits); free(out); free(cand); free(ids);
+    free(prompt); free(logits); free(out); free(cand); free(prob); free(ids);
     bpe_free(&tok);
     mhc_model_free(&m);
     return 0;
