@@ -1032,7 +1032,7 @@ static int log_truncate(const char *path, int upto) {
 
 static void plot_history(const History *h, const char *dir) {
     char path[4096];
-    float *vx = (float *)calloc((size_t)h->n + 1, sizeof(float)), *vy = (float *)calloc((size_t)h->n + 1, sizeof(float));
+    float *vx = (float *)mhc_calloc((size_t)h->n + 1, sizeof(float)), *vy = (float *)mhc_calloc((size_t)h->n + 1, sizeof(float));
     int nv = 0;
     for (int i = 0; i < h->n; i++)
         if (!isnan(h->val[i])) { vx[nv] = h->step[i]; vy[nv++] = h->val[i]; }
@@ -1077,11 +1077,11 @@ static void diagnostics(Trainer *tr, const int *probe, const char *dir, int step
     int T = c->seq_len, n = c->hc_mult, m = mhc_m(c), S = 2 * c->n_layers, L = c->n_layers, nn = n * n;
     mhc_forward_acts(&tr->m, &tr->probe, probe, NULL, 1, T);
     const mhc_real *Hall = tr->probe.coef_H;  /* [S, T, m]; H_res at offset 2n */
-    double *gf = (double *)calloc((size_t)S * 4, sizeof(double));       /* GF, GB, CGF, CGB per sublayer */
-    double *Hbar = (double *)calloc((size_t)S * nn, sizeof(double)), *Pbar = (double *)calloc((size_t)S * nn, sizeof(double));
-    double *half = (double *)calloc((size_t)3 * nn, sizeof(double));     /* first half, second half, full */
-    double *P = (double *)calloc((size_t)nn, sizeof(double)), *tmp = (double *)calloc((size_t)nn, sizeof(double));
-    double *H = (double *)calloc((size_t)nn, sizeof(double)), *Q = (double *)calloc((size_t)nn, sizeof(double));
+    double *gf = (double *)mhc_calloc((size_t)S * 4, sizeof(double));       /* GF, GB, CGF, CGB per sublayer */
+    double *Hbar = (double *)mhc_calloc((size_t)S * nn, sizeof(double)), *Pbar = (double *)mhc_calloc((size_t)S * nn, sizeof(double));
+    double *half = (double *)mhc_calloc((size_t)3 * nn, sizeof(double));     /* first half, second half, full */
+    double *P = (double *)mhc_calloc((size_t)nn, sizeof(double)), *tmp = (double *)mhc_calloc((size_t)nn, sizeof(double));
+    double *H = (double *)mhc_calloc((size_t)nn, sizeof(double)), *Q = (double *)mhc_calloc((size_t)nn, sizeof(double));
     for (int t = 0; t < T; t++) {
         for (int k = 0; k < nn; k++) P[k] = k % (n + 1) == 0;   /* P = I, then P_s = P_{s+1} @ H_s, s = S-1..0 */
         for (int k = 0; k < nn; k++) Q[k] = k % (n + 1) == 0;   /* prefix product H_{s} @ ... @ H_0 */
@@ -1125,7 +1125,7 @@ static void diagnostics(Trainer *tr, const int *probe, const char *dir, int step
     } else {
         fprintf(stderr, "train: cannot write %s: %s\n", path, strerror(errno));
     }
-    float *xs = (float *)calloc((size_t)S, sizeof(float)), *ys = (float *)calloc((size_t)S * 4, sizeof(float));
+    float *xs = (float *)mhc_calloc((size_t)S, sizeof(float)), *ys = (float *)mhc_calloc((size_t)S * 4, sizeof(float));
     for (int s = 0; s < S; s++) {
         xs[s] = (float)s;
         for (int k = 0; k < 4; k++) ys[k * S + s] = (float)gf[s * 4 + k];
@@ -1138,7 +1138,7 @@ static void diagnostics(Trainer *tr, const int *probe, const char *dir, int step
     snprintf(title, sizeof title, "Amax gain magnitude (%s, step %d, token mean)", c->residual == MHC_RESIDUAL_MHC ? "mHC" : "HC", step);
     out_path(path, sizeof path, dir, "gains.png");
     plot_lines(path, title, "sublayer s", "gain", g, 4, 1);
-    float *mats = (float *)calloc((size_t)6 * nn, sizeof(float));
+    float *mats = (float *)mhc_calloc((size_t)6 * nn, sizeof(float));
     int pick[3] = {0, L, S - 1};
     for (int p = 0; p < 3; p++)
         for (int k = 0; k < nn; k++) mats[p * nn + k] = (float)Hbar[pick[p] * nn + k];
@@ -1174,8 +1174,8 @@ static int loss_gap(const char *png, char **dirs, int n) {
         out_path(path, sizeof path, dirs[r], "log.csv");
         if (history_read(h, path, -1) || h->n == 0) { fprintf(stderr, "train: cannot read %s\n", path); return 1; }
         int len = h->n < base.n ? h->n : base.n, nv = 0;
-        float *raw = (float *)calloc((size_t)len, sizeof(float)), *ema = (float *)calloc((size_t)len, sizeof(float));
-        float *vx = (float *)calloc((size_t)len, sizeof(float)), *vy = (float *)calloc((size_t)len, sizeof(float));
+        float *raw = (float *)mhc_calloc((size_t)len, sizeof(float)), *ema = (float *)mhc_calloc((size_t)len, sizeof(float));
+        float *vx = (float *)mhc_calloc((size_t)len, sizeof(float)), *vy = (float *)mhc_calloc((size_t)len, sizeof(float));
         double e = 0;
         for (int i = 0; i < len; i++) {
             raw[i] = h->loss[i] - base.loss[i];
@@ -1338,8 +1338,8 @@ int main(int argc, char **argv) {
 #endif
     );
     if (o.grad_accum > 1) printf("each step: %d micro-batches of %d x %d (gradients accumulated)\n", o.grad_accum, B / o.grad_accum, T);
-    int *x = (int *)calloc((size_t)N, sizeof(int)), *y = (int *)calloc((size_t)N, sizeof(int));
-    int *probe = (int *)calloc((size_t)T, sizeof(int));
+    int *x = (int *)mhc_calloc((size_t)N, sizeof(int)), *y = (int *)mhc_calloc((size_t)N, sizeof(int));
+    int *probe = (int *)mhc_calloc((size_t)T, sizeof(int));
     for (int t = 0; t < T; t++) probe[t] = (int)val.tokens[t];    /* SPEC §14: the first T validation tokens */
     tr.precision = o.precision;
     tr.recompute = o.recompute;
