@@ -112,6 +112,9 @@ check "infer: samples from a checkpoint" $? "$(cat "$work/s1e")"
 grep -q "tokens/s" "$work/s1e"; check "infer: reports tokens/s" $?
 ./infer "$work/full/model.safetensors" --prompt "The Congress" --max-tokens 8 --seed 3 >"$work/s2" 2>/dev/null
 cmp -s "$work/s1" "$work/s2"; check "infer: the same seed gives the same text" $?
+./infer "$work/full/model.safetensors" --prompt "The Congress" --max-tokens 8 --temperature 0 >"$work/g1" 2>/dev/null
+./infer "$work/full/model.safetensors" --prompt "The Congress" --max-tokens 8 --temperature 5 --top-k 1 >"$work/g2" 2>/dev/null
+cmp -s "$work/g1" "$work/g2"; check "infer: --top-k 1 at temperature 5 gives the greedy text" $?
 expect_error "infer: prompt longer than the context" 2 "exceeds the model's context" -- ./infer "$work/full/model.safetensors" --max-tokens 100
 expect_error "infer: missing tokenizer" 1 "none.tok" -- ./infer "$work/full/model.safetensors" --tokenizer "$work/none.tok"
 head -c 1000 data/gpt2.tok >"$work/trunc.tok"
