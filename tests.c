@@ -1074,6 +1074,78 @@ static void test_sinkhorn_init(void) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+   The matrix products (matmul_forward / matmul_backward on strided_gemm) against plain loops in
+   double, at shapes that cross every blocking edge: rows past a 1024-row task and not a multiple of
+   the 6-row register block, columns not a multiple of 32, and reductions over several 256-long k
+   panels (K = Ci forward, K = O for din, K = N for dW); N < 16 takes the row-update path. Tolerance:
+   the worst-case bound for any order of summation, |err| <= (K + 2) u (sum_k |a_k b_k| + |c_0|), u the
+   unit roundoff; the ratio err / bound must stay <= 1. Outputs that are overwritten start as NaN. */
+static double gemm_worst_ratio(const mhc_real *got, const double *ref, const double *bound, size_t count) {
+    double worst = 0;
+    for (size_t i = 0; i < count; i++) {
+        double r = fabs((double)got[i] - ref[i]) / bound[i];
+        if (!(r <= worst)) worst = r;             /* NaN propagates as a failure */
+    }
+    return worst;
+}
+
+static void test_gemm(void) {
+    const int shapes[][3] = {{1100, 37, 600}, {530, 300, 45}, {7, 70, 300}};   /* N, Ci, O */
+    const double u = is_fp64 ? 0x1p-53 : 0x1p-24;
+    uint64_t rng = 1401;
+    for (int s = 0; s < 3; s++) {
+        int N = shapes[s][0], Ci = shapes[s][1], O = shapes[s][2];
+        mhc_real *in = new_normal((size_t)N * Ci, &rng, 0, 1), *W = new_normal((size_t)O * Ci, &rng, 0, 1);
+        mhc_real *dout = new_normal((size_t)N * O, &rng, 0, 1), *out = new_reals((size_t)N * O);
+        mhc_real *din = new_normal((size_t)N * Ci, &rng, 0, 1), *dW = new_normal((size_t)O * Ci, &rng, 0, 1);
+        size_t most = (size_t)N * O > (size_t)O * Ci ? (size_t)N * O : (size_t)O * Ci;
+        most = most > (size_t)N * Ci ? most : (size_t)N * Ci;
+        double *ref = (double *)mhc_calloc(most, sizeof(double)), *bound = (double *)mhc_calloc(most, sizeof(double));
+        for (size_t i = 0; i < (size_t)N * O; i++) out[i] = (mhc_real)NAN;
+        matmul_forward(out, in, W, N, Ci, O);
+        for (int n = 0; n < N; n++)
+            for (int o = 0; o < O; o++) {
+                double sum = 0, mag = 0;
+                for (int i = 0; i < Ci; i++) {
+                    sum += (double)in[(size_t)n * Ci + i] * W[(size_t)o * Ci + i];
+                    mag += fabs((double)in[(size_t)n * Ci + i] * W[(size_t)o * Ci + i]);
+                }
+                ref[(size_t)n * O + o] = sum;
+                bound[(size_t)n * O + o] = (Ci + 2) * u * mag;
+            }
+        double r_out = gemm_worst_ratio(out, ref, bound, (size_t)N * O);
+        for (int n = 0; n < N; n++)                                   /* din += dout W, before the call */
+            for (int i = 0; i < Ci; i++) {
+                double c0 = din[(size_t)n * Ci + i], sum = c0, mag = fabs(c0);
+                for (int o = 0; o < O; o++) {
+                    sum += (double)dout[(size_t)n * O + o] * W[(size_t)o * Ci + i];
+                    mag += fabs((double)dout[(size_t)n * O + o] * W[(size_t)o * Ci + i]);
+                }
+                ref[(size_t)n * Ci + i] = sum;
+                bound[(size_t)n * Ci + i] = (O + 2) * u * mag;
+            }
+        matmul_backward(din, NULL, dout, in, W, N, Ci, O);
+        double r_din = gemm_worst_ratio(din, ref, bound, (size_t)N * Ci);
+        for (int o = 0; o < O; o++)                                   /* dW += dout^T in */
+            for (int i = 0; i < Ci; i++) {
+                double c0 = dW[(size_t)o * Ci + i], sum = c0, mag = fabs(c0);
+                for (int n = 0; n < N; n++) {
+                    sum += (double)dout[(size_t)n * O + o] * in[(size_t)n * Ci + i];
+                    mag += fabs((double)dout[(size_t)n * O + o] * in[(size_t)n * Ci + i]);
+                }
+                ref[(size_t)o * Ci + i] = sum;
+                bound[(size_t)o * Ci + i] = (N + 2) * u * mag;
+            }
+        matmul_backward(NULL, dW, dout, in, W, N, Ci, O);
+        double r_dW = gemm_worst_ratio(dW, ref, bound, (size_t)O * Ci);
+        check(r_out <= 1 && r_din <= 1 && r_dW <= 1,
+              "matmul N %d Ci %d O %d vs double loops: worst error / summation bound: out %.1e, din %.1e, dW %.1e (tol 1)", N, Ci,
+              O, r_out, r_din, r_dW);
+        free(in); free(W); free(dout); free(out); free(din); free(dW); free(ref); free(bound);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
    T3 RoPE (SPEC §9): a rotation of adjacent pairs. Tolerances: the angle p*freq is formed in double;
    at p ~ 4096 its absolute rounding is ~1e-12, so dot products agree to ~1e-12 * |q||k| (fp64; 1e-11
    used); float stores the result in float (1e-5). */
@@ -2859,6 +2931,7 @@ static const struct {
     {"fd.model_mhc", test_fd_model_mhc, FP64_ONLY, "T1 whole tiny model, mhc"},
     {"sinkhorn", test_sinkhorn_invariants, BOTH, "T2 Sinkhorn invariants I1-I5"},
     {"sinkhorn_init", test_sinkhorn_init, BOTH, "T2 I6 init values"},
+    {"gemm", test_gemm, BOTH, "matrix products vs double loops"},
     {"rope", test_rope, BOTH, "T3 RoPE"},
     {"equivalence", test_equivalence, FP64_ONLY, "T5 mhc/hc init = plain"},
     {"hres", test_hres_applied, BOTH, "T6 H_res is applied"},
