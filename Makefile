@@ -75,7 +75,7 @@ dev/ref/mhc_qlora_groups.safetensors: dev/reference.py
 test: all emu $(REF) data/sotu_train.bin
 	bash dev/test_all.sh
 
-tiny: data/sotu_train.bin $(if $(HAVE_GPU),train_gpu,train)
+tiny: data/sotu_train.bin $(if $(HAVE_GPU),train_gpu,train) infer
 	./$(if $(HAVE_GPU),train_gpu,train) --preset tiny --steps $(STEPS) --out out/tiny
 
 # plain vs hc vs mhc with the same data, seed and budget, then the loss-gap plot
