@@ -763,11 +763,18 @@ static mhc_real mhc_sigmoid(mhc_real z) { return (mhc_real)(1.0 / (1.0 + exp(-(d
 /* exp in the working precision: the softmax over V logits is the one place where exp is hot */
 static mhc_real mhc_exp(mhc_real x) { return sizeof(mhc_real) == sizeof(float) ? (mhc_real)expf((float)x) : (mhc_real)exp((double)x); }
 
-/* packed[k][j] = B(n0 + j, k0 + k) for k < kc, j < cols; zero for the columns past the right edge */
+/* packed[k][j] = B(n0 + j, k0 + k) for k < kc, j < cols; zero for the columns past the right edge.
+   The inner loop walks B along its smaller stride: a weight W[O][Ci] read as B(n,k) = W[n][k] is
+   contiguous in k, an activation read as B(n,k) = X[k][n] is contiguous in n. */
 static void gemm_pack_panel(mhc_real *packed, const mhc_real *B, size_t b_n, size_t b_k, int n0, int cols, int k0, int kc) {
-    for (int k = 0; k < kc; k++)
+    const mhc_real *b = B + (size_t)n0 * b_n + (size_t)k0 * b_k;
+    if (b_k < b_n) {
         for (int j = 0; j < MHC_GEMM_NR; j++)
-            packed[(size_t)k * MHC_GEMM_NR + j] = j < cols ? B[(size_t)(n0 + j) * b_n + (size_t)(k0 + k) * b_k] : 0;
+            for (int k = 0; k < kc; k++) packed[(size_t)k * MHC_GEMM_NR + j] = j < cols ? b[(size_t)j * b_n + (size_t)k * b_k] : 0;
+    } else {
+        for (int k = 0; k < kc; k++)
+            for (int j = 0; j < MHC_GEMM_NR; j++) packed[(size_t)k * MHC_GEMM_NR + j] = j < cols ? b[(size_t)j * b_n + (size_t)k * b_k] : 0;
+    }
 }
 
 /* out[r][j] (+)= sum_k A(r, k) packed[k][j] for r < rows, j < cols. Rows past the bottom edge read
