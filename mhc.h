@@ -140,7 +140,8 @@ typedef struct {
     mhc_real *moe_s;    /* [L, N, E] sigmoid affinities                                        */
     int *moe_sel;       /* [L, N, K] selected experts                                          */
     mhc_real *moe_w;    /* [L, N, K] gate weights                                              */
-    mhc_real *moe_eo;   /* [L, N, K, C] expert outputs (for dw = dout . Expert(u))             */
+    mhc_real *moe_eo;   /* [L, N*K, C] expert outputs, grouped order (for dw = dout . Expert(u)) */
+    mhc_real *moe_x;    /* [N*K, C] expert inputs: row p is u of assignment expert_order[p]     */
     /* head */
     mhc_real *z, *hf, *hf_rstd;  /* [N, C], [N, C], [N]                                        */
     mhc_real *logits;   /* [N, V]; after the forward: probabilities; after backward: dlogits   */
@@ -156,11 +157,12 @@ typedef struct {
     mhc_real *dcq, *dcq_raw;             /* [N, d_q]                                            */
     mhc_real *dwide;                     /* [N, max(H*d_v, F)]: attention o, FFN hidden          */
     mhc_real *dffn_a, *dffn_g;           /* [N, F]                                              */
-    mhc_real *dslot;    /* [N, K, C] input gradient of each routed slot                        */
+    mhc_real *moe_dy, *moe_dx;  /* [N*K, C] grouped order: w dout, and the expert input gradient */
     mhc_real *dscore;   /* [N, E] router score gradients                                       */
     mhc_real *dgw;      /* [N, K] gradient of the gate weights w                               */
-    int *expert_order;  /* [N*K] (token*K + slot) grouped by expert, token order inside         */
-    int *expert_start;  /* [E+1]                                                               */
+    int *expert_order;  /* [N*K] assignment (token*K + slot) at each grouped row, token order    */
+    int *expert_row;    /* [N*K] grouped row of each assignment (the inverse of expert_order)     */
+    int *expert_start;  /* [E+1] first grouped row of each expert                                 */
 } MhcActs;
 
 typedef struct {
@@ -1510,14 +1512,37 @@ static void moe_route(int *sel, mhc_real *w, const mhc_real *s, const mhc_real *
     for (int k = 0; k < K; k++) w[k] = (mhc_real)(c->route_scale * s[sel[k]] / Z);
 }
 
-/* group the N*K (token, slot) assignments by expert, token order inside each expert */
-static void moe_group_by_expert(int *order, int *start, const int *sel, int N, int K, int E) {
+/* Group the N*K assignments p = token*K + slot by expert, token order inside each expert: grouped row
+   r holds assignment order[r], assignment p sits at row[p], expert e owns rows [start[e], start[e+1]).
+   The experts then run as one GEMM each over their rows (the tokens are permuted once). */
+static void moe_group_by_expert(int *order, int *row, int *start, const int *sel, int N, int K, int E) {
     for (int e = 0; e <= E; e++) start[e] = 0;
     for (int p = 0; p < N * K; p++) start[sel[p] + 1]++;
     for (int e = 0; e < E; e++) start[e + 1] += start[e];
     int *fill = (int *)mhc_calloc((size_t)E, sizeof(int));
-    for (int p = 0; p < N * K; p++) order[start[sel[p]] + fill[sel[p]]++] = p;
+    for (int p = 0; p < N * K; p++) {
+        row[p] = start[sel[p]] + fill[sel[p]]++;
+        order[row[p]] = p;
+    }
     free(fill);
+}
+
+/* x [N*K, C]: grouped row r is the input u of token order[r] / K */
+static void moe_gather(mhc_real *x, const mhc_real *u, const int *order, int NK, int K, int C) {
+#pragma omp parallel for
+    for (int r = 0; r < NK; r++) memcpy(x + (size_t)r * C, u + (size_t)(order[r] / K) * C, sizeof(mhc_real) * C);
+}
+
+/* out[t] += sum_k w[t*K+k] src[row[t*K+k]], k in order (w NULL: weight 1). Grouped rows back to tokens. */
+static void moe_combine(mhc_real *out, const mhc_real *src, const int *row, const mhc_real *w, int N, int K, int C) {
+#pragma omp parallel for
+    for (int t = 0; t < N; t++)
+        for (int k = 0; k < K; k++) {
+            int p = t * K + k;
+            mhc_real wp = w ? w[p] : 1;
+            const mhc_real *x = src + (size_t)row[p] * C;
+            for (int i = 0; i < C; i++) out[(size_t)t * C + i] += wp * x[i];
+        }
 }
 
 /* SPEC §11 sequence-wise balance loss over the B sequences of T tokens, for one layer:
@@ -1559,7 +1584,7 @@ static double moe_forward(MhcModel *md, MhcActs *A, int l, const mhc_real *u, mh
     const MhcConfig *c = &md->cfg;
     const MhcBlock *b = &md->p.blk[l];
     int N = B * T, C = c->d_model, E = c->n_routed_experts, K = c->n_activated_experts, I = c->moe_inter_dim;
-    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c);
+    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c), NK = N * K;
     mhc_real *s = A->moe_s + (size_t)l * N * E, *w = A->moe_w + (size_t)l * N * K;
     int *sel = A->moe_sel + (size_t)l * N * K;
     mhc_real *ha = A->ffn_a + (size_t)l * N * F, *hg = A->ffn_g + (size_t)l * N * F, *hh = A->ffn_h + (size_t)l * N * F;
@@ -1577,25 +1602,21 @@ static double moe_forward(MhcModel *md, MhcActs *A, int l, const mhc_real *u, mh
     } else {
         memset(out, 0, sizeof(mhc_real) * (size_t)N * C);
     }
-    moe_group_by_expert(A->expert_order, A->expert_start, sel, N, K, E);
-    for (int e = 0; e < E; e++) md->expert_load[(size_t)l * E + e] = A->expert_start[e + 1] - A->expert_start[e];
-#pragma omp parallel for schedule(dynamic)
-    for (int e = 0; e < E; e++) {              /* one expert's weights stay in cache for its tokens */
-        const mhc_real *W1 = b->w1 + (size_t)e * I * C, *W3 = b->w3 + (size_t)e * I * C, *W2 = b->w2 + (size_t)e * C * I;
-        for (int p = A->expert_start[e]; p < A->expert_start[e + 1]; p++) {
-            int slot = A->expert_order[p], t = slot / K;
-            const mhc_real *x = u + (size_t)t * C;
-            mhc_real *a = ha + (size_t)slot * I, *g = hg + (size_t)slot * I, *h = hh + (size_t)slot * I;
-            matmul_forward(a, x, W1, 1, C, I);
-            matmul_forward(g, x, W3, 1, C, I);
-            swiglu_forward(h, a, g, (size_t)I);
-            matmul_forward(eo + (size_t)slot * C, h, W2, 1, I, C);
-        }
+    const int *start = A->expert_start;
+    moe_group_by_expert(A->expert_order, A->expert_row, A->expert_start, sel, N, K, E);
+    for (int e = 0; e < E; e++) md->expert_load[(size_t)l * E + e] = start[e + 1] - start[e];
+    moe_gather(A->moe_x, u, A->expert_order, NK, K, C);
+    for (int e = 0; e < E; e++) {              /* expert e on its rows r0 .. r0 + rows - 1 */
+        int r0 = start[e], rows = start[e + 1] - r0;
+        matmul_forward(ha + (size_t)r0 * I, A->moe_x + (size_t)r0 * C, b->w1 + (size_t)e * I * C, rows, C, I);
+        matmul_forward(hg + (size_t)r0 * I, A->moe_x + (size_t)r0 * C, b->w3 + (size_t)e * I * C, rows, C, I);
     }
-#pragma omp parallel for
-    for (int t = 0; t < N; t++)
-        for (int k = 0; k < K; k++)
-            for (int i = 0; i < C; i++) out[(size_t)t * C + i] += w[(size_t)t * K + k] * eo[((size_t)t * K + k) * C + i];
+    swiglu_forward(hh, ha, hg, (size_t)NK * I);
+    for (int e = 0; e < E; e++) {
+        int r0 = start[e], rows = start[e + 1] - r0;
+        matmul_forward(eo + (size_t)r0 * C, hh + (size_t)r0 * I, b->w2 + (size_t)e * C * I, rows, I, C);
+    }
+    moe_combine(out, eo, A->expert_row, w, N, K, C);
     return moe_balance_loss(NULL, s, sel, B, T, c);
 }
 
@@ -1604,49 +1625,48 @@ static void moe_backward(MhcModel *md, MhcActs *A, int l, const mhc_real *u, con
     const MhcBlock *b = &md->p.blk[l];
     MhcBlock *gb = &md->g.blk[l];
     int N = B * T, C = c->d_model, E = c->n_routed_experts, K = c->n_activated_experts, I = c->moe_inter_dim;
-    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c);
-    const mhc_real *s = A->moe_s + (size_t)l * N * E, *w = A->moe_w + (size_t)l * N * K;
-    const int *sel = A->moe_sel + (size_t)l * N * K;
+    int NsI = c->n_shared_experts * I, F = mhc_ffn_width(c), NK = N * K;
+    const mhc_real *s = A->moe_s + (size_t)l * N * E, *w = A->moe_w + (size_t)l * NK;
+    const int *sel = A->moe_sel + (size_t)l * NK, *start = A->expert_start;
     const mhc_real *ha = A->ffn_a + (size_t)l * N * F, *hg = A->ffn_g + (size_t)l * N * F, *hh = A->ffn_h + (size_t)l * N * F;
-    const mhc_real *eo = A->moe_eo + (size_t)l * N * K * C;
+    const mhc_real *eo = A->moe_eo + (size_t)l * NK * C;
+    mhc_real *dh = A->dwide, *da = A->dffn_a, *dg = A->dffn_g;   /* [N*K, I] grouped, free after the shared expert */
     if (NsI > 0) {
-        size_t off = (size_t)N * K * I;
+        size_t off = (size_t)NK * I;
         swiglu_ffn_backward(du, gb->sw1, gb->sw3, gb->sw2, dout, ha + off, hg + off, hh + off, u, b->sw1, b->sw3, b->sw2,
                             A->dwide, A->dffn_a, A->dffn_g, N, C, NsI);
     }
-    moe_group_by_expert(A->expert_order, A->expert_start, sel, N, K, E);
-#pragma omp parallel
-    {
-        mhc_real *dh = (mhc_real *)mhc_calloc((size_t)I, sizeof(mhc_real)), *da = (mhc_real *)mhc_calloc((size_t)I, sizeof(mhc_real));
-        mhc_real *dg = (mhc_real *)mhc_calloc((size_t)I, sizeof(mhc_real)), *dy = (mhc_real *)mhc_calloc((size_t)C, sizeof(mhc_real));
-#pragma omp for schedule(dynamic)
-        for (int e = 0; e < E; e++) {          /* each thread owns expert e's weight gradients */
-            const mhc_real *W1 = b->w1 + (size_t)e * I * C, *W3 = b->w3 + (size_t)e * I * C, *W2 = b->w2 + (size_t)e * C * I;
-            mhc_real *dW1 = gb->w1 + (size_t)e * I * C, *dW3 = gb->w3 + (size_t)e * I * C, *dW2 = gb->w2 + (size_t)e * C * I;
-            for (int p = A->expert_start[e]; p < A->expert_start[e + 1]; p++) {
-                int slot = A->expert_order[p], t = slot / K;
-                const mhc_real *x = u + (size_t)t * C, *dot_ = dout + (size_t)t * C;
-                double dw = 0;
-                for (int i = 0; i < C; i++) dw += (double)dot_[i] * eo[(size_t)slot * C + i];
-                A->dgw[slot] = (mhc_real)dw;                       /* dw_i = dout . Expert_i(u) */
-                for (int i = 0; i < C; i++) dy[i] = w[slot] * dot_[i];
-                for (int i = 0; i < I; i++) dh[i] = 0;
-                mhc_real *dx = A->dslot + (size_t)slot * C;
-                for (int i = 0; i < C; i++) dx[i] = 0;
-                matmul_backward(dh, dW2, dy, hh + (size_t)slot * I, W2, 1, I, C);
-                swiglu_backward(da, dg, dh, ha + (size_t)slot * I, hg + (size_t)slot * I, (size_t)I);
-                matmul_backward(dx, dW1, da, x, W1, 1, C, I);
-                matmul_backward(dx, dW3, dg, x, W3, 1, C, I);
-            }
-        }
-        free(dh); free(da); free(dg); free(dy);
+    moe_group_by_expert(A->expert_order, A->expert_row, A->expert_start, sel, N, K, E);   /* the forward's again */
+    moe_gather(A->moe_x, u, A->expert_order, NK, K, C);
+#pragma omp parallel for
+    for (int r = 0; r < NK; r++) {             /* dw_p = dout . Expert_p(u);  dy_r = w_p dout */
+        int p = A->expert_order[r];
+        const mhc_real *d = dout + (size_t)(p / K) * C, *y = eo + (size_t)r * C;
+        double dot = 0;
+        for (int i = 0; i < C; i++) dot += (double)d[i] * y[i];
+        A->dgw[p] = (mhc_real)dot;
+        for (int i = 0; i < C; i++) A->moe_dy[(size_t)r * C + i] = w[p] * d[i];
     }
+    memset(dh, 0, sizeof(mhc_real) * (size_t)NK * I);
+    for (int e = 0; e < E; e++) {
+        int r0 = start[e], rows = start[e + 1] - r0;
+        matmul_backward(dh + (size_t)r0 * I, gb->w2 + (size_t)e * C * I, A->moe_dy + (size_t)r0 * C, hh + (size_t)r0 * I,
+                        b->w2 + (size_t)e * C * I, rows, I, C);
+    }
+    swiglu_backward(da, dg, dh, ha, hg, (size_t)NK * I);
+    memset(A->moe_dx, 0, sizeof(mhc_real) * (size_t)NK * C);
+    for (int e = 0; e < E; e++) {
+        int r0 = start[e], rows = start[e + 1] - r0;
+        const mhc_real *x = A->moe_x + (size_t)r0 * C;
+        mhc_real *dx = A->moe_dx + (size_t)r0 * C;
+        matmul_backward(dx, gb->w1 + (size_t)e * I * C, da + (size_t)r0 * I, x, b->w1 + (size_t)e * I * C, rows, C, I);
+        matmul_backward(dx, gb->w3 + (size_t)e * I * C, dg + (size_t)r0 * I, x, b->w3 + (size_t)e * I * C, rows, C, I);
+    }
+    moe_combine(du, A->moe_dx, A->expert_row, NULL, N, K, C);   /* the assignments' input gradients, k in order */
     mhc_real *ds = A->dscore;
     memset(ds, 0, sizeof(mhc_real) * (size_t)N * E);
 #pragma omp parallel for
     for (int t = 0; t < N; t++) {
-        for (int k = 0; k < K; k++)            /* the slots' input gradients, in slot order */
-            for (int i = 0; i < C; i++) du[(size_t)t * C + i] += A->dslot[((size_t)t * K + k) * C + i];
         double Z = 0, dot = 0;                 /* ds_i = (rho/Z) (dw_i - sum_j dw_j s_j / Z) */
         for (int k = 0; k < K; k++) Z += s[(size_t)t * E + sel[(size_t)t * K + k]];
         for (int k = 0; k < K; k++) dot += A->dgw[(size_t)t * K + k] * s[(size_t)t * E + sel[(size_t)t * K + k]] / Z;
@@ -1739,7 +1759,9 @@ static int mhc_acts_table(MhcActs *a, const MhcConfig *c, int B, int T, MhcBuffe
     t[k++] = mhc_buf_int(&a->moe_sel, L * N * K);
     t[k++] = mhc_buf(&a->moe_w, L * N * K, 0);
     t[k++] = mhc_buf(&a->moe_eo, L * N * K * C, 0);
+    t[k++] = mhc_buf(&a->moe_x, N * K * C, 0);
     t[k++] = mhc_buf_int(&a->expert_order, N * K);
+    t[k++] = mhc_buf_int(&a->expert_row, N * K);
     t[k++] = mhc_buf_int(&a->expert_start, E + 1);
     t[k++] = mhc_buf(&a->z, N * C, 0);
     t[k++] = mhc_buf(&a->hf, N * C, 0);
@@ -1766,7 +1788,8 @@ static int mhc_acts_table(MhcActs *a, const MhcConfig *c, int B, int T, MhcBuffe
     t[k++] = mhc_buf(&a->dwide, N * wide, 1);
     t[k++] = mhc_buf(&a->dffn_a, N * F, 1);
     t[k++] = mhc_buf(&a->dffn_g, N * F, 1);
-    t[k++] = mhc_buf(&a->dslot, N * K * C, 1);
+    t[k++] = mhc_buf(&a->moe_dy, N * K * C, 1);
+    t[k++] = mhc_buf(&a->moe_dx, N * K * C, 1);
     t[k++] = mhc_buf(&a->dscore, N * E, 1);
     t[k++] = mhc_buf(&a->dgw, N * K, 1);
     return k;

@@ -106,8 +106,7 @@ typedef struct {
     int *tokens, *targets;           /* [N]                                                           */
     float *att_lse;                  /* [L,B,H,T] log-sum-exp of each attention row (in place of a.att) */
     float *att_rowdot;               /* [B,H,T] sum_c dO O per row (backward)                          */
-    int *moe_row, *moe_count;        /* [N*K] grouped row of each assignment, [E]                      */
-    float *moe_x, *moe_dx;           /* [N*K, C] expert inputs in grouped order, their gradient        */
+    int *moe_count;                  /* [E] assignments per expert                                     */
     double *moe_score, *moe_gscore;  /* [N,E] selection scores, [N,G] group scores                     */
     double *moe_ssum, *moe_f;        /* [N] sum_j s_j, [B,E] f_i of the balance loss                   */
     double *moe_bal;                 /* [L,B,E] per layer, sequence and expert: alpha f_i P_i / B      */
@@ -2039,9 +2038,7 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
     A->tokens = arena_new<int>(ar, N);
     A->targets = arena_new<int>(ar, N);
     A->att_lse = arena_new<float>(ar, (size_t)c->n_layers * N * H);
-    A->moe_row = arena_new<int>(ar, N * K);
     A->moe_count = arena_new<int>(ar, E);
-    A->moe_x = arena_new<float>(ar, N * K * C);
     A->moe_score = arena_new<double>(ar, N * E);
     A->moe_gscore = arena_new<double>(ar, N * G);
     A->moe_ssum = arena_new<double>(ar, N);
@@ -2054,7 +2051,6 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
     }
     if (with_grad) {
         A->att_rowdot = arena_new<float>(ar, N * H);
-        A->moe_dx = arena_new<float>(ar, N * K * C);
         A->coef_alpha = arena_new<float>(ar, N * 3);
         size_t split = gpu_expert_split_floats((int)E, c->moe_inter_dim, (int)C, (int)(N * K));
         if (split) A->expert_split = arena_new<float>(ar, split);
@@ -2318,18 +2314,18 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, b->wo, 1, H * dv, C);
 }
 
-/* group the N*K assignments of sel by expert: a.expert_order, a.expert_start, moe_row; load may be NULL */
+/* group the N*K assignments of sel by expert: a.expert_order, a.expert_row, a.expert_start; load may be NULL */
 static void gpu_moe_group(MhcGpuActs *A, const int *sel, int NK, int E, int *load) {
     moe_count_kernel<<<E, MHC_BLOCK>>>(A->moe_count, sel, NK);
     LAUNCH_CHECK();
     moe_offsets_kernel<<<1, 32>>>(A->a.expert_start, load, A->moe_count, E);
     LAUNCH_CHECK();
-    moe_fill_kernel<<<E, MHC_BLOCK>>>(A->a.expert_order, A->moe_row, sel, A->a.expert_start, NK);
+    moe_fill_kernel<<<E, MHC_BLOCK>>>(A->a.expert_order, A->a.expert_row, sel, A->a.expert_start, NK);
     LAUNCH_CHECK();
 }
 
 static void gpu_moe_gather(MhcGpuActs *A, const float *u, int NK, int K, int C) {
-    moe_gather_kernel<<<mhc_blocks((size_t)NK * C, MHC_BLOCK), MHC_BLOCK>>>(A->moe_x, u, A->a.expert_order, NK, K, C);
+    moe_gather_kernel<<<mhc_blocks((size_t)NK * C, MHC_BLOCK), MHC_BLOCK>>>(A->a.moe_x, u, A->a.expert_order, NK, K, C);
     LAUNCH_CHECK();
 }
 
@@ -2360,11 +2356,11 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_moe_group(A, sel, NK, E, g->expert_load + (size_t)l * E);
     gpu_moe_gather(A, u, NK, K, C);
     const int *seg = a->expert_start;
-    gpu_expert_gemm(g->blas.precision, ha, I, A->moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL);   /* a = W1_e x */
-    gpu_expert_gemm(g->blas.precision, hg, I, A->moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL);   /* g = W3_e x */
+    gpu_expert_gemm(g->blas.precision, ha, I, A->a.moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL);   /* a = W1_e x */
+    gpu_expert_gemm(g->blas.precision, hg, I, A->a.moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL);   /* g = W3_e x */
     gpu_swiglu_forward(hh, ha, hg, (size_t)NK * I);
     gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, NK, C, I, 0, 0.0f, NULL);       /* W2_e h    */
-    gpu_moe_combine(out, eo, A->moe_row, w, N, K, C);
+    gpu_moe_combine(out, eo, A->a.expert_row, w, N, K, C);
     if (c->seq_aux_alpha > 0) {
         gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);
     }
@@ -2389,18 +2385,18 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     }
     gpu_moe_group(A, sel, NK, E, NULL);             /* the forward's grouping again (same order) */
     gpu_moe_gather(A, u, NK, K, C);
-    float *dYp = a->dslot, *dh = a->dwide, *da = a->dffn_a, *dg = a->dffn_g;
+    float *dYp = a->moe_dy, *dh = a->dwide, *da = a->dffn_a, *dg = a->dffn_g;
     moe_uncombine_kernel<<<mhc_blocks((size_t)NK, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(dYp, a->dgw, dout, eo, w,
                                                                                        a->expert_order, NK, K, C);
     LAUNCH_CHECK();
     gpu_expert_gemm(g->blas.precision, dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, NK, I, C, 0, 0.0f, NULL);      /* dh = W2_e^T dy   */
     gpu_expert_gemm(g->blas.precision, gb->w2, I, dYp, C, hh, I, 0, (size_t)C * I, seg, E, C, I, NK, 1, 1.0f, A->expert_split);   /* dW2_e += dy (x) h */
     gpu_swiglu_backward(da, dg, dh, ha, hg, (size_t)NK * I);
-    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 0.0f, NULL);   /* dx = W1_e^T da  */
-    gpu_expert_gemm(g->blas.precision, A->moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 1.0f, NULL);   /*   + W3_e^T dg   */
-    gpu_expert_gemm(g->blas.precision, gb->w1, C, da, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1, 1.0f, A->expert_split);   /* dW1_e += da (x) x */
-    gpu_expert_gemm(g->blas.precision, gb->w3, C, dg, I, A->moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1, 1.0f, A->expert_split);   /* dW3_e += dg (x) x */
-    gpu_moe_combine(du, A->moe_dx, A->moe_row, NULL, N, K, C);                                    /* slots -> tokens */
+    gpu_expert_gemm(g->blas.precision, A->a.moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 0.0f, NULL);   /* dx = W1_e^T da  */
+    gpu_expert_gemm(g->blas.precision, A->a.moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 1.0f, NULL);   /*   + W3_e^T dg   */
+    gpu_expert_gemm(g->blas.precision, gb->w1, C, da, I, A->a.moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1, 1.0f, A->expert_split);   /* dW1_e += da (x) x */
+    gpu_expert_gemm(g->blas.precision, gb->w3, C, dg, I, A->a.moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1, 1.0f, A->expert_split);   /* dW3_e += dg (x) x */
+    gpu_moe_combine(du, A->a.moe_dx, A->a.expert_row, NULL, N, K, C);                                    /* slots -> tokens */
     if (c->seq_aux_alpha > 0) {                     /* f of each sequence (the forward's values again) */
         gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);
     }
