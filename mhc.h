@@ -910,11 +910,15 @@ static void crossentropy_forward(mhc_real *losses, mhc_real *logits, const int *
     for (int n = 0; n < N; n++) {
         mhc_real *p = logits + (size_t)n * V;
         mhc_real mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
         for (int v = 0; v < V; v++) mx = p[v] > mx ? p[v] : mx;
         mhc_real target_logit = targets ? p[targets[n]] : 0;
-        double sum = 0;
-        for (int v = 0; v < V; v++) { p[v] = mhc_exp(p[v] - mx); sum += p[v]; }
+        for (int v = 0; v < V; v++) p[v] = mhc_exp(p[v] - mx);
+        double sum = 0;           /* simd: several partial sums, not one chain of V dependent adds */
+#pragma omp simd reduction(+ : sum)
+        for (int v = 0; v < V; v++) sum += p[v];
         mhc_real inv = (mhc_real)(1.0 / sum);
+#pragma omp simd
         for (int v = 0; v < V; v++) p[v] *= inv;
         losses[n] = targets ? (mhc_real)(log(sum) - (double)(target_logit - mx)) : 0;   /* log-sum-exp form */
     }
