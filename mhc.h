@@ -135,13 +135,13 @@ typedef struct {
     mhc_real *kv;       /* [L, N, H*(d_n+d_v)]                                                 */
     mhc_real *att;      /* [L, B, H, T, T] softmax probabilities                               */
     mhc_real *o;        /* [L, N, H*d_v]                                                       */
-    /* FFN / MoE, per layer; hidden width F = max(D, (K + Ns)*I): slots 0..K-1 routed, then shared */
+    /* FFN / MoE, per layer; hidden width F = max(D, (K + Ns)*I): [N*K, I] routed (grouped), then shared */
     mhc_real *ffn_a, *ffn_g, *ffn_h;  /* [L, N, F] gate pre-activation, up, silu(a)*g         */
     mhc_real *moe_s;    /* [L, N, E] sigmoid affinities                                        */
     int *moe_sel;       /* [L, N, K] selected experts                                          */
     mhc_real *moe_w;    /* [L, N, K] gate weights                                              */
     mhc_real *moe_eo;   /* [L, N*K, C] expert outputs, grouped order (for dw = dout . Expert(u)) */
-    mhc_real *moe_x;    /* [N*K, C] expert inputs: row p is u of assignment expert_order[p]     */
+    mhc_real *moe_x;    /* [N*K, C] expert inputs: row r is u of assignment expert_order[r]     */
     /* head */
     mhc_real *z, *hf, *hf_rstd;  /* [N, C], [N, C], [N]                                        */
     mhc_real *logits;   /* [N, V]; after the forward: probabilities; after backward: dlogits   */
@@ -1447,8 +1447,8 @@ static void mla_decode_forward(MhcModel *md, MhcCache *cache, int l, const mhc_r
 
 /* ---------------------------------------------------------------------------------------------
    6. FFN: dense SwiGLU (SPEC §8) and DeepSeekMoE (SPEC §11).
-      Per layer the hidden buffers ffn_a/g/h hold [N, D] (dense) or [N, K, I] routed slots followed
-      by [N, Ns*I] for the shared expert.                                                          */
+      Per layer the hidden buffers ffn_a/g/h hold [N, D] (dense) or [N*K, I] for the routed
+      assignments in grouped order (moe_group_by_expert) followed by [N, Ns*I] for the shared expert. */
 static int mhc_ffn_width(const MhcConfig *c) {
     int moe = (c->n_activated_experts + c->n_shared_experts) * c->moe_inter_dim;
     return c->dense_inter_dim > moe ? c->dense_inter_dim : moe;
