@@ -1089,6 +1089,23 @@ static double gemm_worst_ratio(const mhc_real *got, const double *ref, const dou
     return worst;
 }
 
+/* ref[m][n] = c0[m][n] + sum_k A(m,k) B(n,k) summed in double in k order, with A(m,k) = A[m a_m + k a_k]
+   and B(n,k) = B[n b_n + k b_k], and bound[m][n] the summation bound above (c0 NULL: zero) */
+static void gemm_reference(double *ref, double *bound, const mhc_real *c0, const mhc_real *A, size_t a_m, size_t a_k,
+                           const mhc_real *B, size_t b_n, size_t b_k, int M, int N, int K, double u) {
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double c = c0 ? c0[(size_t)m * N + n] : 0, sum = c, mag = fabs(c);
+            for (int k = 0; k < K; k++) {
+                double ab = (double)A[m * a_m + k * a_k] * B[n * b_n + k * b_k];
+                sum += ab;
+                mag += fabs(ab);
+            }
+            ref[(size_t)m * N + n] = sum;
+            bound[(size_t)m * N + n] = (K + 2) * u * mag;
+        }
+}
+
 static void test_gemm(void) {
     const int shapes[][3] = {{1100, 37, 600}, {530, 300, 45}, {7, 70, 300}};   /* N, Ci, O */
     const double u = is_fp64 ? 0x1p-53 : 0x1p-24;
@@ -1103,39 +1120,12 @@ static void test_gemm(void) {
         double *ref = (double *)mhc_calloc(most, sizeof(double)), *bound = (double *)mhc_calloc(most, sizeof(double));
         for (size_t i = 0; i < (size_t)N * O; i++) out[i] = (mhc_real)NAN;
         matmul_forward(out, in, W, N, Ci, O);
-        for (int n = 0; n < N; n++)
-            for (int o = 0; o < O; o++) {
-                double sum = 0, mag = 0;
-                for (int i = 0; i < Ci; i++) {
-                    sum += (double)in[(size_t)n * Ci + i] * W[(size_t)o * Ci + i];
-                    mag += fabs((double)in[(size_t)n * Ci + i] * W[(size_t)o * Ci + i]);
-                }
-                ref[(size_t)n * O + o] = sum;
-                bound[(size_t)n * O + o] = (Ci + 2) * u * mag;
-            }
+        gemm_reference(ref, bound, NULL, in, Ci, 1, W, Ci, 1, N, O, Ci, u);            /* out = in W^T */
         double r_out = gemm_worst_ratio(out, ref, bound, (size_t)N * O);
-        for (int n = 0; n < N; n++)                                   /* din += dout W, before the call */
-            for (int i = 0; i < Ci; i++) {
-                double c0 = din[(size_t)n * Ci + i], sum = c0, mag = fabs(c0);
-                for (int o = 0; o < O; o++) {
-                    sum += (double)dout[(size_t)n * O + o] * W[(size_t)o * Ci + i];
-                    mag += fabs((double)dout[(size_t)n * O + o] * W[(size_t)o * Ci + i]);
-                }
-                ref[(size_t)n * Ci + i] = sum;
-                bound[(size_t)n * Ci + i] = (O + 2) * u * mag;
-            }
+        gemm_reference(ref, bound, din, dout, O, 1, W, 1, Ci, N, Ci, O, u);             /* din += dout W, before the call */
         matmul_backward(din, NULL, dout, in, W, N, Ci, O);
         double r_din = gemm_worst_ratio(din, ref, bound, (size_t)N * Ci);
-        for (int o = 0; o < O; o++)                                   /* dW += dout^T in */
-            for (int i = 0; i < Ci; i++) {
-                double c0 = dW[(size_t)o * Ci + i], sum = c0, mag = fabs(c0);
-                for (int n = 0; n < N; n++) {
-                    sum += (double)dout[(size_t)n * O + o] * in[(size_t)n * Ci + i];
-                    mag += fabs((double)dout[(size_t)n * O + o] * in[(size_t)n * Ci + i]);
-                }
-                ref[(size_t)o * Ci + i] = sum;
-                bound[(size_t)o * Ci + i] = (N + 2) * u * mag;
-            }
+        gemm_reference(ref, bound, dW, dout, 1, O, in, 1, Ci, O, Ci, N, u);             /* dW += dout^T in */
         matmul_backward(NULL, dW, dout, in, W, N, Ci, O);
         double r_dW = gemm_worst_ratio(dW, ref, bound, (size_t)O * Ci);
         check(r_out <= 1 && r_din <= 1 && r_dW <= 1,
