@@ -1135,6 +1135,32 @@ static void test_gemm(void) {
     }
 }
 
+/* The softmax's float exp (softmax_expf in mhc.h) against exp() in double. libm's expf is within
+   6e-8 of it (a float's half ulp, 2^-24, plus a little); we allow 2^-23 = 1.19e-7, one ulp at 1. The
+   worst over every float in (-87, 0] was 1.02e-7 when this was written (gcc -O3, no FMA contraction);
+   leaving out the Taylor series' r^7 term alone gives 2.5e-7 here.
+   Below -87 the function gives 0 by design; 0 gives exactly 1; NaN stays NaN. Built either way: the
+   float build's cross-entropy uses it. */
+static void test_softmax_exp(void) {
+    uint64_t rng = 1503;
+    const int count = 1 << 21;
+    double worst = 0, worst_x = 0;
+    for (int i = 0; i < count; i++) {           /* half uniform in (-87, 0], half log-uniform 2e-9 .. 81 */
+        double u = mhc_rng_uniform(&rng);
+        float x = i % 2 ? (float)(-87.0 * u) : (float)-exp(-20.0 + 24.4 * u);
+        if (!(x > -87.0f)) continue;
+        double want = exp((double)x), e = fabs((double)softmax_expf(x) - want) / want;
+        if (!(e <= worst)) { worst = e; worst_x = x; }
+    }
+    check(worst <= 0x1p-23, "softmax_expf on %d inputs in (-87, 0]: max rel err %.2e at x = %.6g (tol %.2e)", count, worst,
+          worst_x, 0x1p-23);
+    float nan = (float)NAN;
+    check(softmax_expf(0.0f) == 1.0f && softmax_expf(-0.0f) == 1.0f && softmax_expf(-87.5f) == 0.0f &&
+              softmax_expf(-(float)INFINITY) == 0.0f && isnan(softmax_expf(nan)),
+          "softmax_expf: exp(0) = %g, exp(-87.5) = %g, exp(-inf) = %g, exp(NaN) = %g", softmax_expf(0.0f),
+          softmax_expf(-87.5f), softmax_expf(-(float)INFINITY), softmax_expf(nan));
+}
+
 /* ---------------------------------------------------------------------------------------------
    T3 RoPE (SPEC §9): a rotation of adjacent pairs. Tolerances: the angle p*freq is formed in double;
    at p ~ 4096 its absolute rounding is ~1e-12, so dot products agree to ~1e-12 * |q||k| (fp64; 1e-11
@@ -2921,6 +2947,7 @@ static const struct {
     {"sinkhorn", test_sinkhorn_invariants, BOTH, "T2 Sinkhorn invariants I1-I5"},
     {"sinkhorn_init", test_sinkhorn_init, BOTH, "T2 I6 init values"},
     {"gemm", test_gemm, BOTH, "matrix products vs double loops"},
+    {"softmax_exp", test_softmax_exp, BOTH, "the softmax's float exp vs exp()"},
     {"rope", test_rope, BOTH, "T3 RoPE"},
     {"equivalence", test_equivalence, FP64_ONLY, "T5 mhc/hc init = plain"},
     {"hres", test_hres_applied, BOTH, "T6 H_res is applied"},
