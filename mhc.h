@@ -970,15 +970,17 @@ void mhc_sinkhorn_forward(mhc_real *H, const mhc_real *Lam, int n, int iters, do
         for (int i = 0; i < n; i++) M[i * n + j] = exp(Lam[i * n + j] - mu);
     }
     for (int t = 0; t < iters; t++) {
-        for (int j = 0; j < n; j++) {               /* column step */
+        for (int j = 0; j < n; j++) {               /* column step: M[:, j] /= (column sum + eps) */
             double c = 0;
             for (int i = 0; i < n; i++) c += M[i * n + j];
-            for (int i = 0; i < n; i++) M[i * n + j] /= c + eps;
+            double inv = 1 / (c + eps);
+            for (int i = 0; i < n; i++) M[i * n + j] *= inv;
         }
-        for (int i = 0; i < n; i++) {               /* row step */
+        for (int i = 0; i < n; i++) {               /* row step: M[i, :] /= (row sum + eps) */
             double r = 0;
             for (int j = 0; j < n; j++) r += M[i * n + j];
-            for (int j = 0; j < n; j++) M[i * n + j] /= r + eps;
+            double inv = 1 / (r + eps);
+            for (int j = 0; j < n; j++) M[i * n + j] *= inv;
         }
     }
     for (int k = 0; k < n * n; k++) H[k] = (mhc_real)M[k];
@@ -1006,9 +1008,10 @@ void mhc_sinkhorn_backward(mhc_real *dLam, const mhc_real *dH, const mhc_real *L
             double sum = 0;
             for (int b = 0; b < n; b++) sum += column ? in[b * n + a] : in[a * n + b];
             s[a] = sum;
+            double inv = 1 / (sum + eps);
             for (int b = 0; b < n; b++) {
                 int idx = column ? b * n + a : a * n + b;
-                out[idx] = in[idx] / (sum + eps);
+                out[idx] = in[idx] * inv;
             }
         }
     }
@@ -1023,9 +1026,10 @@ void mhc_sinkhorn_backward(mhc_real *dLam, const mhc_real *dH, const mhc_real *L
                 int idx = column ? b * n + a : a * n + b;
                 dot += G[idx] * out[idx];
             }
+            double inv = 1 / (s[a] + eps);
             for (int b = 0; b < n; b++) {
                 int idx = column ? b * n + a : a * n + b;
-                G[idx] = (G[idx] - dot) / (s[a] + eps);
+                G[idx] = (G[idx] - dot) * inv;
             }
         }
     }
@@ -1048,6 +1052,7 @@ static void mhc_coeffs_forward(mhc_real *H, mhc_real *a, mhc_real *r_out, const 
                                const MhcStreamParams *q, const MhcConfig *c) {
     int n = c->hc_mult, nC = n * c->d_model, m = mhc_m(c);
     double S = 0;
+#pragma omp simd reduction(+ : S)
     for (int k = 0; k < nC; k++) S += (double)x[k] * x[k];
     double r = 1.0 / sqrt(S / nC + c->rms_eps);
     for (int k = 0; k < m; k++) {
@@ -1211,6 +1216,7 @@ static void stream_pre_backward(mhc_real *dX, mhc_real *dH, const mhc_real *dy, 
         const mhc_real *Xt = X + (size_t)t * n * C, *dyt = dy + (size_t)t * C;
         for (int j = 0; j < n; j++) {
             double d = 0;
+#pragma omp simd reduction(+ : d)
             for (int k = 0; k < C; k++) {
                 d += (double)dyt[k] * Xt[j * C + k];
                 dX[(size_t)t * n * C + j * C + k] += H[(size_t)t * m + j] * dyt[k];
@@ -1249,12 +1255,14 @@ static void stream_merge_backward(mhc_real *dX, mhc_real *df, mhc_real *dH, cons
         for (int k = 0; k < n * C; k++) dXt[k] = 0;
         for (int i = 0; i < n; i++) {
             const mhc_real *g = dXot + i * C;
-            double dpost = 0;
+            double dpost = 0;        /* simd: partial sums, not one chain of C dependent adds */
+#pragma omp simd reduction(+ : dpost)
             for (int k = 0; k < C; k++) { dpost += (double)g[k] * ft[k]; dft[k] += Ht[n + i] * g[k]; }
             dHt[n + i] = (mhc_real)dpost;
             for (int j = 0; j < n; j++) {
                 double dres = 0;
                 mhc_real hr = Ht[2 * n + i * n + j];
+#pragma omp simd reduction(+ : dres)
                 for (int k = 0; k < C; k++) { dres += (double)g[k] * Xt[j * C + k]; dXt[j * C + k] += hr * g[k]; }
                 dHt[2 * n + i * n + j] = (mhc_real)dres;
             }
