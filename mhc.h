@@ -1320,9 +1320,11 @@ static void attention_forward(mhc_real *o, mhc_real *att, const mhc_real *q, con
                 for (int s = 0; s <= t; s++) {
                     const mhc_real *Kn = kv + ((size_t)b * T + s) * H * (dn + dv) + h * (dn + dv);
                     const mhc_real *Kp = kpe + ((size_t)b * T + s) * dr;
-                    double dot = 0;
-                    for (int i = 0; i < dn; i++) dot += (double)Q[i] * Kn[i];
-                    for (int i = 0; i < dr; i++) dot += (double)Q[dn + i] * Kp[i];
+                    mhc_real dot = 0;
+#pragma omp simd reduction(+ : dot)
+                    for (int i = 0; i < dn; i++) dot += Q[i] * Kn[i];
+#pragma omp simd reduction(+ : dot)
+                    for (int i = 0; i < dr; i++) dot += Q[dn + i] * Kp[i];
                     P[s] = (mhc_real)(dot * scale);
                     mx = P[s] > mx ? P[s] : mx;
                 }
@@ -1364,8 +1366,9 @@ static void attention_backward(mhc_real *dq, mhc_real *dkv, mhc_real *dkpe_h, co
                     const mhc_real *Kn = kv + bs * H * (dn + dv) + h * (dn + dv), *Kp = kpe + bs * dr, *v = Kn + dn;
                     mhc_real *dKn = dkv + bs * H * (dn + dv) + h * (dn + dv), *dv_ = dKn + dn;
                     mhc_real *dKp = dkpe_h + bs * H * dr + h * dr;
-                    double dP = 0;
-                    for (int i = 0; i < dv; i++) dP += (double)dot_[i] * v[i];
+                    mhc_real dP = 0;
+#pragma omp simd reduction(+ : dP)
+                    for (int i = 0; i < dv; i++) dP += dot_[i] * v[i];
                     mhc_real dSc = (mhc_real)(P[s] * (dP - Dt)) * scale;
                     for (int i = 0; i < dv; i++) dv_[i] += P[s] * dot_[i];
                     for (int i = 0; i < dn; i++) { dQ[i] += dSc * Kn[i]; dKn[i] += dSc * Q[i]; }
