@@ -595,6 +595,27 @@ template <bool TC> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &
     else eg_launch<TC, false, true>(grid, g);
 }
 
+/* Few rows (decode: one token's K experts): there a tile kernel spends its time in one block's K loop,
+   so each warp makes one output, C[r][j] = A[r] . W_e[j] (+ beta C), its lanes striding over K and the
+   sum a butterfly (exact fp32, a fixed order). The forward's layout only (transB, W_e [N][K]); 8 outputs
+   of one row per block. */
+#define EG_GEMV_ROWS 16
+
+__global__ void expert_gemv_kernel(MhcExpertGemm g) {
+    int r = blockIdx.x, j = blockIdx.y * 8 + threadIdx.x / 32, lane = threadIdx.x % 32, e = 0;
+    if (j >= g.N) return;
+    while (e < g.E && g.seg[e + 1] <= r) e++;      /* row r belongs to expert e */
+    if (e >= g.E) return;
+    const float *a = g.A + (size_t)r * g.lda, *w = g.B + e * g.w_stride + (size_t)j * g.ldb;
+    float s = 0;
+    for (int k = lane; k < g.Kfix; k += 32) s += a[k] * w[k];
+    s = warp_reduce(s, SumOp());
+    if (lane == 0) {
+        float *c = g.C + (size_t)r * g.ldc + j;
+        *c = g.beta == 0.0f ? s : s + g.beta * *c;
+    }
+}
+
 /* floats of the split scratch gpu_expert_gemm needs for kseg = 1 at (E, M, N, rows_total); 0: no split */
 static size_t gpu_expert_split_floats(int E, int M, int N, int rows_total) {
     int S = eg_splits(E, M, N, rows_total);
@@ -604,7 +625,7 @@ static size_t gpu_expert_split_floats(int E, int M, int N, int rows_total) {
 /* M (kseg = 0): the rows of all experts together, seg[E]; kseg = 1: M = the rows of W_e, K = the rows of
    all experts together, W_e contiguous (ldc = N, w_stride = M N), no transB; scratch: NULL, or
    gpu_expert_split_floats floats for the row splits. precision: MHC_PREC_FP32 runs the exact multiply,
-   any other TF32 WMMA. */
+   any other TF32 WMMA; the few-row forward (M <= EG_GEMV_ROWS) is always exact. */
 static void gpu_expert_gemm(int precision, float *C, int ldc, const float *A, int lda, const float *B, int ldb, int transB,
                             size_t w_stride, const int *seg, int E, int M, int N, int K, int kseg, float beta, float *scratch) {
     if (M <= 0 || N <= 0 || E <= 0) return;
@@ -614,6 +635,11 @@ static void gpu_expert_gemm(int precision, float *C, int ldc, const float *A, in
     }
     int splits = kseg && scratch ? eg_splits(E, M, N, K) : 1;
     MhcExpertGemm g = {C, A, B, ldc, lda, ldb, transB, kseg, w_stride, seg, E, M, N, K, beta, splits, scratch};
+    if (!kseg && transB && M <= EG_GEMV_ROWS) {
+        expert_gemv_kernel<<<dim3(M, mhc_blocks((size_t)N, 8)), 256>>>(g);
+        LAUNCH_CHECK();
+        return;
+    }
     /* kseg = 0: every expert's row tiles, at most ceil(M / 128) + E of them, packed along x */
     dim3 grid(kseg ? mhc_blocks((size_t)M, EG_TILE) : mhc_blocks((size_t)M, EG_TILE) + E, mhc_blocks((size_t)N, EG_TILE),
               kseg ? E * splits : 1);

@@ -2261,13 +2261,16 @@ static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
     gt_release();
 }
 
-/* four problems: one partial 128x128 tile per expert (one expert empty, rows and N_out not multiples of 4,
+/* five problems: one partial 128x128 tile per expert (one expert empty, rows and N_out not multiples of 4,
    so the loads take the scalar path); two tiles of rows per expert, several of N_out and K over several
    32-deep slabs, with a partial last one, as float4 loads; expert 0 one row into its second row tile;
-   enough rows for the weight gradient to split each expert's rows in 3 (the empty expert's splits too) */
+   enough rows for the weight gradient to split each expert's rows in 3 (the empty expert's splits too);
+   few rows (<= EG_GEMV_ROWS), whose forward runs a warp per output, K_in past one 32-lane stride and
+   N_out no multiple of the 8 outputs of a block */
 static void gpu_test_expert_gemm(void) {
-    const int sizes[4][4] = {{12, 20, 17, 5}, {300, 72, 260, 140}, {277, 76, 132, 129}, {2400, 24, 40, 1000}};   /* rows, K_in, N_out, rows of expert 0 */
-    for (int p = 0; p < 4; p++) gpu_test_expert_gemm_case(sizes[p][0], sizes[p][1], sizes[p][2], sizes[p][3]);
+    const int sizes[5][4] = {{21, 20, 17, 5}, {300, 72, 260, 140}, {277, 76, 132, 129}, {2400, 24, 40, 1000},   /* rows, K_in, */
+                             {7, 70, 19, 3}};                                                                 /* N_out, rows of expert 0 */
+    for (int p = 0; p < 5; p++) gpu_test_expert_gemm_case(sizes[p][0], sizes[p][1], sizes[p][2], sizes[p][3]);
 }
 
 static void gpu_test_rmsnorm(void) {
