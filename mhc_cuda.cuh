@@ -1085,218 +1085,153 @@ __device__ void sinkhorn_backward_warp(float *dLam, float *G, const float *Y, co
     __syncwarp();
 }
 
-/* The fused mHC pre-stage, SPEC §4 then §3's y = H_pre X, for a block of MHC_PRE_TOKENS tokens in one pass
-   over their streams: h = phi @ x and |x|^2 for every token (phi [m, nC] staged through shared memory in
-   MHC_PRE_CHUNK-column chunks, so one read of phi serves the whole block), then per token (a warp each)
-   r, a, H_pre = sigma(a), H_post = 2 sigma(a), H_res = SK(Lam) and y [N,C] = sum_j H_pre[j] X[j] (x read
-   again, recently enough to hit L2 when few blocks are in flight). Writes h, a, H [N,m], r [N,n] (in
-   [0]) like the unfused path, whose GEMM + coefficient + pre kernels read X three times. Bytes that
-   must move: X once, y, h, a, H, r (dev/bench_mhc sets the time against them).
-   The products run on CUDA cores in fp32 (h feeds the Sinkhorn exponent, so it stays exact): a thread
-   owns one token and four consecutive outputs, so each x it reads from shared memory serves four FMAs
-   and the four phi values come in one float4 (the outputs are padded to m4, a multiple of 4).
-   Shared: xs [TOK][CHUNK+1] (the +1 puts the rows that one warp reads on different banks),
-   ps [CHUNK][m4], acc [TOK][m4+4] (h, then |x|^2 at m4), one SkWarp per warp.                     */
-#define MHC_PRE_TOKENS 32
-#define MHC_PRE_CHUNK 64
-#define MHC_PRE_THREADS 256
+/* The mHC pre-stage as cuBLAS plus one warp per token (SPEC §4 then §3). The projection h [N,m] = X phi^T
+   is a skinny GEMM (m = n^2 + 2n outputs over nC inputs) that cuBLAS runs near the copy bandwidth in
+   exact fp32 (h feeds the Sinkhorn exponent, so it stays exact). RMSNorm commutes with the projection,
+   a = alpha r (phi x) + b, so the norm's statistic |x|^2 needs no second GEMM: the warp kernel reads the
+   token's streams once for it, then makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), H_res = SK(Lam)
+   with the Sinkhorn iterations in shared memory, and reads the streams again (from L2) for the pre-mix
+   y [N,C] = sum_j H_pre[j] X[j]. One warp per token keeps every step on chip and lets N = 1 (decode)
+   finish in one short launch. Writes h, a, H [N,m] and r [N,n] (in [0]).                             */
+#define MHC_TOKEN_WARPS 8        /* warps (tokens) per block, fewer where their Sinkhorn scratch passes 48 KB */
 
-static __host__ __device__ int mhc_pre_m4(int n) { return (n * n + 2 * n + 3) / 4 * 4; }
-
-static __host__ __device__ size_t mhc_pre_smem_floats(int n, int iters) {
-    int m4 = mhc_pre_m4(n);
-    return (size_t)MHC_PRE_TOKENS * (MHC_PRE_CHUNK + 1) + (size_t)MHC_PRE_CHUNK * m4 + (size_t)MHC_PRE_TOKENS * (m4 + 4) +
-           (MHC_PRE_THREADS / 32) * sk_warp_floats(n, iters, 0);
+/* warps per block for a per-warp scratch of that many floats, and the block's shared bytes (asking for
+   more than 48 KB where one warp alone needs it; mhc_gpu_init checks it fits the device) */
+static int mhc_token_warps(const void *kernel, size_t warp_floats, size_t *bytes) {
+    size_t per = warp_floats * sizeof(float);
+    int warps = (int)(48 * 1024 / per);
+    warps = warps < 1 ? 1 : warps > MHC_TOKEN_WARPS ? MHC_TOKEN_WARPS : warps;
+    *bytes = warps * per;
+    if (*bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)*bytes));
+    return warps;
 }
 
-__global__ void __launch_bounds__(MHC_PRE_THREADS) mhc_pre_forward_kernel(float *y, float *H, float *a, float *h, float *r_out,
-                                                                         const float *X, const float *phi, const float *alpha,
-                                                                         const float *b, int N, int n, int C, int iters,
-                                                                         float eps_sk, float eps_rms) {
+__global__ void __launch_bounds__(32 * MHC_TOKEN_WARPS) mhc_coeffs_pre_forward_kernel(
+    float *y, float *H, float *a, float *r_out, const float *h, const float *X, const float *alpha, const float *b, int N,
+    int n, int C, int iters, float eps_sk, float eps_rms) {
     extern __shared__ float smem[];
-    int m = n * n + 2 * n, m4 = mhc_pre_m4(n), groups = m4 / 4 + 1, nC = n * C, t0 = blockIdx.x * MHC_PRE_TOKENS;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, xs_ld = MHC_PRE_CHUNK + 1, acc_ld = m4 + 4;
-    float *xs = smem, *ps = xs + MHC_PRE_TOKENS * xs_ld, *acc = ps + MHC_PRE_CHUNK * m4;
-    SkWarp w = sk_warp_layout(acc + MHC_PRE_TOKENS * acc_ld + warp * sk_warp_floats(n, iters, 0), n, iters, 0);
-    for (int p = threadIdx.x; p < MHC_PRE_TOKENS * acc_ld; p += blockDim.x) acc[p] = 0;
-    for (int q0 = 0; q0 < nC; q0 += MHC_PRE_CHUNK) {
-        __syncthreads();                                /* the previous chunk's readers are done */
-        for (int e = threadIdx.x; e < MHC_PRE_TOKENS * MHC_PRE_CHUNK; e += blockDim.x) {
-            int i = e / MHC_PRE_CHUNK, q = q0 + e % MHC_PRE_CHUNK;
-            xs[i * xs_ld + e % MHC_PRE_CHUNK] = t0 + i < N && q < nC ? X[(size_t)(t0 + i) * nC + q] : 0.0f;
-        }
-        for (int e = threadIdx.x; e < m4 * MHC_PRE_CHUNK; e += blockDim.x) {
-            int k = e / MHC_PRE_CHUNK, q = e % MHC_PRE_CHUNK;
-            ps[q * m4 + k] = k < m && q0 + q < nC ? phi[(size_t)k * nC + q0 + q] : 0.0f;
-        }
-        __syncthreads();
-        for (int p = threadIdx.x; p < MHC_PRE_TOKENS * groups; p += blockDim.x) {   /* token i, outputs 4g .. 4g+3 */
-            int i = p / groups, g = p % groups;
-            const float *xi = xs + i * xs_ld;
-            float4 *out = (float4 *)(acc + i * acc_ld + 4 * g);
-            float4 sum = *out;
-            if (g < groups - 1) {
-                for (int q = 0; q < MHC_PRE_CHUNK; q++) {
-                    float x = xi[q];
-                    float4 f = *(const float4 *)(ps + q * m4 + 4 * g);
-                    sum.x += x * f.x; sum.y += x * f.y; sum.z += x * f.z; sum.w += x * f.w;
-                }
-            } else {                                    /* the last group: |x|^2 in .x */
-                for (int q = 0; q < MHC_PRE_CHUNK; q++) sum.x += xi[q] * xi[q];
-            }
-            *out = sum;
-        }
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, m = n * n + 2 * n, nC = n * C;
+    size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + warp;
+    if (t >= (size_t)N) return;
+    SkWarp w = sk_warp_layout(smem + warp * sk_warp_floats(n, iters, 0), n, iters, 0);
+    const float *x = X + t * nC, *ht = h + t * m;
+    float *at = a + t * m, *Ht = H + t * m, ss = 0;
+#pragma unroll 4
+    for (int q = lane; q < nC; q += 32) ss += x[q] * x[q];
+    float r = 1.0f / sqrtf(warp_reduce(ss, SumOp()) / nC + eps_rms);
+    for (int k = lane; k < m; k += 32) {
+        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+        float ak = alpha[grp] * r * ht[k] + b[k];
+        at[k] = ak;
+        if (k < n) Ht[k] = mhc_sigmoidf(ak);
+        else if (k < 2 * n) Ht[k] = 2 * mhc_sigmoidf(ak);
     }
-    __syncthreads();
-    for (int i = warp; i < MHC_PRE_TOKENS && t0 + i < N; i += blockDim.x / 32) {
-        size_t t = t0 + i;
-        const float *x = X + t * nC, *acc_i = acc + i * acc_ld;
-        float *at = a + t * m, *Ht = H + t * m, r = 1.0f / sqrtf(acc_i[m4] / nC + eps_rms);
-        for (int k = lane; k < m; k += 32) {
-            int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
-            float ak = alpha[grp] * r * acc_i[k] + b[k];
-            h[t * m + k] = acc_i[k];
-            at[k] = ak;
-            if (k < n) Ht[k] = mhc_sigmoidf(ak);
-            else if (k < 2 * n) Ht[k] = 2 * mhc_sigmoidf(ak);
-        }
-        if (lane == 0) r_out[t * n] = r;
-        __syncwarp();                                   /* orders the a and H_pre writes before the lanes read them */
-        sinkhorn_warp(w.Y, NULL, w.am, at + 2 * n, n, iters, eps_sk, 0);
-        for (int k = lane; k < n * n; k += 32) Ht[2 * n + k] = w.Y[k];
-        for (int c = lane; c < C; c += 32) {
-            float sum = 0;
-            for (int j = 0; j < n; j++) sum += Ht[j] * x[(size_t)j * C + c];
-            y[t * C + c] = sum;
-        }
-        __syncwarp();                                   /* this token's Sinkhorn scratch is free again */
+    if (lane == 0) r_out[t * n] = r;
+    __syncwarp();                                   /* orders the a and H_pre writes before the lanes read them */
+    sinkhorn_warp(w.Y, NULL, w.am, at + 2 * n, n, iters, eps_sk, 0);
+    for (int k = lane; k < n * n; k += 32) Ht[2 * n + k] = w.Y[k];
+    float hp[MHC_MAX_STREAMS];
+#pragma unroll
+    for (int j = 0; j < MHC_MAX_STREAMS; j++) hp[j] = j < n ? Ht[j] : 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float sum = 0;
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++)
+            if (j < n) sum += hp[j] * x[(size_t)j * C + c];
+        y[t * C + c] = sum;
     }
 }
 
-static void gpu_mhc_pre_forward(float *y, float *H, float *a, float *h, float *r, const float *X, const float *phi,
-                                const float *alpha, const float *b, int N, int n, int C, int iters, double eps_sk,
-                                double eps_rms) {
-    size_t bytes = mhc_pre_smem_floats(n, iters) * sizeof(float);
-    if (bytes > 48 * 1024)
-        CUDA_CHECK(cudaFuncSetAttribute((const void *)mhc_pre_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    mhc_pre_forward_kernel<<<mhc_blocks((size_t)N, MHC_PRE_TOKENS), MHC_PRE_THREADS, bytes>>>(
-        y, H, a, h, r, X, phi, alpha, b, N, n, C, iters, (float)eps_sk, (float)eps_rms);
+static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *H, float *a, float *h, float *r, const float *X,
+                                       const float *phi, const float *alpha, const float *b, int N, int n, int C, int iters,
+                                       double eps_sk, double eps_rms) {
+    gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, n * C, n * n + 2 * n);
+    size_t bytes;
+    int warps = mhc_token_warps((const void *)mhc_coeffs_pre_forward_kernel, sk_warp_floats(n, iters, 0), &bytes);
+    mhc_coeffs_pre_forward_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, bytes>>>(
+        y, H, a, r, h, X, alpha, b, N, n, C, iters, (float)eps_sk, (float)eps_rms);
     LAUNCH_CHECK();
 }
 
-/* The fused backward of the pre-stage (SPEC §5.3 PATH 2, §5.4 + §5.6 PATH 3) for a block of
-   MHC_PRE_TOKENS tokens. In: dy [N,C], the gradient of y; dH [N,m] with its post and res parts from the
-   merge backward. Per token (a warp each): dH_pre[j] = dy . X[j], da through the sigmoids and the
-   Sinkhorn (its forward replayed into the tape), dh = da alpha[grp] r written over dH (for the dphi
-   GEMM), da [N,m] (the b gradient's column sums), dalpha_t [N,3] = sum_{k in grp} da r h, and dS, the
-   gradient of |x|^2 through r. Then one pass over the streams, phi staged in column chunks:
-   dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS + sum_k dh[k] phi[k][j C + c]. The unfused path read X
-   three times and read-modify-wrote dX three times; here one kernel reads X twice (the second read
-   meant to hit L2) and dX once. In that pass a thread owns one column of the chunk for 8 tokens: the
-   phi values it reads serve 8 tokens, and each token's dh comes four at a time as one float4 (the same
-   address across the warp: a broadcast). Shared: ps [m4][CHUNK] (rows past m zero), dh [TOK][m4] (zero
-   padded), coef [TOK][n+1] (H_pre, then dS), a taped SkWarp per warp.                              */
-#define MHC_PRE_TOKENS_PER_THREAD 8
-
-static __host__ __device__ size_t mhc_pre_backward_smem_floats(int n, int iters) {
-    int m4 = mhc_pre_m4(n);
-    return (size_t)m4 * MHC_PRE_CHUNK + (size_t)MHC_PRE_TOKENS * (m4 + n + 1) + (MHC_PRE_THREADS / 32) * sk_warp_floats(n, iters, 1);
-}
-
-/* at least 3 blocks per SM: the Sinkhorn steps want 128 registers a thread, which would allow only 2; at
-   80 (a few bytes spilled) 3 fit, as the shared memory allows on an H100 */
-__global__ void __launch_bounds__(MHC_PRE_THREADS, 3) mhc_pre_backward_kernel(float *dX, float *dH, float *da_out, float *dalpha_t,
-                                                                          const float *dy, const float *X, const float *H,
-                                                                          const float *a, const float *h, const float *r_in,
-                                                                          const float *phi, const float *alpha, int N, int n,
-                                                                          int C, int iters, float eps_sk) {
+/* Its backward (SPEC §5.3 PATH 2, §5.4 + §5.6 PATH 3), one warp per token, then cuBLAS. In: dy [N,C],
+   the gradient of y; dH [N,m] with its post and res parts from the merge backward. The warp makes
+   dH_pre[j] = dy . X[j] (all j in one pass over the streams), da through the sigmoids and the Sinkhorn
+   (its forward replayed into a tape in shared memory), dh = da alpha[grp] r written over dH, da [N,m]
+   (the b gradient's column sums), dalpha_t [N,3] = sum_{k in grp} da r h, and dS, the gradient of |x|^2
+   through r; then the elementwise part dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS. The GEMMs
+   dX += dh phi and dphi += dh^T X follow in cuBLAS (fp32).                                              */
+__global__ void __launch_bounds__(32 * MHC_TOKEN_WARPS, 3) mhc_coeffs_pre_backward_kernel(
+    float *dX, float *dH, float *da_out, float *dalpha_t, const float *dy, const float *X, const float *H, const float *a,
+    const float *h, const float *r_in, const float *alpha, int N, int n, int C, int iters, float eps_sk) {
     extern __shared__ float smem[];
-    int m = n * n + 2 * n, m4 = mhc_pre_m4(n), nC = n * C, t0 = blockIdx.x * MHC_PRE_TOKENS;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float *ps = smem, *dh_s = ps + m4 * MHC_PRE_CHUNK, *coef_s = dh_s + MHC_PRE_TOKENS * m4;
-    for (int p = threadIdx.x; p < MHC_PRE_TOKENS * m4; p += blockDim.x) dh_s[p] = 0;   /* padding, and tokens past N */
-    __syncthreads();
-    SkWarp w = sk_warp_layout(coef_s + MHC_PRE_TOKENS * (n + 1) + warp * sk_warp_floats(n, iters, 1), n, iters, 1);
-    for (int i = warp; i < MHC_PRE_TOKENS && t0 + i < N; i += blockDim.x / 32) {
-        size_t t = t0 + i;
-        const float *x = X + t * nC, *dyt = dy + t * C, *Ht = H + t * m, *ht = h + t * m;
-        float *dHt = dH + t * m, *da = w.da, r = r_in[t * n];
-        for (int j = 0; j < n; j++) {                 /* §5.3: dH_pre[j] = dy . X[j], through sigma */
-            float d = 0;
-            for (int c = lane; c < C; c += 32) d += dyt[c] * x[(size_t)j * C + c];
-            d = warp_reduce(d, SumOp());
-            if (lane == 0) da[j] = d * Ht[j] * (1 - Ht[j]);
-        }
-        for (int k = n + lane; k < m; k += 32) {
-            if (k < 2 * n) da[k] = dHt[k] * Ht[k] * (1 - Ht[k] / 2);      /* derivative of 2 sigma */
-            else w.G[k - 2 * n] = dHt[k];
-        }
-        sinkhorn_warp(w.Y, w.sums, w.am, a + t * m + 2 * n, n, iters, eps_sk, 1);   /* its barriers order G, da */
-        sinkhorn_backward_warp(da + 2 * n, w.G, w.Y, w.sums, w.am, n, iters, eps_sk);
-        float dr = 0, ga0 = 0, ga1 = 0, ga2 = 0;
-        for (int k = lane; k < m; k += 32) {
-            int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
-            float d = da[k], term = d * r * ht[k], dh = d * (alpha[grp] * r);
-            dr += d * alpha[grp] * ht[k];
-            ga0 += grp == 0 ? term : 0;
-            ga1 += grp == 1 ? term : 0;
-            ga2 += grp == 2 ? term : 0;
-            da_out[t * m + k] = d;
-            dHt[k] = dh;
-            dh_s[i * m4 + k] = dh;
-        }
-        dr = warp_reduce(dr, SumOp());
-        ga0 = warp_reduce(ga0, SumOp());
-        ga1 = warp_reduce(ga1, SumOp());
-        ga2 = warp_reduce(ga2, SumOp());
-        if (lane == 0) {
-            dalpha_t[t * 3] = ga0;
-            dalpha_t[t * 3 + 1] = ga1;
-            dalpha_t[t * 3 + 2] = ga2;
-            coef_s[i * (n + 1) + n] = dr * (-r * r * r / (2.0f * nC));           /* dS */
-        }
-        for (int j = lane; j < n; j += 32) coef_s[i * (n + 1) + j] = Ht[j];
-        __syncwarp();                                 /* this token's Sinkhorn scratch is free again */
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, m = n * n + 2 * n, nC = n * C;
+    size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + warp;
+    if (t >= (size_t)N) return;
+    SkWarp w = sk_warp_layout(smem + warp * sk_warp_floats(n, iters, 1), n, iters, 1);
+    const float *x = X + t * nC, *dyt = dy + t * C, *Ht = H + t * m, *ht = h + t * m;
+    float *dHt = dH + t * m, *da = w.da, r = r_in[t * n];
+    float dpre[MHC_MAX_STREAMS] = {0};
+    for (int c = lane; c < C; c += 32) {            /* §5.3: dH_pre[j] = dy . X[j] */
+        float d = dyt[c];
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++)
+            if (j < n) dpre[j] += d * x[(size_t)j * C + c];
     }
-    for (int q0 = 0; q0 < nC; q0 += MHC_PRE_CHUNK) {
-        __syncthreads();                              /* the per-token values are in; the previous chunk is read */
-        for (int e = threadIdx.x; e < m4 * MHC_PRE_CHUNK; e += blockDim.x) {
-            int k = e / MHC_PRE_CHUNK, q = q0 + e % MHC_PRE_CHUNK;
-            ps[e] = k < m && q < nC ? phi[(size_t)k * nC + q] : 0.0f;
-        }
-        __syncthreads();
-        for (int e = threadIdx.x; e < MHC_PRE_TOKENS / MHC_PRE_TOKENS_PER_THREAD * MHC_PRE_CHUNK; e += blockDim.x) {
-            int i0 = e / MHC_PRE_CHUNK * MHC_PRE_TOKENS_PER_THREAD, qc = e % MHC_PRE_CHUNK, q = q0 + qc;
-            float d[MHC_PRE_TOKENS_PER_THREAD] = {0};  /* sum_k dh[i][k] phi[k][q] for tokens i0 .. i0+7 */
-            for (int k = 0; k < m4; k += 4) {
-                float p0 = ps[k * MHC_PRE_CHUNK + qc], p1 = ps[(k + 1) * MHC_PRE_CHUNK + qc];
-                float p2 = ps[(k + 2) * MHC_PRE_CHUNK + qc], p3 = ps[(k + 3) * MHC_PRE_CHUNK + qc];
-                for (int r = 0; r < MHC_PRE_TOKENS_PER_THREAD; r++) {
-                    float4 v = *(const float4 *)(dh_s + (i0 + r) * m4 + k);
-                    d[r] += v.x * p0 + v.y * p1 + v.z * p2 + v.w * p3;
-                }
-            }
-            for (int r = 0; r < MHC_PRE_TOKENS_PER_THREAD; r++) {
-                size_t t = t0 + i0 + r;
-                if (t >= (size_t)N || q >= nC) continue;
-                const float *ci = coef_s + (i0 + r) * (n + 1);
-                dX[t * nC + q] += ci[q / C] * dy[t * C + q % C] + 2 * X[t * nC + q] * ci[n] + d[r];
-            }
-        }
+#pragma unroll
+    for (int j = 0; j < MHC_MAX_STREAMS; j++)
+        if (j < n) dpre[j] = warp_reduce(dpre[j], SumOp());
+    if (lane < n) {                                 /* through sigma (lane j picks dpre[j] by an unrolled select) */
+        float d = 0;
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++)
+            if (j == lane) d = dpre[j];
+        da[lane] = d * Ht[lane] * (1 - Ht[lane]);
+    }
+    for (int k = n + lane; k < m; k += 32) {
+        if (k < 2 * n) da[k] = dHt[k] * Ht[k] * (1 - Ht[k] / 2);      /* derivative of 2 sigma */
+        else w.G[k - 2 * n] = dHt[k];
+    }
+    sinkhorn_warp(w.Y, w.sums, w.am, a + t * m + 2 * n, n, iters, eps_sk, 1);   /* its barriers order G, da */
+    sinkhorn_backward_warp(da + 2 * n, w.G, w.Y, w.sums, w.am, n, iters, eps_sk);
+    float dr = 0, ga0 = 0, ga1 = 0, ga2 = 0;
+    for (int k = lane; k < m; k += 32) {
+        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+        float d = da[k], term = d * r * ht[k];
+        dr += d * alpha[grp] * ht[k];
+        ga0 += grp == 0 ? term : 0;
+        ga1 += grp == 1 ? term : 0;
+        ga2 += grp == 2 ? term : 0;
+        da_out[t * m + k] = d;
+        dHt[k] = d * (alpha[grp] * r);
+    }
+    dr = warp_reduce(dr, SumOp());
+    ga0 = warp_reduce(ga0, SumOp());
+    ga1 = warp_reduce(ga1, SumOp());
+    ga2 = warp_reduce(ga2, SumOp());
+    if (lane == 0) {
+        dalpha_t[t * 3] = ga0;
+        dalpha_t[t * 3 + 1] = ga1;
+        dalpha_t[t * 3 + 2] = ga2;
+    }
+    float dS2 = 2 * dr * (-r * r * r / (2.0f * nC));      /* 2 dS: |x|^2 -> r = (|x|^2/nC + eps)^(-1/2) */
+    float *dXt = dX + t * nC;
+    for (int j = 0; j < n; j++) {
+        float hj = Ht[j];
+        for (int c = lane; c < C; c += 32) dXt[(size_t)j * C + c] += hj * dyt[c] + dS2 * x[(size_t)j * C + c];
     }
 }
 
-static void gpu_mhc_pre_backward(float *dX, float *dH, float *da, float *dalpha_t, const float *dy, const float *X,
-                                 const float *H, const float *a, const float *h, const float *r, const float *phi,
-                                 const float *alpha, int N, int n, int C, int iters, double eps_sk) {
-    size_t bytes = mhc_pre_backward_smem_floats(n, iters) * sizeof(float);
-    if (bytes > 48 * 1024)
-        CUDA_CHECK(cudaFuncSetAttribute((const void *)mhc_pre_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    mhc_pre_backward_kernel<<<mhc_blocks((size_t)N, MHC_PRE_TOKENS), MHC_PRE_THREADS, bytes>>>(
-        dX, dH, da, dalpha_t, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, (float)eps_sk);
+static void gpu_mhc_pre_backward(const MhcBlas *bl, float *dX, float *dphi, float *dH, float *da, float *dalpha_t,
+                                        const float *dy, const float *X, const float *H, const float *a, const float *h,
+                                        const float *r, const float *phi, const float *alpha, int N, int n, int C, int iters,
+                                        double eps_sk) {
+    size_t bytes;
+    int warps = mhc_token_warps((const void *)mhc_coeffs_pre_backward_kernel, sk_warp_floats(n, iters, 1), &bytes);
+    mhc_coeffs_pre_backward_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, bytes>>>(
+        dX, dH, da, dalpha_t, dy, X, H, a, h, r, alpha, N, n, C, iters, (float)eps_sk);
     LAUNCH_CHECK();
+    gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, n * C, n * n + 2 * n);   /* dH holds dh */
 }
-
 
 /* SPEC §6 HC, one thread per token: tv [N, n, n+2] = theta @ Xt per stream j (pre, post, res_0..res_{n-1})
    becomes tanh(tv) in place; H_pre[j] = alpha0 tp + b_pre[j], H_post[j] = alpha1 to + b_post[j],
@@ -2102,9 +2037,9 @@ static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y) {
     float *h = A->a.coef_h + (size_t)ss * N * m, *a = A->a.coef_a + (size_t)ss * N * m;
     float *H = A->a.coef_H + (size_t)ss * N * m, *r = A->a.coef_r + (size_t)ss * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
-    if (c->residual == MHC_RESIDUAL_MHC) {            /* one fused kernel */
-        gpu_mhc_pre_forward(y, H, a, h, r, X, q->phi, q->alpha, q->b, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps,
-                            c->rms_eps);
+    if (c->residual == MHC_RESIDUAL_MHC) {            /* the GEMM, then one warp per token */
+        gpu_mhc_pre_forward(&g->blas, y, H, a, h, r, X, q->phi, q->alpha, q->b, N, n, C, c->sinkhorn_iters,
+                                   c->sinkhorn_eps, c->rms_eps);
         return;
     }
     if (c->residual == MHC_RESIDUAL_PLAIN) {
@@ -2129,12 +2064,11 @@ static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const fl
     float *r = A->a.coef_r + (size_t)ss * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
     MhcStreamParams *gq = &g->g.sub[s];
-    if (c->residual == MHC_RESIDUAL_MHC) {            /* one fused kernel, then the parameter reductions */
-        gpu_mhc_pre_backward(dX, dH, A->a.dcoef, A->coef_alpha, dy, X, H, a, h, r, q->phi, q->alpha, N, n, C,
-                             c->sinkhorn_iters, c->sinkhorn_eps);
+    if (c->residual == MHC_RESIDUAL_MHC) {            /* one warp per token and the GEMMs, then the reductions */
+        gpu_mhc_pre_backward(&g->blas, dX, gq->phi, dH, A->a.dcoef, A->coef_alpha, dy, X, H, a, h, r, q->phi, q->alpha,
+                                    N, n, C, c->sinkhorn_iters, c->sinkhorn_eps);
         gpu_colsum(gq->b, A->a.dcoef, m, NULL, 0, NULL, N, m, A->colsum_part);
         gpu_colsum(gq->alpha, A->coef_alpha, 3, NULL, 0, NULL, N, 3, A->colsum_part);
-        gpu_matmul_backward(&g->blas, MHC_GEMM_FP32, NULL, gq->phi, dH, X, q->phi, N, n * C, m);   /* dH holds dh */
         return;
     }
     gpu_stream_pre_backward(dX, dH, dy, H, X, N, n, C, m);

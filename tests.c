@@ -2341,10 +2341,11 @@ static void gpu_test_crossentropy(void) {
     gt_release();
 }
 
-/* SPEC §4-§5.6: the fused pre-stage (h = phi x, coefficients, Sinkhorn, y = H_pre X) against matmul,
-   mhc_coeffs_forward and stream_pre_forward; then the backward fed the CPU's forward values. N = 41 tokens
-   (two token blocks, the second partial) and nC = 160 (three column chunks, the last partial). */
-static void gpu_test_mhc_coeffs(void) {
+/* SPEC §4-§5.6: the pre-stage (cuBLAS h = phi x, then per token the coefficients, Sinkhorn and
+   y = H_pre X) against matmul, mhc_coeffs_forward and stream_pre_forward; then the backward fed the CPU's
+   forward values. N = 41 tokens (a warp of 32 lanes and a partial one); C = 40 is no multiple of 32. */
+static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
+    MhcBlas bl = gt_blas(handle, MHC_PREC_FP32);
     MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
     c.d_model = 40;
     int N = 41, n = c.hc_mult, C = c.d_model, nC = n * C, m = mhc_m(&c);
@@ -2363,16 +2364,18 @@ static void gpu_test_mhc_coeffs(void) {
     float *d_X = gt_upload(X, (size_t)N * nC), *d_alpha = gt_upload(alpha, 3), *d_h = gt_nan((size_t)N * m);
     float *d_H = gt_nan((size_t)N * m), *d_a = gt_nan((size_t)N * m), *d_r = gt_upload(r, (size_t)N * n), *d_y = gt_nan((size_t)N * C);
     for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_r + (size_t)t * n, 0xFF, sizeof(float)));   /* poison r[t][0] */
-    gpu_mhc_pre_forward(d_y, d_H, d_a, d_h, d_r, d_X, gt_upload(phi, (size_t)m * nC), d_alpha, gt_upload(b, m), N, n, C,
+    gpu_mhc_pre_forward(&bl, d_y, d_H, d_a, d_h, d_r, d_X, gt_upload(phi, (size_t)m * nC), d_alpha, gt_upload(b, m), N, n, C,
                         c.sinkhorn_iters, c.sinkhorn_eps, c.rms_eps);
     double e0 = rel_err(gt_fetch(d_h, (size_t)N * m), h, (size_t)N * m);
     double e1 = rel_err(gt_fetch(d_H, (size_t)N * m), H, (size_t)N * m), e2 = rel_err(gt_fetch(d_a, (size_t)N * m), a, (size_t)N * m);
     double e3 = rel_err(gt_fetch(d_r, (size_t)N * n), r, (size_t)N * n), e5 = rel_err(gt_fetch(d_y, (size_t)N * C), y, (size_t)N * C);
     check(e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5,
-          "gpu fused mhc pre-stage: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e (tol 1e-5)", e0, e1, e2, e3, e5);
+          "gpu mhc pre-stage: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e (tol 1e-5)", e0, e1, e2, e3, e5);
 
-    /* backward: dX starts random (the kernel adds), dH's H_pre part is NaN on the GPU (the kernel makes it) */
+    /* backward: dX and dphi start random (they accumulate), dH's H_pre part is NaN on the GPU (the kernel
+       makes it) */
     float *dH = gt_randn((size_t)N * m, 1), *dy = gt_randn((size_t)N * C, 1), *dX0 = gt_randn((size_t)N * nC, 1);
+    float *dphi0 = gt_randn((size_t)m * nC, 1), *dphi = gt_copy(dphi0, (size_t)m * nC);
     float *da = gt_host((size_t)N * m), *dx = gt_copy(dX0, (size_t)N * nC), *dh = gt_host((size_t)N * m);
     float *dalpha = gt_host((size_t)N * 3), *d_dH = gt_upload(dH, (size_t)N * m);
     for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_dH + (size_t)t * m, 0xFF, sizeof(float) * n));
@@ -2386,17 +2389,20 @@ static void gpu_test_mhc_coeffs(void) {
             dalpha[(size_t)t * 3 + grp] += da[(size_t)t * m + k] * r[(size_t)t * n] * h[(size_t)t * m + k];
         }
     }
-    matmul_backward(dx, NULL, dh, X, phi, N, nC, m);                      /* the phi part of PATH 3 */
+    matmul_backward(dx, dphi, dh, X, phi, N, nC, m);                      /* the phi part of PATH 3 */
     float *d_da = gt_nan((size_t)N * m), *d_dalpha = gt_nan((size_t)N * 3), *d_dx = gt_upload(dX0, (size_t)N * nC);
-    gpu_mhc_pre_backward(d_dx, d_dH, d_da, d_dalpha, gt_upload(dy, (size_t)N * C), d_X, gt_upload(H, (size_t)N * m),
+    float *d_dphi = gt_upload(dphi0, (size_t)m * nC);
+    gpu_mhc_pre_backward(&bl, d_dx, d_dphi, d_dH, d_da, d_dalpha, gt_upload(dy, (size_t)N * C), d_X, gt_upload(H, (size_t)N * m),
                          gt_upload(a, (size_t)N * m), gt_upload(h, (size_t)N * m), gt_upload(r, (size_t)N * n),
                          gt_upload(phi, (size_t)m * nC), d_alpha, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps);
     e1 = rel_err(gt_fetch(d_da, (size_t)N * m), da, (size_t)N * m);
     e2 = rel_err(gt_fetch(d_dH, (size_t)N * m), dh, (size_t)N * m);
     e3 = rel_err(gt_fetch(d_dalpha, (size_t)N * 3), dalpha, (size_t)N * 3);
     double e4 = rel_err(gt_fetch(d_dx, (size_t)N * nC), dx, (size_t)N * nC);
-    check(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4 && e4 <= 1e-4,
-          "gpu fused mhc pre-stage backward (Sinkhorn replayed): da %.1e, dh %.1e, dalpha %.1e, dX %.1e (tol 1e-4)", e1, e2, e3, e4);
+    e5 = rel_err(gt_fetch(d_dphi, (size_t)m * nC), dphi, (size_t)m * nC);
+    check(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4 && e4 <= 1e-4 && e5 <= 1e-4,
+          "gpu mhc pre-stage backward (Sinkhorn replayed): da %.1e, dh %.1e, dalpha %.1e, dX %.1e, dphi %.1e (tol 1e-4)", e1, e2,
+          e3, e4, e5);
     gt_release();
 }
 
@@ -2895,7 +2901,7 @@ void gpu_tests(void) {
     gpu_test_rope();
     gpu_test_swiglu();
     gpu_test_crossentropy();
-    gpu_test_mhc_coeffs();
+    gpu_test_mhc_coeffs(handle);
     gpu_test_streams();
     gpu_test_attention();
     gpu_test_routing();

@@ -7,8 +7,9 @@
        ./dev/bench_mhc                 small (C 512, N 32 x 1024) and 3b (C 1280, N 2 x 4096)
        ./dev/bench_mhc C N [C N ...]   other shapes
 
-   Prints a markdown table. For scale, it also times the one GEMM the fused pre-stage replaced, h = X
-   phi^T in exact fp32 through cuBLAS: that GEMM alone read X once, as the whole fused kernel now does. */
+   Prints a markdown table. For scale, it also times the pre-stage's GEMM h = X phi^T (exact fp32 through
+   cuBLAS) alone: it reads X once; the whole forward reads it three times (the GEMM, then the per-token
+   kernel's |x|^2 and y passes, the second meant to hit L2). */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #include "mhc_cuda.cuh"
@@ -77,11 +78,11 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     float *da = bench_buffer((size_t)N * m, 17, 0), *dalpha = bench_buffer((size_t)N * 3, 18, 0);
     float *dphi = bench_buffer((size_t)m * nC, 19, 0);
 
-    gpu_mhc_pre_forward(y, H, a, h, r, X, phi, alpha, b, N, n, C, iters, 1e-6, 1e-6);     /* warm-up, and H for the rest */
+    gpu_mhc_pre_forward(bl, y, H, a, h, r, X, phi, alpha, b, N, n, C, iters, 1e-6, 1e-6);     /* warm-up, and H for the rest */
     CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(y, H, a, h, r, X, phi, alpha, b, N, n, C, iters, 1e-6, 1e-6);
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, H, a, h, r, X, phi, alpha, b, N, n, C, iters, 1e-6, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("pre-stage forward (fused)", C, N, f * N * (nC + C + 3.0 * m + n), bench_ms(tm), copy_gbs);
+    bench_row("pre-stage forward (GEMM + per-token kernel)", C, N, f * N * (nC + C + 3.0 * m + n), bench_ms(tm), copy_gbs);
 
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, nC, m);
     CUDA_CHECK(cudaEventRecord(tm->start));
@@ -102,17 +103,18 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     bench_row("merge backward", C, N, f * N * (3.0 * nC + 2.0 * C + 2.0 * m), bench_ms(tm), copy_gbs);
 
     /* dH is rewritten with dh by each run: the repetitions see other values, the same work */
-    gpu_mhc_pre_backward(dX, dH, da, dalpha, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
+    gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_mhc_pre_backward(dX, dH, da, dalpha, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("pre-stage backward (fused)", C, N, f * N * (3.0 * nC + C + 7.0 * m + n + 3), bench_ms(tm), copy_gbs);
+    bench_row("pre-stage backward (per-token kernel + dX, dphi GEMMs)", C, N, f * N * (3.0 * nC + C + 7.0 * m + n + 3), bench_ms(tm),
+              copy_gbs);
 
-    gpu_matmul_backward(bl, MHC_GEMM_FP32, NULL, dphi, dH, X, phi, N, nC, m);
+    gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, nC, m);
     CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_matmul_backward(bl, MHC_GEMM_FP32, NULL, dphi, dH, X, phi, N, nC, m);
+    for (int k = 0; k < REPS; k++) gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, nC, m);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("dphi += dh^T X (cuBLAS)", C, N, f * N * (nC + m), bench_ms(tm), copy_gbs);
+    bench_row("for scale: its two GEMMs alone", C, N, f * N * (3.0 * nC + m), bench_ms(tm), copy_gbs);
 
     float *all[] = {X, phi, alpha, b, fo, dXo, dy, y, H, a, h, r, Xo, dX, df, dH, da, dalpha, dphi};
     for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) CUDA_CHECK(cudaFree(all[k]));
