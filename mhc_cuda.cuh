@@ -7,9 +7,9 @@
 
    The GPU model mirrors MhcModel: one parameter slab in the CPU's layout (upload and download are plain
    copies), the CPU's activation buffers (mhc.h's mhc_acts_table) on the device plus GPU-only scratch, and
-   the CPU's order of operations, so every kernel has a CPU function to be tested against. Where kernels
-   are fused (mHC's pre-stage: coefficients, Sinkhorn and the pre-mix in one pass over the streams, and
-   its backward), the test compares the fused kernel with the chain of CPU functions it replaces.
+   the CPU's order of operations, so every kernel has a CPU function to be tested against. Where a kernel
+   does the work of several CPU functions (mHC's per-token pre-stage: the RMS statistic, coefficients,
+   Sinkhorn and pre-mix, and its backward), the test compares it with the chain it replaces.
 
    Precision (SPEC §0): fp32 storage for parameters (the master weights), gradients, activations and
    optimizer state. mhc_gpu_set_precision picks how the MHC_GEMM_FAST GEMMs (every MLA, FFN, shared-expert
@@ -24,9 +24,9 @@
                               accumulation stay fp32.
    The routed-expert GEMMs and the flash-attention tile products are our own kernels: exact fp32 FMAs on
    CUDA cores under MHC_PREC_FP32, TF32 tensor cores (WMMA m16n16k8, fp32 operands rounded, fp32
-   accumulate) under TF32 and BF16. Always fp32 whatever the setting: the mHC/HC coefficient products
-   (mHC: inside the fused pre-stage kernels, plus the dphi GEMM; HC and the router: MHC_GEMM_FP32), the
-   attention softmax statistics, and every elementwise kernel. Norm
+   accumulate) under TF32 and BF16; the few-row expert forward (decode) is exact fp32 always. Always fp32
+   whatever the setting: the mHC/HC coefficient products (mHC's h, dX and dphi GEMMs, HC's and the
+   router's: MHC_GEMM_FP32), the attention softmax statistics, and every elementwise kernel. Norm
    statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
 
    Memory: mhc_gpu_set_recompute trades compute for activation memory. The forward then keeps only the
