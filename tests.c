@@ -2742,56 +2742,73 @@ static void gpu_test_determinism(const MhcConfig *cfg) {
     gt_release();
 }
 
-/* mhc_gpu_set_recompute: the same loss, expert loads and gradients as keeping every activation, with the
-   logits in chunks (partial last one) and one layer's buffers. The recompute runs the same kernels on the
-   same inputs (bf16: the same roundings, with operand scratch sized for a chunk of dlogits), so only the
-   order in which the head's weight gradient adds its chunks' partial sums (and on hardware, cuBLAS's
-   choice of kernel for the chunk-sized GEMMs) may move a result, by fp32 rounding: tol 1e-5 per tensor.
-   A stale buffer or a wrong chunk offset is an O(1) error. */
+/* mhc_gpu_set_recompute against keeping every activation, at two batch shapes of the same model:
+   - B = 1 (19 rows, one chunk of logits): the recompute reruns each sublayer's branch into one layer's
+     buffers with the same kernels on the same inputs, so the loss, expert loads and every gradient must
+     be bit-identical. A stale buffer or a rerun that reads the wrong sublayer breaks that.
+   - B = 3 (57 rows: chunks of 24, 24 and 9): the head then runs on chunk-sized GEMMs, for which cuBLAS may
+     pick other kernels on hardware (the emulation gives identical bits), and its weight gradient adds
+     the chunks' partial sums, so rounding may move results: the loss by 1e-6 (relative, fp32 rounding of
+     the logits), each gradient by 1e-5 of the whole gradient's largest value. That scale, not each
+     tensor's own: measured on an H100, layer 0's b_pre gradient sums to 1.6e-6 where the other layers'
+     are about 3e-2 (its four streams enter as copies of one embedding, so its terms cancel), and there
+     both runs sat 1e-3 to 6e-3 of its own size from the CPU's. A wrong chunk offset or order is an O(1)
+     error at the head's scale.
+   Both shapes: the activation arena shrinks, and mhc_gpu_acts_bytes predicts both arenas. */
 static void gpu_test_recompute(const char *name, const MhcConfig *cfg, int precision) {
     MhcModel m;
-    MhcGpu g[2];
     gt_model(&m, cfg, 17);
-    int B = cfg->batch_size, T = cfg->seq_len, N = B * T;
-    size_t LE = (size_t)cfg->n_layers * cfg->n_routed_experts;
-    int *tokens = (int *)mhc_calloc((size_t)N, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N, sizeof(int));
-    gt_tokens(tokens, targets, N, cfg->vocab_size);
-    float *grads[2];
-    int *load[2];
-    double loss[2];
-    for (int r = 0; r < 2; r++) {
-        if (mhc_gpu_init(&g[r], &m, B, T)) { check(0, "gpu recompute %s: init failed", name); return; }
-        mhc_gpu_set_precision(&g[r], precision);
-        mhc_gpu_set_recompute(&g[r], r);
-        mhc_gpu_zero_grad(&g[r]);
-        loss[r] = mhc_gpu_forward(&g[r], tokens, targets, B, T);
-        mhc_gpu_backward(&g[r]);
-        grads[r] = gt_host(m.n_params);
-        load[r] = (int *)mhc_calloc(LE, sizeof(int));
-        CUDA_CHECK(cudaMemcpy(grads[r], g[r].grads, sizeof(float) * m.n_params, cudaMemcpyDeviceToHost));
-        CUDA_CHECK(cudaMemcpy(load[r], g[r].step_load, sizeof(int) * LE, cudaMemcpyDeviceToHost));
+    for (int B = 1; B <= 3; B += 2) {
+        MhcGpu g[2];
+        int T = cfg->seq_len, N = B * T;
+        size_t LE = (size_t)cfg->n_layers * cfg->n_routed_experts;
+        int *tokens = (int *)mhc_calloc((size_t)N, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N, sizeof(int));
+        gt_tokens(tokens, targets, N, cfg->vocab_size);
+        float *grads[2];
+        int *load[2];
+        double loss[2];
+        for (int r = 0; r < 2; r++) {
+            if (mhc_gpu_init(&g[r], &m, B, T)) { check(0, "gpu recompute %s: init failed", name); return; }
+            mhc_gpu_set_precision(&g[r], precision);
+            mhc_gpu_set_recompute(&g[r], r);
+            mhc_gpu_zero_grad(&g[r]);
+            loss[r] = mhc_gpu_forward(&g[r], tokens, targets, B, T);
+            mhc_gpu_backward(&g[r]);
+            grads[r] = gt_host(m.n_params);
+            load[r] = (int *)mhc_calloc(LE, sizeof(int));
+            CUDA_CHECK(cudaMemcpy(grads[r], g[r].grads, sizeof(float) * m.n_params, cudaMemcpyDeviceToHost));
+            CUDA_CHECK(cudaMemcpy(load[r], g[r].step_load, sizeof(int) * LE, cudaMemcpyDeviceToHost));
+        }
+        double scale = 0, worst = 0;
+        for (size_t i = 0; i < m.n_params; i++) scale = fmax(scale, fabs((double)grads[0][i]));
+        const char *worst_name = "(none)";
+        int n_identical = 0;
+        for (int k = 0; k < m.n_tensors; k++) {
+            const MhcTensor *t = &m.tensors[k];
+            double e = 0;
+            for (size_t i = t->offset; i < t->offset + t->size; i++) {
+                double d = fabs((double)grads[1][i] - grads[0][i]);
+                if (!(d <= e)) e = d;                   /* NaN propagates as a failure */
+            }
+            e /= scale;
+            n_identical += !memcmp(grads[1] + t->offset, grads[0] + t->offset, sizeof(float) * t->size);
+            if (!(e <= worst)) { worst = e; worst_name = t->name; }
+        }
+        size_t bytes[2] = {g[0].acts.arena.bytes, g[1].acts.arena.bytes};
+        int loads_equal = !memcmp(load[0], load[1], sizeof(int) * LE), chunked = g[1].acts.logit_rows < N;
+        int measured = bytes[1] == mhc_gpu_acts_bytes(cfg, B, T, precision, 1) &&
+                       bytes[0] == mhc_gpu_acts_bytes(cfg, B, T, precision, 0);
+        double loss_diff = fabs(loss[1] - loss[0]) / fabs(loss[0]);
+        int values_ok = chunked ? loss_diff <= 1e-6 && worst <= 1e-5 : loss[0] == loss[1] && n_identical == m.n_tensors;
+        check(values_ok && chunked == (B == 3) && loads_equal && measured && bytes[1] < bytes[0],
+              "gpu recompute %s%s, %d rows in %s: loss rel diff %.1e, worst gradient %.1e of the largest in %s, %d of %d tensors "
+              "bit-identical (tol %s), step loads %s, activations %zu -> %zu bytes (mhc_gpu_acts_bytes %s)", name,
+              precision == MHC_PREC_BF16 ? " bf16" : "", N, chunked ? "chunks of 24" : "one chunk", loss_diff, worst, worst_name,
+              n_identical, m.n_tensors, chunked ? "1e-6, 1e-5" : "all identical", loads_equal ? "identical" : "DIFFER", bytes[0],
+              bytes[1], measured ? "agrees" : "DISAGREES");
+        for (int r = 0; r < 2; r++) { free(load[r]); mhc_gpu_free(&g[r]); }
+        free(tokens); free(targets);
     }
-    double worst = 0;
-    const char *worst_name = "";
-    int n_identical = 0;
-    for (int k = 0; k < m.n_tensors; k++) {
-        const MhcTensor *t = &m.tensors[k];
-        double e = rel_err(grads[1] + t->offset, grads[0] + t->offset, t->size);
-        n_identical += !memcmp(grads[1] + t->offset, grads[0] + t->offset, sizeof(float) * t->size);
-        if (!(e <= worst)) { worst = e; worst_name = t->name; }
-    }
-    size_t bytes[2] = {g[0].acts.arena.bytes, g[1].acts.arena.bytes};
-    int loads_equal = !memcmp(load[0], load[1], sizeof(int) * LE), chunked = g[1].acts.logit_rows < N;
-    int measured = bytes[1] == mhc_gpu_acts_bytes(cfg, B, T, precision, 1) &&
-                   bytes[0] == mhc_gpu_acts_bytes(cfg, B, T, precision, 0);
-    check(worst <= 1e-5 && loss[0] == loss[1] && loads_equal && chunked && measured && bytes[1] < bytes[0],
-          "gpu recompute %s%s: loss %s, step loads %s, worst gradient %.1e in %s (tol 1e-5; %d of %d tensors bit-identical), "
-          "logits in chunks of %d of %d rows, activations %zu -> %zu bytes (mhc_gpu_acts_bytes %s)", name,
-          precision == MHC_PREC_BF16 ? " bf16" : "", loss[0] == loss[1] ? "identical" : "DIFFERS",
-          loads_equal ? "identical" : "DIFFER", worst, worst_name, n_identical, m.n_tensors, g[1].acts.logit_rows, N, bytes[0],
-          bytes[1], measured ? "agrees" : "DISAGREES");
-    for (int r = 0; r < 2; r++) { free(load[r]); mhc_gpu_free(&g[r]); }
-    free(tokens); free(targets);
     mhc_model_free(&m);
     gt_release();
 }
