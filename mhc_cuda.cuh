@@ -1143,8 +1143,8 @@ __global__ void __launch_bounds__(32 * MHC_TOKEN_WARPS) mhc_coeffs_pre_forward_k
 }
 
 static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *H, float *a, float *h, float *r, const float *X,
-                                       const float *phi, const float *alpha, const float *b, int N, int n, int C, int iters,
-                                       double eps_sk, double eps_rms) {
+                                const float *phi, const float *alpha, const float *b, int N, int n, int C, int iters,
+                                double eps_sk, double eps_rms) {
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, n * C, n * n + 2 * n);
     size_t bytes;
     int warps = mhc_token_warps((const void *)mhc_coeffs_pre_forward_kernel, sk_warp_floats(n, iters, 0), &bytes);
@@ -1222,9 +1222,8 @@ __global__ void __launch_bounds__(32 * MHC_TOKEN_WARPS, 3) mhc_coeffs_pre_backwa
 }
 
 static void gpu_mhc_pre_backward(const MhcBlas *bl, float *dX, float *dphi, float *dH, float *da, float *dalpha_t,
-                                        const float *dy, const float *X, const float *H, const float *a, const float *h,
-                                        const float *r, const float *phi, const float *alpha, int N, int n, int C, int iters,
-                                        double eps_sk) {
+                                 const float *dy, const float *X, const float *H, const float *a, const float *h, const float *r,
+                                 const float *phi, const float *alpha, int N, int n, int C, int iters, double eps_sk) {
     size_t bytes;
     int warps = mhc_token_warps((const void *)mhc_coeffs_pre_backward_kernel, sk_warp_floats(n, iters, 1), &bytes);
     mhc_coeffs_pre_backward_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, bytes>>>(
@@ -2038,8 +2037,8 @@ static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y) {
     float *H = A->a.coef_H + (size_t)ss * N * m, *r = A->a.coef_r + (size_t)ss * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
     if (c->residual == MHC_RESIDUAL_MHC) {            /* the GEMM, then one warp per token */
-        gpu_mhc_pre_forward(&g->blas, y, H, a, h, r, X, q->phi, q->alpha, q->b, N, n, C, c->sinkhorn_iters,
-                                   c->sinkhorn_eps, c->rms_eps);
+        gpu_mhc_pre_forward(&g->blas, y, H, a, h, r, X, q->phi, q->alpha, q->b, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps,
+                            c->rms_eps);
         return;
     }
     if (c->residual == MHC_RESIDUAL_PLAIN) {
@@ -2065,8 +2064,8 @@ static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const fl
     const MhcStreamParams *q = &g->p.sub[s];
     MhcStreamParams *gq = &g->g.sub[s];
     if (c->residual == MHC_RESIDUAL_MHC) {            /* one warp per token and the GEMMs, then the reductions */
-        gpu_mhc_pre_backward(&g->blas, dX, gq->phi, dH, A->a.dcoef, A->coef_alpha, dy, X, H, a, h, r, q->phi, q->alpha,
-                                    N, n, C, c->sinkhorn_iters, c->sinkhorn_eps);
+        gpu_mhc_pre_backward(&g->blas, dX, gq->phi, dH, A->a.dcoef, A->coef_alpha, dy, X, H, a, h, r, q->phi, q->alpha, N, n,
+                             C, c->sinkhorn_iters, c->sinkhorn_eps);
         gpu_colsum(gq->b, A->a.dcoef, m, NULL, 0, NULL, N, m, A->colsum_part);
         gpu_colsum(gq->alpha, A->coef_alpha, 3, NULL, 0, NULL, N, 3, A->colsum_part);
         return;
