@@ -1178,15 +1178,11 @@ __global__ void __launch_bounds__(32 * MHC_TOKEN_WARPS, 3) mhc_coeffs_pre_backwa
             if (j < n) dpre[j] += d * x[(size_t)j * C + c];
     }
 #pragma unroll
-    for (int j = 0; j < MHC_MAX_STREAMS; j++)
-        if (j < n) dpre[j] = warp_reduce(dpre[j], SumOp());
-    if (lane < n) {                                 /* through sigma (lane j picks dpre[j] by an unrolled select) */
-        float d = 0;
-#pragma unroll
-        for (int j = 0; j < MHC_MAX_STREAMS; j++)
-            if (j == lane) d = dpre[j];
-        da[lane] = d * Ht[lane] * (1 - Ht[lane]);
-    }
+    for (int j = 0; j < MHC_MAX_STREAMS; j++)        /* through sigma */
+        if (j < n) {
+            float d = warp_reduce(dpre[j], SumOp());
+            if (lane == 0) da[j] = d * Ht[j] * (1 - Ht[j]);
+        }
     for (int k = n + lane; k < m; k += 32) {
         if (k < 2 * n) da[k] = dHt[k] * Ht[k] * (1 - Ht[k] / 2);      /* derivative of 2 sigma */
         else w.G[k - 2 * n] = dHt[k];
