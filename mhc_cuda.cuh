@@ -22,9 +22,10 @@
                               even); activation and gradient operands are rounded into scratch by one
                               conversion kernel just before their GEMM. Outputs, weight gradients and the
                               accumulation stay fp32.
-   The routed-expert GEMMs and the flash-attention tile products are our own kernels: exact fp32 FMAs on
-   CUDA cores under MHC_PREC_FP32, TF32 tensor cores (WMMA m16n16k8, fp32 operands rounded, fp32
-   accumulate) under TF32 and BF16; the few-row expert forward (decode) is exact fp32 always. Always fp32
+   The routed-expert GEMMs are our own kernels: exact fp32 FMAs on CUDA cores under MHC_PREC_FP32, TF32
+   tensor cores (WMMA m16n16k8, fp32 operands rounded, fp32 accumulate) under TF32 and BF16; the few-row
+   expert forward (decode) is exact fp32 always. The flash-attention tile products follow the setting:
+   exact fp32, TF32 or bf16 operands on tensor cores (mma.sync), fp32 accumulate (section 4). Always fp32
    whatever the setting: the mHC/HC coefficient products (mHC's h, dX and dphi GEMMs, HC's and the
    router's: MHC_GEMM_FP32), the attention softmax statistics, and every elementwise kernel. Norm
    statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
@@ -1274,295 +1275,362 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
 }
 
 /* ---------------------------------------------------------------------------------------------
-   4. MLA (SPEC §9). Training attention is flash-style: no [T,T] matrix in memory. A block owns a
-      64-row tile of one (b, h), queries (forward, dQ) or keys (dK and dV), and loops over the 64-row
-      tiles of the other side, reading q, k = [k_nope | k_pe] and v straight from the projections'
-      buffers (q [N,H,d_qk], kv [N,H,d_n+d_v], kpe [N,d_r]) into shared memory.
-      The block's result (O, dQ, or dK and dV) accumulates in registers for the whole loop: 16x16
-      accumulator tiles spread evenly over the 8 warps. Only the operand tiles and the [64, 64] score
-      tiles go through shared memory.
-      A register tile cannot be rescaled row by row (which element a lane holds is unspecified), so
-      the forward does not rescale O as the online softmax goes; it makes two passes over the keys
-      instead. Pass 1 computes the scores and, per query row, the running max and sum of exp (the
-      online softmax on scalars) -> lse = log sum_s exp(Sc[t,s]). Pass 2 recomputes the scores, takes
-      P = exp(Sc - lse), already normalised, and accumulates O += P V. That costs one extra Q K^T
-      product and keeps O in registers. Only lse [B,H,T] is stored; the backward recomputes P the same
-      way. Two backward kernels, one owning a key tile (dK, dV: loops over the query tiles at and past
-      it) and one owning a query tile (dQ: loops over the key tiles up to it), so no gradient needs an
-      atomic add.
-      Every product is acc += A B over a warp's accumulator tiles, A and B read from shared memory.
-      The template flag TC picks how it multiplies: fp32 FMAs on CUDA cores (exact mode, the tests) or
-      TF32 tensor cores through WMMA m16n16k8 (TF32 and BF16 modes). Accumulators are touched only
-      through att_zero, att_mma and att_store, so nothing depends on a fragment's element layout.
-      Shared layout: a [64, d] operand tile has row stride att_ld(d) = d rounded up to 16, plus 4 (a
-      multiple of 4 floats keeps WMMA rows 32-byte aligned; the +4 spreads rows over banks), columns d
-      .. up to 16 and rows past T zero; a [64, 64] score tile has stride MHC_ATT_SLD.                 */
+   4. MLA (SPEC §9). Training attention is flash-style, in FlashAttention-2's loop order: no [T,T]
+      matrix in memory. A block owns a 64-row tile of one (b, h), queries (forward, dQ) or keys (dK and
+      dV), and loops over the 64-row tiles of the other side, reading q, k = [k_nope | k_pe] and v
+      straight from the projections' buffers (q [N,H,d_qk], kv [N,H,d_n+d_v], kpe [N,d_r]) into shared
+      memory, rounded there to the operand precision.
+      Every product is a warp's tensor-core step D[16x8] += A[16x16] B[16x8] (PTX mma.sync, m16n8k16) on
+      register fragments whose lane layout the PTX ISA fixes: with g = lane / 4 and t = lane % 4, a lane
+      holds
+        A: rows g and g+8, columns 2t, 2t+1, 2t+8, 2t+9   (four pairs of adjacent columns)
+        B: column g, rows 2t, 2t+1, 2t+8, 2t+9            (two pairs of adjacent rows)
+        D: rows g and g+8, columns 2t, 2t+1               (four floats)
+      A lane knows which rows its accumulators are, so the softmax runs on them in registers: the
+      forward rescales O row by row as the running max grows (one pass, the online softmax), and two
+      accumulator tiles side by side are an A fragment, so P and dS feed the next product without
+      leaving registers.
+      The template parameter P is the precision (mhc_gpu_set_precision):
+        MHC_PREC_BF16  bf16 operands, one m16n8k16 step;
+        MHC_PREC_TF32  TF32 operands, two m16n8k8 steps: a lane's column pair (2t, 2t+1) becomes those
+                       steps' k = t and t+4 (a sum over k in any order, as long as A and B agree);
+        MHC_PREC_FP32  exact fp32 FMAs, the operands gathered with warp shuffles: the tests' mode, and
+                       how the CPU emulation (dev/cuda_emu) runs every precision.
+      Accumulators, the softmax, lse, o and the gradients are fp32 in every mode.
+        Forward: a warp owns 16 query rows; per key tile S = Q K^T, the online softmax, O += P V.
+        dQ: a warp owns 16 query rows; per key tile S, dP = dO V^T, dS, dQ += dS K, all in registers.
+        dK, dV: a block owns 64 keys; per query tile its 8 warps compute P^T and dS^T (keys as rows) into
+          shared memory, then dV += P^T dO and dK += dS^T Q, a warp taking 16 keys and every other
+          8-column tile. Two kernels instead of one with an atomic dQ: no float atomics (Determinism).
+      Shared layout: a [64, d] tile has row stride att_ld(d) = d rounded up to 16, plus 8 elements, so a
+      fragment's 8 rows x 4 column pairs fall in distinct banks; columns past d and rows past T are 0. */
 
-/* Query rows and keys per tile. A tile is MHC_ATT_TILE / 16 row blocks of 16; the warps split them
-   evenly (8 warps, 4 row blocks: two warps per row block, each taking every other 16-column block). */
-#define MHC_ATT_TILE 64
-#define MHC_ATT_THREADS 256                                     /* threads per attention block     */
-#define MHC_ATT_SLD (MHC_ATT_TILE + 4)                          /* row stride of the score tiles   */
-#define MHC_ATT_ROW_BLOCKS (MHC_ATT_TILE / 16)
-#define MHC_ATT_COL_GROUPS (MHC_ATT_THREADS / 32 / MHC_ATT_ROW_BLOCKS)   /* warps sharing a row block */
-#define MHC_ATT_FRAGS 8           /* most accumulator tiles a warp holds of one [64, d] result     */
-#define MHC_ATT_MAX_WIDTH (16 * MHC_ATT_COL_GROUPS * MHC_ATT_FRAGS)       /* so d_qk, d_v <= 256   */
-#define MHC_ATT_SCORE_FRAGS ((MHC_ATT_ROW_BLOCKS + MHC_ATT_COL_GROUPS - 1) / MHC_ATT_COL_GROUPS)   /* of a score tile */
-static_assert(MHC_ATT_TILE % 32 == 0 && MHC_ATT_THREADS / 32 % MHC_ATT_ROW_BLOCKS == 0,
-              "a tile is whole warps wide, and the warps split its 16-row blocks evenly");
+#define MHC_ATT_TILE 64                                /* query rows and keys per tile                 */
+#define MHC_ATT_WARPS (MHC_ATT_TILE / 16)              /* forward, dQ: a warp per 16 rows of the tile  */
+#define MHC_ATT_KV_WARPS (2 * MHC_ATT_WARPS)           /* dK, dV: two warps per 16 keys                */
+#define MHC_ATT_KEY_FRAGS (MHC_ATT_TILE / 8)           /* D tiles of a warp's 16 x 64 scores           */
+#define MHC_ATT_MAX_DQK 192                            /* the register accumulators' widths: every     */
+#define MHC_ATT_MAX_DV 128                             /* preset's heads (3b..27b: 192 and 128)        */
+#define MHC_ATT_PLD (MHC_ATT_TILE + 8)                 /* row stride of the P^T, dS^T tiles            */
 
 typedef struct {
     int T, H, dn, dr, dv;
     float scale;                  /* 1 / sqrt(d_qk) */
 } MhcAttShape;
 
-static __host__ __device__ int att_width(int d) { return (d + 15) / 16 * 16; }   /* WMMA-padded columns */
-static __host__ __device__ int att_ld(int d) { return att_width(d) + 4; }
+static __host__ __device__ int att_width(int d) { return (d + 15) / 16 * 16; }   /* k steps of 16 */
+static __host__ __device__ int att_ld(int d) { return att_width(d) + 8; }
 
 /* key s is visible to query t: causal, and a real key (a padding query row t >= T still sees the real
    keys, so its softmax stays finite) */
 __device__ bool att_visible(int t, int s, MhcAttShape sh) { return s <= t && s < sh.T; }
 
-/* A warp's share of a [64, w] result: the 16x16 tiles at rows r0 .. r0+15 and columns c0 + 16 G i ..
-   +15 for i < n (G = MHC_ATT_COL_GROUPS). Taking every G-th column block spreads any width over the
-   warps to within a tile (192: 6 tiles a warp, 128: 4, a score tile: 2), and all n tiles share the
-   warp's rows of A. */
-typedef struct { int r0, c0, n; } AttWarpTiles;
+/* How precision P keeps an operand element in shared memory (elem) and a fragment's pair of elements
+   adjacent along k in one register (pair). */
+template <int P> struct AttOperand {                  /* MHC_PREC_FP32, MHC_PREC_TF32: fp32 words */
+    typedef float elem;
+    typedef float2 pair;
+    static __device__ elem round(float x) { return P == MHC_PREC_TF32 ? nvcuda::wmma::__float_to_tf32(x) : x; }
+    static __device__ pair make(elem lo, elem hi) { return make_float2(lo, hi); }
+    static __device__ float lo(pair p) { return p.x; }
+    static __device__ float hi(pair p) { return p.y; }
+};
+template <> struct AttOperand<MHC_PREC_BF16> {        /* bf16 bits, two to a 32-bit register, low first */
+    typedef unsigned short elem;
+    typedef unsigned pair;
+    static __device__ elem round(float x) { return __bfloat16_as_ushort(__float2bfloat16(x)); }
+    static __device__ pair make(elem lo, elem hi) { return (unsigned)lo | (unsigned)hi << 16; }
+    static __device__ float lo(pair p) { return __uint_as_float(p << 16); }
+    static __device__ float hi(pair p) { return __uint_as_float(p & 0xffff0000u); }
+};
 
-__device__ AttWarpTiles att_warp_tiles(int w) {
-    int warp = threadIdx.x / 32, g = warp / MHC_ATT_ROW_BLOCKS;
-    AttWarpTiles wt = {warp % MHC_ATT_ROW_BLOCKS * 16, g * 16, (w / 16 - g + MHC_ATT_COL_GROUPS - 1) / MHC_ATT_COL_GROUPS};
-    return wt;
+template <int P> struct AttFragA { typename AttOperand<P>::pair x[4]; };   /* (g|g+8, 2t|2t+8): x[0..3] */
+template <int P> struct AttFragB { typename AttOperand<P>::pair x[2]; };   /* (2t|2t+8, g): x[0..1]      */
+
+/* the elements at p and p + stride as a pair: stride 1 is one aligned load */
+template <int P> __device__ typename AttOperand<P>::pair att_pair(const typename AttOperand<P>::elem *p, int stride) {
+    if (stride == 1) return *(const typename AttOperand<P>::pair *)p;
+    return AttOperand<P>::make(p[0], p[stride]);
 }
 
-__device__ int att_tile_col(AttWarpTiles wt, int i) { return wt.c0 + i * 16 * MHC_ATT_COL_GROUPS; }   /* tile i's first column */
+/* the A fragment of rows r0 .. r0+15, columns k0 .. k0+15 of a row-major shared tile (row stride ld) */
+template <int P> __device__ AttFragA<P> att_load_a(const typename AttOperand<P>::elem *A, int ld, int r0, int k0) {
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const typename AttOperand<P>::elem *p = A + (r0 + g) * ld + k0 + 2 * t;
+    AttFragA<P> a = {{att_pair<P>(p, 1), att_pair<P>(p + 8 * ld, 1), att_pair<P>(p + 8, 1), att_pair<P>(p + 8 * ld + 8, 1)}};
+    return a;
+}
 
-/* A 16x16 fp32 accumulator tile held by one warp. TC: a WMMA fragment, whose element layout is
-   unspecified (and differs between the GPU and dev/cuda_emu). Exact: lane l holds row l/2, columns
-   (l%2)*8 .. +7. */
-template <bool TC> struct AttFrag { float x[8]; };
-template <> struct AttFrag<true> { nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> f; };
+/* the B fragment of rows k0 .. k0+15, columns n0 .. n0+7 of an operand kept in shared memory as rows of
+   its columns (NMajor: element (k, n) at B[n ld + k], K for S = Q K^T) or as rows of k (element (k, n)
+   at B[k ld + n], V for O = P V) */
+template <int P, bool NMajor>
+__device__ AttFragB<P> att_load_b(const typename AttOperand<P>::elem *B, int ld, int k0, int n0) {
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    if (NMajor) {
+        const typename AttOperand<P>::elem *p = B + (n0 + g) * ld + k0 + 2 * t;
+        AttFragB<P> b = {{att_pair<P>(p, 1), att_pair<P>(p + 8, 1)}};
+        return b;
+    }
+    const typename AttOperand<P>::elem *p = B + (k0 + 2 * t) * ld + n0 + g;
+    AttFragB<P> b = {{att_pair<P>(p, ld), att_pair<P>(p + 8 * ld, ld)}};
+    return b;
+}
 
-/* the WMMA operand layout of an operand stored transposed (col_major) or not */
-template <bool Transposed> struct AttLayout { typedef nvcuda::wmma::row_major type; };
-template <> struct AttLayout<true> { typedef nvcuda::wmma::col_major type; };
+/* two accumulator tiles side by side (columns 8j .. 8j+15 of a warp's 16 rows) as the A fragment of those
+   16 columns, rounded to the operand precision */
+template <int P> __device__ AttFragA<P> att_acc_to_a(const float (&d0)[4], const float (&d1)[4]) {
+    typedef AttOperand<P> Op;
+    AttFragA<P> a = {{Op::make(Op::round(d0[0]), Op::round(d0[1])), Op::make(Op::round(d0[2]), Op::round(d0[3])),
+                      Op::make(Op::round(d1[0]), Op::round(d1[1])), Op::make(Op::round(d1[2]), Op::round(d1[3]))}};
+    return a;
+}
 
-template <bool TC, int NF> __device__ void att_zero(AttFrag<TC> (&acc)[NF]) {
+/* d += a b on one 16x8 tile, k = 16, exactly: fp32 FMAs in k order. A(r, k) is in lane 4 (r % 8) + k % 8 / 2,
+   B(k, n) in lane 4 n + k % 8 / 2; each k fetches this lane's A(g, k), A(g+8, k), B(k, 2t), B(k, 2t+1). */
+template <int P> __device__ void att_mma_exact(float (&d)[4], const AttFragA<P> &a, const AttFragB<P> &b) {
+    typedef AttOperand<P> Op;
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int i = 0; i < NF; i++) {
-        if constexpr (TC) nvcuda::wmma::fill_fragment(acc[i].f, 0.0f);
-        else for (int j = 0; j < 8; j++) acc[i].x[j] = 0.0f;
+    for (int k = 0; k < 16; k++) {
+        int src = k % 8 / 2, hi = k / 8;
+        float a_g = k % 2 ? Op::hi(a.x[2 * hi]) : Op::lo(a.x[2 * hi]);
+        float a_g8 = k % 2 ? Op::hi(a.x[2 * hi + 1]) : Op::lo(a.x[2 * hi + 1]);
+        float b_k = k % 2 ? Op::hi(b.x[hi]) : Op::lo(b.x[hi]);
+        a_g = __shfl_sync(0xffffffffu, a_g, 4 * g + src);
+        a_g8 = __shfl_sync(0xffffffffu, a_g8, 4 * g + src);
+        float b0 = __shfl_sync(0xffffffffu, b_k, 8 * t + src), b1 = __shfl_sync(0xffffffffu, b_k, 8 * t + 4 + src);
+        d[0] += a_g * b0;
+        d[1] += a_g * b1;
+        d[2] += a_g8 * b0;
+        d[3] += a_g8 * b1;
     }
 }
 
-/* acc[i] += A[r0 .. r0+15, 0 .. K) B[0 .. K, tile i's 16 columns) for the warp's tiles wt (K a multiple
-   of 8). AT / BT: the operand is stored transposed, element (r, k) of A at A[k lda + r], (k, c) of B at
-   B[c ldb + k]; that is how P^T, dS^T and K^T are read without moving them. The loops over the tiles
-   are unrolled so acc[] stays in registers. */
-template <bool TC, bool AT, bool BT, int NF>
-__device__ void att_mma(AttFrag<TC> (&acc)[NF], AttWarpTiles wt, const float *A, int lda, const float *B, int ldb, int K) {
-    if constexpr (TC) {
-        using namespace nvcuda;
-        for (int k = 0; k < K; k += 8) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, typename AttLayout<AT>::type> a;
-            wmma_load_tf32(a, AT ? A + k * lda + wt.r0 : A + wt.r0 * lda + k, lda);
+/* d += a b on one 16x8 tile, k = 16: on tensor cores for BF16 and TF32 (one m16n8k16 step; two m16n8k8
+   steps, k pairs 0 and 1 of the fragments, then 2 and 3), exactly for FP32 and in the host pass (which
+   is what dev/cuda_emu runs) */
+template <int P> __device__ void att_mma(float (&d)[4], const AttFragA<P> &a, const AttFragB<P> &b) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (P == MHC_PREC_BF16) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+    } else if constexpr (P == MHC_PREC_TF32) {
 #pragma unroll
-            for (int i = 0; i < NF; i++) {
-                if (i >= wt.n) continue;
-                int c = att_tile_col(wt, i);
-                wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, typename AttLayout<BT>::type> bf;
-                wmma_load_tf32(bf, BT ? B + c * ldb + k : B + k * ldb + c, ldb);
-                wmma::mma_sync(acc[i].f, a, bf, acc[i].f);
-            }
-        }
+        for (int s = 0; s < 2; s++)
+            asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                : "r"(__float_as_uint(a.x[2 * s].x)), "r"(__float_as_uint(a.x[2 * s + 1].x)),
+                  "r"(__float_as_uint(a.x[2 * s].y)), "r"(__float_as_uint(a.x[2 * s + 1].y)),
+                  "r"(__float_as_uint(b.x[s].x)), "r"(__float_as_uint(b.x[s].y)));
     } else {
-        int r = wt.r0 + threadIdx.x % 32 / 2, c8 = threadIdx.x % 2 * 8;
-        for (int k = 0; k < K; k++) {
-            float a = AT ? A[k * lda + r] : A[r * lda + k];
-#pragma unroll
-            for (int i = 0; i < NF; i++) {
-                if (i >= wt.n) continue;
-                int c = att_tile_col(wt, i) + c8;
-#pragma unroll
-                for (int j = 0; j < 8; j++) acc[i].x[j] += a * (BT ? B[(c + j) * ldb + k] : B[k * ldb + c + j]);
-            }
-        }
+        att_mma_exact<P>(d, a, b);
     }
+#else
+    att_mma_exact<P>(d, a, b);
+#endif
 }
 
-/* the warp's tiles into the row-major shared tile C (row stride ldc) at their places */
-template <bool TC, int NF> __device__ void att_store(float *C, int ldc, const AttFrag<TC> (&acc)[NF], AttWarpTiles wt) {
+template <int NF> __device__ void att_zero(float (&acc)[NF][4]) {
 #pragma unroll
-    for (int i = 0; i < NF; i++) {
-        if (i >= wt.n) continue;
-        float *p = C + wt.r0 * ldc + att_tile_col(wt, i);
-        if constexpr (TC) nvcuda::wmma::store_matrix_sync(p, acc[i].f, ldc, nvcuda::wmma::mem_row_major);
-        else for (int j = 0; j < 8; j++) p[threadIdx.x % 32 / 2 * ldc + threadIdx.x % 2 * 8 + j] = acc[i].x[j];
-    }
+    for (int j = 0; j < NF; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
 }
 
-/* S = A B^T on this warp's tiles of the [64, 64] score tile (A, B [64, d] operand tiles): S[i][j] =
-   sum_c A[i][c] B[j][c]. The warp then owns those entries of S: att_probs finishes them after a
-   __syncwarp, with no block barrier in between. */
-template <bool TC> __device__ void att_scores(float *S, const float *A, const float *B, int d) {
-    AttWarpTiles wt = att_warp_tiles(MHC_ATT_TILE);
-    AttFrag<TC> acc[MHC_ATT_SCORE_FRAGS];
-    att_zero(acc);
-    att_mma<TC, false, true>(acc, wt, A, att_ld(d), B, att_ld(d), att_width(d));
-    att_store(S, MHC_ATT_SLD, acc, wt);
+/* acc[j] += a B[k0 .. k0+15, columns n0 + j nstep .. +7] for the warp's tiles j < n. NF is the array's
+   size: the loop is unrolled over it so that acc stays in registers. */
+template <int P, bool NMajor, int NF>
+__device__ void att_mma_row(float (&acc)[NF][4], const AttFragA<P> &a, const typename AttOperand<P>::elem *B, int ld,
+                            int k0, int n0, int nstep, int n) {
+#pragma unroll
+    for (int j = 0; j < NF; j++)
+        if (j < n) att_mma<P>(acc[j], a, att_load_b<P, NMajor>(B, ld, k0, n0 + j * nstep));
 }
 
-/* On this warp's entries of the score tiles (att_scores' tiles): P = exp(scale S - lse) where key s0+j
-   is visible to query t0+i, 0 elsewhere and on padding rows (so they add nothing to any product). With
-   dS (the backward; it holds dP = dO V^T on entry): dS = scale P (dP - D), the softmax backward of
-   SPEC §9 with the score scale folded in, so that dQ = dS K and dK = dS^T Q. */
-__device__ void att_probs(float *P, float *dS, const float *lse_s, const float *D_s, int t0, int s0, MhcAttShape sh) {
-    AttWarpTiles wt = att_warp_tiles(MHC_ATT_TILE);
-    for (int f = 0; f < wt.n; f++)
-        for (int e = threadIdx.x % 32; e < 16 * 16; e += 32) {
-            int i = wt.r0 + e / 16, j = att_tile_col(wt, f) + e % 16, at = i * MHC_ATT_SLD + j;
-            float p = t0 + i < sh.T && att_visible(t0 + i, s0 + j, sh) ? expf(sh.scale * P[at] - lse_s[i]) : 0.0f;
-            P[at] = p;
-            if (dS) dS[at] = sh.scale * p * (dS[at] - D_s[i]);
-        }
+/* acc[j] += A[r0 .. r0+15, 0 .. K) B[0 .. K, tile j) with A a row-major shared tile, K a multiple of 16 */
+template <int P, bool NMajor, int NF>
+__device__ void att_mma_smem(float (&acc)[NF][4], const typename AttOperand<P>::elem *A, int lda, int r0,
+                             const typename AttOperand<P>::elem *B, int ldb, int K, int n0, int nstep, int n) {
+    for (int k0 = 0; k0 < K; k0 += 16) att_mma_row<P, NMajor>(acc, att_load_a<P>(A, lda, r0, k0), B, ldb, k0, n0, nstep, n);
 }
 
-/* Forward pass 1: folds the key tile at s0 (S = Q K^T, unscaled) into each query row's running max and
-   sum of exp. A warp per row, lanes over the keys. The max is finite from the first tile on: key s0 <=
-   t0 is visible to every row of the tile. */
-__device__ void att_row_stats(float *row_max, float *row_sum, const float *S, int t0, int s0, MhcAttShape sh) {
-    int lane = threadIdx.x % 32;
-    for (int i = threadIdx.x / 32; i < MHC_ATT_TILE; i += MHC_ATT_THREADS / 32) {
-        float x[MHC_ATT_TILE / 32], m_old = row_max[i], m = m_old, sum = 0;
-        for (int k = 0; k < MHC_ATT_TILE / 32; k++) {
-            int j = lane + 32 * k;
-            x[k] = att_visible(t0 + i, s0 + j, sh) ? sh.scale * S[i * MHC_ATT_SLD + j] : -INFINITY;
-            m = fmaxf(m, x[k]);
-        }
-        m = warp_reduce(m, MaxOp());
-        for (int k = 0; k < MHC_ATT_TILE / 32; k++) sum += expf(x[k] - m);
-        sum = warp_reduce(sum, SumOp());          /* every lane has read row_max[i] before lane 0 gets here */
-        if (lane == 0) {
-            row_sum[i] = row_sum[i] * expf(m_old - m) + sum;     /* exp(-inf) = 0 on the first tile */
-            row_max[i] = m;
-        }
-    }
+/* acc[j] += S B[0 .. 64, columns 8j .. 8j+7] with S a warp's [16, 64] register scores (P or dS) and B a
+   key tile kept as rows of keys (V or K) */
+template <int P, int NF>
+__device__ void att_mma_scores(float (&acc)[NF][4], const float (&S)[MHC_ATT_KEY_FRAGS][4],
+                               const typename AttOperand<P>::elem *B, int ldb, int n) {
+#pragma unroll
+    for (int k = 0; k < MHC_ATT_KEY_FRAGS / 2; k++)
+        att_mma_row<P, false>(acc, att_acc_to_a<P>(S[2 * k], S[2 * k + 1]), B, ldb, 16 * k, 0, 8, n);
 }
 
-/* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for c < d, zero for d <= c < n and for rows past T:
-   one head's slice of token-major rows into a shared tile (row stride ld). Each thread moves 4
-   consecutive columns, coalesced: one 16-byte load when all offsets are multiples of 4 floats (every
-   preset), element by element otherwise (the tests' odd dims). */
-__device__ void att_load_tile(float *dst, int ld, int c0, int n, const float *src, size_t tok_stride, int d, int b, int t0,
-                              MhcAttShape sh) {
-    bool vec = c0 % 4 == 0 && n % 4 == 0 && d % 4 == 0 && tok_stride % 4 == 0 && (uintptr_t)src % 16 == 0;
+/* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for c < d, zero for d <= c < n and for rows past T,
+   rounded to the operand precision: one head's slice of token-major rows into a shared tile (row
+   stride ld). Each thread moves 4 consecutive columns, coalesced: one 16-byte load when all offsets are
+   multiples of 4 floats (every preset), element by element otherwise (the tests' odd dims). */
+template <int P>
+__device__ void att_load_tile(typename AttOperand<P>::elem *dst, int ld, int c0, int n, const float *src, size_t tok_stride,
+                              int d, int b, int t0, MhcAttShape sh) {
+    bool vec = d % 4 == 0 && tok_stride % 4 == 0 && (uintptr_t)src % 16 == 0;
     int quads = (n + 3) / 4;
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * quads; e += MHC_ATT_THREADS) {
+    for (int e = threadIdx.x; e < MHC_ATT_TILE * quads; e += blockDim.x) {
         int i = e / quads, c = e % quads * 4, t = t0 + i;
         const float *row = src + ((size_t)b * sh.T + t) * tok_stride;
-        float *out = dst + i * ld + c0 + c;
-        if (vec) {
-            float4 v = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (t < sh.T && c < d) v = *(const float4 *)(row + c);
-            *(float4 *)out = v;
-        } else {
-            for (int k = 0; k < 4 && c + k < n; k++) out[k] = t < sh.T && c + k < d ? row[c + k] : 0.0f;
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (t < sh.T && vec && c < d) {
+            float4 x = *(const float4 *)(row + c);
+            v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+        } else if (t < sh.T) {
+            for (int k = 0; k < 4; k++) v[k] = c + k < d ? row[c + k] : 0.0f;
         }
-    }
-}
-
-/* the inverse, for results: dst[(b T + t0+i) tok_stride + c] = src[i][c0 + c] for c < d, rows below T */
-__device__ void att_store_tile(float *dst, size_t tok_stride, int d, const float *src, int ld, int c0, int b, int t0,
-                               MhcAttShape sh) {
-    bool vec = c0 % 4 == 0 && d % 4 == 0 && tok_stride % 4 == 0 && (uintptr_t)dst % 16 == 0;
-    int quads = (d + 3) / 4;
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * quads; e += MHC_ATT_THREADS) {
-        int i = e / quads, c = e % quads * 4, t = t0 + i;
-        if (t >= sh.T) continue;
-        float *row = dst + ((size_t)b * sh.T + t) * tok_stride;
-        const float *in = src + i * ld + c0 + c;
-        if (vec) *(float4 *)(row + c) = *(const float4 *)in;
-        else for (int k = 0; k < 4 && c + k < d; k++) row[c + k] = in[k];
+        for (int k = 0; k < 4 && c + k < n; k++) dst[i * ld + c0 + c + k] = AttOperand<P>::round(v[k]);
     }
 }
 
 /* K tile of keys s0 .. s0+63: [k_nope | k_pe] per row (k_pe shared by the heads), zero-padded */
-__device__ void att_load_k(float *Ks, const float *kv, const float *kpe, int b, int h, int s0, MhcAttShape sh) {
+template <int P>
+__device__ void att_load_k(typename AttOperand<P>::elem *Ks, const float *kv, const float *kpe, int b, int h, int s0,
+                           MhcAttShape sh) {
     int dqk = sh.dn + sh.dr, row = sh.dn + sh.dv;
-    att_load_tile(Ks, att_ld(dqk), 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, sh);
-    att_load_tile(Ks, att_ld(dqk), sh.dn, att_width(dqk) - sh.dn, kpe, sh.dr, sh.dr, b, s0, sh);
+    att_load_tile<P>(Ks, att_ld(dqk), 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, sh);
+    att_load_tile<P>(Ks, att_ld(dqk), sh.dn, att_width(dqk) - sh.dn, kpe, sh.dr, sh.dr, b, s0, sh);
 }
 
 /* V tile of keys s0 .. s0+63 */
-__device__ void att_load_v(float *Vs, const float *kv, int b, int h, int s0, MhcAttShape sh) {
+template <int P>
+__device__ void att_load_v(typename AttOperand<P>::elem *Vs, const float *kv, int b, int h, int s0, MhcAttShape sh) {
     int row = sh.dn + sh.dv;
-    att_load_tile(Vs, att_ld(sh.dv), 0, att_width(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row, sh.dv, b, s0, sh);
+    att_load_tile<P>(Vs, att_ld(sh.dv), 0, att_width(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row, sh.dv, b, s0, sh);
 }
 
 /* Q tile of queries t0 .. t0+63 */
-__device__ void att_load_q(float *Qs, const float *q, int b, int h, int t0, MhcAttShape sh) {
+template <int P>
+__device__ void att_load_q(typename AttOperand<P>::elem *Qs, const float *q, int b, int h, int t0, MhcAttShape sh) {
     int dqk = sh.dn + sh.dr;
-    att_load_tile(Qs, att_ld(dqk), 0, att_width(dqk), q + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, b, t0, sh);
+    att_load_tile<P>(Qs, att_ld(dqk), 0, att_width(dqk), q + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, b, t0, sh);
 }
 
-/* shared memory of the attention kernels, in floats, carved by the kernels in this order:
-   forward:  Q, K [64, d_qk], V [64, d_v], S [64, 64], running max and sum [64]
-   backward: Q, K [64, d_qk], V, dO [64, d_v], P, dS [64, 64], lse, D [64]
-   att_smem_floats is the backward's, the larger: the most any attention kernel needs. */
-static size_t att_forward_smem_floats(MhcAttShape sh) {
-    return (size_t)MHC_ATT_TILE * (2 * att_ld(sh.dn + sh.dr) + att_ld(sh.dv) + MHC_ATT_SLD + 2);
+/* dO tile of queries t0 .. t0+63 */
+template <int P>
+__device__ void att_load_do(typename AttOperand<P>::elem *dOs, const float *d_o, int b, int h, int t0, MhcAttShape sh) {
+    att_load_tile<P>(dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv, b, t0, sh);
 }
-static size_t att_smem_floats(MhcAttShape sh) {
-    return (size_t)MHC_ATT_TILE * (2 * att_ld(sh.dn + sh.dr) + 2 * att_ld(sh.dv) + 2 * MHC_ATT_SLD + 2);
+
+/* The warp's [16, 64] accumulator tiles, for this lane: element e of tile j is row g + 8 (e / 2), key
+   column 8j + 2t + e % 2. */
+__device__ int att_acc_row(int e) { return threadIdx.x % 32 / 4 + 8 * (e / 2); }
+__device__ int att_acc_col(int j, int e) { return 8 * j + 2 * (threadIdx.x % 4) + e % 2; }
+
+/* P = exp(scale s - lse) where key k is visible to a real query t, else 0 */
+__device__ float att_prob(float s, float lse, int t, int k, MhcAttShape sh) {
+    return t < sh.T && att_visible(t, k, sh) ? expf(sh.scale * s - lse) : 0.0f;
+}
+
+/* One key tile of the online softmax on a warp's score rows S [16, 64] (queries t_0 + row, keys s0 +
+   column): the running max m and sum l of this lane's two rows move on, O is rescaled by exp(m_old -
+   m_new) row by row, and S becomes exp(scale S - m_new) (0 where not visible). m is finite from the first
+   tile on: key 0 is visible to every row. The four lanes of a row (same g) combine with two shuffles. */
+template <int NF>
+__device__ void att_online_softmax(float (&S)[MHC_ATT_KEY_FRAGS][4], float (&O)[NF][4], float (&m)[2], float (&l)[2],
+                                   int t_0, int s0, MhcAttShape sh) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float m_new = m[r], sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; e++) {
+                S[j][e] = att_visible(t_0 + att_acc_row(e), s0 + att_acc_col(j, e), sh) ? sh.scale * S[j][e] : -INFINITY;
+                m_new = fmaxf(m_new, S[j][e]);
+            }
+        m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
+        m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
+#pragma unroll
+        for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; e++) {
+                S[j][e] = expf(S[j][e] - m_new);
+                sum += S[j][e];
+            }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        float rescale = expf(m[r] - m_new);           /* exp(-inf) = 0 on the first tile, where l and O are 0 */
+        l[r] = l[r] * rescale + sum;
+        m[r] = m_new;
+#pragma unroll
+        for (int j = 0; j < NF; j++) {
+            O[j][2 * r] *= rescale;
+            O[j][2 * r + 1] *= rescale;
+        }
+    }
+}
+
+/* out[(b T + t_0 + row) stride + col] = scale_r acc (row, col) for real rows and columns col < d of the
+   warp's tiles j < n (tile j at columns n0 + j nstep): a warp's register result into a token-major
+   buffer. Columns c0 .. c0 + d - 1 of the tiles go to out[..c - c0]. */
+template <int NF>
+__device__ void att_store_acc(float *out, size_t stride, const float (&acc)[NF][4], int n0, int nstep, int n, int c0, int d,
+                              const float (&scale_r)[2], int b, int t_0, MhcAttShape sh) {
+#pragma unroll
+    for (int j = 0; j < NF; j++) {
+        if (j >= n) continue;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int t = t_0 + att_acc_row(e), c = n0 + j * nstep + 2 * (threadIdx.x % 4) + e % 2 - c0;
+            if (t < sh.T && c >= 0 && c < d) out[((size_t)b * sh.T + t) * stride + c] = scale_r[e / 2] * acc[j][e];
+        }
+    }
+}
+
+/* shared bytes of the kernels, carved in this order (elem = the operand element of P):
+   forward:  Q, K [64, d_qk], V [64, d_v]
+   dQ:       Q, K [64, d_qk], V, dO [64, d_v]
+   dK, dV:   lse, D [64] (floats), then Q, K [64, d_qk], V, dO [64, d_v], P^T, dS^T [64, 64] */
+static size_t att_forward_smem_bytes(MhcAttShape sh, size_t elem) {
+    return elem * MHC_ATT_TILE * (2 * att_ld(sh.dn + sh.dr) + att_ld(sh.dv));
+}
+static size_t att_backward_q_smem_bytes(MhcAttShape sh, size_t elem) {
+    return elem * MHC_ATT_TILE * (2 * att_ld(sh.dn + sh.dr) + 2 * att_ld(sh.dv));
+}
+static size_t att_backward_kv_smem_bytes(MhcAttShape sh, size_t elem) {
+    return 2 * MHC_ATT_TILE * sizeof(float) + att_backward_q_smem_bytes(sh, elem) + elem * 2 * MHC_ATT_TILE * MHC_ATT_PLD;
 }
 
 /* grid (B*H, query tiles). o [N,H,d_v] = softmax(Sc) V per row, lse [B,H,T] = log sum_s exp(Sc[t,s]).
    The tiles run last one first: they have the most key tiles, and a long block started late would
-   leave the GPU idle at the end. At least 2 blocks per SM: 128 registers a thread (no spills) instead
-   of 160 let two blocks share an SM where the shared memory allows (small's head dims; measured on an
-   H100: 59 -> 38 ms of forward per small step). */
-template <bool TC>
-__global__ void __launch_bounds__(MHC_ATT_THREADS, 2) attention_forward_kernel(float *o, float *lse, const float *q,
-                                                                             const float *kv, const float *kpe, MhcAttShape sh) {
-    extern __shared__ __align__(32) float smem[];
+   leave the GPU idle at the end. */
+template <int P>
+__global__ void __launch_bounds__(32 * MHC_ATT_WARPS) attention_forward_kernel(float *o, float *lse, const float *q,
+                                                                              const float *kv, const float *kpe,
+                                                                              MhcAttShape sh) {
+    typedef typename AttOperand<P>::elem elem;
+    extern __shared__ __align__(16) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
-    int t0 = (gridDim.y - 1 - blockIdx.y) * MHC_ATT_TILE;
-    float *Qs = smem, *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
-    float *S = Vs + MHC_ATT_TILE * att_ld(dv), *row_max = S + MHC_ATT_TILE * MHC_ATT_SLD, *row_sum = row_max + MHC_ATT_TILE;
-    att_load_q(Qs, q, b, h, t0, sh);
-    if (threadIdx.x < MHC_ATT_TILE) { row_max[threadIdx.x] = -INFINITY; row_sum[threadIdx.x] = 0; }
-    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {        /* pass 1: lse, over the key tiles up to the diagonal */
-        __syncthreads();                                    /* the previous tile's readers are done */
-        att_load_k(Ks, kv, kpe, b, h, s0, sh);
-        __syncthreads();
-        att_scores<TC>(S, Qs, Ks, dqk);
-        __syncthreads();
-        att_row_stats(row_max, row_sum, S, t0, s0, sh);
-    }
-    __syncthreads();
-    float *lse_s = row_max;                                 /* max + log sum, in place */
-    if (threadIdx.x < MHC_ATT_TILE) {
-        lse_s[threadIdx.x] += logf(row_sum[threadIdx.x]);
-        if (t0 + (int)threadIdx.x < sh.T) lse[(size_t)blockIdx.x * sh.T + t0 + threadIdx.x] = lse_s[threadIdx.x];
-    }
-    AttWarpTiles ot = att_warp_tiles(att_width(dv));
-    AttFrag<TC> O[MHC_ATT_FRAGS];                           /* this warp's tiles of O [64, d_v] */
+    int t0 = (gridDim.y - 1 - blockIdx.y) * MHC_ATT_TILE, r0 = threadIdx.x / 32 * 16;
+    elem *Qs = (elem *)smem, *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
+    att_load_q<P>(Qs, q, b, h, t0, sh);
+    float O[MHC_ATT_MAX_DV / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   /* O [16, d_v] */
     att_zero(O);
-    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {        /* pass 2: O = sum over key tiles of P V */
+    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {
+        __syncthreads();                                    /* the previous tile's readers are done */
+        att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
+        att_load_v<P>(Vs, kv, b, h, s0, sh);
         __syncthreads();
-        att_load_k(Ks, kv, kpe, b, h, s0, sh);
-        att_load_v(Vs, kv, b, h, s0, sh);
-        __syncthreads();
-        att_scores<TC>(S, Qs, Ks, dqk);
-        __syncwarp();
-        att_probs(S, NULL, lse_s, NULL, t0, s0, sh);
-        __syncthreads();
-        att_mma<TC, false, false>(O, ot, S, MHC_ATT_SLD, Vs, att_ld(dv), MHC_ATT_TILE);
+        float S[MHC_ATT_KEY_FRAGS][4];
+        att_zero(S);
+        att_mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
+        att_online_softmax(S, O, m, l, t0 + r0, s0, sh);
+        att_mma_scores<P>(O, S, Vs, att_ld(dv), att_width(dv) / 8);
     }
-    __syncthreads();
-    att_store(Vs, att_ld(dv), O, ot);                       /* through V's tile, for whole coalesced rows */
-    __syncthreads();
-    att_store_tile(o + (size_t)h * dv, (size_t)sh.H * dv, dv, Vs, att_ld(dv), 0, b, t0, sh);
+    float inv_l[2] = {1.0f / l[0], 1.0f / l[1]};
+    att_store_acc(o + (size_t)h * dv, (size_t)sh.H * dv, O, 0, 8, att_width(dv) / 8, 0, dv, inv_l, b, t0 + r0, sh);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int t = t0 + r0 + att_acc_row(2 * r);
+        if (threadIdx.x % 4 == 0 && t < sh.T) lse[(size_t)blockIdx.x * sh.T + t] = m[r] + logf(l[r]);
+    }
 }
 
 /* D [B,H,T]: D[t] = sum_c dO[t][c] O[t][c], the row term of the softmax backward; one warp per row */
@@ -1577,112 +1645,114 @@ __global__ void attention_rowdot_kernel(float *D, const float *d_o, const float 
     if (lane == 0) D[row] = sum;
 }
 
-/* the backward kernels' shared memory: operand tiles Q, K (d_qk) and V, dO (d_v), score tiles P, dS, and
-   lse, D of the query rows */
-typedef struct {
-    float *Qs, *Ks, *Vs, *dOs, *P, *dS, *lse_s, *D_s;
-} MhcAttBackwardSmem;
-
-__device__ MhcAttBackwardSmem att_backward_smem(float *smem, MhcAttShape sh) {
-    int lq = MHC_ATT_TILE * att_ld(sh.dn + sh.dr), lv = MHC_ATT_TILE * att_ld(sh.dv), ls = MHC_ATT_TILE * MHC_ATT_SLD;
-    MhcAttBackwardSmem m;
-    m.Qs = smem;
-    m.Ks = m.Qs + lq;
-    m.Vs = m.Ks + lq;
-    m.dOs = m.Vs + lv;
-    m.P = m.dOs + lv;
-    m.dS = m.P + ls;
-    m.lse_s = m.dS + ls;
-    m.D_s = m.lse_s + MHC_ATT_TILE;
-    return m;
-}
-
-/* the query side of a backward tile: q, dO rows t0 .. t0+63 and their lse, D (0 past T) */
-__device__ void att_load_query_side(const MhcAttBackwardSmem &m, const float *q, const float *d_o, const float *lse,
-                                    const float *D, int b, int h, int t0, MhcAttShape sh) {
-    att_load_q(m.Qs, q, b, h, t0, sh);
-    att_load_tile(m.dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv, b, t0, sh);
-    if (threadIdx.x < MHC_ATT_TILE) {
-        int t = t0 + threadIdx.x;
-        size_t row = ((size_t)b * sh.H + h) * sh.T + t;
-        m.lse_s[threadIdx.x] = t < sh.T ? lse[row] : 0.0f;
-        m.D_s[threadIdx.x] = t < sh.T ? D[row] : 0.0f;
+/* grid (B*H, query tiles, last first as in the forward): dq [N,H,d_qk] of rows t0 .. t0+63 = sum over
+   the key tiles s0 <= t0 of dS K, with P = exp(Sc - lse) and dS = scale P (dP - D) (SPEC §9's softmax
+   backward, the score scale folded in) */
+template <int P>
+__global__ void __launch_bounds__(32 * MHC_ATT_WARPS) attention_backward_q_kernel(float *dq, const float *d_o,
+                                                                                 const float *lse, const float *D,
+                                                                                 const float *q, const float *kv,
+                                                                                 const float *kpe, MhcAttShape sh) {
+    typedef typename AttOperand<P>::elem elem;
+    extern __shared__ __align__(16) float smem[];
+    int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
+    int t0 = (gridDim.y - 1 - blockIdx.y) * MHC_ATT_TILE, r0 = threadIdx.x / 32 * 16;
+    elem *Qs = (elem *)smem, *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
+    elem *dOs = Vs + MHC_ATT_TILE * att_ld(dv);
+    att_load_q<P>(Qs, q, b, h, t0, sh);
+    att_load_do<P>(dOs, d_o, b, h, t0, sh);
+    float lse_r[2], D_r[2];                                 /* of this lane's two query rows */
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int t = t0 + r0 + att_acc_row(2 * r);
+        lse_r[r] = t < sh.T ? lse[(size_t)blockIdx.x * sh.T + t] : 0.0f;
+        D_r[r] = t < sh.T ? D[(size_t)blockIdx.x * sh.T + t] : 0.0f;
     }
-}
-
-/* the query tile at t0 against the key tile at s0, both sides loaded: P and dS (att_probs) for the whole
-   block, ready to be multiplied after the barrier */
-template <bool TC> __device__ void att_backward_scores(const MhcAttBackwardSmem &m, int t0, int s0, MhcAttShape sh) {
-    att_scores<TC>(m.P, m.Qs, m.Ks, sh.dn + sh.dr);
-    att_scores<TC>(m.dS, m.dOs, m.Vs, sh.dv);               /* dP = dO V^T */
-    __syncwarp();
-    att_probs(m.P, m.dS, m.lse_s, m.D_s, t0, s0, sh);
-    __syncthreads();
+    float dQ[MHC_ATT_MAX_DQK / 8][4];                       /* [16, d_qk] */
+    att_zero(dQ);
+    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {
+        __syncthreads();
+        att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
+        att_load_v<P>(Vs, kv, b, h, s0, sh);
+        __syncthreads();
+        float S[MHC_ATT_KEY_FRAGS][4], dS[MHC_ATT_KEY_FRAGS][4];
+        att_zero(S);
+        att_zero(dS);
+        att_mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
+        att_mma_smem<P, true>(dS, dOs, att_ld(dv), r0, Vs, att_ld(dv), att_width(dv), 0, 8, MHC_ATT_KEY_FRAGS);   /* dP */
+#pragma unroll
+        for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = att_prob(S[j][e], lse_r[e / 2], t0 + r0 + att_acc_row(e), s0 + att_acc_col(j, e), sh);
+                dS[j][e] = sh.scale * p * (dS[j][e] - D_r[e / 2]);
+            }
+        att_mma_scores<P>(dQ, dS, Ks, att_ld(dqk), att_width(dqk) / 8);
+    }
+    float one[2] = {1.0f, 1.0f};
+    att_store_acc(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dQ, 0, 8, att_width(dqk) / 8, 0, dqk, one, b, t0 + r0, sh);
 }
 
 /* grid (B*H, key tiles): dK and dV of keys s0 .. s0+63, summed over the query tiles t0 >= s0 (the first
    key tiles have the most, and run first). Writes the k_nope and v parts of dkv [N,H,d_n+d_v] and this
-   head's k_pe gradient dkpe_h [N,H,d_r]. */
-template <bool TC>
-__global__ void __launch_bounds__(MHC_ATT_THREADS) attention_backward_kv_kernel(float *dkv, float *dkpe_h, const float *d_o,
-                                                                                 const float *lse, const float *D,
-                                                                                 const float *q, const float *kv,
-                                                                                 const float *kpe, MhcAttShape sh) {
-    extern __shared__ __align__(32) float smem[];
+   head's k_pe gradient dkpe_h [N,H,d_r]. Warp w: keys kr0 = 16 (w % 4) .. +15; for P^T and dS^T the
+   queries 32 (w / 4) .. +31 of the tile, for dK and dV the 8-column tiles of parity w / 4. */
+template <int P>
+__global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS) attention_backward_kv_kernel(float *dkv, float *dkpe_h,
+                                                                                     const float *d_o, const float *lse,
+                                                                                     const float *D, const float *q,
+                                                                                     const float *kv, const float *kpe,
+                                                                                     MhcAttShape sh) {
+    typedef typename AttOperand<P>::elem elem;
+    extern __shared__ __align__(16) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H, s0 = blockIdx.y * MHC_ATT_TILE;
-    MhcAttBackwardSmem m = att_backward_smem(smem, sh);
-    att_load_k(m.Ks, kv, kpe, b, h, s0, sh);
-    att_load_v(m.Vs, kv, b, h, s0, sh);
-    AttWarpTiles kt = att_warp_tiles(att_width(dqk)), vt = att_warp_tiles(att_width(dv));
-    AttFrag<TC> dK[MHC_ATT_FRAGS], dV[MHC_ATT_FRAGS];       /* this warp's tiles of dK [64, d_qk], dV [64, d_v] */
+    int warp = threadIdx.x / 32, kr0 = warp % MHC_ATT_WARPS * 16, half = warp / MHC_ATT_WARPS, qc0 = half * MHC_ATT_TILE / 2;
+    float *lse_s = smem, *D_s = lse_s + MHC_ATT_TILE;
+    elem *Qs = (elem *)(D_s + MHC_ATT_TILE), *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
+    elem *dOs = Vs + MHC_ATT_TILE * att_ld(dv), *Pt = dOs + MHC_ATT_TILE * att_ld(dv), *dSt = Pt + MHC_ATT_TILE * MHC_ATT_PLD;
+    att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
+    att_load_v<P>(Vs, kv, b, h, s0, sh);
+    int nk = (att_width(dqk) / 8 - half + 1) / 2, nv = (att_width(dv) / 8 - half + 1) / 2;   /* this warp's tiles */
+    float dK[MHC_ATT_MAX_DQK / 16][4], dV[MHC_ATT_MAX_DV / 16][4];
     att_zero(dK);
     att_zero(dV);
     for (int t0 = s0; t0 < sh.T; t0 += MHC_ATT_TILE) {
         __syncthreads();                                    /* the previous tile's readers are done */
-        att_load_query_side(m, q, d_o, lse, D, b, h, t0, sh);
+        att_load_q<P>(Qs, q, b, h, t0, sh);
+        att_load_do<P>(dOs, d_o, b, h, t0, sh);
+        if (threadIdx.x < MHC_ATT_TILE) {
+            int t = t0 + threadIdx.x;
+            lse_s[threadIdx.x] = t < sh.T ? lse[(size_t)blockIdx.x * sh.T + t] : 0.0f;
+            D_s[threadIdx.x] = t < sh.T ? D[(size_t)blockIdx.x * sh.T + t] : 0.0f;
+        }
         __syncthreads();
-        att_backward_scores<TC>(m, t0, s0, sh);
-        att_mma<TC, true, false>(dV, vt, m.P, MHC_ATT_SLD, m.dOs, att_ld(dv), MHC_ATT_TILE);    /* dV += P^T dO */
-        att_mma<TC, true, false>(dK, kt, m.dS, MHC_ATT_SLD, m.Qs, att_ld(dqk), MHC_ATT_TILE);   /* dK += dS^T Q */
+        float St[MHC_ATT_KEY_FRAGS / 2][4], dPt[MHC_ATT_KEY_FRAGS / 2][4];   /* [16 keys, 32 queries] */
+        att_zero(St);
+        att_zero(dPt);
+        att_mma_smem<P, true>(St, Ks, att_ld(dqk), kr0, Qs, att_ld(dqk), att_width(dqk), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
+        att_mma_smem<P, true>(dPt, Vs, att_ld(dv), kr0, dOs, att_ld(dv), att_width(dv), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
+#pragma unroll
+        for (int j = 0; j < MHC_ATT_KEY_FRAGS / 2; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e += 2) {              /* a lane's two adjacent queries, one pair store each */
+                int i = kr0 + att_acc_row(e), c = qc0 + att_acc_col(j, e);
+                float p0 = att_prob(St[j][e], lse_s[c], t0 + c, s0 + i, sh);
+                float p1 = att_prob(St[j][e + 1], lse_s[c + 1], t0 + c + 1, s0 + i, sh);
+                float ds0 = sh.scale * p0 * (dPt[j][e] - D_s[c]), ds1 = sh.scale * p1 * (dPt[j][e + 1] - D_s[c + 1]);
+                typedef AttOperand<P> Op;
+                *(typename Op::pair *)(Pt + i * MHC_ATT_PLD + c) = Op::make(Op::round(p0), Op::round(p1));
+                *(typename Op::pair *)(dSt + i * MHC_ATT_PLD + c) = Op::make(Op::round(ds0), Op::round(ds1));
+            }
+        __syncthreads();
+        att_mma_smem<P, false>(dV, Pt, MHC_ATT_PLD, kr0, dOs, att_ld(dv), MHC_ATT_TILE, 8 * half, 16, nv);   /* P^T dO */
+        att_mma_smem<P, false>(dK, dSt, MHC_ATT_PLD, kr0, Qs, att_ld(dqk), MHC_ATT_TILE, 8 * half, 16, nk);  /* dS^T Q */
     }
-    __syncthreads();
-    att_store(m.Ks, att_ld(dqk), dK, kt);                   /* through K's and V's tiles, for whole rows */
-    att_store(m.Vs, att_ld(dv), dV, vt);
-    __syncthreads();
+    float one[2] = {1.0f, 1.0f};
     size_t row = (size_t)sh.H * (sh.dn + dv);
     float *dkv_h = dkv + (size_t)h * (sh.dn + dv);
-    att_store_tile(dkv_h, row, sh.dn, m.Ks, att_ld(dqk), 0, b, s0, sh);
-    att_store_tile(dkv_h + sh.dn, row, dv, m.Vs, att_ld(dv), 0, b, s0, sh);
-    att_store_tile(dkpe_h + (size_t)h * sh.dr, (size_t)sh.H * sh.dr, sh.dr, m.Ks, att_ld(dqk), sh.dn, b, s0, sh);
-}
-
-/* grid (B*H, query tiles, last first as in the forward): dq [N,H,d_qk] of rows t0 .. t0+63 = sum over
-   the key tiles s0 <= t0 of dS K */
-template <bool TC>
-__global__ void __launch_bounds__(MHC_ATT_THREADS) attention_backward_q_kernel(float *dq, const float *d_o, const float *lse,
-                                                                                const float *D, const float *q,
-                                                                                const float *kv, const float *kpe,
-                                                                                MhcAttShape sh) {
-    extern __shared__ __align__(32) float smem[];
-    int dqk = sh.dn + sh.dr, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
-    int t0 = (gridDim.y - 1 - blockIdx.y) * MHC_ATT_TILE;
-    MhcAttBackwardSmem m = att_backward_smem(smem, sh);
-    att_load_query_side(m, q, d_o, lse, D, b, h, t0, sh);
-    AttWarpTiles qt = att_warp_tiles(att_width(dqk));
-    AttFrag<TC> dQ[MHC_ATT_FRAGS];                          /* this warp's tiles of dQ [64, d_qk] */
-    att_zero(dQ);
-    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {
-        __syncthreads();
-        att_load_k(m.Ks, kv, kpe, b, h, s0, sh);
-        att_load_v(m.Vs, kv, b, h, s0, sh);
-        __syncthreads();
-        att_backward_scores<TC>(m, t0, s0, sh);
-        att_mma<TC, false, false>(dQ, qt, m.dS, MHC_ATT_SLD, m.Ks, att_ld(dqk), MHC_ATT_TILE);  /* dQ += dS K */
-    }
-    __syncthreads();
-    att_store(m.Qs, att_ld(dqk), dQ, qt);
-    __syncthreads();
-    att_store_tile(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, m.Qs, att_ld(dqk), 0, b, t0, sh);
+    att_store_acc(dkv_h, row, dK, 8 * half, 16, nk, 0, sh.dn, one, b, s0 + kr0, sh);
+    att_store_acc(dkv_h + sh.dn, row, dV, 8 * half, 16, nv, 0, dv, one, b, s0 + kr0, sh);
+    att_store_acc(dkpe_h + (size_t)h * sh.dr, (size_t)sh.H * sh.dr, dK, 8 * half, 16, nk, sh.dn, sh.dr, one, b, s0 + kr0, sh);
 }
 
 /* dkpe [N,d_r] = sum_h dkpe_h [N,H,d_r]: the shared k_pe collects the gradient of every head (SPEC §9) */
@@ -2136,8 +2206,7 @@ static MhcAttShape att_shape(const MhcConfig *c, int T) {
 }
 
 /* dynamic shared bytes of an attention kernel, opted in past the default 48 KiB */
-static size_t att_smem_bytes(const void *kernel, size_t floats) {
-    size_t bytes = floats * sizeof(float);
+static size_t att_smem_optin(const void *kernel, size_t bytes) {
     if (bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
     return bytes;
 }
@@ -2147,30 +2216,34 @@ static size_t att_smem_bytes(const void *kernel, size_t floats) {
 static dim3 att_grid(int B, MhcAttShape sh) { return dim3((unsigned)(B * sh.H), mhc_blocks((size_t)sh.T, MHC_ATT_TILE)); }
 
 /* SPEC §9 causal attention with the shared k_pe: o [N, H*d_v] and the per-row lse [B,H,T] */
-template <bool TC>
+template <int P>
 static void gpu_attention_forward_launch(float *o, float *lse, const float *q, const float *kv, const float *kpe, int B,
                                          MhcAttShape sh) {
-    size_t bytes = att_smem_bytes((const void *)attention_forward_kernel<TC>, att_forward_smem_floats(sh));
-    attention_forward_kernel<TC><<<att_grid(B, sh), MHC_ATT_THREADS, bytes>>>(o, lse, q, kv, kpe, sh);
+    size_t elem = sizeof(typename AttOperand<P>::elem);
+    size_t bytes = att_smem_optin((const void *)attention_forward_kernel<P>, att_forward_smem_bytes(sh, elem));
+    attention_forward_kernel<P><<<att_grid(B, sh), 32 * MHC_ATT_WARPS, bytes>>>(o, lse, q, kv, kpe, sh);
     LAUNCH_CHECK();
 }
 
-/* precision: MHC_PREC_FP32 multiplies on CUDA cores (exact), any other on TF32 tensor cores */
+/* precision: the operands of the tile products, bf16 or TF32 on tensor cores or exact fp32 (section 4) */
 static void gpu_attention_forward(int precision, float *o, float *lse, const float *q, const float *kv, const float *kpe, int B,
                                   int T, const MhcConfig *c) {
-    if (precision == MHC_PREC_FP32) gpu_attention_forward_launch<false>(o, lse, q, kv, kpe, B, att_shape(c, T));
-    else gpu_attention_forward_launch<true>(o, lse, q, kv, kpe, B, att_shape(c, T));
+    MhcAttShape sh = att_shape(c, T);
+    if (precision == MHC_PREC_BF16) gpu_attention_forward_launch<MHC_PREC_BF16>(o, lse, q, kv, kpe, B, sh);
+    else if (precision == MHC_PREC_TF32) gpu_attention_forward_launch<MHC_PREC_TF32>(o, lse, q, kv, kpe, B, sh);
+    else gpu_attention_forward_launch<MHC_PREC_FP32>(o, lse, q, kv, kpe, B, sh);
 }
 
-template <bool TC>
+template <int P>
 static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const float *d_o,
                                           const float *lse, const float *q, const float *kv, const float *kpe, int B,
                                           MhcAttShape sh) {
-    size_t bytes = att_smem_bytes((const void *)attention_backward_kv_kernel<TC>, att_smem_floats(sh));
-    attention_backward_kv_kernel<TC><<<att_grid(B, sh), MHC_ATT_THREADS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q, kv, kpe, sh);
+    size_t elem = sizeof(typename AttOperand<P>::elem);
+    size_t bytes = att_smem_optin((const void *)attention_backward_kv_kernel<P>, att_backward_kv_smem_bytes(sh, elem));
+    attention_backward_kv_kernel<P><<<att_grid(B, sh), 32 * MHC_ATT_KV_WARPS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q, kv, kpe, sh);
     LAUNCH_CHECK();
-    bytes = att_smem_bytes((const void *)attention_backward_q_kernel<TC>, att_smem_floats(sh));
-    attention_backward_q_kernel<TC><<<att_grid(B, sh), MHC_ATT_THREADS, bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
+    bytes = att_smem_optin((const void *)attention_backward_q_kernel<P>, att_backward_q_smem_bytes(sh, elem));
+    attention_backward_q_kernel<P><<<att_grid(B, sh), 32 * MHC_ATT_WARPS, bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
     LAUNCH_CHECK();
 }
 
@@ -2183,8 +2256,9 @@ static void gpu_attention_backward(int precision, float *dq, float *dkv, float *
     int rows = B * sh.H * T;
     attention_rowdot_kernel<<<mhc_blocks((size_t)rows, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(D, d_o, o, sh, rows);
     LAUNCH_CHECK();
-    if (precision == MHC_PREC_FP32) gpu_attention_backward_launch<false>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
-    else gpu_attention_backward_launch<true>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
+    if (precision == MHC_PREC_BF16) gpu_attention_backward_launch<MHC_PREC_BF16>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
+    else if (precision == MHC_PREC_TF32) gpu_attention_backward_launch<MHC_PREC_TF32>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
+    else gpu_attention_backward_launch<MHC_PREC_FP32>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
     size_t count = (size_t)B * T * sh.dr;
     kpe_grad_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(dkpe, dkpe_h, B * T, sh.H, sh.dr);
     LAUNCH_CHECK();
@@ -2619,12 +2693,12 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
                 c->hc_mult, c->sinkhorn_iters, sk_bytes, smem_optin);
         return -1;
     }
-    size_t att_bytes = att_smem_floats(att_shape(c, T)) * sizeof(float);
-    int att_widest = max(att_width(c->qk_nope_head_dim + c->qk_rope_head_dim), att_width(c->v_head_dim));
-    if (att_bytes > (size_t)smem_optin || att_widest > MHC_ATT_MAX_WIDTH) {
-        fprintf(stderr, "mhc_gpu_init: attention head dims d_qk %d, d_v %d need %zu bytes of shared memory (max %d) and "
-                "%d columns (max %d)\n", c->qk_nope_head_dim + c->qk_rope_head_dim, c->v_head_dim, att_bytes, smem_optin,
-                att_widest, MHC_ATT_MAX_WIDTH);
+    size_t att_bytes = att_backward_kv_smem_bytes(att_shape(c, T), sizeof(float));   /* the most, in any precision */
+    int dqk = c->qk_nope_head_dim + c->qk_rope_head_dim;
+    if (att_bytes > (size_t)smem_optin || dqk > MHC_ATT_MAX_DQK || c->v_head_dim > MHC_ATT_MAX_DV) {
+        fprintf(stderr, "mhc_gpu_init: attention head dims d_qk %d, d_v %d: the kernels take d_qk <= %d, d_v <= %d and "
+                "%zu bytes of shared memory (max %d)\n", dqk, c->v_head_dim, MHC_ATT_MAX_DQK, MHC_ATT_MAX_DV, att_bytes,
+                smem_optin);
         return -1;
     }
     if (c->n_routed_experts > 1024) {

@@ -2479,19 +2479,21 @@ static void gpu_test_attention(void) {
                 }
         float *d_q = gt_upload(q, nq), *d_kv = gt_upload(kv, nkv), *d_kpe = gt_upload(kpe, (size_t)N * dr);
         float *d_dout = gt_upload(dout, no);
-        for (int tc = 0; tc < 2; tc++) {
-            double tol_f = tc ? 1e-2 : 1e-5, tol_b = tc ? 1e-2 : 1e-4;
+        const int precs[3] = {MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16};
+        const char *prec_names[3] = {"fp32", "tf32 tensor cores", "bf16 tensor cores"};
+        const double tols_f[3] = {1e-5, 1e-2, 3e-2}, tols_b[3] = {1e-4, 1e-2, 3e-2};
+        for (int k2 = 0; k2 < 3; k2++) {
+            double tol_f = tols_f[k2], tol_b = tols_b[k2];
             float *d_o = gt_nan(no), *d_lse = gt_nan(nrow), *d_dq = gt_nan(nq), *d_dkv = gt_nan(nkv), *d_dkpe = gt_nan((size_t)N * dr);
-            int prec = tc ? MHC_PREC_TF32 : MHC_PREC_FP32;
-            gpu_attention_forward(prec, d_o, d_lse, d_q, d_kv, d_kpe, B, T, &c);
-            gpu_attention_backward(prec, d_dq, d_dkv, d_dkpe, gt_nan((size_t)N * H * dr), gt_nan(nrow), d_dout, d_o, d_lse, d_q, d_kv,
-                                   d_kpe, B, T, &c);
+            gpu_attention_forward(precs[k2], d_o, d_lse, d_q, d_kv, d_kpe, B, T, &c);
+            gpu_attention_backward(precs[k2], d_dq, d_dkv, d_dkpe, gt_nan((size_t)N * H * dr), gt_nan(nrow), d_dout, d_o, d_lse, d_q,
+                                   d_kv, d_kpe, B, T, &c);
             double e1 = rel_err(gt_fetch(d_o, no), o, no), e2 = rel_err(gt_fetch(d_lse, nrow), lse, nrow);
             double e3 = rel_err(gt_fetch(d_dq, nq), dq, nq), e4 = rel_err(gt_fetch(d_dkv, nkv), dkv, nkv);
             double e5 = rel_err(gt_fetch(d_dkpe, (size_t)N * dr), dkpe, (size_t)N * dr);
             check(e1 <= tol_f && e2 <= tol_f && e3 <= tol_b && e4 <= tol_b && e5 <= tol_b,
                   "gpu flash attention %s B %d T %d H %d d_qk %d d_v %d: o %.1e, lse %.1e (tol %.0e); dq %.1e, dkv %.1e, dk_pe %.1e "
-                  "(tol %.0e)", tc ? "tf32 tensor cores" : "fp32", B, T, H, dqk, dv, e1, e2, tol_f, e3, e4, e5, tol_b);
+                  "(tol %.0e)", prec_names[k2], B, T, H, dqk, dv, e1, e2, tol_f, e3, e4, e5, tol_b);
         }
         gt_release();
     }

@@ -25,3 +25,6 @@ static inline float __bfloat162float(__nv_bfloat16 h) {
     memcpy(&f, &u, 4);
     return f;
 }
+
+/* the 16 bits as they are */
+static inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }

@@ -27,6 +27,10 @@ struct dim3 {
 };
 struct emu_uint3 { unsigned x, y, z; };
 struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+struct __attribute__((aligned(8))) float2 { float x, y; };
+static inline float2 make_float2(float x, float y) { float2 v = {x, y}; return v; }
+static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 extern emu_uint3 threadIdx, blockIdx;
 extern dim3 blockDim, gridDim;
 
