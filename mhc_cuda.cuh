@@ -1297,17 +1297,17 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
         MHC_PREC_FP32  exact fp32 FMAs, the operands gathered with warp shuffles: the tests' mode, and
                        how the CPU emulation (dev/cuda_emu) runs every precision.
       Accumulators, the softmax, lse, o and the gradients are fp32 in every mode.
-        Forward: a warp owns 16 query rows; per key tile S = Q K^T, the online softmax, O += P V.
-        dQ: a warp owns 16 query rows; per key tile S, dP = dO V^T, dS, dQ += dS K, all in registers.
+        Forward: a block owns a query tile (128 rows in bf16, 64 in fp32 words: shared memory), a warp
+          16 of its rows; per key tile S = Q K^T, the online softmax, O += P V.
+        dQ: the same tiles; per key tile S, dP = dO V^T, dS, dQ += dS K, all in registers.
         dK, dV: a block owns 64 keys; per query tile its 8 warps compute P^T and dS^T (keys as rows) into
           shared memory, then dV += P^T dO and dK += dS^T Q, a warp taking 16 keys and every other
           8-column tile. Two kernels instead of one with an atomic dQ: no float atomics (Determinism).
       Shared layout: a [64, d] tile has row stride att_ld(d) = d rounded up to 16, plus 8 elements, so a
       fragment's 8 rows x 4 column pairs fall in distinct banks; columns past d and rows past T are 0. */
 
-#define MHC_ATT_TILE 64                                /* query rows and keys per tile                 */
-#define MHC_ATT_WARPS (MHC_ATT_TILE / 16)              /* forward, dQ: a warp per 16 rows of the tile  */
-#define MHC_ATT_KV_WARPS (2 * MHC_ATT_WARPS)           /* dK, dV: two warps per 16 keys                */
+#define MHC_ATT_TILE 64                                /* keys per tile; dK, dV's query tiles          */
+#define MHC_ATT_KV_WARPS (2 * MHC_ATT_TILE / 16)       /* dK, dV: two warps per 16 keys                */
 #define MHC_ATT_KEY_FRAGS (MHC_ATT_TILE / 8)           /* D tiles of a warp's 16 x 64 scores           */
 #define MHC_ATT_MAX_DQK 192                            /* the register accumulators' widths: every     */
 #define MHC_ATT_MAX_DV 128                             /* preset's heads (3b..27b: 192 and 128)        */
@@ -1330,6 +1330,7 @@ __device__ bool att_visible(int t, int s, MhcAttShape sh) { return s <= t && s <
 template <int P> struct AttOperand {                  /* MHC_PREC_FP32, MHC_PREC_TF32: fp32 words */
     typedef float elem;
     typedef float2 pair;
+    enum { query_rows = 64 };     /* forward and dQ: rows of a block's query tile, a warp per 16 */
     static __device__ elem round(float x) { return P == MHC_PREC_TF32 ? nvcuda::wmma::__float_to_tf32(x) : x; }
     static __device__ pair make(elem lo, elem hi) { return make_float2(lo, hi); }
     static __device__ float lo(pair p) { return p.x; }
@@ -1338,6 +1339,7 @@ template <int P> struct AttOperand {                  /* MHC_PREC_FP32, MHC_PREC
 template <> struct AttOperand<MHC_PREC_BF16> {        /* bf16 bits, two to a 32-bit register, low first */
     typedef unsigned short elem;
     typedef unsigned pair;
+    enum { query_rows = 128 };    /* half the K, V traffic per query; fp32 tiles of 128 rows would not fit */
     static __device__ elem round(float x) { return __bfloat16_as_ushort(__float2bfloat16(x)); }
     static __device__ pair make(elem lo, elem hi) { return (unsigned)lo | (unsigned)hi << 16; }
     static __device__ float lo(pair p) { return __uint_as_float(p << 16); }
@@ -1353,27 +1355,67 @@ template <int P> __device__ typename AttOperand<P>::pair att_pair(const typename
     return AttOperand<P>::make(p[0], p[stride]);
 }
 
-/* the A fragment of rows r0 .. r0+15, columns k0 .. k0+15 of a row-major shared tile (row stride ld) */
+/* bf16 fragments come out of shared memory by ldmatrix: N 8x8 blocks of 16-bit elements in one
+   instruction, lane l giving the address of row l % 8 of block l / 8 (base + offset, 16 rows of 8
+   elements); a lane then holds the pair at row l / 4, columns 2 (l % 4), +1 of each block, or with Trans
+   the pair at rows 2 (l % 4), +1, column l / 4. The host pass (dev/cuda_emu) does the same with the
+   offsets shuffled between lanes. */
+template <int N, bool Trans> __device__ void att_ldmatrix(unsigned (&r)[N], const unsigned short *base, int offset) {
+#if defined(__CUDA_ARCH__)
+    unsigned addr = (unsigned)__cvta_generic_to_shared(base + offset);
+    if constexpr (N == 4)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+    else if constexpr (Trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
+#else
+    int lane = threadIdx.x % 32;
+    for (int m = 0; m < N; m++) {
+        if (Trans) {
+            int row0 = __shfl_sync(0xffffffffu, offset, 8 * m + 2 * (lane % 4));
+            int row1 = __shfl_sync(0xffffffffu, offset, 8 * m + 2 * (lane % 4) + 1);
+            r[m] = (unsigned)base[row0 + lane / 4] | (unsigned)base[row1 + lane / 4] << 16;
+        } else {
+            int row = __shfl_sync(0xffffffffu, offset, 8 * m + lane / 4) + 2 * (lane % 4);
+            r[m] = (unsigned)base[row] | (unsigned)base[row + 1] << 16;
+        }
+    }
+#endif
+}
+
+/* the A fragment of rows r0 .. r0+15, columns k0 .. k0+15 of a row-major shared tile (row stride ld):
+   blocks (rows, columns) at (0, 0), (8, 0), (0, 8), (8, 8) are x[0..3] */
 template <int P> __device__ AttFragA<P> att_load_a(const typename AttOperand<P>::elem *A, int ld, int r0, int k0) {
-    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    const typename AttOperand<P>::elem *p = A + (r0 + g) * ld + k0 + 2 * t;
-    AttFragA<P> a = {{att_pair<P>(p, 1), att_pair<P>(p + 8 * ld, 1), att_pair<P>(p + 8, 1), att_pair<P>(p + 8 * ld + 8, 1)}};
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    AttFragA<P> a;
+    if constexpr (P == MHC_PREC_BF16) {
+        att_ldmatrix<4, false>(a.x, A, (r0 + lane % 16) * ld + k0 + lane / 16 * 8);
+    } else {
+        const typename AttOperand<P>::elem *p = A + (r0 + g) * ld + k0 + 2 * t;
+        a = {{att_pair<P>(p, 1), att_pair<P>(p + 8 * ld, 1), att_pair<P>(p + 8, 1), att_pair<P>(p + 8 * ld + 8, 1)}};
+    }
     return a;
 }
 
 /* the B fragment of rows k0 .. k0+15, columns n0 .. n0+7 of an operand kept in shared memory as rows of
    its columns (NMajor: element (k, n) at B[n ld + k], K for S = Q K^T) or as rows of k (element (k, n)
-   at B[k ld + n], V for O = P V) */
+   at B[k ld + n], V for O = P V; ldmatrix's Trans) */
 template <int P, bool NMajor>
 __device__ AttFragB<P> att_load_b(const typename AttOperand<P>::elem *B, int ld, int k0, int n0) {
-    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    if (NMajor) {
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    AttFragB<P> b;
+    if constexpr (P == MHC_PREC_BF16) {
+        if (NMajor) att_ldmatrix<2, false>(b.x, B, (n0 + lane % 8) * ld + k0 + lane / 8 % 2 * 8);
+        else att_ldmatrix<2, true>(b.x, B, (k0 + lane % 16) * ld + n0);
+    } else if (NMajor) {
         const typename AttOperand<P>::elem *p = B + (n0 + g) * ld + k0 + 2 * t;
-        AttFragB<P> b = {{att_pair<P>(p, 1), att_pair<P>(p + 8, 1)}};
-        return b;
+        b = {{att_pair<P>(p, 1), att_pair<P>(p + 8, 1)}};
+    } else {
+        const typename AttOperand<P>::elem *p = B + (k0 + 2 * t) * ld + n0 + g;
+        b = {{att_pair<P>(p, ld), att_pair<P>(p + 8 * ld, ld)}};
     }
-    const typename AttOperand<P>::elem *p = B + (k0 + 2 * t) * ld + n0 + g;
-    AttFragB<P> b = {{att_pair<P>(p, ld), att_pair<P>(p + 8 * ld, ld)}};
     return b;
 }
 
@@ -1466,26 +1508,30 @@ __device__ void att_mma_scores(float (&acc)[NF][4], const float (&S)[MHC_ATT_KEY
         att_mma_row<P, false>(acc, att_acc_to_a<P>(S[2 * k], S[2 * k + 1]), B, ldb, 16 * k, 0, 8, n);
 }
 
-/* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for c < d, zero for d <= c < n and for rows past T,
-   rounded to the operand precision: one head's slice of token-major rows into a shared tile (row
-   stride ld). Each thread moves 4 consecutive columns, coalesced: one 16-byte load when all offsets are
-   multiples of 4 floats (every preset), element by element otherwise (the tests' odd dims). */
+/* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for i < rows, c < d, zero for d <= c < n and for
+   rows past T, rounded to the operand precision: one head's slice of token-major rows into a shared tile
+   (row stride ld). Each thread moves 4 consecutive columns, coalesced: one 16-byte load and two pair
+   stores when all offsets are multiples of 4 floats (every preset), element by element otherwise (the
+   tests' odd dims). */
 template <int P>
 __device__ void att_load_tile(typename AttOperand<P>::elem *dst, int ld, int c0, int n, const float *src, size_t tok_stride,
-                              int d, int b, int t0, MhcAttShape sh) {
-    bool vec = d % 4 == 0 && tok_stride % 4 == 0 && (uintptr_t)src % 16 == 0;
+                              int d, int b, int t0, int rows, MhcAttShape sh) {
+    typedef AttOperand<P> Op;
+    bool vec = c0 % 4 == 0 && n % 4 == 0 && d % 4 == 0 && tok_stride % 4 == 0 && (uintptr_t)src % 16 == 0;
     int quads = (n + 3) / 4;
-    for (int e = threadIdx.x; e < MHC_ATT_TILE * quads; e += blockDim.x) {
+    for (int e = threadIdx.x; e < rows * quads; e += blockDim.x) {
         int i = e / quads, c = e % quads * 4, t = t0 + i;
         const float *row = src + ((size_t)b * sh.T + t) * tok_stride;
-        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (t < sh.T && vec && c < d) {
-            float4 x = *(const float4 *)(row + c);
-            v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
-        } else if (t < sh.T) {
-            for (int k = 0; k < 4; k++) v[k] = c + k < d ? row[c + k] : 0.0f;
+        typename Op::elem *out = dst + i * ld + c0 + c;
+        if (vec) {
+            float4 x = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (t < sh.T && c < d) x = *(const float4 *)(row + c);
+            typename Op::pair *pairs = (typename Op::pair *)out;
+            pairs[0] = Op::make(Op::round(x.x), Op::round(x.y));
+            pairs[1] = Op::make(Op::round(x.z), Op::round(x.w));
+        } else {
+            for (int k = 0; k < 4 && c + k < n; k++) out[k] = Op::round(t < sh.T && c + k < d ? row[c + k] : 0.0f);
         }
-        for (int k = 0; k < 4 && c + k < n; k++) dst[i * ld + c0 + c + k] = AttOperand<P>::round(v[k]);
     }
 }
 
@@ -1494,28 +1540,31 @@ template <int P>
 __device__ void att_load_k(typename AttOperand<P>::elem *Ks, const float *kv, const float *kpe, int b, int h, int s0,
                            MhcAttShape sh) {
     int dqk = sh.dn + sh.dr, row = sh.dn + sh.dv;
-    att_load_tile<P>(Ks, att_ld(dqk), 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, sh);
-    att_load_tile<P>(Ks, att_ld(dqk), sh.dn, att_width(dqk) - sh.dn, kpe, sh.dr, sh.dr, b, s0, sh);
+    att_load_tile<P>(Ks, att_ld(dqk), 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, MHC_ATT_TILE, sh);
+    att_load_tile<P>(Ks, att_ld(dqk), sh.dn, att_width(dqk) - sh.dn, kpe, sh.dr, sh.dr, b, s0, MHC_ATT_TILE, sh);
 }
 
 /* V tile of keys s0 .. s0+63 */
 template <int P>
 __device__ void att_load_v(typename AttOperand<P>::elem *Vs, const float *kv, int b, int h, int s0, MhcAttShape sh) {
     int row = sh.dn + sh.dv;
-    att_load_tile<P>(Vs, att_ld(sh.dv), 0, att_width(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row, sh.dv, b, s0, sh);
+    att_load_tile<P>(Vs, att_ld(sh.dv), 0, att_width(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row, sh.dv, b, s0,
+                     MHC_ATT_TILE, sh);
 }
 
-/* Q tile of queries t0 .. t0+63 */
+/* Q tile of queries t0 .. t0+rows-1 */
 template <int P>
-__device__ void att_load_q(typename AttOperand<P>::elem *Qs, const float *q, int b, int h, int t0, MhcAttShape sh) {
+__device__ void att_load_q(typename AttOperand<P>::elem *Qs, const float *q, int b, int h, int t0, int rows, MhcAttShape sh) {
     int dqk = sh.dn + sh.dr;
-    att_load_tile<P>(Qs, att_ld(dqk), 0, att_width(dqk), q + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, b, t0, sh);
+    att_load_tile<P>(Qs, att_ld(dqk), 0, att_width(dqk), q + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, b, t0, rows, sh);
 }
 
-/* dO tile of queries t0 .. t0+63 */
+/* dO tile of queries t0 .. t0+rows-1 */
 template <int P>
-__device__ void att_load_do(typename AttOperand<P>::elem *dOs, const float *d_o, int b, int h, int t0, MhcAttShape sh) {
-    att_load_tile<P>(dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv, b, t0, sh);
+__device__ void att_load_do(typename AttOperand<P>::elem *dOs, const float *d_o, int b, int h, int t0, int rows,
+                            MhcAttShape sh) {
+    att_load_tile<P>(dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv, b, t0,
+                     rows, sh);
 }
 
 /* The warp's [16, 64] accumulator tiles, for this lane: element e of tile j is row g + 8 (e / 2), key
@@ -1584,40 +1633,58 @@ __device__ void att_store_acc(float *out, size_t stride, const float (&acc)[NF][
     }
 }
 
-/* shared bytes of the kernels, carved in this order (elem = the operand element of P):
-   forward:  Q, K [64, d_qk], V [64, d_v]
-   dQ:       Q, K [64, d_qk], V, dO [64, d_v]
+/* shared bytes of the kernels, carved in this order (elem, query_rows: those of the precision P):
+   forward:  Q [query_rows, d_qk], K [64, d_qk], V [64, d_v]
+   dQ:       Q [query_rows, d_qk], K [64, d_qk], V [64, d_v], dO [query_rows, d_v]
    dK, dV:   lse, D [64] (floats), then Q, K [64, d_qk], V, dO [64, d_v], P^T, dS^T [64, 64] */
-static size_t att_forward_smem_bytes(MhcAttShape sh, size_t elem) {
-    return elem * MHC_ATT_TILE * (2 * att_ld(sh.dn + sh.dr) + att_ld(sh.dv));
+template <int P> static size_t att_forward_smem_bytes(MhcAttShape sh) {
+    int qk = att_ld(sh.dn + sh.dr), v = att_ld(sh.dv);
+    return sizeof(typename AttOperand<P>::elem) * (AttOperand<P>::query_rows * qk + MHC_ATT_TILE * (qk + v));
 }
-static size_t att_backward_q_smem_bytes(MhcAttShape sh, size_t elem) {
-    return elem * MHC_ATT_TILE * (2 * att_ld(sh.dn + sh.dr) + 2 * att_ld(sh.dv));
+template <int P> static size_t att_backward_q_smem_bytes(MhcAttShape sh) {
+    int qk = att_ld(sh.dn + sh.dr), v = att_ld(sh.dv);
+    return sizeof(typename AttOperand<P>::elem) * (AttOperand<P>::query_rows + MHC_ATT_TILE) * (qk + v);
 }
-static size_t att_backward_kv_smem_bytes(MhcAttShape sh, size_t elem) {
-    return 2 * MHC_ATT_TILE * sizeof(float) + att_backward_q_smem_bytes(sh, elem) + elem * 2 * MHC_ATT_TILE * MHC_ATT_PLD;
+template <int P> static size_t att_backward_kv_smem_bytes(MhcAttShape sh) {
+    int qk = att_ld(sh.dn + sh.dr), v = att_ld(sh.dv);
+    return 2 * MHC_ATT_TILE * sizeof(float) + sizeof(typename AttOperand<P>::elem) * MHC_ATT_TILE * 2 * (qk + v + MHC_ATT_PLD);
 }
 
-/* grid (B*H, query tiles). o [N,H,d_v] = softmax(Sc) V per row, lse [B,H,T] = log sum_s exp(Sc[t,s]).
-   The tiles run last one first: they have the most key tiles, and a long block started late would
-   leave the GPU idle at the end. */
+/* the most shared memory any attention kernel takes in any precision, for a check at init */
+static size_t att_smem_most(MhcAttShape sh) {
+    size_t most = 0;
+    size_t each[9] = {att_forward_smem_bytes<MHC_PREC_FP32>(sh), att_forward_smem_bytes<MHC_PREC_TF32>(sh),
+                      att_forward_smem_bytes<MHC_PREC_BF16>(sh), att_backward_q_smem_bytes<MHC_PREC_FP32>(sh),
+                      att_backward_q_smem_bytes<MHC_PREC_TF32>(sh), att_backward_q_smem_bytes<MHC_PREC_BF16>(sh),
+                      att_backward_kv_smem_bytes<MHC_PREC_FP32>(sh), att_backward_kv_smem_bytes<MHC_PREC_TF32>(sh),
+                      att_backward_kv_smem_bytes<MHC_PREC_BF16>(sh)};
+    for (int k = 0; k < 9; k++) most = each[k] > most ? each[k] : most;
+    return most;
+}
+
+/* grid (B*H, query tiles of query_rows). o [N,H,d_v] = softmax(Sc) V per row, lse [B,H,T] = log sum_s
+   exp(Sc[t,s]). The tiles run last one first: they have the most key tiles, and a long block started
+   late would leave the GPU idle at the end. A warp whose 16 rows all precede a key tile skips it (it
+   still loads its share, and meets the barriers). */
 template <int P>
-__global__ void __launch_bounds__(32 * MHC_ATT_WARPS) attention_forward_kernel(float *o, float *lse, const float *q,
-                                                                              const float *kv, const float *kpe,
-                                                                              MhcAttShape sh) {
+__global__ void __launch_bounds__(32 * (AttOperand<P>::query_rows / 16)) attention_forward_kernel(float *o, float *lse, const float *q,
+                                                                                       const float *kv, const float *kpe,
+                                                                                       MhcAttShape sh) {
     typedef typename AttOperand<P>::elem elem;
-    extern __shared__ __align__(16) float smem[];
+    extern __shared__ __align__(32) float smem[];
+    const int rows = AttOperand<P>::query_rows;
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
-    int t0 = (gridDim.y - 1 - blockIdx.y) * MHC_ATT_TILE, r0 = threadIdx.x / 32 * 16;
-    elem *Qs = (elem *)smem, *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
-    att_load_q<P>(Qs, q, b, h, t0, sh);
+    int t0 = (gridDim.y - 1 - blockIdx.y) * rows, r0 = threadIdx.x / 32 * 16;
+    elem *Qs = (elem *)smem, *Ks = Qs + rows * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
+    att_load_q<P>(Qs, q, b, h, t0, rows, sh);
     float O[MHC_ATT_MAX_DV / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   /* O [16, d_v] */
     att_zero(O);
-    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {
+    for (int s0 = 0; s0 < t0 + rows && s0 < sh.T; s0 += MHC_ATT_TILE) {
         __syncthreads();                                    /* the previous tile's readers are done */
         att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
         att_load_v<P>(Vs, kv, b, h, s0, sh);
         __syncthreads();
+        if (t0 + r0 + 15 < s0) continue;
         float S[MHC_ATT_KEY_FRAGS][4];
         att_zero(S);
         att_mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
@@ -1645,22 +1712,23 @@ __global__ void attention_rowdot_kernel(float *D, const float *d_o, const float 
     if (lane == 0) D[row] = sum;
 }
 
-/* grid (B*H, query tiles, last first as in the forward): dq [N,H,d_qk] of rows t0 .. t0+63 = sum over
-   the key tiles s0 <= t0 of dS K, with P = exp(Sc - lse) and dS = scale P (dP - D) (SPEC §9's softmax
-   backward, the score scale folded in) */
+/* grid (B*H, query tiles, last first as in the forward): dq [N,H,d_qk] of rows t0 .. t0+query_rows-1 =
+   sum over the key tiles up to the diagonal of dS K, with P = exp(Sc - lse) and dS = scale P (dP - D)
+   (SPEC §9's softmax backward, the score scale folded in) */
 template <int P>
-__global__ void __launch_bounds__(32 * MHC_ATT_WARPS) attention_backward_q_kernel(float *dq, const float *d_o,
-                                                                                 const float *lse, const float *D,
-                                                                                 const float *q, const float *kv,
-                                                                                 const float *kpe, MhcAttShape sh) {
+__global__ void __launch_bounds__(32 * (AttOperand<P>::query_rows / 16)) attention_backward_q_kernel(float *dq, const float *d_o,
+                                                                                          const float *lse, const float *D,
+                                                                                          const float *q, const float *kv,
+                                                                                          const float *kpe, MhcAttShape sh) {
     typedef typename AttOperand<P>::elem elem;
-    extern __shared__ __align__(16) float smem[];
+    extern __shared__ __align__(32) float smem[];
+    const int rows = AttOperand<P>::query_rows;
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
-    int t0 = (gridDim.y - 1 - blockIdx.y) * MHC_ATT_TILE, r0 = threadIdx.x / 32 * 16;
-    elem *Qs = (elem *)smem, *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
-    elem *dOs = Vs + MHC_ATT_TILE * att_ld(dv);
-    att_load_q<P>(Qs, q, b, h, t0, sh);
-    att_load_do<P>(dOs, d_o, b, h, t0, sh);
+    int t0 = (gridDim.y - 1 - blockIdx.y) * rows, r0 = threadIdx.x / 32 * 16;
+    elem *Qs = (elem *)smem, *dOs = Qs + rows * att_ld(dqk), *Ks = dOs + rows * att_ld(dv);
+    elem *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
+    att_load_q<P>(Qs, q, b, h, t0, rows, sh);
+    att_load_do<P>(dOs, d_o, b, h, t0, rows, sh);
     float lse_r[2], D_r[2];                                 /* of this lane's two query rows */
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -1670,11 +1738,12 @@ __global__ void __launch_bounds__(32 * MHC_ATT_WARPS) attention_backward_q_kerne
     }
     float dQ[MHC_ATT_MAX_DQK / 8][4];                       /* [16, d_qk] */
     att_zero(dQ);
-    for (int s0 = 0; s0 <= t0; s0 += MHC_ATT_TILE) {
+    for (int s0 = 0; s0 < t0 + rows && s0 < sh.T; s0 += MHC_ATT_TILE) {
         __syncthreads();
         att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
         att_load_v<P>(Vs, kv, b, h, s0, sh);
         __syncthreads();
+        if (t0 + r0 + 15 < s0) continue;
         float S[MHC_ATT_KEY_FRAGS][4], dS[MHC_ATT_KEY_FRAGS][4];
         att_zero(S);
         att_zero(dS);
@@ -1704,9 +1773,10 @@ __global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS) attention_backward_kv_k
                                                                                      const float *kv, const float *kpe,
                                                                                      MhcAttShape sh) {
     typedef typename AttOperand<P>::elem elem;
-    extern __shared__ __align__(16) float smem[];
+    extern __shared__ __align__(32) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H, s0 = blockIdx.y * MHC_ATT_TILE;
-    int warp = threadIdx.x / 32, kr0 = warp % MHC_ATT_WARPS * 16, half = warp / MHC_ATT_WARPS, qc0 = half * MHC_ATT_TILE / 2;
+    int warp = threadIdx.x / 32, kr0 = warp % (MHC_ATT_TILE / 16) * 16, half = warp / (MHC_ATT_TILE / 16);
+    int qc0 = half * MHC_ATT_TILE / 2;
     float *lse_s = smem, *D_s = lse_s + MHC_ATT_TILE;
     elem *Qs = (elem *)(D_s + MHC_ATT_TILE), *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
     elem *dOs = Vs + MHC_ATT_TILE * att_ld(dv), *Pt = dOs + MHC_ATT_TILE * att_ld(dv), *dSt = Pt + MHC_ATT_TILE * MHC_ATT_PLD;
@@ -1718,8 +1788,8 @@ __global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS) attention_backward_kv_k
     att_zero(dV);
     for (int t0 = s0; t0 < sh.T; t0 += MHC_ATT_TILE) {
         __syncthreads();                                    /* the previous tile's readers are done */
-        att_load_q<P>(Qs, q, b, h, t0, sh);
-        att_load_do<P>(dOs, d_o, b, h, t0, sh);
+        att_load_q<P>(Qs, q, b, h, t0, MHC_ATT_TILE, sh);
+        att_load_do<P>(dOs, d_o, b, h, t0, MHC_ATT_TILE, sh);
         if (threadIdx.x < MHC_ATT_TILE) {
             int t = t0 + threadIdx.x;
             lse_s[threadIdx.x] = t < sh.T ? lse[(size_t)blockIdx.x * sh.T + t] : 0.0f;
@@ -2213,15 +2283,15 @@ static size_t att_smem_optin(const void *kernel, size_t bytes) {
 
 /* (b, h) along x, tiles along y: blocks start x first, so the kernels' longest tiles of every head go
    first */
-static dim3 att_grid(int B, MhcAttShape sh) { return dim3((unsigned)(B * sh.H), mhc_blocks((size_t)sh.T, MHC_ATT_TILE)); }
+static dim3 att_grid(int B, MhcAttShape sh, int rows) { return dim3((unsigned)(B * sh.H), mhc_blocks((size_t)sh.T, rows)); }
 
 /* SPEC §9 causal attention with the shared k_pe: o [N, H*d_v] and the per-row lse [B,H,T] */
 template <int P>
 static void gpu_attention_forward_launch(float *o, float *lse, const float *q, const float *kv, const float *kpe, int B,
                                          MhcAttShape sh) {
-    size_t elem = sizeof(typename AttOperand<P>::elem);
-    size_t bytes = att_smem_optin((const void *)attention_forward_kernel<P>, att_forward_smem_bytes(sh, elem));
-    attention_forward_kernel<P><<<att_grid(B, sh), 32 * MHC_ATT_WARPS, bytes>>>(o, lse, q, kv, kpe, sh);
+    const int rows = AttOperand<P>::query_rows;
+    size_t bytes = att_smem_optin((const void *)attention_forward_kernel<P>, att_forward_smem_bytes<P>(sh));
+    attention_forward_kernel<P><<<att_grid(B, sh, rows), 32 * (rows / 16), bytes>>>(o, lse, q, kv, kpe, sh);
     LAUNCH_CHECK();
 }
 
@@ -2238,12 +2308,13 @@ template <int P>
 static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const float *d_o,
                                           const float *lse, const float *q, const float *kv, const float *kpe, int B,
                                           MhcAttShape sh) {
-    size_t elem = sizeof(typename AttOperand<P>::elem);
-    size_t bytes = att_smem_optin((const void *)attention_backward_kv_kernel<P>, att_backward_kv_smem_bytes(sh, elem));
-    attention_backward_kv_kernel<P><<<att_grid(B, sh), 32 * MHC_ATT_KV_WARPS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q, kv, kpe, sh);
+    const int rows = AttOperand<P>::query_rows;
+    size_t bytes = att_smem_optin((const void *)attention_backward_kv_kernel<P>, att_backward_kv_smem_bytes<P>(sh));
+    attention_backward_kv_kernel<P><<<att_grid(B, sh, MHC_ATT_TILE), 32 * MHC_ATT_KV_WARPS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q,
+                                                                                                  kv, kpe, sh);
     LAUNCH_CHECK();
-    bytes = att_smem_optin((const void *)attention_backward_q_kernel<P>, att_backward_q_smem_bytes(sh, elem));
-    attention_backward_q_kernel<P><<<att_grid(B, sh), 32 * MHC_ATT_WARPS, bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
+    bytes = att_smem_optin((const void *)attention_backward_q_kernel<P>, att_backward_q_smem_bytes<P>(sh));
+    attention_backward_q_kernel<P><<<att_grid(B, sh, rows), 32 * (rows / 16), bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
     LAUNCH_CHECK();
 }
 
@@ -2693,7 +2764,7 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
                 c->hc_mult, c->sinkhorn_iters, sk_bytes, smem_optin);
         return -1;
     }
-    size_t att_bytes = att_backward_kv_smem_bytes(att_shape(c, T), sizeof(float));   /* the most, in any precision */
+    size_t att_bytes = att_smem_most(att_shape(c, T));
     int dqk = c->qk_nope_head_dim + c->qk_rope_head_dim;
     if (att_bytes > (size_t)smem_optin || dqk > MHC_ATT_MAX_DQK || c->v_head_dim > MHC_ATT_MAX_DV) {
         fprintf(stderr, "mhc_gpu_init: attention head dims d_qk %d, d_v %d: the kernels take d_qk <= %d, d_v <= %d and "
