@@ -1339,7 +1339,7 @@ template <int P> struct AttOperand {                  /* MHC_PREC_FP32, MHC_PREC
 template <> struct AttOperand<MHC_PREC_BF16> {        /* bf16 bits, two to a 32-bit register, low first */
     typedef unsigned short elem;
     typedef unsigned pair;
-    enum { query_rows = 128 };    /* half the K, V traffic per query; fp32 tiles of 128 rows would not fit */
+    enum { query_rows = 128 };    /* half the K, V traffic per query (fp32 words: dQ at 3b heads would not fit) */
     static __device__ elem round(float x) { return __bfloat16_as_ushort(__float2bfloat16(x)); }
     static __device__ pair make(elem lo, elem hi) { return (unsigned)lo | (unsigned)hi << 16; }
     static __device__ float lo(pair p) { return __uint_as_float(p << 16); }
