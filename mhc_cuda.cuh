@@ -1276,8 +1276,8 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
 
 /* ---------------------------------------------------------------------------------------------
    4. MLA (SPEC §9). Training attention is flash-style, in FlashAttention-2's loop order: no [T,T]
-      matrix in memory. A block owns a 64-row tile of one (b, h), queries (forward, dQ) or keys (dK and
-      dV), and loops over the 64-row tiles of the other side, reading q, k = [k_nope | k_pe] and v
+      matrix in memory. A block owns a tile of one (b, h), queries (forward, dQ; rows below) or 64 keys
+      (dK and dV), and loops over the 64-row tiles of the other side, reading q, k = [k_nope | k_pe] and v
       straight from the projections' buffers (q [N,H,d_qk], kv [N,H,d_n+d_v], kpe [N,d_r]) into shared
       memory, rounded there to the operand precision.
       Every product is a warp's tensor-core step D[16x8] += A[16x16] B[16x8] (PTX mma.sync, m16n8k16) on
