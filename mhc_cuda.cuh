@@ -22,10 +22,9 @@
                               even); activation and gradient operands are rounded into scratch by one
                               conversion kernel just before their GEMM. Outputs, weight gradients and the
                               accumulation stay fp32.
-   The routed-expert GEMMs are our own kernels: exact fp32 FMAs on CUDA cores under MHC_PREC_FP32, TF32
-   tensor cores (WMMA m16n16k8, fp32 operands rounded, fp32 accumulate) under TF32 and BF16; the few-row
-   expert forward (decode) is exact fp32 always. The flash-attention tile products follow the setting:
-   exact fp32, TF32 or bf16 operands on tensor cores (mma.sync), fp32 accumulate (section 4). Always fp32
+   Our own tensor-core kernels, the routed-expert GEMMs and the flash-attention tile products, follow the
+   setting too: exact fp32, or TF32 or bf16 operands on tensor cores (mma.sync), fp32 accumulate (sections
+   1 and 4); the few-row expert forward (decode) is exact fp32 always. Always fp32
    whatever the setting: the mHC/HC coefficient products (mHC's h, dX and dphi GEMMs, HC's and the
    router's: MHC_GEMM_FP32), the attention softmax statistics, and every elementwise kernel. Norm
    statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
@@ -60,7 +59,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
-#include <type_traits>
 
 /* ---------------------------------------------------------------------------------------------
    Types and interface                                                                            */
@@ -338,10 +336,198 @@ static void gpu_matmul_backward(const MhcBlas *bl, int prec, float *din, float *
     if (dW) gemm(bl, prec, 1, 0, O, Ci, N, 1.0f, dout, 0, in, 0, 1.0f, dW, 0, 1);
 }
 
-/* a WMMA operand fragment loaded from p (row stride ld) and rounded to TF32, as the tensor cores take it */
-template <typename Fragment> __device__ void wmma_load_tf32(Fragment &f, const float *p, int ld) {
-    nvcuda::wmma::load_matrix_sync(f, p, ld);
-    for (int q = 0; q < f.num_elements; q++) f.x[q] = nvcuda::wmma::__float_to_tf32(f.x[q]);
+/* Tensor-core fragments, for our own kernels (the routed-expert GEMMs below, attention in section 4).
+   Every product is a warp's step D[16x8] += A[16x16] B[16x8] (PTX mma.sync, m16n8k16) on register
+   fragments whose lane layout the PTX ISA fixes: with g = lane / 4 and t = lane % 4, a lane holds
+     A: rows g and g+8, columns 2t, 2t+1, 2t+8, 2t+9   (four pairs of adjacent columns)
+     B: column g, rows 2t, 2t+1, 2t+8, 2t+9            (two pairs of adjacent rows)
+     D: rows g and g+8, columns 2t, 2t+1               (four floats)
+   The template parameter P is the precision (mhc_gpu_set_precision):
+     MHC_PREC_BF16  bf16 operands, one m16n8k16 step;
+     MHC_PREC_TF32  TF32 operands, two m16n8k8 steps: a lane's column pair (2t, 2t+1) becomes those
+                    steps' k = t and t+4 (a sum over k in any order, as long as A and B agree);
+     MHC_PREC_FP32  exact fp32 FMAs, the operands gathered with warp shuffles: the tests' mode, and
+                    how the CPU emulation (dev/cuda_emu) runs every precision.
+   Accumulators are fp32 in every mode. Operands wait in shared memory, rounded to P as they are stored. */
+
+/* How precision P keeps an operand element in shared memory (elem) and a fragment's pair of elements
+   adjacent along k in one register (pair). */
+template <int P> struct MmaOperand {                  /* MHC_PREC_FP32, MHC_PREC_TF32: fp32 words */
+    typedef float elem;
+    typedef float2 pair;
+    static __device__ elem round(float x) { return P == MHC_PREC_TF32 ? nvcuda::wmma::__float_to_tf32(x) : x; }
+    static __device__ pair make(elem lo, elem hi) { return make_float2(lo, hi); }
+    static __device__ float lo(pair p) { return p.x; }
+    static __device__ float hi(pair p) { return p.y; }
+};
+template <> struct MmaOperand<MHC_PREC_BF16> {        /* bf16 bits, two to a 32-bit register, low first */
+    typedef unsigned short elem;
+    typedef unsigned pair;
+    static __device__ elem round(float x) { return __bfloat16_as_ushort(__float2bfloat16(x)); }
+    static __device__ pair make(elem lo, elem hi) { return (unsigned)lo | (unsigned)hi << 16; }
+    static __device__ float lo(pair p) { return __uint_as_float(p << 16); }
+    static __device__ float hi(pair p) { return __uint_as_float(p & 0xffff0000u); }
+};
+
+template <int P> struct MmaFragA { typename MmaOperand<P>::pair x[4]; };   /* (g|g+8, 2t|2t+8): x[0..3] */
+template <int P> struct MmaFragB { typename MmaOperand<P>::pair x[2]; };   /* (2t|2t+8, g): x[0..1]      */
+
+/* the elements at p and p + stride as a pair: stride 1 is one aligned load */
+template <int P> __device__ typename MmaOperand<P>::pair mma_pair(const typename MmaOperand<P>::elem *p, int stride) {
+    if (stride == 1) return *(const typename MmaOperand<P>::pair *)p;
+    return MmaOperand<P>::make(p[0], p[stride]);
+}
+
+/* bf16 fragments come out of shared memory by ldmatrix: N 8x8 blocks of 16-bit elements in one
+   instruction, lane l giving the address of row l % 8 of block l / 8 (base + offset, 16 rows of 8
+   elements); a lane then holds the pair at row l / 4, columns 2 (l % 4), +1 of each block, or with Trans
+   the pair at rows 2 (l % 4), +1, column l / 4. The host pass (dev/cuda_emu) does the same with the
+   offsets shuffled between lanes. */
+template <int N, bool Trans> __device__ void mma_ldmatrix(unsigned (&r)[N], const unsigned short *base, int offset) {
+#if defined(__CUDA_ARCH__)
+    unsigned addr = (unsigned)__cvta_generic_to_shared(base + offset);
+    if constexpr (N == 4 && Trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+    else if constexpr (N == 4)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+    else if constexpr (Trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
+#else
+    int lane = threadIdx.x % 32;
+    for (int m = 0; m < N; m++) {
+        if (Trans) {
+            int row0 = __shfl_sync(0xffffffffu, offset, 8 * m + 2 * (lane % 4));
+            int row1 = __shfl_sync(0xffffffffu, offset, 8 * m + 2 * (lane % 4) + 1);
+            r[m] = (unsigned)base[row0 + lane / 4] | (unsigned)base[row1 + lane / 4] << 16;
+        } else {
+            int row = __shfl_sync(0xffffffffu, offset, 8 * m + lane / 4) + 2 * (lane % 4);
+            r[m] = (unsigned)base[row] | (unsigned)base[row + 1] << 16;
+        }
+    }
+#endif
+}
+
+/* the A fragment of rows r0 .. r0+15, columns k0 .. k0+15 of an operand kept in shared memory as rows
+   (element (r, k) at A[r ld + k]) or, KMajor, as rows of k (element (r, k) at A[k ld + r]; ldmatrix's
+   Trans): blocks (rows, columns) at (0, 0), (8, 0), (0, 8), (8, 8) are x[0..3] */
+template <int P, bool KMajor>
+__device__ MmaFragA<P> mma_load_a(const typename MmaOperand<P>::elem *A, int ld, int r0, int k0) {
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    MmaFragA<P> a;
+    if constexpr (P == MHC_PREC_BF16) {
+        if (KMajor) mma_ldmatrix<4, true>(a.x, A, (k0 + lane / 16 * 8 + lane % 8) * ld + r0 + lane / 8 % 2 * 8);
+        else mma_ldmatrix<4, false>(a.x, A, (r0 + lane % 16) * ld + k0 + lane / 16 * 8);
+    } else if (KMajor) {
+        const typename MmaOperand<P>::elem *p = A + (k0 + 2 * t) * ld + r0 + g;
+        a = {{mma_pair<P>(p, ld), mma_pair<P>(p + 8, ld), mma_pair<P>(p + 8 * ld, ld), mma_pair<P>(p + 8 * ld + 8, ld)}};
+    } else {
+        const typename MmaOperand<P>::elem *p = A + (r0 + g) * ld + k0 + 2 * t;
+        a = {{mma_pair<P>(p, 1), mma_pair<P>(p + 8 * ld, 1), mma_pair<P>(p + 8, 1), mma_pair<P>(p + 8 * ld + 8, 1)}};
+    }
+    return a;
+}
+
+/* the B fragment of rows k0 .. k0+15, columns n0 .. n0+7 of an operand kept in shared memory as rows of
+   its columns (NMajor: element (k, n) at B[n ld + k], K for S = Q K^T) or as rows of k (element (k, n)
+   at B[k ld + n], V for O = P V; ldmatrix's Trans) */
+template <int P, bool NMajor>
+__device__ MmaFragB<P> mma_load_b(const typename MmaOperand<P>::elem *B, int ld, int k0, int n0) {
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    MmaFragB<P> b;
+    if constexpr (P == MHC_PREC_BF16) {
+        if (NMajor) mma_ldmatrix<2, false>(b.x, B, (n0 + lane % 8) * ld + k0 + lane / 8 % 2 * 8);
+        else mma_ldmatrix<2, true>(b.x, B, (k0 + lane % 16) * ld + n0);
+    } else if (NMajor) {
+        const typename MmaOperand<P>::elem *p = B + (n0 + g) * ld + k0 + 2 * t;
+        b = {{mma_pair<P>(p, 1), mma_pair<P>(p + 8, 1)}};
+    } else {
+        const typename MmaOperand<P>::elem *p = B + (k0 + 2 * t) * ld + n0 + g;
+        b = {{mma_pair<P>(p, ld), mma_pair<P>(p + 8 * ld, ld)}};
+    }
+    return b;
+}
+
+/* two accumulator tiles side by side (columns 8j .. 8j+15 of a warp's 16 rows) as the A fragment of those
+   16 columns, rounded to the operand precision */
+template <int P> __device__ MmaFragA<P> mma_acc_to_a(const float (&d0)[4], const float (&d1)[4]) {
+    typedef MmaOperand<P> Op;
+    MmaFragA<P> a = {{Op::make(Op::round(d0[0]), Op::round(d0[1])), Op::make(Op::round(d0[2]), Op::round(d0[3])),
+                      Op::make(Op::round(d1[0]), Op::round(d1[1])), Op::make(Op::round(d1[2]), Op::round(d1[3]))}};
+    return a;
+}
+
+/* d += a b on one 16x8 tile, k = 16, exactly: fp32 FMAs in k order. A(r, k) is in lane 4 (r % 8) + k % 8 / 2,
+   B(k, n) in lane 4 n + k % 8 / 2; each k fetches this lane's A(g, k), A(g+8, k), B(k, 2t), B(k, 2t+1). */
+template <int P> __device__ void mma_exact(float (&d)[4], const MmaFragA<P> &a, const MmaFragB<P> &b) {
+    typedef MmaOperand<P> Op;
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int k = 0; k < 16; k++) {
+        int src = k % 8 / 2, hi = k / 8;
+        float a_g = k % 2 ? Op::hi(a.x[2 * hi]) : Op::lo(a.x[2 * hi]);
+        float a_g8 = k % 2 ? Op::hi(a.x[2 * hi + 1]) : Op::lo(a.x[2 * hi + 1]);
+        float b_k = k % 2 ? Op::hi(b.x[hi]) : Op::lo(b.x[hi]);
+        a_g = __shfl_sync(0xffffffffu, a_g, 4 * g + src);
+        a_g8 = __shfl_sync(0xffffffffu, a_g8, 4 * g + src);
+        float b0 = __shfl_sync(0xffffffffu, b_k, 8 * t + src), b1 = __shfl_sync(0xffffffffu, b_k, 8 * t + 4 + src);
+        d[0] += a_g * b0;
+        d[1] += a_g * b1;
+        d[2] += a_g8 * b0;
+        d[3] += a_g8 * b1;
+    }
+}
+
+/* d += a b on one 16x8 tile, k = 16: on tensor cores for BF16 and TF32 (one m16n8k16 step; two m16n8k8
+   steps, k pairs 0 and 1 of the fragments, then 2 and 3), exactly for FP32 and in the host pass (which
+   is what dev/cuda_emu runs) */
+template <int P> __device__ void mma_tile(float (&d)[4], const MmaFragA<P> &a, const MmaFragB<P> &b) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (P == MHC_PREC_BF16) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+    } else if constexpr (P == MHC_PREC_TF32) {
+#pragma unroll
+        for (int s = 0; s < 2; s++)
+            asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                : "r"(__float_as_uint(a.x[2 * s].x)), "r"(__float_as_uint(a.x[2 * s + 1].x)),
+                  "r"(__float_as_uint(a.x[2 * s].y)), "r"(__float_as_uint(a.x[2 * s + 1].y)),
+                  "r"(__float_as_uint(b.x[s].x)), "r"(__float_as_uint(b.x[s].y)));
+    } else {
+        mma_exact<P>(d, a, b);
+    }
+#else
+    mma_exact<P>(d, a, b);
+#endif
+}
+
+template <int NF> __device__ void mma_zero(float (&acc)[NF][4]) {
+#pragma unroll
+    for (int j = 0; j < NF; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
+}
+
+/* acc[j] += a B[k0 .. k0+15, columns n0 + j nstep .. +7] for the warp's tiles j < n. NF is the array's
+   size: the loop is unrolled over it so that acc stays in registers. */
+template <int P, bool NMajor, int NF>
+__device__ void mma_row(float (&acc)[NF][4], const MmaFragA<P> &a, const typename MmaOperand<P>::elem *B, int ld, int k0,
+                        int n0, int nstep, int n) {
+#pragma unroll
+    for (int j = 0; j < NF; j++)
+        if (j < n) mma_tile<P>(acc[j], a, mma_load_b<P, NMajor>(B, ld, k0, n0 + j * nstep));
+}
+
+/* acc[j] += A[r0 .. r0+15, 0 .. K) B[0 .. K, tile j) with A a row-major shared tile, K a multiple of 16 */
+template <int P, bool NMajor, int NF>
+__device__ void mma_smem(float (&acc)[NF][4], const typename MmaOperand<P>::elem *A, int lda, int r0,
+                         const typename MmaOperand<P>::elem *B, int ldb, int K, int n0, int nstep, int n) {
+    for (int k0 = 0; k0 < K; k0 += 16) mma_row<P, NMajor>(acc, mma_load_a<P, false>(A, lda, r0, k0), B, ldb, k0, n0, nstep, n);
 }
 
 /* Routed-expert GEMMs (SPEC §11) over token rows grouped by expert: rows seg[e] .. seg[e+1]-1 belong to
@@ -354,10 +540,10 @@ template <typename Fragment> __device__ void wmma_load_tf32(Fragment &f, const f
    expert by walking seg), so no block is launched for rows an expert does not have.
    K goes in 32-deep slabs through two shared-memory stages: while the block multiplies one slab, each
    thread holds its share of the next one in registers, so the global loads are in flight during the
-   multiply. Each operand is copied in its own memory order (no transpose on the way in); the multiply
-   reads it in that order. Two multiplies share everything else: exact fp32 FMAs (MHC_PREC_FP32, the tests;
-   an 8 x 8 register tile per thread) and TF32 tensor cores through WMMA (MHC_PREC_TF32 and MHC_PREC_BF16;
-   8 warps, each a 64 x 32 quarter-column of the tile as 4 x 2 m16n16k8 accumulators).
+   multiply. Each operand is copied in its own memory order (no transpose on the way in), rounded to the
+   precision P as it is stored; the fragment loads read it in that order (ldmatrix's Trans where k is the
+   line). The multiply is mma.sync (tensor-core fragments above): 8 warps, each a 64 x 32 part of the
+   tile as 4 x 4 m16n8 accumulators, stored from registers straight to C.
    kseg = 1 has only E x (M/128) x (N/128) tiles, too few blocks to fill the GPU on small models, so there
    each expert's rows are split into S parts (eg_splits: from the shapes alone); split s writes its partial
    product to scratch [S][E][M][N] and expert_gemm_reduce_kernel adds the partials to W_e in split order,
@@ -365,8 +551,8 @@ template <typename Fragment> __device__ void wmma_load_tf32(Fragment &f, const f
 #define EG_TILE 128
 #define EG_K 32                            /* K slab per shared-memory stage                            */
 #define EG_THREADS 256
-#define EG_OPERAND (EG_TILE * (EG_K + 4))  /* floats of one operand slab: [128][36] or [32][132], the larger */
-#define EG_SMEM_FLOATS (4 * EG_OPERAND)    /* two stages of A and B; also holds the [128][132] output tile */
+#define EG_LD_I (EG_K + 8)                 /* line stride of an i-major slab [128][32]                   */
+#define EG_OPERAND (EG_TILE * EG_LD_I)     /* elements of one operand slab, the larger of the two orders  */
 #define EG_TARGET_BLOCKS 512               /* kseg = 1: split rows until about this many blocks          */
 #define EG_MAX_SPLITS 8
 #define EG_MIN_SPLIT_ROWS 256              /* ... keeping at least this many rows per split on average   */
@@ -452,113 +638,85 @@ __device__ void eg_fetch(float reg[16], MhcEgSlab s) {
     }
 }
 
-/* the fetched elements into shared memory, line stride inner + 4 (rounded to TF32 for the tensor cores) */
-template <bool TC> __device__ void eg_stash(float *dst, const float reg[16], int inner) {
+/* Line stride of a k-major slab [32][128]. A fragment's 8 rows x 4 pairs fall in distinct banks: fp32
+   words read a pair as two loads ld apart (132: 8t + g), bf16 rows go to ldmatrix and must start on 16
+   bytes (136: rows 4 words apart). The i-major stride EG_LD_I serves both. */
+static constexpr __host__ __device__ int eg_ld_k(int P) { return P == MHC_PREC_BF16 ? EG_TILE + 8 : EG_TILE + 4; }
+
+/* the fetched elements into shared memory at line stride ld, rounded to the operand precision */
+template <int P> __device__ void eg_stash(typename MmaOperand<P>::elem *dst, const float reg[16], int inner, int ld) {
+    typedef MmaOperand<P> Op;
     for (int q = 0; q < 4; q++) {
         int g = threadIdx.x + q * EG_THREADS, o = g / (inner / 4), c = g % (inner / 4) * 4;
-        for (int x = 0; x < 4; x++) dst[o * (inner + 4) + c + x] = TC ? nvcuda::wmma::__float_to_tf32(reg[4 * q + x]) : reg[4 * q + x];
+        typename Op::pair *pairs = (typename Op::pair *)(dst + o * ld + c);
+        pairs[0] = Op::make(Op::round(reg[4 * q]), Op::round(reg[4 * q + 1]));
+        pairs[1] = Op::make(Op::round(reg[4 * q + 2]), Op::round(reg[4 * q + 3]));
     }
 }
 
-/* element (r, k) of an operand slab in shared memory: r along the tile (row of op(A), column of op(B)) */
-__device__ float eg_at(const float *s, int kmajor, int r, int k) {
-    return kmajor ? s[k * (EG_TILE + 4) + r] : s[r * (EG_K + 4) + k];
-}
-
-/* the fp32 multiply: thread (ty, tx) owns rows ty + 16x and columns tx + 16y of the tile */
-template <bool A_KMAJOR, bool B_KMAJOR> __device__ void eg_multiply_fp32(float acc[64], const float *As, const float *Bs) {
-    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    for (int k = 0; k < EG_K; k++) {
-        float av[8], bv[8];
-        for (int x = 0; x < 8; x++) { av[x] = eg_at(As, A_KMAJOR, ty + 16 * x, k); bv[x] = eg_at(Bs, B_KMAJOR, tx + 16 * x, k); }
-        for (int x = 0; x < 8; x++)
-            for (int y = 0; y < 8; y++) acc[8 * x + y] += av[x] * bv[y];
-    }
-}
-
-__device__ void eg_store_fp32(float *Cs, const float acc[64]) {
-    int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    for (int x = 0; x < 8; x++)
-        for (int y = 0; y < 8; y++) Cs[(ty + 16 * x) * (EG_TILE + 4) + tx + 16 * y] = acc[8 * x + y];
-}
-
-/* TF32 multiply of one slab into the warp's accumulators. A k-major A slab is op(A) in column-major order,
-   an i-major one in row-major; a k-major B slab is op(B) row-major, a j-major one column-major. */
-template <bool A_KMAJOR, bool B_KMAJOR, typename Acc>
-__device__ void eg_multiply_tf32(Acc (&acc)[4][2], const float *As, const float *Bs) {
-    using namespace nvcuda;
-    typedef typename std::conditional<A_KMAJOR, wmma::col_major, wmma::row_major>::type LayoutA;
-    typedef typename std::conditional<B_KMAJOR, wmma::row_major, wmma::col_major>::type LayoutB;
-    int warp = threadIdx.x / 32, wi = (warp / 4) * 64, wj = (warp % 4) * 32;
-    for (int k = 0; k < EG_K; k += 8) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LayoutA> a[4];
-        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LayoutB> b[2];
+/* acc += this slab's product for the warp's 64 x 32 part of the tile (rows wi + 16x, columns wj + 8y) */
+template <int P, bool A_KMAJOR, bool B_KMAJOR>
+__device__ void eg_multiply(float (&acc)[4][4][4], const typename MmaOperand<P>::elem *As, const typename MmaOperand<P>::elem *Bs) {
+    int warp = threadIdx.x / 32, wi = warp / 4 * 64, wj = warp % 4 * 32;
+    int lda = A_KMAJOR ? eg_ld_k(P) : EG_LD_I, ldb = B_KMAJOR ? eg_ld_k(P) : EG_LD_I;
+#pragma unroll
+    for (int k = 0; k < EG_K; k += 16) {
+        MmaFragA<P> a[4];
+        MmaFragB<P> b[4];
+#pragma unroll
+        for (int x = 0; x < 4; x++) a[x] = mma_load_a<P, A_KMAJOR>(As, lda, wi + 16 * x, k);
+#pragma unroll
+        for (int y = 0; y < 4; y++) b[y] = mma_load_b<P, !B_KMAJOR>(Bs, ldb, k, wj + 8 * y);
+#pragma unroll
         for (int x = 0; x < 4; x++)
-            wmma::load_matrix_sync(a[x], A_KMAJOR ? As + k * (EG_TILE + 4) + wi + 16 * x : As + (wi + 16 * x) * (EG_K + 4) + k,
-                                   A_KMAJOR ? EG_TILE + 4 : EG_K + 4);
-        for (int y = 0; y < 2; y++)
-            wmma::load_matrix_sync(b[y], B_KMAJOR ? Bs + k * (EG_TILE + 4) + wj + 16 * y : Bs + (wj + 16 * y) * (EG_K + 4) + k,
-                                   B_KMAJOR ? EG_TILE + 4 : EG_K + 4);
-        for (int x = 0; x < 4; x++)
-            for (int y = 0; y < 2; y++) wmma::mma_sync(acc[x][y], a[x], b[y], acc[x][y]);
+#pragma unroll
+            for (int y = 0; y < 4; y++) mma_tile<P>(acc[x][y], a[x], b[y]);
     }
 }
 
-/* A_KMAJOR = kseg (op(A) = A^T), B_KMAJOR = !transB; TC picks the multiply */
-template <bool TC, bool A_KMAJOR, bool B_KMAJOR>
+/* A_KMAJOR = kseg (op(A) = A^T), B_KMAJOR = !transB; P: the operand precision */
+template <int P, bool A_KMAJOR, bool B_KMAJOR>
 __global__ void __launch_bounds__(EG_THREADS) expert_gemm_kernel(MhcExpertGemm g) {
-    using namespace nvcuda;
+    typedef typename MmaOperand<P>::elem elem;
     extern __shared__ __align__(32) float smem[];
     MhcExpertTile t = eg_tile(g);
     if (!t.M) return;
-    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc_tc[4][2];
-    float acc[64];
-    if constexpr (TC) {
-        for (int x = 0; x < 4; x++)
-            for (int y = 0; y < 2; y++) wmma::fill_fragment(acc_tc[x][y], 0.0f);
-    } else {
-        for (int x = 0; x < 64; x++) acc[x] = 0.0f;
-    }
+    float acc[4][4][4];
+    for (int x = 0; x < 4; x++) mma_zero(acc[x]);
     int a_inner = A_KMAJOR ? EG_TILE : EG_K, b_inner = B_KMAJOR ? EG_TILE : EG_K;
+    int a_ld = A_KMAJOR ? eg_ld_k(P) : EG_LD_I, b_ld = B_KMAJOR ? eg_ld_k(P) : EG_LD_I;
+    elem *stages = (elem *)smem;                   /* [2 stages][A, B][EG_OPERAND] */
     float ra[16], rb[16];
     eg_fetch(ra, eg_slab(t.A, g.lda, A_KMAJOR, t.i0, t.M, 0, t.K));
     eg_fetch(rb, eg_slab(t.B, g.ldb, B_KMAJOR, t.j0, g.N, 0, t.K));
-    eg_stash<TC>(smem, ra, a_inner);
-    eg_stash<TC>(smem + EG_OPERAND, rb, b_inner);
+    eg_stash<P>(stages, ra, a_inner, a_ld);
+    eg_stash<P>(stages + EG_OPERAND, rb, b_inner, b_ld);
     __syncthreads();
     for (int k0 = 0, stage = 0; k0 < t.K; k0 += EG_K, stage ^= 1) {
-        float *As = smem + stage * 2 * EG_OPERAND, *Bs = As + EG_OPERAND;
+        const elem *As = stages + stage * 2 * EG_OPERAND, *Bs = As + EG_OPERAND;
         int more = k0 + EG_K < t.K;
         if (more) {                                /* the next slab's loads, in flight during the multiply */
             eg_fetch(ra, eg_slab(t.A, g.lda, A_KMAJOR, t.i0, t.M, k0 + EG_K, t.K));
             eg_fetch(rb, eg_slab(t.B, g.ldb, B_KMAJOR, t.j0, g.N, k0 + EG_K, t.K));
         }
-        if constexpr (TC) eg_multiply_tf32<A_KMAJOR, B_KMAJOR>(acc_tc, As, Bs);
-        else eg_multiply_fp32<A_KMAJOR, B_KMAJOR>(acc, As, Bs);
+        eg_multiply<P, A_KMAJOR, B_KMAJOR>(acc, As, Bs);
         if (more) {                                /* into the other stage, last read one slab ago */
-            float *next = smem + (stage ^ 1) * 2 * EG_OPERAND;
-            eg_stash<TC>(next, ra, a_inner);
-            eg_stash<TC>(next + EG_OPERAND, rb, b_inner);
+            elem *next = stages + (stage ^ 1) * 2 * EG_OPERAND;
+            eg_stash<P>(next, ra, a_inner, a_ld);
+            eg_stash<P>(next + EG_OPERAND, rb, b_inner, b_ld);
         }
         __syncthreads();
     }
-    float *Cs = smem;                              /* [128][132] output tile over the operand stages */
-    if constexpr (TC) {
-        int warp = threadIdx.x / 32, wi = (warp / 4) * 64, wj = (warp % 4) * 32;
-        for (int x = 0; x < 4; x++)
-            for (int y = 0; y < 2; y++)
-                wmma::store_matrix_sync(Cs + (wi + 16 * x) * (EG_TILE + 4) + wj + 16 * y, acc_tc[x][y], EG_TILE + 4,
-                                        wmma::mem_row_major);
-    } else {
-        eg_store_fp32(Cs, acc);
-    }
-    __syncthreads();
-    for (int q = threadIdx.x; q < EG_TILE * EG_TILE; q += EG_THREADS) {   /* C = tile (+ beta C), inside the problem */
-        int i = q / EG_TILE, j = q % EG_TILE, gi = t.i0 + i, gj = t.j0 + j;
-        if (gi >= t.M || gj >= g.N) continue;
-        float *c = t.C + (size_t)gi * t.ldc + gj, v = Cs[i * (EG_TILE + 4) + j];
-        *c = t.beta == 0.0f ? v : v + t.beta * *c;
-    }
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int i_0 = t.i0 + warp / 4 * 64 + lane / 4, j_0 = t.j0 + warp % 4 * 32 + 2 * (lane % 4);
+    for (int x = 0; x < 4; x++)                    /* C = tile (+ beta C), inside the problem */
+        for (int y = 0; y < 4; y++)
+            for (int e = 0; e < 4; e++) {
+                int gi = i_0 + 16 * x + 8 * (e / 2), gj = j_0 + 8 * y + e % 2;
+                if (gi >= t.M || gj >= g.N) continue;
+                float *c = t.C + (size_t)gi * t.ldc + gj;
+                *c = t.beta == 0.0f ? acc[x][y][e] : acc[x][y][e] + t.beta * *c;
+            }
 }
 
 /* W_e (contiguous [M][N] at e * w_stride) = sum_s partial[s][e] + beta W_e, the splits added in order */
@@ -582,18 +740,18 @@ static int eg_splits(int E, int M, int N, int rows_total) {
     return s > 1 ? s : 1;
 }
 
-template <bool TC, bool A_KMAJOR, bool B_KMAJOR> static void eg_launch(dim3 grid, const MhcExpertGemm &g) {
-    size_t bytes = EG_SMEM_FLOATS * sizeof(float);
-    CUDA_CHECK(cudaFuncSetAttribute((const void *)expert_gemm_kernel<TC, A_KMAJOR, B_KMAJOR>,
+template <int P, bool A_KMAJOR, bool B_KMAJOR> static void eg_launch(dim3 grid, const MhcExpertGemm &g) {
+    size_t bytes = 4 * EG_OPERAND * sizeof(typename MmaOperand<P>::elem);   /* two stages of A and B */
+    CUDA_CHECK(cudaFuncSetAttribute((const void *)expert_gemm_kernel<P, A_KMAJOR, B_KMAJOR>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    expert_gemm_kernel<TC, A_KMAJOR, B_KMAJOR><<<grid, EG_THREADS, bytes>>>(g);
+    expert_gemm_kernel<P, A_KMAJOR, B_KMAJOR><<<grid, EG_THREADS, bytes>>>(g);
     LAUNCH_CHECK();
 }
 
-template <bool TC> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &g) {
-    if (g.kseg) eg_launch<TC, true, true>(grid, g);
-    else if (g.transB) eg_launch<TC, false, false>(grid, g);
-    else eg_launch<TC, false, true>(grid, g);
+template <int P> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &g) {
+    if (g.kseg) eg_launch<P, true, true>(grid, g);
+    else if (g.transB) eg_launch<P, false, false>(grid, g);
+    else eg_launch<P, false, true>(grid, g);
 }
 
 /* Few rows (decode: one token's K experts): there a tile kernel spends its time in one block's K loop,
@@ -625,8 +783,8 @@ static size_t gpu_expert_split_floats(int E, int M, int N, int rows_total) {
 
 /* M (kseg = 0): the rows of all experts together, seg[E]; kseg = 1: M = the rows of W_e, K = the rows of
    all experts together, W_e contiguous (ldc = N, w_stride = M N), no transB; scratch: NULL, or
-   gpu_expert_split_floats floats for the row splits. precision: MHC_PREC_FP32 runs the exact multiply,
-   any other TF32 WMMA; the few-row forward (M <= EG_GEMV_ROWS) is always exact. */
+   gpu_expert_split_floats floats for the row splits. precision: the tile kernel's operands (MHC_PREC_*:
+   exact fp32, TF32 or bf16); the few-row forward (M <= EG_GEMV_ROWS) is always exact. */
 static void gpu_expert_gemm(int precision, float *C, int ldc, const float *A, int lda, const float *B, int ldb, int transB,
                             size_t w_stride, const int *seg, int E, int M, int N, int K, int kseg, float beta, float *scratch) {
     if (M <= 0 || N <= 0 || E <= 0) return;
@@ -644,8 +802,9 @@ static void gpu_expert_gemm(int precision, float *C, int ldc, const float *A, in
     /* kseg = 0: every expert's row tiles, at most ceil(M / 128) + E of them, packed along x */
     dim3 grid(kseg ? mhc_blocks((size_t)M, EG_TILE) : mhc_blocks((size_t)M, EG_TILE) + E, mhc_blocks((size_t)N, EG_TILE),
               kseg ? E * splits : 1);
-    if (precision == MHC_PREC_FP32) eg_launch_layout<false>(grid, g);
-    else eg_launch_layout<true>(grid, g);
+    if (precision == MHC_PREC_BF16) eg_launch_layout<MHC_PREC_BF16>(grid, g);
+    else if (precision == MHC_PREC_TF32) eg_launch_layout<MHC_PREC_TF32>(grid, g);
+    else eg_launch_layout<MHC_PREC_FP32>(grid, g);
     if (splits > 1) {
         size_t count = (size_t)E * M * N;
         expert_gemm_reduce_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(C, scratch, splits, E, (size_t)M * N, w_stride, beta);
@@ -1279,24 +1438,12 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
       matrix in memory. A block owns a tile of one (b, h), queries (forward, dQ; rows below) or 64 keys
       (dK and dV), and loops over the 64-row tiles of the other side, reading q, k = [k_nope | k_pe] and v
       straight from the projections' buffers (q [N,H,d_qk], kv [N,H,d_n+d_v], kpe [N,d_r]) into shared
-      memory, rounded there to the operand precision.
-      Every product is a warp's tensor-core step D[16x8] += A[16x16] B[16x8] (PTX mma.sync, m16n8k16) on
-      register fragments whose lane layout the PTX ISA fixes: with g = lane / 4 and t = lane % 4, a lane
-      holds
-        A: rows g and g+8, columns 2t, 2t+1, 2t+8, 2t+9   (four pairs of adjacent columns)
-        B: column g, rows 2t, 2t+1, 2t+8, 2t+9            (two pairs of adjacent rows)
-        D: rows g and g+8, columns 2t, 2t+1               (four floats)
+      memory, rounded there to the operand precision P.
+      Every product is a warp's mma.sync step on register fragments (section 1, tensor-core fragments).
       A lane knows which rows its accumulators are, so the softmax runs on them in registers: the
       forward rescales O row by row as the running max grows (one pass, the online softmax), and two
       accumulator tiles side by side are an A fragment, so P and dS feed the next product without
-      leaving registers.
-      The template parameter P is the precision (mhc_gpu_set_precision):
-        MHC_PREC_BF16  bf16 operands, one m16n8k16 step;
-        MHC_PREC_TF32  TF32 operands, two m16n8k8 steps: a lane's column pair (2t, 2t+1) becomes those
-                       steps' k = t and t+4 (a sum over k in any order, as long as A and B agree);
-        MHC_PREC_FP32  exact fp32 FMAs, the operands gathered with warp shuffles: the tests' mode, and
-                       how the CPU emulation (dev/cuda_emu) runs every precision.
-      Accumulators, the softmax, lse, o and the gradients are fp32 in every mode.
+      leaving registers. The softmax, lse, o and the gradients are fp32 in every mode.
         Forward: a block owns a query tile (128 rows in bf16, 64 in fp32 words: shared memory), a warp
           16 of its rows; per key tile S = Q K^T, the online softmax, O += P V.
         dQ: the same tiles; per key tile S, dP = dO V^T, dS, dQ += dS K, all in registers.
@@ -1321,191 +1468,22 @@ typedef struct {
 static __host__ __device__ int att_width(int d) { return (d + 15) / 16 * 16; }   /* k steps of 16 */
 static __host__ __device__ int att_ld(int d) { return att_width(d) + 8; }
 
+/* rows of the forward's and dQ's query tile, a warp per 16: 128 in bf16 (half the K, V traffic per query),
+   64 in fp32 words (at 3b's heads dQ's 128-row tile would not fit in shared memory) */
+static constexpr __host__ __device__ int att_query_rows(int P) { return P == MHC_PREC_BF16 ? 128 : 64; }
+
 /* key s is visible to query t: causal, and a real key (a padding query row t >= T still sees the real
    keys, so its softmax stays finite) */
 __device__ bool att_visible(int t, int s, MhcAttShape sh) { return s <= t && s < sh.T; }
-
-/* How precision P keeps an operand element in shared memory (elem) and a fragment's pair of elements
-   adjacent along k in one register (pair). */
-template <int P> struct AttOperand {                  /* MHC_PREC_FP32, MHC_PREC_TF32: fp32 words */
-    typedef float elem;
-    typedef float2 pair;
-    enum { query_rows = 64 };     /* forward and dQ: rows of a block's query tile, a warp per 16 */
-    static __device__ elem round(float x) { return P == MHC_PREC_TF32 ? nvcuda::wmma::__float_to_tf32(x) : x; }
-    static __device__ pair make(elem lo, elem hi) { return make_float2(lo, hi); }
-    static __device__ float lo(pair p) { return p.x; }
-    static __device__ float hi(pair p) { return p.y; }
-};
-template <> struct AttOperand<MHC_PREC_BF16> {        /* bf16 bits, two to a 32-bit register, low first */
-    typedef unsigned short elem;
-    typedef unsigned pair;
-    enum { query_rows = 128 };    /* half the K, V traffic per query (fp32 words: dQ at 3b heads would not fit) */
-    static __device__ elem round(float x) { return __bfloat16_as_ushort(__float2bfloat16(x)); }
-    static __device__ pair make(elem lo, elem hi) { return (unsigned)lo | (unsigned)hi << 16; }
-    static __device__ float lo(pair p) { return __uint_as_float(p << 16); }
-    static __device__ float hi(pair p) { return __uint_as_float(p & 0xffff0000u); }
-};
-
-template <int P> struct AttFragA { typename AttOperand<P>::pair x[4]; };   /* (g|g+8, 2t|2t+8): x[0..3] */
-template <int P> struct AttFragB { typename AttOperand<P>::pair x[2]; };   /* (2t|2t+8, g): x[0..1]      */
-
-/* the elements at p and p + stride as a pair: stride 1 is one aligned load */
-template <int P> __device__ typename AttOperand<P>::pair att_pair(const typename AttOperand<P>::elem *p, int stride) {
-    if (stride == 1) return *(const typename AttOperand<P>::pair *)p;
-    return AttOperand<P>::make(p[0], p[stride]);
-}
-
-/* bf16 fragments come out of shared memory by ldmatrix: N 8x8 blocks of 16-bit elements in one
-   instruction, lane l giving the address of row l % 8 of block l / 8 (base + offset, 16 rows of 8
-   elements); a lane then holds the pair at row l / 4, columns 2 (l % 4), +1 of each block, or with Trans
-   the pair at rows 2 (l % 4), +1, column l / 4. The host pass (dev/cuda_emu) does the same with the
-   offsets shuffled between lanes. */
-template <int N, bool Trans> __device__ void att_ldmatrix(unsigned (&r)[N], const unsigned short *base, int offset) {
-#if defined(__CUDA_ARCH__)
-    unsigned addr = (unsigned)__cvta_generic_to_shared(base + offset);
-    if constexpr (N == 4)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
-    else if constexpr (Trans)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
-    else
-        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(addr) : "memory");
-#else
-    int lane = threadIdx.x % 32;
-    for (int m = 0; m < N; m++) {
-        if (Trans) {
-            int row0 = __shfl_sync(0xffffffffu, offset, 8 * m + 2 * (lane % 4));
-            int row1 = __shfl_sync(0xffffffffu, offset, 8 * m + 2 * (lane % 4) + 1);
-            r[m] = (unsigned)base[row0 + lane / 4] | (unsigned)base[row1 + lane / 4] << 16;
-        } else {
-            int row = __shfl_sync(0xffffffffu, offset, 8 * m + lane / 4) + 2 * (lane % 4);
-            r[m] = (unsigned)base[row] | (unsigned)base[row + 1] << 16;
-        }
-    }
-#endif
-}
-
-/* the A fragment of rows r0 .. r0+15, columns k0 .. k0+15 of a row-major shared tile (row stride ld):
-   blocks (rows, columns) at (0, 0), (8, 0), (0, 8), (8, 8) are x[0..3] */
-template <int P> __device__ AttFragA<P> att_load_a(const typename AttOperand<P>::elem *A, int ld, int r0, int k0) {
-    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    AttFragA<P> a;
-    if constexpr (P == MHC_PREC_BF16) {
-        att_ldmatrix<4, false>(a.x, A, (r0 + lane % 16) * ld + k0 + lane / 16 * 8);
-    } else {
-        const typename AttOperand<P>::elem *p = A + (r0 + g) * ld + k0 + 2 * t;
-        a = {{att_pair<P>(p, 1), att_pair<P>(p + 8 * ld, 1), att_pair<P>(p + 8, 1), att_pair<P>(p + 8 * ld + 8, 1)}};
-    }
-    return a;
-}
-
-/* the B fragment of rows k0 .. k0+15, columns n0 .. n0+7 of an operand kept in shared memory as rows of
-   its columns (NMajor: element (k, n) at B[n ld + k], K for S = Q K^T) or as rows of k (element (k, n)
-   at B[k ld + n], V for O = P V; ldmatrix's Trans) */
-template <int P, bool NMajor>
-__device__ AttFragB<P> att_load_b(const typename AttOperand<P>::elem *B, int ld, int k0, int n0) {
-    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    AttFragB<P> b;
-    if constexpr (P == MHC_PREC_BF16) {
-        if (NMajor) att_ldmatrix<2, false>(b.x, B, (n0 + lane % 8) * ld + k0 + lane / 8 % 2 * 8);
-        else att_ldmatrix<2, true>(b.x, B, (k0 + lane % 16) * ld + n0);
-    } else if (NMajor) {
-        const typename AttOperand<P>::elem *p = B + (n0 + g) * ld + k0 + 2 * t;
-        b = {{att_pair<P>(p, 1), att_pair<P>(p + 8, 1)}};
-    } else {
-        const typename AttOperand<P>::elem *p = B + (k0 + 2 * t) * ld + n0 + g;
-        b = {{att_pair<P>(p, ld), att_pair<P>(p + 8 * ld, ld)}};
-    }
-    return b;
-}
-
-/* two accumulator tiles side by side (columns 8j .. 8j+15 of a warp's 16 rows) as the A fragment of those
-   16 columns, rounded to the operand precision */
-template <int P> __device__ AttFragA<P> att_acc_to_a(const float (&d0)[4], const float (&d1)[4]) {
-    typedef AttOperand<P> Op;
-    AttFragA<P> a = {{Op::make(Op::round(d0[0]), Op::round(d0[1])), Op::make(Op::round(d0[2]), Op::round(d0[3])),
-                      Op::make(Op::round(d1[0]), Op::round(d1[1])), Op::make(Op::round(d1[2]), Op::round(d1[3]))}};
-    return a;
-}
-
-/* d += a b on one 16x8 tile, k = 16, exactly: fp32 FMAs in k order. A(r, k) is in lane 4 (r % 8) + k % 8 / 2,
-   B(k, n) in lane 4 n + k % 8 / 2; each k fetches this lane's A(g, k), A(g+8, k), B(k, 2t), B(k, 2t+1). */
-template <int P> __device__ void att_mma_exact(float (&d)[4], const AttFragA<P> &a, const AttFragB<P> &b) {
-    typedef AttOperand<P> Op;
-    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int k = 0; k < 16; k++) {
-        int src = k % 8 / 2, hi = k / 8;
-        float a_g = k % 2 ? Op::hi(a.x[2 * hi]) : Op::lo(a.x[2 * hi]);
-        float a_g8 = k % 2 ? Op::hi(a.x[2 * hi + 1]) : Op::lo(a.x[2 * hi + 1]);
-        float b_k = k % 2 ? Op::hi(b.x[hi]) : Op::lo(b.x[hi]);
-        a_g = __shfl_sync(0xffffffffu, a_g, 4 * g + src);
-        a_g8 = __shfl_sync(0xffffffffu, a_g8, 4 * g + src);
-        float b0 = __shfl_sync(0xffffffffu, b_k, 8 * t + src), b1 = __shfl_sync(0xffffffffu, b_k, 8 * t + 4 + src);
-        d[0] += a_g * b0;
-        d[1] += a_g * b1;
-        d[2] += a_g8 * b0;
-        d[3] += a_g8 * b1;
-    }
-}
-
-/* d += a b on one 16x8 tile, k = 16: on tensor cores for BF16 and TF32 (one m16n8k16 step; two m16n8k8
-   steps, k pairs 0 and 1 of the fragments, then 2 and 3), exactly for FP32 and in the host pass (which
-   is what dev/cuda_emu runs) */
-template <int P> __device__ void att_mma(float (&d)[4], const AttFragA<P> &a, const AttFragB<P> &b) {
-#if defined(__CUDA_ARCH__)
-    if constexpr (P == MHC_PREC_BF16) {
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
-    } else if constexpr (P == MHC_PREC_TF32) {
-#pragma unroll
-        for (int s = 0; s < 2; s++)
-            asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                : "r"(__float_as_uint(a.x[2 * s].x)), "r"(__float_as_uint(a.x[2 * s + 1].x)),
-                  "r"(__float_as_uint(a.x[2 * s].y)), "r"(__float_as_uint(a.x[2 * s + 1].y)),
-                  "r"(__float_as_uint(b.x[s].x)), "r"(__float_as_uint(b.x[s].y)));
-    } else {
-        att_mma_exact<P>(d, a, b);
-    }
-#else
-    att_mma_exact<P>(d, a, b);
-#endif
-}
-
-template <int NF> __device__ void att_zero(float (&acc)[NF][4]) {
-#pragma unroll
-    for (int j = 0; j < NF; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
-}
-
-/* acc[j] += a B[k0 .. k0+15, columns n0 + j nstep .. +7] for the warp's tiles j < n. NF is the array's
-   size: the loop is unrolled over it so that acc stays in registers. */
-template <int P, bool NMajor, int NF>
-__device__ void att_mma_row(float (&acc)[NF][4], const AttFragA<P> &a, const typename AttOperand<P>::elem *B, int ld,
-                            int k0, int n0, int nstep, int n) {
-#pragma unroll
-    for (int j = 0; j < NF; j++)
-        if (j < n) att_mma<P>(acc[j], a, att_load_b<P, NMajor>(B, ld, k0, n0 + j * nstep));
-}
-
-/* acc[j] += A[r0 .. r0+15, 0 .. K) B[0 .. K, tile j) with A a row-major shared tile, K a multiple of 16 */
-template <int P, bool NMajor, int NF>
-__device__ void att_mma_smem(float (&acc)[NF][4], const typename AttOperand<P>::elem *A, int lda, int r0,
-                             const typename AttOperand<P>::elem *B, int ldb, int K, int n0, int nstep, int n) {
-    for (int k0 = 0; k0 < K; k0 += 16) att_mma_row<P, NMajor>(acc, att_load_a<P>(A, lda, r0, k0), B, ldb, k0, n0, nstep, n);
-}
 
 /* acc[j] += S B[0 .. 64, columns 8j .. 8j+7] with S a warp's [16, 64] register scores (P or dS) and B a
    key tile kept as rows of keys (V or K) */
 template <int P, int NF>
 __device__ void att_mma_scores(float (&acc)[NF][4], const float (&S)[MHC_ATT_KEY_FRAGS][4],
-                               const typename AttOperand<P>::elem *B, int ldb, int n) {
+                               const typename MmaOperand<P>::elem *B, int ldb, int n) {
 #pragma unroll
     for (int k = 0; k < MHC_ATT_KEY_FRAGS / 2; k++)
-        att_mma_row<P, false>(acc, att_acc_to_a<P>(S[2 * k], S[2 * k + 1]), B, ldb, 16 * k, 0, 8, n);
+        mma_row<P, false>(acc, mma_acc_to_a<P>(S[2 * k], S[2 * k + 1]), B, ldb, 16 * k, 0, 8, n);
 }
 
 /* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for i < rows, c < d, zero for d <= c < n and for
@@ -1514,9 +1492,9 @@ __device__ void att_mma_scores(float (&acc)[NF][4], const float (&S)[MHC_ATT_KEY
    stores when all offsets are multiples of 4 floats (every preset), element by element otherwise (the
    tests' odd dims). */
 template <int P>
-__device__ void att_load_tile(typename AttOperand<P>::elem *dst, int ld, int c0, int n, const float *src, size_t tok_stride,
+__device__ void att_load_tile(typename MmaOperand<P>::elem *dst, int ld, int c0, int n, const float *src, size_t tok_stride,
                               int d, int b, int t0, int rows, MhcAttShape sh) {
-    typedef AttOperand<P> Op;
+    typedef MmaOperand<P> Op;
     bool vec = c0 % 4 == 0 && n % 4 == 0 && d % 4 == 0 && tok_stride % 4 == 0 && (uintptr_t)src % 16 == 0;
     int quads = (n + 3) / 4;
     for (int e = threadIdx.x; e < rows * quads; e += blockDim.x) {
@@ -1537,7 +1515,7 @@ __device__ void att_load_tile(typename AttOperand<P>::elem *dst, int ld, int c0,
 
 /* K tile of keys s0 .. s0+63: [k_nope | k_pe] per row (k_pe shared by the heads), zero-padded */
 template <int P>
-__device__ void att_load_k(typename AttOperand<P>::elem *Ks, const float *kv, const float *kpe, int b, int h, int s0,
+__device__ void att_load_k(typename MmaOperand<P>::elem *Ks, const float *kv, const float *kpe, int b, int h, int s0,
                            MhcAttShape sh) {
     int dqk = sh.dn + sh.dr, row = sh.dn + sh.dv;
     att_load_tile<P>(Ks, att_ld(dqk), 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, MHC_ATT_TILE, sh);
@@ -1546,7 +1524,7 @@ __device__ void att_load_k(typename AttOperand<P>::elem *Ks, const float *kv, co
 
 /* V tile of keys s0 .. s0+63 */
 template <int P>
-__device__ void att_load_v(typename AttOperand<P>::elem *Vs, const float *kv, int b, int h, int s0, MhcAttShape sh) {
+__device__ void att_load_v(typename MmaOperand<P>::elem *Vs, const float *kv, int b, int h, int s0, MhcAttShape sh) {
     int row = sh.dn + sh.dv;
     att_load_tile<P>(Vs, att_ld(sh.dv), 0, att_width(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row, sh.dv, b, s0,
                      MHC_ATT_TILE, sh);
@@ -1554,14 +1532,14 @@ __device__ void att_load_v(typename AttOperand<P>::elem *Vs, const float *kv, in
 
 /* Q tile of queries t0 .. t0+rows-1 */
 template <int P>
-__device__ void att_load_q(typename AttOperand<P>::elem *Qs, const float *q, int b, int h, int t0, int rows, MhcAttShape sh) {
+__device__ void att_load_q(typename MmaOperand<P>::elem *Qs, const float *q, int b, int h, int t0, int rows, MhcAttShape sh) {
     int dqk = sh.dn + sh.dr;
     att_load_tile<P>(Qs, att_ld(dqk), 0, att_width(dqk), q + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, b, t0, rows, sh);
 }
 
 /* dO tile of queries t0 .. t0+rows-1 */
 template <int P>
-__device__ void att_load_do(typename AttOperand<P>::elem *dOs, const float *d_o, int b, int h, int t0, int rows,
+__device__ void att_load_do(typename MmaOperand<P>::elem *dOs, const float *d_o, int b, int h, int t0, int rows,
                             MhcAttShape sh) {
     att_load_tile<P>(dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv, b, t0,
                      rows, sh);
@@ -1639,15 +1617,15 @@ __device__ void att_store_acc(float *out, size_t stride, const float (&acc)[NF][
    dK, dV:   lse, D [64] (floats), then Q, K [64, d_qk], V, dO [64, d_v], P^T, dS^T [64, 64] */
 template <int P> static size_t att_forward_smem_bytes(MhcAttShape sh) {
     int qk = att_ld(sh.dn + sh.dr), v = att_ld(sh.dv);
-    return sizeof(typename AttOperand<P>::elem) * (AttOperand<P>::query_rows * qk + MHC_ATT_TILE * (qk + v));
+    return sizeof(typename MmaOperand<P>::elem) * (att_query_rows(P) * qk + MHC_ATT_TILE * (qk + v));
 }
 template <int P> static size_t att_backward_q_smem_bytes(MhcAttShape sh) {
     int qk = att_ld(sh.dn + sh.dr), v = att_ld(sh.dv);
-    return sizeof(typename AttOperand<P>::elem) * (AttOperand<P>::query_rows + MHC_ATT_TILE) * (qk + v);
+    return sizeof(typename MmaOperand<P>::elem) * (att_query_rows(P) + MHC_ATT_TILE) * (qk + v);
 }
 template <int P> static size_t att_backward_kv_smem_bytes(MhcAttShape sh) {
     int qk = att_ld(sh.dn + sh.dr), v = att_ld(sh.dv);
-    return 2 * MHC_ATT_TILE * sizeof(float) + sizeof(typename AttOperand<P>::elem) * MHC_ATT_TILE * 2 * (qk + v + MHC_ATT_PLD);
+    return 2 * MHC_ATT_TILE * sizeof(float) + sizeof(typename MmaOperand<P>::elem) * MHC_ATT_TILE * 2 * (qk + v + MHC_ATT_PLD);
 }
 
 /* the most shared memory any attention kernel takes in any precision, for a check at init */
@@ -1667,18 +1645,18 @@ static size_t att_smem_most(MhcAttShape sh) {
    late would leave the GPU idle at the end. A warp whose 16 rows all precede a key tile skips it (it
    still loads its share, and meets the barriers). */
 template <int P>
-__global__ void __launch_bounds__(32 * (AttOperand<P>::query_rows / 16)) attention_forward_kernel(float *o, float *lse, const float *q,
+__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16)) attention_forward_kernel(float *o, float *lse, const float *q,
                                                                                        const float *kv, const float *kpe,
                                                                                        MhcAttShape sh) {
-    typedef typename AttOperand<P>::elem elem;
+    typedef typename MmaOperand<P>::elem elem;
     extern __shared__ __align__(32) float smem[];
-    const int rows = AttOperand<P>::query_rows;
+    const int rows = att_query_rows(P);
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
     int t0 = (gridDim.y - 1 - blockIdx.y) * rows, r0 = threadIdx.x / 32 * 16;
     elem *Qs = (elem *)smem, *Ks = Qs + rows * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
     att_load_q<P>(Qs, q, b, h, t0, rows, sh);
     float O[MHC_ATT_MAX_DV / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   /* O [16, d_v] */
-    att_zero(O);
+    mma_zero(O);
     for (int s0 = 0; s0 < t0 + rows && s0 < sh.T; s0 += MHC_ATT_TILE) {
         __syncthreads();                                    /* the previous tile's readers are done */
         att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
@@ -1686,8 +1664,8 @@ __global__ void __launch_bounds__(32 * (AttOperand<P>::query_rows / 16)) attenti
         __syncthreads();
         if (t0 + r0 + 15 < s0) continue;
         float S[MHC_ATT_KEY_FRAGS][4];
-        att_zero(S);
-        att_mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
+        mma_zero(S);
+        mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
         att_online_softmax(S, O, m, l, t0 + r0, s0, sh);
         att_mma_scores<P>(O, S, Vs, att_ld(dv), att_width(dv) / 8);
     }
@@ -1716,13 +1694,13 @@ __global__ void attention_rowdot_kernel(float *D, const float *d_o, const float 
    sum over the key tiles up to the diagonal of dS K, with P = exp(Sc - lse) and dS = scale P (dP - D)
    (SPEC §9's softmax backward, the score scale folded in) */
 template <int P>
-__global__ void __launch_bounds__(32 * (AttOperand<P>::query_rows / 16)) attention_backward_q_kernel(float *dq, const float *d_o,
+__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16)) attention_backward_q_kernel(float *dq, const float *d_o,
                                                                                           const float *lse, const float *D,
                                                                                           const float *q, const float *kv,
                                                                                           const float *kpe, MhcAttShape sh) {
-    typedef typename AttOperand<P>::elem elem;
+    typedef typename MmaOperand<P>::elem elem;
     extern __shared__ __align__(32) float smem[];
-    const int rows = AttOperand<P>::query_rows;
+    const int rows = att_query_rows(P);
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
     int t0 = (gridDim.y - 1 - blockIdx.y) * rows, r0 = threadIdx.x / 32 * 16;
     elem *Qs = (elem *)smem, *dOs = Qs + rows * att_ld(dqk), *Ks = dOs + rows * att_ld(dv);
@@ -1737,7 +1715,7 @@ __global__ void __launch_bounds__(32 * (AttOperand<P>::query_rows / 16)) attenti
         D_r[r] = t < sh.T ? D[(size_t)blockIdx.x * sh.T + t] : 0.0f;
     }
     float dQ[MHC_ATT_MAX_DQK / 8][4];                       /* [16, d_qk] */
-    att_zero(dQ);
+    mma_zero(dQ);
     for (int s0 = 0; s0 < t0 + rows && s0 < sh.T; s0 += MHC_ATT_TILE) {
         __syncthreads();
         att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
@@ -1745,10 +1723,10 @@ __global__ void __launch_bounds__(32 * (AttOperand<P>::query_rows / 16)) attenti
         __syncthreads();
         if (t0 + r0 + 15 < s0) continue;
         float S[MHC_ATT_KEY_FRAGS][4], dS[MHC_ATT_KEY_FRAGS][4];
-        att_zero(S);
-        att_zero(dS);
-        att_mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
-        att_mma_smem<P, true>(dS, dOs, att_ld(dv), r0, Vs, att_ld(dv), att_width(dv), 0, 8, MHC_ATT_KEY_FRAGS);   /* dP */
+        mma_zero(S);
+        mma_zero(dS);
+        mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
+        mma_smem<P, true>(dS, dOs, att_ld(dv), r0, Vs, att_ld(dv), att_width(dv), 0, 8, MHC_ATT_KEY_FRAGS);   /* dP */
 #pragma unroll
         for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
 #pragma unroll
@@ -1772,7 +1750,7 @@ __global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS) attention_backward_kv_k
                                                                                      const float *D, const float *q,
                                                                                      const float *kv, const float *kpe,
                                                                                      MhcAttShape sh) {
-    typedef typename AttOperand<P>::elem elem;
+    typedef typename MmaOperand<P>::elem elem;
     extern __shared__ __align__(32) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H, s0 = blockIdx.y * MHC_ATT_TILE;
     int warp = threadIdx.x / 32, kr0 = warp % (MHC_ATT_TILE / 16) * 16, half = warp / (MHC_ATT_TILE / 16);
@@ -1784,8 +1762,8 @@ __global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS) attention_backward_kv_k
     att_load_v<P>(Vs, kv, b, h, s0, sh);
     int nk = (att_width(dqk) / 8 - half + 1) / 2, nv = (att_width(dv) / 8 - half + 1) / 2;   /* this warp's tiles */
     float dK[MHC_ATT_MAX_DQK / 16][4], dV[MHC_ATT_MAX_DV / 16][4];
-    att_zero(dK);
-    att_zero(dV);
+    mma_zero(dK);
+    mma_zero(dV);
     for (int t0 = s0; t0 < sh.T; t0 += MHC_ATT_TILE) {
         __syncthreads();                                    /* the previous tile's readers are done */
         att_load_q<P>(Qs, q, b, h, t0, MHC_ATT_TILE, sh);
@@ -1797,10 +1775,10 @@ __global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS) attention_backward_kv_k
         }
         __syncthreads();
         float St[MHC_ATT_KEY_FRAGS / 2][4], dPt[MHC_ATT_KEY_FRAGS / 2][4];   /* [16 keys, 32 queries] */
-        att_zero(St);
-        att_zero(dPt);
-        att_mma_smem<P, true>(St, Ks, att_ld(dqk), kr0, Qs, att_ld(dqk), att_width(dqk), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
-        att_mma_smem<P, true>(dPt, Vs, att_ld(dv), kr0, dOs, att_ld(dv), att_width(dv), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
+        mma_zero(St);
+        mma_zero(dPt);
+        mma_smem<P, true>(St, Ks, att_ld(dqk), kr0, Qs, att_ld(dqk), att_width(dqk), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
+        mma_smem<P, true>(dPt, Vs, att_ld(dv), kr0, dOs, att_ld(dv), att_width(dv), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
 #pragma unroll
         for (int j = 0; j < MHC_ATT_KEY_FRAGS / 2; j++)
 #pragma unroll
@@ -1809,13 +1787,13 @@ __global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS) attention_backward_kv_k
                 float p0 = att_prob(St[j][e], lse_s[c], t0 + c, s0 + i, sh);
                 float p1 = att_prob(St[j][e + 1], lse_s[c + 1], t0 + c + 1, s0 + i, sh);
                 float ds0 = sh.scale * p0 * (dPt[j][e] - D_s[c]), ds1 = sh.scale * p1 * (dPt[j][e + 1] - D_s[c + 1]);
-                typedef AttOperand<P> Op;
+                typedef MmaOperand<P> Op;
                 *(typename Op::pair *)(Pt + i * MHC_ATT_PLD + c) = Op::make(Op::round(p0), Op::round(p1));
                 *(typename Op::pair *)(dSt + i * MHC_ATT_PLD + c) = Op::make(Op::round(ds0), Op::round(ds1));
             }
         __syncthreads();
-        att_mma_smem<P, false>(dV, Pt, MHC_ATT_PLD, kr0, dOs, att_ld(dv), MHC_ATT_TILE, 8 * half, 16, nv);   /* P^T dO */
-        att_mma_smem<P, false>(dK, dSt, MHC_ATT_PLD, kr0, Qs, att_ld(dqk), MHC_ATT_TILE, 8 * half, 16, nk);  /* dS^T Q */
+        mma_smem<P, false>(dV, Pt, MHC_ATT_PLD, kr0, dOs, att_ld(dv), MHC_ATT_TILE, 8 * half, 16, nv);   /* P^T dO */
+        mma_smem<P, false>(dK, dSt, MHC_ATT_PLD, kr0, Qs, att_ld(dqk), MHC_ATT_TILE, 8 * half, 16, nk);  /* dS^T Q */
     }
     float one[2] = {1.0f, 1.0f};
     size_t row = (size_t)sh.H * (sh.dn + dv);
@@ -2289,7 +2267,7 @@ static dim3 att_grid(int B, MhcAttShape sh, int rows) { return dim3((unsigned)(B
 template <int P>
 static void gpu_attention_forward_launch(float *o, float *lse, const float *q, const float *kv, const float *kpe, int B,
                                          MhcAttShape sh) {
-    const int rows = AttOperand<P>::query_rows;
+    const int rows = att_query_rows(P);
     size_t bytes = att_smem_optin((const void *)attention_forward_kernel<P>, att_forward_smem_bytes<P>(sh));
     attention_forward_kernel<P><<<att_grid(B, sh, rows), 32 * (rows / 16), bytes>>>(o, lse, q, kv, kpe, sh);
     LAUNCH_CHECK();
@@ -2308,7 +2286,7 @@ template <int P>
 static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const float *d_o,
                                           const float *lse, const float *q, const float *kv, const float *kpe, int B,
                                           MhcAttShape sh) {
-    const int rows = AttOperand<P>::query_rows;
+    const int rows = att_query_rows(P);
     size_t bytes = att_smem_optin((const void *)attention_backward_kv_kernel<P>, att_backward_kv_smem_bytes<P>(sh));
     attention_backward_kv_kernel<P><<<att_grid(B, sh, MHC_ATT_TILE), 32 * MHC_ATT_KV_WARPS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q,
                                                                                                   kv, kpe, sh);

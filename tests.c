@@ -2212,12 +2212,10 @@ static void gpu_test_gemm(cublasHandle_t handle) {
     gt_release();
 }
 
-/* the three grouped expert GEMMs against double loops; expert 1 has no rows */
-static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
-    int E = 3, seg[4] = {0, rows0, rows0, rows};
-    float *X = gt_randn((size_t)rows * Kin, 1), *W = gt_randn((size_t)E * Nout * Kin, 1), *dY = gt_randn((size_t)rows * Nout, 1);
-    float *dX0 = gt_randn((size_t)rows * Kin, 1), *dW0 = gt_randn((size_t)E * Nout * Kin, 1);
-    float *Y = gt_host((size_t)rows * Nout), *dX = gt_copy(dX0, (size_t)rows * Kin), *dW = gt_copy(dW0, (size_t)E * Nout * Kin);
+/* the three grouped expert GEMMs in double: Y = X W_e^T, dX += dY W_e, dW_e += dY^T X over each expert's
+   rows seg[e] .. seg[e+1]-1 */
+static void ref_expert_gemms(float *Y, float *dX, float *dW, const float *X, const float *W, const float *dY, const int *seg,
+                             int E, int Kin, int Nout) {
     for (int e = 0; e < E; e++)
         for (int r = seg[e]; r < seg[e + 1]; r++) {
             const float *We = W + (size_t)e * Nout * Kin;
@@ -2239,24 +2237,45 @@ static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
                 for (int r = seg[e]; r < seg[e + 1]; r++) d += (double)dY[r * Nout + o] * X[r * Kin + i];
                 dW[((size_t)e * Nout + o) * Kin + i] += (float)d;
             }
+}
+
+/* the three grouped expert GEMMs in each precision against double loops; expert 1 has no rows. bf16 is
+   also checked against the double loops on bf16-rounded X, W and dY (tol 1e-5): products of rounded
+   operands are exact, so only the fp32 accumulation differs, and the check pins down that the kernel
+   rounds each operand once, to nearest even, as the CPU does. */
+static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
+    int E = 3, seg[4] = {0, rows0, rows0, rows};
+    size_t nX = (size_t)rows * Kin, nW = (size_t)E * Nout * Kin, nY = (size_t)rows * Nout;
+    float *X = gt_randn(nX, 1), *W = gt_randn(nW, 1), *dY = gt_randn(nY, 1), *dX0 = gt_randn(nX, 1), *dW0 = gt_randn(nW, 1);
+    float *Y = gt_host(nY), *dX = gt_copy(dX0, nX), *dW = gt_copy(dW0, nW);
+    float *Y16 = gt_host(nY), *dX16 = gt_copy(dX0, nX), *dW16 = gt_copy(dW0, nW);
+    ref_expert_gemms(Y, dX, dW, X, W, dY, seg, E, Kin, Nout);
+    ref_expert_gemms(Y16, dX16, dW16, gt_bf16_round(X, nX), gt_bf16_round(W, nW), gt_bf16_round(dY, nY), seg, E, Kin, Nout);
     int *d_seg = gt_upload_int(seg, 4);
-    float *d_X = gt_upload(X, (size_t)rows * Kin), *d_W = gt_upload(W, (size_t)E * Nout * Kin), *d_dY = gt_upload(dY, (size_t)rows * Nout);
+    float *d_X = gt_upload(X, nX), *d_W = gt_upload(W, nW), *d_dY = gt_upload(dY, nY);
     size_t ws = (size_t)Nout * Kin;
-    for (int tf32 = 0; tf32 < 2; tf32++) {        /* exact fp32 kernel: 1e-5; TF32 tensor cores: 5e-3 as for cuBLAS */
-        int prec = tf32 ? MHC_PREC_TF32 : MHC_PREC_FP32;
-        double tol = tf32 ? 5e-3 : 1e-5;
-        float *d_Y = gt_nan((size_t)rows * Nout), *d_dX = gt_upload(dX0, (size_t)rows * Kin), *d_dW = gt_upload(dW0, (size_t)E * Nout * Kin);
+    const int precs[3] = {MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16};
+    const char *names[3] = {"fp32", "tf32 tensor cores", "bf16 tensor cores"};
+    const double tols[3] = {1e-5, 5e-3, 2e-2};     /* exact; TF32 and bf16 as for cuBLAS */
+    for (int k = 0; k < 3; k++) {
+        int prec = precs[k];
+        float *d_Y = gt_nan(nY), *d_dX = gt_upload(dX0, nX), *d_dW = gt_upload(dW0, nW);
         size_t split = gpu_expert_split_floats(E, Nout, Kin, rows);      /* poisoned: every partial must be written */
         float *d_split = split ? gt_nan(split) : NULL;
         gpu_expert_gemm(prec, d_Y, Nout, d_X, Kin, d_W, Kin, 1, ws, d_seg, E, rows, Nout, Kin, 0, 0.0f, NULL);   /* Y = X W_e^T    */
         gpu_expert_gemm(prec, d_dX, Kin, d_dY, Nout, d_W, Kin, 0, ws, d_seg, E, rows, Kin, Nout, 0, 1.0f, NULL); /* dX += dY W_e   */
         gpu_expert_gemm(prec, d_dW, Kin, d_dY, Nout, d_X, Kin, 0, ws, d_seg, E, Nout, Kin, rows, 1, 1.0f, d_split); /* dW_e += dY^T X */
-        double e1 = rel_err(gt_fetch(d_Y, (size_t)rows * Nout), Y, (size_t)rows * Nout);
-        double e2 = rel_err(gt_fetch(d_dX, (size_t)rows * Kin), dX, (size_t)rows * Kin);
-        double e3 = rel_err(gt_fetch(d_dW, (size_t)E * Nout * Kin), dW, (size_t)E * Nout * Kin);
-        check(e1 <= tol && e2 <= tol && e3 <= tol,
+        float *g_Y = gt_fetch(d_Y, nY), *g_dX = gt_fetch(d_dX, nX), *g_dW = gt_fetch(d_dW, nW);
+        double e1 = rel_err(g_Y, Y, nY), e2 = rel_err(g_dX, dX, nX), e3 = rel_err(g_dW, dW, nW);
+        check(e1 <= tols[k] && e2 <= tols[k] && e3 <= tols[k],
               "gpu expert gemm %s, %d rows x %d -> %d: forward %.1e, input grad %.1e, weight grad %.1e (%d row splits) (tol %.0e)",
-              tf32 ? "tf32 tensor cores" : "fp32", rows, Kin, Nout, e1, e2, e3, eg_splits(E, Nout, Kin, rows), tol);
+              names[k], rows, Kin, Nout, e1, e2, e3, eg_splits(E, Nout, Kin, rows), tols[k]);
+        if (prec != MHC_PREC_BF16) continue;
+        int gemv = rows <= EG_GEMV_ROWS;               /* the few-row forward is exact fp32 in every precision */
+        e1 = rel_err(g_Y, gemv ? Y : Y16, nY), e2 = rel_err(g_dX, dX16, nX), e3 = rel_err(g_dW, dW16, nW);
+        check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5,
+              "gpu expert gemm bf16 vs double on rounded operands, %d rows: forward %.1e%s, input grad %.1e, weight grad %.1e (tol 1e-5)",
+              rows, e1, gemv ? " (few rows: exact fp32, against unrounded)" : "", e2, e3);
     }
     gt_release();
 }
