@@ -305,10 +305,12 @@ static const __nv_bfloat16 *gemm_bf16_operand(const MhcBlas *bl, int which, cons
    the transposes, so it computes C^T = op(B)^T @ op(A)^T: the operands swap.
    Precision of the MHC_GEMM_FAST class: FP32 exact, TF32 tensor cores (operands rounded to 10-bit
    mantissas), BF16 tensor cores (A and B in bf16: weights from the bf16 twin, everything else rounded
-   into scratch here; fp32 accumulate, C stays fp32). MHC_GEMM_FP32 GEMMs are always exact fp32.        */
-static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int N, int K, float alpha,
-                 const float *A, long long strideA, const float *B, long long strideB, float beta, float *C,
-                 long long strideC, int batch) {
+   into scratch here; fp32 accumulate, C stays fp32). MHC_GEMM_FP32 GEMMs are always exact fp32.
+   a_in_scratch = 1 (BF16 only): scratch[0] holds A's rounded copy already, from the caller's previous
+   gemm with the same A and span (gpu_matmul_backward's dout).                                           */
+static void gemm_core(const MhcBlas *bl, int prec, int a_in_scratch, int transA, int transB, int M, int N, int K, float alpha,
+                      const float *A, long long strideA, const float *B, long long strideB, float beta, float *C,
+                      long long strideC, int batch) {
     int lda = transA ? M : K, ldb = transB ? K : N;
     int fast = prec == MHC_GEMM_FAST;
     cublasComputeType_t compute = fast && bl->precision == MHC_PREC_TF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
@@ -316,7 +318,7 @@ static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int
     const void *a = A, *b = B;
     if (fast && bl->precision == MHC_PREC_BF16) {
         type = CUDA_R_16BF;
-        a = gemm_bf16_operand(bl, 0, A, transA ? K : M, transA ? M : K, lda, strideA, batch);
+        a = a_in_scratch ? bl->scratch[0] : gemm_bf16_operand(bl, 0, A, transA ? K : M, transA ? M : K, lda, strideA, batch);
         b = gemm_bf16_operand(bl, 1, B, transB ? N : K, transB ? K : N, ldb, strideB, batch);
     }
     CUBLAS_CHECK(cublasGemmStridedBatchedEx(bl->handle, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
@@ -324,16 +326,23 @@ static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int
                                             &beta, C, CUDA_R_32F, N, strideC, batch, compute, CUBLAS_GEMM_DEFAULT));
 }
 
+static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                 long long strideA, const float *B, long long strideB, float beta, float *C, long long strideC, int batch) {
+    gemm_core(bl, prec, 0, transA, transB, M, N, K, alpha, A, strideA, B, strideB, beta, C, strideC, batch);
+}
+
 /* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row; mhc.h matmul_forward) */
 static void gpu_matmul_forward(const MhcBlas *bl, int prec, float *out, const float *in, const float *W, int N, int Ci, int O) {
     gemm(bl, prec, 0, 1, N, O, Ci, 1.0f, in, 0, W, 0, 0.0f, out, 0, 1);
 }
 
-/* din[N,Ci] += dout[N,O] @ W[O,Ci] (din may be NULL);  dW[O,Ci] += dout^T @ in (dW may be NULL) */
+/* din[N,Ci] += dout[N,O] @ W[O,Ci] (din may be NULL);  dW[O,Ci] += dout^T @ in (dW may be NULL).
+   In BF16 both GEMMs read dout [N,O] as their A, the same span: it is rounded once (for the head's
+   dlogits that is [N, V], the largest conversion of a step). */
 static void gpu_matmul_backward(const MhcBlas *bl, int prec, float *din, float *dW, const float *dout, const float *in,
                                 const float *W, int N, int Ci, int O) {
     if (din) gemm(bl, prec, 0, 0, N, Ci, O, 1.0f, dout, 0, W, 0, 1.0f, din, 0, 1);
-    if (dW) gemm(bl, prec, 1, 0, O, Ci, N, 1.0f, dout, 0, in, 0, 1.0f, dW, 0, 1);
+    if (dW) gemm_core(bl, prec, din != NULL, 1, 0, O, Ci, N, 1.0f, dout, 0, in, 0, 1.0f, dW, 0, 1);
 }
 
 /* Tensor-core fragments, for our own kernels (the routed-expert GEMMs below, attention in section 4).
