@@ -378,6 +378,8 @@ template <> struct MmaOperand<MHC_PREC_BF16> {        /* bf16 bits, two to a 32-
     static __device__ float hi(pair p) { return __uint_as_float(p & 0xffff0000u); }
 };
 
+template <int P> using MmaElem = typename MmaOperand<P>::elem;
+
 template <int P> struct MmaFragA { typename MmaOperand<P>::pair x[4]; };   /* (g|g+8, 2t|2t+8): x[0..3] */
 template <int P> struct MmaFragB { typename MmaOperand<P>::pair x[2]; };   /* (2t|2t+8, g): x[0..1]      */
 
@@ -562,6 +564,7 @@ __device__ void mma_smem(float (&acc)[NF][4], const typename MmaOperand<P>::elem
 #define EG_THREADS 256
 #define EG_LD_I (EG_K + 8)                 /* line stride of an i-major slab [128][32]                   */
 #define EG_OPERAND (EG_TILE * EG_LD_I)     /* elements of one operand slab, the larger of the two orders  */
+static_assert(EG_OPERAND >= EG_K * (EG_TILE + 8), "a k-major slab [32][eg_ld_k] fits EG_OPERAND");
 #define EG_TARGET_BLOCKS 512               /* kseg = 1: split rows until about this many blocks          */
 #define EG_MAX_SPLITS 8
 #define EG_MIN_SPLIT_ROWS 256              /* ... keeping at least this many rows per split on average   */
@@ -1447,7 +1450,7 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
       matrix in memory. A block owns a tile of one (b, h), queries (forward, dQ; rows below) or 64 keys
       (dK and dV), and loops over the 64-row tiles of the other side, reading q, k = [k_nope | k_pe] and v
       straight from the projections' buffers (q [N,H,d_qk], kv [N,H,d_n+d_v], kpe [N,d_r]) into shared
-      memory, rounded there to the operand precision P.
+      memory, rounded there to the operand precision P (BF16: from bf16 copies made once per call).
       Every product is a warp's mma.sync step on register fragments (section 1, tensor-core fragments).
       A lane knows which rows its accumulators are, so the softmax runs on them in registers: the
       forward rescales O row by row as the running max grows (one pass, the online softmax), and two
@@ -1495,37 +1498,44 @@ __device__ void att_mma_scores(float (&acc)[NF][4], const float (&S)[MHC_ATT_KEY
         mma_row<P, false>(acc, mma_acc_to_a<P>(S[2 * k], S[2 * k + 1]), B, ldb, 16 * k, 0, 8, n);
 }
 
+/* an element of an operand buffer as shared memory keeps it: fp32 words rounded to the precision P; in
+   BF16 the buffers are bf16 copies already (att_bf16_copies) */
+template <int P> __device__ MmaElem<P> att_stored(MmaElem<P> x) {
+    if constexpr (P == MHC_PREC_BF16) return x;
+    else return MmaOperand<P>::round(x);
+}
+
 /* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for i < rows, c < d, zero for d <= c < n and for
-   rows past T, rounded to the operand precision: one head's slice of token-major rows into a shared tile
-   (row stride ld). Each thread moves 4 consecutive columns, coalesced: one 16-byte load and two pair
-   stores when all offsets are multiples of 4 floats (every preset), element by element otherwise (the
+   rows past T, as att_stored keeps it: one head's slice of token-major rows into a shared tile (row
+   stride ld). Each thread moves one 16-byte chunk of consecutive columns (4 fp32 words or 8 bf16),
+   coalesced, when all offsets are multiples of a chunk (every preset); element by element otherwise (the
    tests' odd dims). */
 template <int P>
-__device__ void att_load_tile(typename MmaOperand<P>::elem *dst, int ld, int c0, int n, const float *src, size_t tok_stride,
-                              int d, int b, int t0, int rows, MhcAttShape sh) {
-    typedef MmaOperand<P> Op;
-    bool vec = c0 % 4 == 0 && n % 4 == 0 && d % 4 == 0 && tok_stride % 4 == 0 && (uintptr_t)src % 16 == 0;
-    int quads = (n + 3) / 4;
-    for (int e = threadIdx.x; e < rows * quads; e += blockDim.x) {
-        int i = e / quads, c = e % quads * 4, t = t0 + i;
-        const float *row = src + ((size_t)b * sh.T + t) * tok_stride;
-        typename Op::elem *out = dst + i * ld + c0 + c;
-        if (vec) {
-            float4 x = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (t < sh.T && c < d) x = *(const float4 *)(row + c);
-            typename Op::pair *pairs = (typename Op::pair *)out;
-            pairs[0] = Op::make(Op::round(x.x), Op::round(x.y));
-            pairs[1] = Op::make(Op::round(x.z), Op::round(x.w));
+__device__ void att_load_tile(MmaElem<P> *dst, int ld, int c0, int n, const MmaElem<P> *src, size_t tok_stride, int d, int b,
+                              int t0, int rows, MhcAttShape sh) {
+    typedef MmaElem<P> elem;
+    const int w = 16 / sizeof(elem);
+    bool vec = c0 % w == 0 && n % w == 0 && d % w == 0 && tok_stride % w == 0 && (uintptr_t)src % 16 == 0;
+    int chunks = vec ? n / w : (n + 3) / 4, each = vec ? w : 4;
+    for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
+        int i = e / chunks, c = e % chunks * each, t = t0 + i;
+        const elem *row = src + ((size_t)b * sh.T + t) * tok_stride;
+        elem *out = dst + i * ld + c0 + c;
+        bool real = t < sh.T && c < d;
+        if (vec && P == MHC_PREC_BF16) {
+            *(uint4 *)out = real ? *(const uint4 *)(row + c) : make_uint4(0u, 0u, 0u, 0u);
+        } else if (vec) {
+            float4 x = real ? *(const float4 *)(row + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            *(float4 *)out = make_float4(att_stored<P>(x.x), att_stored<P>(x.y), att_stored<P>(x.z), att_stored<P>(x.w));
         } else {
-            for (int k = 0; k < 4 && c + k < n; k++) out[k] = Op::round(t < sh.T && c + k < d ? row[c + k] : 0.0f);
+            for (int k = 0; k < each && c + k < n; k++) out[k] = t < sh.T && c + k < d ? att_stored<P>(row[c + k]) : (elem)0;
         }
     }
 }
 
 /* K tile of keys s0 .. s0+63: [k_nope | k_pe] per row (k_pe shared by the heads), zero-padded */
 template <int P>
-__device__ void att_load_k(typename MmaOperand<P>::elem *Ks, const float *kv, const float *kpe, int b, int h, int s0,
-                           MhcAttShape sh) {
+__device__ void att_load_k(MmaElem<P> *Ks, const MmaElem<P> *kv, const MmaElem<P> *kpe, int b, int h, int s0, MhcAttShape sh) {
     int dqk = sh.dn + sh.dr, row = sh.dn + sh.dv;
     att_load_tile<P>(Ks, att_ld(dqk), 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, MHC_ATT_TILE, sh);
     att_load_tile<P>(Ks, att_ld(dqk), sh.dn, att_width(dqk) - sh.dn, kpe, sh.dr, sh.dr, b, s0, MHC_ATT_TILE, sh);
@@ -1533,7 +1543,7 @@ __device__ void att_load_k(typename MmaOperand<P>::elem *Ks, const float *kv, co
 
 /* V tile of keys s0 .. s0+63 */
 template <int P>
-__device__ void att_load_v(typename MmaOperand<P>::elem *Vs, const float *kv, int b, int h, int s0, MhcAttShape sh) {
+__device__ void att_load_v(MmaElem<P> *Vs, const MmaElem<P> *kv, int b, int h, int s0, MhcAttShape sh) {
     int row = sh.dn + sh.dv;
     att_load_tile<P>(Vs, att_ld(sh.dv), 0, att_width(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row, sh.dv, b, s0,
                      MHC_ATT_TILE, sh);
@@ -1541,15 +1551,14 @@ __device__ void att_load_v(typename MmaOperand<P>::elem *Vs, const float *kv, in
 
 /* Q tile of queries t0 .. t0+rows-1 */
 template <int P>
-__device__ void att_load_q(typename MmaOperand<P>::elem *Qs, const float *q, int b, int h, int t0, int rows, MhcAttShape sh) {
+__device__ void att_load_q(MmaElem<P> *Qs, const MmaElem<P> *q, int b, int h, int t0, int rows, MhcAttShape sh) {
     int dqk = sh.dn + sh.dr;
     att_load_tile<P>(Qs, att_ld(dqk), 0, att_width(dqk), q + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, b, t0, rows, sh);
 }
 
 /* dO tile of queries t0 .. t0+rows-1 */
 template <int P>
-__device__ void att_load_do(typename MmaOperand<P>::elem *dOs, const float *d_o, int b, int h, int t0, int rows,
-                            MhcAttShape sh) {
+__device__ void att_load_do(MmaElem<P> *dOs, const MmaElem<P> *d_o, int b, int h, int t0, int rows, MhcAttShape sh) {
     att_load_tile<P>(dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv, b, t0,
                      rows, sh);
 }
@@ -1654,9 +1663,8 @@ static size_t att_smem_most(MhcAttShape sh) {
    late would leave the GPU idle at the end. A warp whose 16 rows all precede a key tile skips it (it
    still loads its share, and meets the barriers). */
 template <int P>
-__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16)) attention_forward_kernel(float *o, float *lse, const float *q,
-                                                                                       const float *kv, const float *kpe,
-                                                                                       MhcAttShape sh) {
+__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16))
+attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape sh) {
     typedef typename MmaOperand<P>::elem elem;
     extern __shared__ __align__(32) float smem[];
     const int rows = att_query_rows(P);
@@ -1703,10 +1711,9 @@ __global__ void attention_rowdot_kernel(float *D, const float *d_o, const float 
    sum over the key tiles up to the diagonal of dS K, with P = exp(Sc - lse) and dS = scale P (dP - D)
    (SPEC §9's softmax backward, the score scale folded in) */
 template <int P>
-__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16)) attention_backward_q_kernel(float *dq, const float *d_o,
-                                                                                          const float *lse, const float *D,
-                                                                                          const float *q, const float *kv,
-                                                                                          const float *kpe, MhcAttShape sh) {
+__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16))
+attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, const float *D, const MmaElem<P> *q,
+                            const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape sh) {
     typedef typename MmaOperand<P>::elem elem;
     extern __shared__ __align__(32) float smem[];
     const int rows = att_query_rows(P);
@@ -1754,11 +1761,9 @@ __global__ void __launch_bounds__(32 * (att_query_rows(P) / 16)) attention_backw
    head's k_pe gradient dkpe_h [N,H,d_r]. Warp w: keys kr0 = 16 (w % 4) .. +15; for P^T and dS^T the
    queries 32 (w / 4) .. +31 of the tile, for dK and dV the 8-column tiles of parity w / 4. */
 template <int P>
-__global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS) attention_backward_kv_kernel(float *dkv, float *dkpe_h,
-                                                                                     const float *d_o, const float *lse,
-                                                                                     const float *D, const float *q,
-                                                                                     const float *kv, const float *kpe,
-                                                                                     MhcAttShape sh) {
+__global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS)
+attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, const float *lse, const float *D,
+                             const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape sh) {
     typedef typename MmaOperand<P>::elem elem;
     extern __shared__ __align__(32) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H, s0 = blockIdx.y * MHC_ATT_TILE;
@@ -1821,6 +1826,44 @@ __global__ void kpe_grad_kernel(float *dkpe, const float *dkpe_h, int N, int H, 
     float sum = 0;
     for (int h = 0; h < H; h++) sum += dkpe_h[(t * H + h) * dr + i];
     dkpe[idx] = sum;
+}
+
+/* BF16: the attention kernels read q, kv, kpe (and in the backward d_o) as bf16 copies made once per call,
+   in place of rounding every tile as they load it (each key tile is loaded once per query tile). The
+   copies live in the GEMM operand scratch, which no GEMM uses while attention runs: q then k_pe in
+   scratch[0], kv then d_o in scratch[1], each starting on 16 bytes. The kernels take bf16 bits
+   (MmaOperand<MHC_PREC_BF16>::elem), so the copies are handed over as such. */
+typedef struct {
+    const unsigned short *q, *kv, *kpe, *d_o;
+} MhcAttBf16;
+
+static size_t att_bf16_chunks(size_t count) { return (count + 7) / 8 * 8; }   /* whole 16-byte chunks */
+
+/* elements each scratch buffer needs for N tokens */
+static size_t att_bf16_scratch_count(const MhcConfig *c, size_t N) {
+    size_t H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
+    size_t s0 = att_bf16_chunks(N * H * (dn + dr)) + N * dr, s1 = att_bf16_chunks(N * H * (dn + dv)) + N * H * dv;
+    return s0 > s1 ? s0 : s1;
+}
+
+/* d_o may be NULL (the forward) */
+static MhcAttBf16 att_bf16_copies(const MhcBlas *bl, const float *q, const float *kv, const float *kpe, const float *d_o,
+                                  int N, const MhcConfig *c) {
+    size_t H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
+    size_t nq = (size_t)N * H * (dn + dr), nkv = (size_t)N * H * (dn + dv);
+    if (!bl->scratch[0] || !bl->scratch[1] || bl->scratch_count < att_bf16_scratch_count(c, (size_t)N)) {
+        fprintf(stderr, "mhc_cuda attention: the bf16 copies of %d tokens do not fit the scratch of %zu (a bug)\n", N,
+                bl->scratch[0] ? bl->scratch_count : 0);
+        exit(1);
+    }
+    __nv_bfloat16 *s0 = bl->scratch[0], *s1 = bl->scratch[1];
+    gpu_to_bf16(s0, q, nq);
+    gpu_to_bf16(s0 + att_bf16_chunks(nq), kpe, (size_t)N * dr);
+    gpu_to_bf16(s1, kv, nkv);
+    if (d_o) gpu_to_bf16(s1 + att_bf16_chunks(nkv), d_o, (size_t)N * H * dv);
+    MhcAttBf16 x = {(const unsigned short *)s0, (const unsigned short *)s1, (const unsigned short *)(s0 + att_bf16_chunks(nq)),
+                    d_o ? (const unsigned short *)(s1 + att_bf16_chunks(nkv)) : NULL};
+    return x;
 }
 
 /* SPEC §10, one block per head h, for the new token at position t: Sc[s] = scale (q_abs[h] . cKV[s] +
@@ -2070,8 +2113,9 @@ static size_t gpu_bf16_scratch_count(const MhcConfig *c, size_t N, size_t logit_
         (size_t)mhc_ffn_width(c), H * dqk, (size_t)c->q_lora_rank, (size_t)c->kv_lora_rank + c->qk_rope_head_dim,
         H * (c->qk_nope_head_dim + c->v_head_dim), H * c->v_head_dim};
     for (size_t k = 0; k < sizeof x / sizeof x[0]; k++) w = w > x[k] ? w : x[k];
-    size_t count = N * w, logits = logit_rows * c->vocab_size, decode = H * c->kv_lora_rank;
+    size_t count = N * w, logits = logit_rows * c->vocab_size, decode = H * c->kv_lora_rank, att = att_bf16_scratch_count(c, N);
     count = count > logits ? count : logits;
+    count = count > att ? count : att;
     return count > decode ? count : decode;
 }
 
@@ -2274,27 +2318,33 @@ static dim3 att_grid(int B, MhcAttShape sh, int rows) { return dim3((unsigned)(B
 
 /* SPEC §9 causal attention with the shared k_pe: o [N, H*d_v] and the per-row lse [B,H,T] */
 template <int P>
-static void gpu_attention_forward_launch(float *o, float *lse, const float *q, const float *kv, const float *kpe, int B,
-                                         MhcAttShape sh) {
+static void gpu_attention_forward_launch(float *o, float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe,
+                                         int B, MhcAttShape sh) {
     const int rows = att_query_rows(P);
     size_t bytes = att_smem_optin((const void *)attention_forward_kernel<P>, att_forward_smem_bytes<P>(sh));
     attention_forward_kernel<P><<<att_grid(B, sh, rows), 32 * (rows / 16), bytes>>>(o, lse, q, kv, kpe, sh);
     LAUNCH_CHECK();
 }
 
-/* precision: the operands of the tile products, bf16 or TF32 on tensor cores or exact fp32 (section 4) */
-static void gpu_attention_forward(int precision, float *o, float *lse, const float *q, const float *kv, const float *kpe, int B,
-                                  int T, const MhcConfig *c) {
+/* bl->precision: the operands of the tile products, bf16 or TF32 on tensor cores or exact fp32 (section 4);
+   BF16 also uses bl's scratch for the bf16 copies */
+static void gpu_attention_forward(const MhcBlas *bl, float *o, float *lse, const float *q, const float *kv, const float *kpe,
+                                  int B, int T, const MhcConfig *c) {
     MhcAttShape sh = att_shape(c, T);
-    if (precision == MHC_PREC_BF16) gpu_attention_forward_launch<MHC_PREC_BF16>(o, lse, q, kv, kpe, B, sh);
-    else if (precision == MHC_PREC_TF32) gpu_attention_forward_launch<MHC_PREC_TF32>(o, lse, q, kv, kpe, B, sh);
-    else gpu_attention_forward_launch<MHC_PREC_FP32>(o, lse, q, kv, kpe, B, sh);
+    if (bl->precision == MHC_PREC_BF16) {
+        MhcAttBf16 x = att_bf16_copies(bl, q, kv, kpe, NULL, B * T, c);
+        gpu_attention_forward_launch<MHC_PREC_BF16>(o, lse, x.q, x.kv, x.kpe, B, sh);
+    } else if (bl->precision == MHC_PREC_TF32) {
+        gpu_attention_forward_launch<MHC_PREC_TF32>(o, lse, q, kv, kpe, B, sh);
+    } else {
+        gpu_attention_forward_launch<MHC_PREC_FP32>(o, lse, q, kv, kpe, B, sh);
+    }
 }
 
 template <int P>
-static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const float *d_o,
-                                          const float *lse, const float *q, const float *kv, const float *kpe, int B,
-                                          MhcAttShape sh) {
+static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const MmaElem<P> *d_o,
+                                          const float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe,
+                                          int B, MhcAttShape sh) {
     const int rows = att_query_rows(P);
     size_t bytes = att_smem_optin((const void *)attention_backward_kv_kernel<P>, att_backward_kv_smem_bytes<P>(sh));
     attention_backward_kv_kernel<P><<<att_grid(B, sh, MHC_ATT_TILE), 32 * MHC_ATT_KV_WARPS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q,
@@ -2307,16 +2357,21 @@ static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, 
 
 /* SPEC §9 backward of the attention core given d_o [N, H*d_v]: dq, dkv (k_nope and v parts) and dkpe
    (summed over heads, before RoPE^T) are overwritten; dkpe_h [N,H,d_r] and D [B,H,T] are scratch */
-static void gpu_attention_backward(int precision, float *dq, float *dkv, float *dkpe, float *dkpe_h, float *D,
+static void gpu_attention_backward(const MhcBlas *bl, float *dq, float *dkv, float *dkpe, float *dkpe_h, float *D,
                                    const float *d_o, const float *o, const float *lse, const float *q, const float *kv,
                                    const float *kpe, int B, int T, const MhcConfig *c) {
     MhcAttShape sh = att_shape(c, T);
     int rows = B * sh.H * T;
     attention_rowdot_kernel<<<mhc_blocks((size_t)rows, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(D, d_o, o, sh, rows);
     LAUNCH_CHECK();
-    if (precision == MHC_PREC_BF16) gpu_attention_backward_launch<MHC_PREC_BF16>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
-    else if (precision == MHC_PREC_TF32) gpu_attention_backward_launch<MHC_PREC_TF32>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
-    else gpu_attention_backward_launch<MHC_PREC_FP32>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
+    if (bl->precision == MHC_PREC_BF16) {
+        MhcAttBf16 x = att_bf16_copies(bl, q, kv, kpe, d_o, B * T, c);
+        gpu_attention_backward_launch<MHC_PREC_BF16>(dq, dkv, dkpe_h, D, x.d_o, lse, x.q, x.kv, x.kpe, B, sh);
+    } else if (bl->precision == MHC_PREC_TF32) {
+        gpu_attention_backward_launch<MHC_PREC_TF32>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
+    } else {
+        gpu_attention_backward_launch<MHC_PREC_FP32>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
+    }
     size_t count = (size_t)B * T * sh.dr;
     kpe_grad_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(dkpe, dkpe_h, B * T, sh.H, sh.dr);
     LAUNCH_CHECK();
@@ -2331,7 +2386,7 @@ static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_mla_project(g, A, l, u, N, T, 0, 1);
     float *o = A->a.o + (size_t)l * N * H * dv;
     if (!rerun) {
-        gpu_attention_forward(g->blas.precision, o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)ls * N * H * (dn + dr),
+        gpu_attention_forward(&g->blas, o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)ls * N * H * (dn + dr),
                               A->a.kv + (size_t)ls * N * H * (dn + dv), A->a.kpe + (size_t)ls * N * dr, B, T, c);
     }
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, g->p.blk[l].wo, N, H * dv, C);
@@ -2351,7 +2406,7 @@ static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     float *d_o = a->dwide;
     CUDA_CHECK(cudaMemset(d_o, 0, sizeof(float) * (size_t)N * H * dv));
     gpu_matmul_backward(bl, MHC_GEMM_FAST, d_o, gb->wo, dout, o, b->wo, N, H * dv, C);
-    gpu_attention_backward(g->blas.precision, a->dq, a->dkv, a->dkpe, a->dkpe_h, A->att_rowdot, d_o, o,
+    gpu_attention_backward(bl, a->dq, a->dkv, a->dkpe, a->dkpe_h, A->att_rowdot, d_o, o,
                            A->att_lse + (size_t)l * B * H * T, q, kv, kpe, B, T, c);
     gpu_rope(a->dkpe, N, T, 0, 1, dr, 0, dr, dr, c->rope_theta, 1);
     gpu_rope(a->dq, N, T, 0, H, H * dqk, dn, dqk, dr, c->rope_theta, 1);

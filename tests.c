@@ -2078,6 +2078,15 @@ static MhcBlas gt_blas(cublasHandle_t handle, int precision) {
     return bl;
 }
 
+/* bl's two bf16 scratch buffers of count elements each, poisoned (0xFFFF is a bf16 NaN) */
+static void gt_blas_scratch(MhcBlas *bl, size_t count) {
+    for (int k = 0; k < 2; k++) {
+        bl->scratch[k] = arena_new<__nv_bfloat16>(&gt_dev, count);
+        CUDA_CHECK(cudaMemset(bl->scratch[k], 0xFF, sizeof(__nv_bfloat16) * count));
+    }
+    bl->scratch_count = count;
+}
+
 /* fp32 -> bf16 bits on the host, written apart from the kernels under test: round to nearest even
    (add 0x7FFF plus the lowest kept bit, truncate); NaN -> 0x7FFF */
 static uint16_t gt_bf16_bits(float x) {
@@ -2188,11 +2197,7 @@ static void gpu_test_gemm(cublasHandle_t handle) {
         bl.params = d_W;
         bl.params_bf16 = d_W16;
         bl.n_params = (size_t)O * Ci;
-        bl.scratch[0] = arena_new<__nv_bfloat16>(&gt_dev, scratch);
-        bl.scratch[1] = arena_new<__nv_bfloat16>(&gt_dev, scratch);
-        bl.scratch_count = scratch;
-        CUDA_CHECK(cudaMemset(bl.scratch[0], 0xFF, sizeof(__nv_bfloat16) * scratch));
-        CUDA_CHECK(cudaMemset(bl.scratch[1], 0xFF, sizeof(__nv_bfloat16) * scratch));
+        gt_blas_scratch(&bl, scratch);
         float *d_out = gt_nan((size_t)N * O), *d_din = gt_upload(din0, (size_t)N * Ci), *d_dW = gt_upload(dW0, (size_t)O * Ci);
         float *d_in = gt_upload(in, (size_t)N * Ci), *d_dout = gt_upload(dout, (size_t)N * O);
         gpu_matmul_forward(&bl, MHC_GEMM_FAST, d_out, d_in, d_W, N, Ci, O);
@@ -2507,8 +2512,10 @@ static void gpu_test_attention(void) {
         for (int k2 = 0; k2 < 3; k2++) {
             double tol_f = tols_f[k2], tol_b = tols_b[k2];
             float *d_o = gt_nan(no), *d_lse = gt_nan(nrow), *d_dq = gt_nan(nq), *d_dkv = gt_nan(nkv), *d_dkpe = gt_nan((size_t)N * dr);
-            gpu_attention_forward(precs[k2], d_o, d_lse, d_q, d_kv, d_kpe, B, T, &c);
-            gpu_attention_backward(precs[k2], d_dq, d_dkv, d_dkpe, gt_nan((size_t)N * H * dr), gt_nan(nrow), d_dout, d_o, d_lse, d_q,
+            MhcBlas bl = gt_blas(NULL, precs[k2]);     /* no GEMMs; bf16 makes its copies in the scratch */
+            if (precs[k2] == MHC_PREC_BF16) gt_blas_scratch(&bl, att_bf16_scratch_count(&c, (size_t)N));
+            gpu_attention_forward(&bl, d_o, d_lse, d_q, d_kv, d_kpe, B, T, &c);
+            gpu_attention_backward(&bl, d_dq, d_dkv, d_dkpe, gt_nan((size_t)N * H * dr), gt_nan(nrow), d_dout, d_o, d_lse, d_q,
                                    d_kv, d_kpe, B, T, &c);
             double e1 = rel_err(gt_fetch(d_o, no), o, no), e2 = rel_err(gt_fetch(d_lse, nrow), lse, nrow);
             double e3 = rel_err(gt_fetch(d_dq, nq), dq, nq), e4 = rel_err(gt_fetch(d_dkv, nkv), dkv, nkv);
