@@ -355,8 +355,9 @@ static void gpu_matmul_backward(const MhcBlas *bl, int prec, float *din, float *
      MHC_PREC_BF16  bf16 operands, one m16n8k16 step;
      MHC_PREC_TF32  TF32 operands, two m16n8k8 steps: a lane's column pair (2t, 2t+1) becomes those
                     steps' k = t and t+4 (a sum over k in any order, as long as A and B agree);
-     MHC_PREC_FP32  exact fp32 FMAs, the operands gathered with warp shuffles: the tests' mode, and
-                    how the CPU emulation (dev/cuda_emu) runs every precision.
+     MHC_PREC_FP32  exact fp32 FMAs, the operands gathered with warp shuffles: the tests' mode.
+   The CPU emulation (dev/cuda_emu) makes every precision's products exactly from the rounded operands
+   (mma_host), and emulates ldmatrix with its lanes' addresses shuffled, so it checks the layouts.
    Accumulators are fp32 in every mode. Operands wait in shared memory, rounded to P as they are stored. */
 
 /* How precision P keeps an operand element in shared memory (elem) and a fragment's pair of elements
@@ -471,19 +472,21 @@ template <int P> __device__ MmaFragA<P> mma_acc_to_a(const float (&d0)[4], const
     return a;
 }
 
+/* the element of a fragment register pair that column (A) or row (B) k of its block selects */
+template <int P> __device__ float mma_elem(typename MmaOperand<P>::pair p, int k) {
+    return k % 2 ? MmaOperand<P>::hi(p) : MmaOperand<P>::lo(p);
+}
+
 /* d += a b on one 16x8 tile, k = 16, exactly: fp32 FMAs in k order. A(r, k) is in lane 4 (r % 8) + k % 8 / 2,
    B(k, n) in lane 4 n + k % 8 / 2; each k fetches this lane's A(g, k), A(g+8, k), B(k, 2t), B(k, 2t+1). */
 template <int P> __device__ void mma_exact(float (&d)[4], const MmaFragA<P> &a, const MmaFragB<P> &b) {
-    typedef MmaOperand<P> Op;
     int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int k = 0; k < 16; k++) {
         int src = k % 8 / 2, hi = k / 8;
-        float a_g = k % 2 ? Op::hi(a.x[2 * hi]) : Op::lo(a.x[2 * hi]);
-        float a_g8 = k % 2 ? Op::hi(a.x[2 * hi + 1]) : Op::lo(a.x[2 * hi + 1]);
-        float b_k = k % 2 ? Op::hi(b.x[hi]) : Op::lo(b.x[hi]);
-        a_g = __shfl_sync(0xffffffffu, a_g, 4 * g + src);
-        a_g8 = __shfl_sync(0xffffffffu, a_g8, 4 * g + src);
+        float a_g = __shfl_sync(0xffffffffu, mma_elem<P>(a.x[2 * hi], k), 4 * g + src);
+        float a_g8 = __shfl_sync(0xffffffffu, mma_elem<P>(a.x[2 * hi + 1], k), 4 * g + src);
+        float b_k = mma_elem<P>(b.x[hi], k);
         float b0 = __shfl_sync(0xffffffffu, b_k, 8 * t + src), b1 = __shfl_sync(0xffffffffu, b_k, 8 * t + 4 + src);
         d[0] += a_g * b0;
         d[1] += a_g * b1;
@@ -492,9 +495,34 @@ template <int P> __device__ void mma_exact(float (&d)[4], const MmaFragA<P> &a, 
     }
 }
 
+#if !defined(__CUDA_ARCH__)
+/* The host pass (dev/cuda_emu) runs the warp's instruction as one step: every lane's fragments go through
+   memory between two warp barriers, then each lane makes mma_exact's sums from the same lanes' elements.
+   The emulation pays for a shuffle in fiber switches; this is 2 barriers per tile instead of 128. */
+template <int P> __device__ void mma_host(float (&d)[4], const MmaFragA<P> &a, const MmaFragB<P> &b) {
+    static MmaFragA<P> warp_a[32][32];             /* [warp][lane] */
+    static MmaFragB<P> warp_b[32][32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    warp_a[warp][lane] = a;
+    warp_b[warp][lane] = b;
+    __syncwarp();
+    for (int k = 0; k < 16; k++) {
+        int src = k % 8 / 2, hi = k / 8;
+        const MmaFragA<P> &ag = warp_a[warp][4 * g + src];
+        float a_g = mma_elem<P>(ag.x[2 * hi], k), a_g8 = mma_elem<P>(ag.x[2 * hi + 1], k);
+        float b0 = mma_elem<P>(warp_b[warp][8 * t + src].x[hi], k), b1 = mma_elem<P>(warp_b[warp][8 * t + 4 + src].x[hi], k);
+        d[0] += a_g * b0;
+        d[1] += a_g * b1;
+        d[2] += a_g8 * b0;
+        d[3] += a_g8 * b1;
+    }
+    __syncwarp();                                  /* every lane has read before the next tile's writes */
+}
+#endif
+
 /* d += a b on one 16x8 tile, k = 16: on tensor cores for BF16 and TF32 (one m16n8k16 step; two m16n8k8
    steps, k pairs 0 and 1 of the fragments, then 2 and 3), exactly for FP32 and in the host pass (which
-   is what dev/cuda_emu runs) */
+   is what dev/cuda_emu runs, for every P) */
 template <int P> __device__ void mma_tile(float (&d)[4], const MmaFragA<P> &a, const MmaFragB<P> &b) {
 #if defined(__CUDA_ARCH__)
     if constexpr (P == MHC_PREC_BF16) {
@@ -513,7 +541,7 @@ template <int P> __device__ void mma_tile(float (&d)[4], const MmaFragA<P> &a, c
         mma_exact<P>(d, a, b);
     }
 #else
-    mma_exact<P>(d, a, b);
+    mma_host<P>(d, a, b);
 #endif
 }
 
