@@ -1189,151 +1189,164 @@ static void gpu_stream_merge_backward(float *dX, float *df, float *dH, const flo
     LAUNCH_CHECK();
 }
 
-/* mHC coefficients (SPEC §4, §5.4, §5.6): one warp per token, the Sinkhorn matrices in shared memory.
-   Per warp, in order: Y [steps+1][n*n] with the tape (only Y[0] without), sums [steps][n] (tape only),
-   G [n*n], da [m], am [n] (ints); steps = 2 t_max.                                                     */
-typedef struct {
-    float *Y, *sums, *G, *da;
-    int *am;
-} SkWarp;
+/* mHC coefficients (SPEC §4, §5.4, §5.6) in two kinds of kernel. The streaming kernels run one block per
+   token over its n C stream values: |x|^2, the coefficients and the pre-mix y forward; dH_pre and the dX
+   terms backward. The Sinkhorn kernels run one thread per token over its n x n matrix: few values but
+   2 t_max dependent steps, which one thread takes about as long as a warp would, with thousands of
+   tokens side by side. Kept apart, the stream values are read twice in quick succession (the second
+   time from L2), and no thread that moves them waits on a Sinkhorn.
 
-static __host__ __device__ size_t sk_warp_floats(int n, int iters, int tape) {
+   A Sinkhorn thread keeps its matrices in shared memory, interleaved with the block's other threads:
+   element e of a thread's scratch is at scratch[e * S], S = blockDim.x, so the threads of a warp touch
+   consecutive words (no bank conflicts). Scratch per thread, in floats: M [n*n] forward; backward the
+   tape Y [steps+1][n*n] (Y[0] = M_0, Y[k] after step k), its line sums [steps][n], G [n*n] and am [n]
+   (ints), steps = 2 t_max.                                                                              */
+#define MHC_SK_THREADS 128       /* tokens per Sinkhorn block, fewer where their scratch passes 48 KB */
+#define MHC_TOKEN_THREADS 256    /* threads of a streaming block (one token)                       */
+
+static __host__ __device__ size_t sk_thread_floats(int n, int iters, int tape) {
     size_t nn = (size_t)n * n, steps = 2 * (size_t)iters;
-    return (tape ? (steps + 1) * nn + steps * n : nn) + nn + (nn + 2 * n) + n;
+    return tape ? (steps + 1) * nn + steps * n + nn + n : nn;
 }
 
-static __device__ SkWarp sk_warp_layout(float *base, int n, int iters, int tape) {
-    size_t nn = (size_t)n * n, steps = 2 * (size_t)iters;
-    SkWarp w;
-    w.Y = base;
-    w.sums = w.Y + (tape ? (steps + 1) * nn : nn);
-    w.G = w.sums + (tape ? steps * n : 0);
-    w.da = w.G + nn;
-    w.am = (int *)(w.da + nn + 2 * n);
-    return w;
-}
-
-/* SPEC §4 Sinkhorn-Knopp of one token by one warp, rows last. In every step lane l owns the elements
-   l, l + 32, ... of the n x n matrix (n <= 16: at most MHC_SK_PER_LANE each), so n*n lanes divide at
-   once; each sums its row or column itself, in the same order as the CPU, reads everything it needs
-   before any lane writes (the untaped steps run in place), and the sum's first owner tapes it.
-   tape = 1 keeps every step's output Y[k] (Y[0] = M_0) and its sums for the backward; tape = 0 runs the
-   steps in place in Y[0]. am[j] = argmax_i Lam[i][j], lowest i on ties. */
-#define MHC_SK_PER_LANE 8
-
-__device__ void sinkhorn_warp(float *Y, float *sums, int *am, const float *Lam, int n, int iters, float eps, int tape) {
-    int lane = threadIdx.x % 32, nn = n * n;
-    if (lane < n) {
-        int j = lane, arg = 0;
+/* SPEC §4 M_0 = exp(Lam - column max) into M (stride S); am[j] = argmax_i Lam[i][j], lowest i on ties,
+   when am is given (the backward's shift) */
+__device__ void sinkhorn_start(float *M, int *am, int S, const float *Lam, int n) {
+    for (int j = 0; j < n; j++) {
+        int arg = 0;
         float mu = Lam[j];
         for (int i = 1; i < n; i++)
             if (Lam[i * n + j] > mu) { mu = Lam[i * n + j]; arg = i; }
-        am[j] = arg;
-        for (int i = 0; i < n; i++) Y[i * n + j] = expf(Lam[i * n + j] - mu);
-    }
-    __syncwarp();
-    for (int k = 0; k < 2 * iters; k++) {
-        const float *in = Y + (tape ? (size_t)k * nn : 0);
-        float *out = Y + (tape ? (size_t)(k + 1) * nn : 0);
-        int column = k % 2 == 0;
-        float v[MHC_SK_PER_LANE];
-        for (int e = 0; e < MHC_SK_PER_LANE && lane + 32 * e < nn; e++) {
-            int idx = lane + 32 * e, i = idx / n, j = idx % n;
-            float s = 0;
-            for (int b = 0; b < n; b++) s += in[column ? b * n + j : i * n + b];
-            if (tape && (column ? i : j) == 0) sums[k * n + (column ? j : i)] = s;
-            v[e] = in[idx] / (s + eps);
-        }
-        __syncwarp();
-        for (int e = 0; e < MHC_SK_PER_LANE && lane + 32 * e < nn; e++) out[lane + 32 * e] = v[e];
-        __syncwarp();
+        if (am) am[j * S] = arg;
+        for (int i = 0; i < n; i++) M[(i * n + j) * S] = expf(Lam[i * n + j] - mu);
     }
 }
 
-/* SPEC §5.6: walk the taped steps in reverse from G = dH_res (lanes own elements as in sinkhorn_warp),
-   then through the shifted exp; dLam [n,n] */
-__device__ void sinkhorn_backward_warp(float *dLam, float *G, const float *Y, const float *sums, const int *am, int n,
-                                       int iters, float eps) {
-    int lane = threadIdx.x % 32, nn = n * n;
-    for (int k = 2 * iters - 1; k >= 0; k--) {      /* Y_out = Y_in/(s+eps): dY_in = (G - sum(G*Y_out))/(s+eps) */
-        const float *out = Y + (size_t)(k + 1) * nn;
-        int column = k % 2 == 0;
-        float v[MHC_SK_PER_LANE];
-        for (int e = 0; e < MHC_SK_PER_LANE && lane + 32 * e < nn; e++) {
-            int idx = lane + 32 * e, i = idx / n, j = idx % n;
-            float dot = 0;
-            for (int b = 0; b < n; b++) {
-                int at = column ? b * n + j : i * n + b;
-                dot += G[at] * out[at];
-            }
-            v[e] = (G[idx] - dot) / (sums[k * n + (column ? j : i)] + eps);
-        }
-        __syncwarp();
-        for (int e = 0; e < MHC_SK_PER_LANE && lane + 32 * e < nn; e++) G[lane + 32 * e] = v[e];
-        __syncwarp();
+/* One step, as mhc_sinkhorn_forward: every line a (a column when column = 1, else a row) of in times
+   1/(its sum + eps), into out (may be in); the sum in order b = 0..n-1, kept in sums[a] when given.
+   Element b of line a is at a * across + b * along. */
+__device__ void sinkhorn_step(float *out, const float *in, float *sums, int S, int n, int column, float eps) {
+    int along = (column ? n : 1) * S, across = (column ? 1 : n) * S;
+    for (int a = 0; a < n; a++) {
+        float s = 0;
+        for (int b = 0; b < n; b++) s += in[a * across + b * along];
+        if (sums) sums[a * S] = s;
+        float inv = 1.0f / (s + eps);
+        for (int b = 0; b < n; b++) out[a * across + b * along] = in[a * across + b * along] * inv;
     }
-    if (lane < n) {                                 /* exp with the column-max shift */
-        int j = lane;
+}
+
+/* SPEC §5.6 its backward, G in place: out = in/(s+eps) along each line gives
+   dL/din = (G - sum(G * out))/(s+eps) */
+__device__ void sinkhorn_step_backward(float *G, const float *out, const float *sums, int S, int n, int column, float eps) {
+    int along = (column ? n : 1) * S, across = (column ? 1 : n) * S;
+    for (int a = 0; a < n; a++) {
+        float dot = 0;
+        for (int b = 0; b < n; b++) dot += G[a * across + b * along] * out[a * across + b * along];
+        float inv = 1.0f / (sums[a * S] + eps);
+        for (int b = 0; b < n; b++) G[a * across + b * along] = (G[a * across + b * along] - dot) * inv;
+    }
+}
+
+/* through the shifted exp: dLam [n,n] = G * M_0, less each column's sum at its argmax row */
+__device__ void sinkhorn_start_backward(float *dLam, const float *G, const float *M0, const int *am, int S, int n) {
+    for (int j = 0; j < n; j++) {
         float shift = 0;
         for (int i = 0; i < n; i++) {
-            float d = G[i * n + j] * Y[i * n + j];
+            float d = G[(i * n + j) * S] * M0[(i * n + j) * S];
             dLam[i * n + j] = d;
             shift += d;
         }
-        dLam[am[j] * n + j] -= shift;
+        dLam[am[j * S] * n + j] -= shift;
     }
-    __syncwarp();
 }
 
-/* The mHC pre-stage as cuBLAS plus one warp per token (SPEC §4 then §3). The projection h [N,m] = X phi^T
-   is a skinny GEMM (m = n^2 + 2n outputs over nC inputs) that cuBLAS runs near the copy bandwidth in
-   exact fp32 (h feeds the Sinkhorn exponent, so it stays exact). RMSNorm commutes with the projection,
-   a = alpha r (phi x) + b, so the norm's statistic |x|^2 needs no second GEMM: the warp kernel reads the
-   token's streams once for it, then makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), H_res = SK(Lam)
-   with the Sinkhorn iterations in shared memory, and reads the streams again (from L2) for the pre-mix
-   y [N,C] = sum_j H_pre[j] X[j]. One warp per token keeps every step on chip and lets N = 1 (decode)
-   finish in one short launch. Writes h, a, H [N,m] and r [N,n] (in [0]).                             */
-#define MHC_TOKEN_WARPS 8        /* warps (tokens) per block, fewer where their Sinkhorn scratch passes 48 KB */
-
-/* warps per block for a per-warp scratch of that many floats, and the block's shared bytes (asking for
-   more than 48 KB where one warp alone needs it; mhc_gpu_init checks it fits the device) */
-static int mhc_token_warps(const void *kernel, size_t warp_floats, size_t *bytes) {
-    size_t per = warp_floats * sizeof(float);
-    int warps = (int)(48 * 1024 / per);
-    warps = warps < 1 ? 1 : warps > MHC_TOKEN_WARPS ? MHC_TOKEN_WARPS : warps;
-    *bytes = warps * per;
-    if (*bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)*bytes));
-    return warps;
-}
-
-__global__ void __launch_bounds__(32 * MHC_TOKEN_WARPS) mhc_coeffs_pre_forward_kernel(
-    float *y, float *H, float *a, float *r_out, const float *h, const float *X, const float *alpha, const float *b, int N,
-    int n, int C, int iters, float eps_sk, float eps_rms) {
+/* SPEC §4 for every token, one thread each: H_res = H[t][2n..m) = Sinkhorn(Lam), Lam = a[t][2n..m) */
+__global__ void sinkhorn_forward_kernel(float *H, const float *a, int N, int n, int iters, float eps) {
     extern __shared__ float smem[];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, m = n * n + 2 * n, nC = n * C;
-    size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + warp;
+    size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (t >= (size_t)N) return;
-    SkWarp w = sk_warp_layout(smem + warp * sk_warp_floats(n, iters, 0), n, iters, 0);
+    int S = blockDim.x, m = n * n + 2 * n;
+    float *M = smem + threadIdx.x;
+    sinkhorn_start(M, NULL, S, a + t * m + 2 * n, n);
+    for (int k = 0; k < 2 * iters; k++) sinkhorn_step(M, M, NULL, S, n, k % 2 == 0, eps);
+    for (int e = 0; e < n * n; e++) H[t * m + 2 * n + e] = M[e * S];
+}
+
+/* SPEC §5.6 for every token, one thread each: replays the forward into the tape, then walks it back from
+   G = dH_res = dH[t][2n..m); writes dLam into da[t][2n..m) */
+__global__ void sinkhorn_backward_kernel(float *da, const float *dH, const float *a, int N, int n, int iters, float eps) {
+    extern __shared__ float smem[];
+    size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (t >= (size_t)N) return;
+    int S = blockDim.x, m = n * n + 2 * n, nn = n * n, steps = 2 * iters;
+    size_t mat = (size_t)nn * S, line = (size_t)n * S;           /* one matrix, one step's sums */
+    float *Y = smem + threadIdx.x, *sums = Y + (steps + 1) * mat, *G = sums + steps * line;
+    int *am = (int *)(G + mat);
+    sinkhorn_start(Y, am, S, a + t * m + 2 * n, n);
+    for (int k = 0; k < steps; k++) sinkhorn_step(Y + (k + 1) * mat, Y + k * mat, sums + k * line, S, n, k % 2 == 0, eps);
+    for (int e = 0; e < nn; e++) G[e * S] = dH[t * m + 2 * n + e];
+    for (int k = steps - 1; k >= 0; k--) sinkhorn_step_backward(G, Y + (k + 1) * mat, sums + k * line, S, n, k % 2 == 0, eps);
+    sinkhorn_start_backward(da + t * m + 2 * n, G, Y, am, S, n);
+}
+
+/* threads per Sinkhorn block for the kernel's scratch (tape or not), and the block's shared bytes
+   (asking for more than 48 KB where one thread alone needs it; mhc_gpu_init checks it fits the device) */
+static int sk_block_threads(const void *kernel, int n, int iters, int tape, size_t *bytes) {
+    size_t per = sk_thread_floats(n, iters, tape) * sizeof(float);
+    int threads = (int)(48 * 1024 / per);
+    threads = threads < 1 ? 1 : threads > MHC_SK_THREADS ? MHC_SK_THREADS : threads;
+    *bytes = threads * per;
+    if (*bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)*bytes));
+    return threads;
+}
+
+static void gpu_sinkhorn_forward(float *H, const float *a, int N, int n, int iters, double eps) {
+    size_t bytes;
+    int threads = sk_block_threads((const void *)sinkhorn_forward_kernel, n, iters, 0, &bytes);
+    sinkhorn_forward_kernel<<<mhc_blocks((size_t)N, threads), threads, bytes>>>(H, a, N, n, iters, (float)eps);
+    LAUNCH_CHECK();
+}
+
+static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, int N, int n, int iters, double eps) {
+    size_t bytes;
+    int threads = sk_block_threads((const void *)sinkhorn_backward_kernel, n, iters, 1, &bytes);
+    sinkhorn_backward_kernel<<<mhc_blocks((size_t)N, threads), threads, bytes>>>(da, dH, a, N, n, iters, (float)eps);
+    LAUNCH_CHECK();
+}
+
+/* The mHC pre-stage (SPEC §4 then §3): cuBLAS, one block per token, then the Sinkhorn. The projection
+   h [N,m] = X phi^T is a skinny GEMM (m = n^2 + 2n outputs over nC inputs) that cuBLAS runs near the
+   copy bandwidth in exact fp32 (h feeds the Sinkhorn exponent, so it stays exact). RMSNorm commutes
+   with the projection, a = alpha r (phi x) + b, so the norm's statistic |x|^2 needs no second GEMM: the
+   block reads the token's streams once for it, makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), and
+   reads the streams again (from L2) for the pre-mix y [N,C] = sum_j H_pre[j] X[j]. Writes h, a, H [N,m]
+   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]).                                           */
+__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
+    float *y, float *H, float *a, float *r_out, const float *h, const float *X, const float *alpha, const float *b, int n,
+    int C, float eps_rms) {
+    __shared__ float h_pre[MHC_MAX_STREAMS];
+    int m = n * n + 2 * n, nC = n * C;
+    size_t t = blockIdx.x;
     const float *x = X + t * nC, *ht = h + t * m;
     float *at = a + t * m, *Ht = H + t * m, ss = 0;
 #pragma unroll 4
-    for (int q = lane; q < nC; q += 32) ss += x[q] * x[q];
-    float r = 1.0f / sqrtf(warp_reduce(ss, SumOp()) / nC + eps_rms);
-    for (int k = lane; k < m; k += 32) {
-        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+    for (int q = threadIdx.x; q < nC; q += blockDim.x) ss += x[q] * x[q];
+    float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / nC + eps_rms);
+    for (int k = threadIdx.x; k < 2 * n; k += blockDim.x) {
+        int grp = k < n ? 0 : 1;
         float ak = alpha[grp] * r * ht[k] + b[k];
         at[k] = ak;
-        if (k < n) Ht[k] = mhc_sigmoidf(ak);
-        else if (k < 2 * n) Ht[k] = 2 * mhc_sigmoidf(ak);
+        if (k < n) Ht[k] = h_pre[k] = mhc_sigmoidf(ak);
+        else Ht[k] = 2 * mhc_sigmoidf(ak);
     }
-    if (lane == 0) r_out[t * n] = r;
-    __syncwarp();                                   /* orders the a and H_pre writes before the lanes read them */
-    sinkhorn_warp(w.Y, NULL, w.am, at + 2 * n, n, iters, eps_sk, 0);
-    for (int k = lane; k < n * n; k += 32) Ht[2 * n + k] = w.Y[k];
+    for (int k = 2 * n + threadIdx.x; k < m; k += blockDim.x) at[k] = alpha[2] * r * ht[k] + b[k];
+    if (threadIdx.x == 0) r_out[t * n] = r;
+    __syncthreads();                                /* h_pre is complete */
     float hp[MHC_MAX_STREAMS];
 #pragma unroll
-    for (int j = 0; j < MHC_MAX_STREAMS; j++) hp[j] = j < n ? Ht[j] : 0.0f;
-    for (int c = lane; c < C; c += 32) {
+    for (int j = 0; j < MHC_MAX_STREAMS; j++) hp[j] = j < n ? h_pre[j] : 0.0f;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float sum = 0;
 #pragma unroll
         for (int j = 0; j < MHC_MAX_STREAMS; j++)
@@ -1346,84 +1359,87 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *H, float *a,
                                 const float *phi, const float *alpha, const float *b, int N, int n, int C, int iters,
                                 double eps_sk, double eps_rms) {
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, n * C, n * n + 2 * n);
-    size_t bytes;
-    int warps = mhc_token_warps((const void *)mhc_coeffs_pre_forward_kernel, sk_warp_floats(n, iters, 0), &bytes);
-    mhc_coeffs_pre_forward_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, bytes>>>(
-        y, H, a, r, h, X, alpha, b, N, n, C, iters, (float)eps_sk, (float)eps_rms);
+    mhc_coeffs_pre_forward_kernel<<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms);
     LAUNCH_CHECK();
+    gpu_sinkhorn_forward(H, a, N, n, iters, eps_sk);
 }
 
-/* Its backward (SPEC §5.3 PATH 2, §5.4 + §5.6 PATH 3), one warp per token, then cuBLAS. In: dy [N,C],
-   the gradient of y; dH [N,m] with its post and res parts from the merge backward. The warp makes
-   dH_pre[j] = dy . X[j] (all j in one pass over the streams), da through the sigmoids and the Sinkhorn
-   (its forward replayed into a tape in shared memory), dh = da alpha[grp] r written over dH, da [N,m]
-   (the b gradient's column sums), dalpha_t [N,3] = sum_{k in grp} da r h, and dS, the gradient of |x|^2
-   through r; then the elementwise part dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS. The GEMMs
-   dX += dh phi and dphi += dh^T X follow in cuBLAS (fp32).                                              */
-__global__ void __launch_bounds__(32 * MHC_TOKEN_WARPS, 3) mhc_coeffs_pre_backward_kernel(
-    float *dX, float *dH, float *da_out, float *dalpha_t, const float *dy, const float *X, const float *H, const float *a,
-    const float *h, const float *r_in, const float *alpha, int N, int n, int C, int iters, float eps_sk) {
-    extern __shared__ float smem[];
+/* Its backward (SPEC §5.3 PATH 2, §5.4 + §5.6 PATH 3): the Sinkhorn, one block per token, then cuBLAS.
+   In: dy [N,C], the gradient of y; dH [N,m] with its post and res parts from the merge backward.
+   sinkhorn_backward_kernel puts da_res in da first. The block makes dH_pre[j] = dy . X[j] (all j in one
+   pass over the streams); its first warp takes da through the sigmoids and writes da [N,m] (the b
+   gradient's column sums), dh = da alpha[grp] r over dH, dalpha_t [N,3] = sum_{k in grp} da r h and dS,
+   the gradient of |x|^2 through r; then the block adds dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS. The
+   GEMMs dX += dh phi and dphi += dh^T X follow in cuBLAS (fp32).                                        */
+__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_backward_kernel(
+    float *dX, float *dH, float *da, float *dalpha_t, const float *dy, const float *X, const float *H, const float *h,
+    const float *r_in, const float *alpha, int n, int C) {
+    __shared__ float dpre_part[MHC_TOKEN_THREADS / 32][MHC_MAX_STREAMS];   /* per warp */
+    __shared__ float dS2_shared;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, m = n * n + 2 * n, nC = n * C;
-    size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + warp;
-    if (t >= (size_t)N) return;
-    SkWarp w = sk_warp_layout(smem + warp * sk_warp_floats(n, iters, 1), n, iters, 1);
+    size_t t = blockIdx.x;
     const float *x = X + t * nC, *dyt = dy + t * C, *Ht = H + t * m, *ht = h + t * m;
-    float *dHt = dH + t * m, *da = w.da, r = r_in[t * n];
+    float *dHt = dH + t * m, *dat = da + t * m, r = r_in[t * n];
     float dpre[MHC_MAX_STREAMS] = {0};
-    for (int c = lane; c < C; c += 32) {            /* §5.3: dH_pre[j] = dy . X[j] */
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {     /* §5.3: dH_pre[j] = dy . X[j] */
         float d = dyt[c];
 #pragma unroll
         for (int j = 0; j < MHC_MAX_STREAMS; j++)
             if (j < n) dpre[j] += d * x[(size_t)j * C + c];
     }
 #pragma unroll
-    for (int j = 0; j < MHC_MAX_STREAMS; j++)        /* through sigma */
+    for (int j = 0; j < MHC_MAX_STREAMS; j++)
         if (j < n) {
             float d = warp_reduce(dpre[j], SumOp());
-            if (lane == 0) da[j] = d * Ht[j] * (1 - Ht[j]);
+            if (lane == 0) dpre_part[warp][j] = d;
         }
-    for (int k = n + lane; k < m; k += 32) {
-        if (k < 2 * n) da[k] = dHt[k] * Ht[k] * (1 - Ht[k] / 2);      /* derivative of 2 sigma */
-        else w.G[k - 2 * n] = dHt[k];
+    __syncthreads();
+    if (warp == 0) {
+        float dr = 0, ga0 = 0, ga1 = 0, ga2 = 0;
+        for (int k = lane; k < m; k += 32) {
+            int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+            float d;
+            if (k < n) {                            /* through sigma */
+                float dpre_k = 0;
+                for (int w = 0; w < (int)blockDim.x / 32; w++) dpre_k += dpre_part[w][k];
+                d = dpre_k * Ht[k] * (1 - Ht[k]);
+            } else if (k < 2 * n) {
+                d = dHt[k] * Ht[k] * (1 - Ht[k] / 2);   /* derivative of 2 sigma */
+            } else {
+                d = dat[k];                         /* from sinkhorn_backward_kernel */
+            }
+            float term = d * r * ht[k];
+            dr += d * alpha[grp] * ht[k];
+            ga0 += grp == 0 ? term : 0;
+            ga1 += grp == 1 ? term : 0;
+            ga2 += grp == 2 ? term : 0;
+            dat[k] = d;
+            dHt[k] = d * (alpha[grp] * r);
+        }
+        dr = warp_reduce(dr, SumOp());
+        ga0 = warp_reduce(ga0, SumOp());
+        ga1 = warp_reduce(ga1, SumOp());
+        ga2 = warp_reduce(ga2, SumOp());
+        if (lane == 0) {
+            dalpha_t[t * 3] = ga0;
+            dalpha_t[t * 3 + 1] = ga1;
+            dalpha_t[t * 3 + 2] = ga2;
+            dS2_shared = 2 * dr * (-r * r * r / (2.0f * nC));   /* 2 dS: |x|^2 -> r = (|x|^2/nC + eps)^(-1/2) */
+        }
     }
-    sinkhorn_warp(w.Y, w.sums, w.am, a + t * m + 2 * n, n, iters, eps_sk, 1);   /* its barriers order G, da */
-    sinkhorn_backward_warp(da + 2 * n, w.G, w.Y, w.sums, w.am, n, iters, eps_sk);
-    float dr = 0, ga0 = 0, ga1 = 0, ga2 = 0;
-    for (int k = lane; k < m; k += 32) {
-        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
-        float d = da[k], term = d * r * ht[k];
-        dr += d * alpha[grp] * ht[k];
-        ga0 += grp == 0 ? term : 0;
-        ga1 += grp == 1 ? term : 0;
-        ga2 += grp == 2 ? term : 0;
-        da_out[t * m + k] = d;
-        dHt[k] = d * (alpha[grp] * r);
-    }
-    dr = warp_reduce(dr, SumOp());
-    ga0 = warp_reduce(ga0, SumOp());
-    ga1 = warp_reduce(ga1, SumOp());
-    ga2 = warp_reduce(ga2, SumOp());
-    if (lane == 0) {
-        dalpha_t[t * 3] = ga0;
-        dalpha_t[t * 3 + 1] = ga1;
-        dalpha_t[t * 3 + 2] = ga2;
-    }
-    float dS2 = 2 * dr * (-r * r * r / (2.0f * nC));      /* 2 dS: |x|^2 -> r = (|x|^2/nC + eps)^(-1/2) */
-    float *dXt = dX + t * nC;
+    __syncthreads();
+    float dS2 = dS2_shared, *dXt = dX + t * nC;
     for (int j = 0; j < n; j++) {
         float hj = Ht[j];
-        for (int c = lane; c < C; c += 32) dXt[(size_t)j * C + c] += hj * dyt[c] + dS2 * x[(size_t)j * C + c];
+        for (int c = threadIdx.x; c < C; c += blockDim.x) dXt[(size_t)j * C + c] += hj * dyt[c] + dS2 * x[(size_t)j * C + c];
     }
 }
 
 static void gpu_mhc_pre_backward(const MhcBlas *bl, float *dX, float *dphi, float *dH, float *da, float *dalpha_t,
                                  const float *dy, const float *X, const float *H, const float *a, const float *h, const float *r,
                                  const float *phi, const float *alpha, int N, int n, int C, int iters, double eps_sk) {
-    size_t bytes;
-    int warps = mhc_token_warps((const void *)mhc_coeffs_pre_backward_kernel, sk_warp_floats(n, iters, 1), &bytes);
-    mhc_coeffs_pre_backward_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, bytes>>>(
-        dX, dH, da, dalpha_t, dy, X, H, a, h, r, alpha, N, n, C, iters, (float)eps_sk);
+    gpu_sinkhorn_backward(da, dH, a, N, n, iters, eps_sk);
+    mhc_coeffs_pre_backward_kernel<<<N, MHC_TOKEN_THREADS>>>(dX, dH, da, dalpha_t, dy, X, H, h, r, alpha, n, C);
     LAUNCH_CHECK();
     gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, n * C, n * n + 2 * n);   /* dH holds dh */
 }
@@ -2231,7 +2247,7 @@ static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y) {
     float *h = A->a.coef_h + (size_t)ss * N * m, *a = A->a.coef_a + (size_t)ss * N * m;
     float *H = A->a.coef_H + (size_t)ss * N * m, *r = A->a.coef_r + (size_t)ss * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
-    if (c->residual == MHC_RESIDUAL_MHC) {            /* the GEMM, then one warp per token */
+    if (c->residual == MHC_RESIDUAL_MHC) {            /* the GEMM, one block per token, the Sinkhorn */
         gpu_mhc_pre_forward(&g->blas, y, H, a, h, r, X, q->phi, q->alpha, q->b, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps,
                             c->rms_eps);
         return;
@@ -2258,7 +2274,7 @@ static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const fl
     float *r = A->a.coef_r + (size_t)ss * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
     MhcStreamParams *gq = &g->g.sub[s];
-    if (c->residual == MHC_RESIDUAL_MHC) {            /* one warp per token and the GEMMs, then the reductions */
+    if (c->residual == MHC_RESIDUAL_MHC) {            /* the Sinkhorn, one block per token, the GEMMs, then the reductions */
         gpu_mhc_pre_backward(&g->blas, dX, gq->phi, dH, A->a.dcoef, A->coef_alpha, dy, X, H, a, h, r, q->phi, q->alpha, N, n,
                              C, c->sinkhorn_iters, c->sinkhorn_eps);
         gpu_colsum(gq->b, A->a.dcoef, m, NULL, 0, NULL, N, m, A->colsum_part);
@@ -2828,7 +2844,7 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     int dev, smem_optin;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    size_t sk_bytes = sk_warp_floats(c->hc_mult, c->sinkhorn_iters, 1) * sizeof(float);
+    size_t sk_bytes = sk_thread_floats(c->hc_mult, c->sinkhorn_iters, 1) * sizeof(float);
     if (c->residual == MHC_RESIDUAL_MHC && sk_bytes > (size_t)smem_optin) {
         fprintf(stderr, "mhc_gpu_init: the Sinkhorn tape of hc_mult %d, %d iterations needs %zu bytes of shared memory (max %d)\n",
                 c->hc_mult, c->sinkhorn_iters, sk_bytes, smem_optin);

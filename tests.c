@@ -2365,14 +2365,15 @@ static void gpu_test_crossentropy(void) {
     gt_release();
 }
 
-/* SPEC §4-§5.6: the pre-stage (cuBLAS h = phi x, then per token the coefficients, Sinkhorn and
-   y = H_pre X) against matmul, mhc_coeffs_forward and stream_pre_forward; then the backward fed the CPU's
-   forward values. N = 41 tokens (a warp of 32 lanes and a partial one); C = 40 is no multiple of 32. */
-static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
+/* SPEC §4-§5.6: the pre-stage (cuBLAS h = phi x, then per token the coefficients and y = H_pre X, then
+   the Sinkhorn) against matmul, mhc_coeffs_forward and stream_pre_forward; then the backward fed the
+   CPU's forward values. n streams over N tokens; C = 40 is no multiple of 32. */
+static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
     MhcBlas bl = gt_blas(handle, MHC_PREC_FP32);
     MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
     c.d_model = 40;
-    int N = 41, n = c.hc_mult, C = c.d_model, nC = n * C, m = mhc_m(&c);
+    c.hc_mult = n;
+    int C = c.d_model, nC = n * C, m = mhc_m(&c);
     float *X = gt_randn((size_t)N * nC, 1), *phi = gt_randn((size_t)m * nC, 0.2), *b = gt_randn(m, 1);
     float alpha[3] = {0.5f, 0.7f, 0.9f};
     MhcStreamParams q;
@@ -2394,7 +2395,7 @@ static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     double e1 = rel_err(gt_fetch(d_H, (size_t)N * m), H, (size_t)N * m), e2 = rel_err(gt_fetch(d_a, (size_t)N * m), a, (size_t)N * m);
     double e3 = rel_err(gt_fetch(d_r, (size_t)N * n), r, (size_t)N * n), e5 = rel_err(gt_fetch(d_y, (size_t)N * C), y, (size_t)N * C);
     check(e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5,
-          "gpu mhc pre-stage: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e (tol 1e-5)", e0, e1, e2, e3, e5);
+          "gpu mhc pre-stage, n = %d, N = %d: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e (tol 1e-5)", n, N, e0, e1, e2, e3, e5);
 
     /* backward: dX and dphi start random (they accumulate), dH's H_pre part is NaN on the GPU (the kernel
        makes it) */
@@ -2425,9 +2426,19 @@ static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     double e4 = rel_err(gt_fetch(d_dx, (size_t)N * nC), dx, (size_t)N * nC);
     e5 = rel_err(gt_fetch(d_dphi, (size_t)m * nC), dphi, (size_t)m * nC);
     check(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4 && e4 <= 1e-4 && e5 <= 1e-4,
-          "gpu mhc pre-stage backward (Sinkhorn replayed): da %.1e, dh %.1e, dalpha %.1e, dX %.1e, dphi %.1e (tol 1e-4)", e1, e2,
-          e3, e4, e5);
+          "gpu mhc pre-stage backward (Sinkhorn replayed), n = %d, N = %d: da %.1e, dh %.1e, dalpha %.1e, dX %.1e, dphi %.1e "
+          "(tol 1e-4)", n, N, e1, e2, e3, e4, e5);
     gt_release();
+}
+
+/* n = 4 (the presets) over one token (decode) and over 130, more than one Sinkhorn block forward (128
+   threads) and backward (14 threads each: the tape is 3.3 KB); n = 6 has more than 32 matrix entries;
+   n = 16, the most mhc.h allows, makes one Sinkhorn thread per backward block */
+static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
+    gpu_test_mhc_coeffs_case(handle, 4, 1);
+    gpu_test_mhc_coeffs_case(handle, 4, 130);
+    gpu_test_mhc_coeffs_case(handle, 6, 41);
+    gpu_test_mhc_coeffs_case(handle, 16, 5);
 }
 
 /* SPEC §3, §5.1, §5.3: pre and merge, forward and backward (merge backward overwrites dX, pre adds), for

@@ -8,8 +8,10 @@
        ./dev/bench_mhc C N [C N ...]   other shapes
 
    Prints a markdown table. For scale, it also times the pre-stage's GEMM h = X phi^T (exact fp32 through
-   cuBLAS) alone: it reads X once; the whole forward reads it three times (the GEMM, then the per-token
-   kernel's |x|^2 and y passes, the second meant to hit L2). */
+   cuBLAS) alone: it reads X once; the whole forward reads it three times (the GEMM, then the streaming
+   kernel's |x|^2 and y passes, the second meant to hit L2). The Sinkhorn kernels, forward and backward
+   (which replays the forward), are timed alone as well: they move only n^2 values per token, so their
+   row gives the time, not a bandwidth. */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #include "mhc_cuda.cuh"
@@ -82,7 +84,13 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     CUDA_CHECK(cudaEventRecord(tm->start));
     for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, H, a, h, r, X, phi, alpha, b, N, n, C, iters, 1e-6, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("pre-stage forward (GEMM + per-token kernel)", C, N, f * N * (nC + C + 3.0 * m + n), bench_ms(tm), copy_gbs);
+    bench_row("pre-stage forward (GEMM + streaming kernel + Sinkhorn)", C, N, f * N * (nC + C + 3.0 * m + n), bench_ms(tm),
+              copy_gbs);
+
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_sinkhorn_forward(H, a, N, n, iters, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("for scale: its Sinkhorn alone", C, N, f * N * 2.0 * n * n, bench_ms(tm), copy_gbs);
 
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, nC, m);
     CUDA_CHECK(cudaEventRecord(tm->start));
@@ -107,8 +115,13 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     CUDA_CHECK(cudaEventRecord(tm->start));
     for (int k = 0; k < REPS; k++) gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("pre-stage backward (per-token kernel + dX, dphi GEMMs)", C, N, f * N * (3.0 * nC + C + 7.0 * m + n + 3), bench_ms(tm),
-              copy_gbs);
+    bench_row("pre-stage backward (Sinkhorn + streaming kernel + dX, dphi GEMMs)", C, N, f * N * (3.0 * nC + C + 7.0 * m + n + 3),
+              bench_ms(tm), copy_gbs);
+
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_sinkhorn_backward(da, dH, a, N, n, iters, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("for scale: its Sinkhorn alone (replay + backward)", C, N, f * N * 3.0 * n * n, bench_ms(tm), copy_gbs);
 
     gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, nC, m);
     CUDA_CHECK(cudaEventRecord(tm->start));
