@@ -1371,7 +1371,7 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *H, float *a,
    gradient's column sums), dh = da alpha[grp] r over dH, dalpha_t [N,3] = sum_{k in grp} da r h and dS,
    the gradient of |x|^2 through r; then the block adds dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS. The
    GEMMs dX += dh phi and dphi += dh^T X follow in cuBLAS (fp32).                                        */
-__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_backward_kernel(
+__global__ void __launch_bounds__(MHC_TOKEN_THREADS, 6) mhc_coeffs_pre_backward_kernel(   /* 6 blocks: 40 registers */
     float *dX, float *dH, float *da, float *dalpha_t, const float *dy, const float *X, const float *H, const float *h,
     const float *r_in, const float *alpha, int n, int C) {
     __shared__ float dpre_part[MHC_TOKEN_THREADS / 32][MHC_MAX_STREAMS];   /* per warp */
@@ -1429,9 +1429,21 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_backward_ker
     }
     __syncthreads();
     float dS2 = dS2_shared, *dXt = dX + t * nC;
-    for (int j = 0; j < n; j++) {
-        float hj = Ht[j];
-        for (int c = threadIdx.x; c < C; c += blockDim.x) dXt[(size_t)j * C + c] += hj * dyt[c] + dS2 * x[(size_t)j * C + c];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float d = dyt[c];
+        for (int j0 = 0; j0 < n; j0 += 4) {         /* four streams' loads before their stores */
+            float hj[4], xj[4], dxj[4];
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                bool real = j0 + q < n;
+                hj[q] = real ? Ht[j0 + q] : 0.0f;
+                xj[q] = real ? x[(size_t)(j0 + q) * C + c] : 0.0f;
+                dxj[q] = real ? dXt[(size_t)(j0 + q) * C + c] : 0.0f;
+            }
+#pragma unroll
+            for (int q = 0; q < 4; q++)
+                if (j0 + q < n) dXt[(size_t)(j0 + q) * C + c] = dxj[q] + hj[q] * d + dS2 * xj[q];
+        }
     }
 }
 

@@ -35,7 +35,7 @@ NAME=profile_decode timeout 200 bash dev/profile.sh --infer runs/gpu_check_ckpt/
     --prompt "The state of the Union" | head -24
 # what limits the mHC kernels (NCU=1): one launch of each under Nsight Compute's throughput, occupancy and stall sections
 [ "${NCU:-0}" = 1 ] || exit 0
-for k in mhc_pre_forward_kernel mhc_pre_backward_kernel stream_merge_forward_kernel; do
+for k in mhc_coeffs_pre_forward_kernel mhc_coeffs_pre_backward_kernel sinkhorn_backward_kernel stream_merge_backward_kernel; do
     timeout 120 ncu -k "$k" -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis ./dev/bench_mhc >"$OUT/ncu.txt" 2>&1
     cat "$OUT/ncu.txt" >>"$OUT/ncu_mhc.txt"
