@@ -2532,9 +2532,9 @@ static void gpu_moe_combine(float *out, const float *src, const int *row, const 
     LAUNCH_CHECK();
 }
 
-/* SPEC §11 forward of layer l: out [N,C] = Shared(u) + sum_Sel w_i Expert_i(u); this layer's balance loss
-   goes to moe_bal[l] and its loads to expert_load[l] */
-static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, float *out, int B, int T) {
+/* SPEC §11 forward of layer l: out [N,C] = Shared(u) + sum_Sel w_i Expert_i(u); its loads go to
+   expert_load[l] and, with balance, its balance loss to moe_bal[l] (decode skips it: no loss there) */
+static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, float *out, int B, int T, int balance) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     MhcActs *a = &A->a;
@@ -2559,7 +2559,7 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_swiglu_forward(hh, ha, hg, (size_t)NK * I);
     gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, NK, C, I, 0, 0.0f, NULL);       /* W2_e h    */
     gpu_moe_combine(out, eo, A->a.expert_row, w, N, K, C);
-    if (c->seq_aux_alpha > 0) {
+    if (balance && c->seq_aux_alpha > 0) {
         gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);
     }
 }
@@ -2621,7 +2621,7 @@ static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, 
     } else if (s % 2 == 0) {
         gpu_mla_forward(g, A, l, u, f, B, T, rerun);
     } else if (mhc_is_moe(c, l)) {
-        gpu_moe_forward(g, A, l, u, f, B, T);
+        gpu_moe_forward(g, A, l, u, f, B, T, cache == NULL);
     } else {
         size_t off = (size_t)ls * N * F;
         gpu_swiglu_ffn_forward(&g->blas, f, a->ffn_a + off, a->ffn_g + off, a->ffn_h + off, u, b->w1, b->w3, b->w2, N, C,
@@ -2684,7 +2684,7 @@ static double gpu_model_forward(MhcGpu *g, MhcGpuActs *A, int B, int T, int has_
     int N = B * T, n = c->hc_mult, C = c->d_model, S = 2 * c->n_layers;
     MhcActs *a = &A->a;
     gpu_stream_expand(a->X, g->p.embed, A->tokens, N, n, C);
-    CUDA_CHECK(cudaMemset(A->moe_bal, 0, sizeof(double) * (size_t)c->n_layers * B * c->n_routed_experts));
+    if (!cache) CUDA_CHECK(cudaMemset(A->moe_bal, 0, sizeof(double) * (size_t)c->n_layers * B * c->n_routed_experts));
     for (int s = 0; s < S; s++) gpu_sublayer_forward(g, A, s, B, T, cache);
     gpu_stream_reduce(a->z, a->X + (size_t)S * N * n * C, N, n, C);
     gpu_rmsnorm_forward(a->hf, a->hf_rstd, a->z, g->p.norm_final, N, C, c->rms_eps);
