@@ -928,29 +928,36 @@ template <typename T> static void gpu_reduce_sum(double *out, const T *x, size_t
 }
 
 /* SPEC §8 RMSNorm, one warp per row: out = g * x * r, r = (mean(x^2) + eps)^(-1/2); g NULL means 1.
-   in, out [N,D], rstd [N] */
-__global__ void rmsnorm_forward_kernel(float *out, float *rstd, const float *in, const float *g, int N, int D, float eps) {
+   in, out [N,D], rstd [N]. Its pointers and the backward's are __restrict__ (no caller normalises in
+   place), so the unrolled loops issue their loads before their stores: with one row (decode) the warp's
+   round trips to memory are the kernel's time. */
+__global__ void rmsnorm_forward_kernel(float *__restrict__ out, float *__restrict__ rstd, const float *__restrict__ in,
+                                       const float *__restrict__ g, int N, int D, float eps) {
     int row = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const float *x = in + (size_t)row * D;
     float ss = 0;
+#pragma unroll 4
     for (int i = lane; i < D; i += 32) ss += x[i] * x[i];
     ss = warp_reduce(ss, SumOp());
     float r = 1.0f / sqrtf(ss / D + eps);
     if (lane == 0) rstd[row] = r;
+#pragma unroll 4
     for (int i = lane; i < D; i += 32) out[(size_t)row * D + i] = (g ? g[i] * x[i] : x[i]) * r;
 }
 
 /* din += r * (g * dy) - (r^3 / D) * x * sum(g * dy * x), one warp per row (dg: gpu_rmsnorm_backward) */
-__global__ void rmsnorm_backward_kernel(float *din, const float *dout, const float *in, const float *g, const float *rstd,
-                                        int N, int D) {
+__global__ void rmsnorm_backward_kernel(float *__restrict__ din, const float *__restrict__ dout, const float *__restrict__ in,
+                                        const float *__restrict__ g, const float *__restrict__ rstd, int N, int D) {
     int row = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const float *x = in + (size_t)row * D, *dy = dout + (size_t)row * D;
     float r = rstd[row], dot = 0;
+#pragma unroll 4
     for (int i = lane; i < D; i += 32) dot += (g ? g[i] * dy[i] : dy[i]) * x[i];
     dot = warp_reduce(dot, SumOp());
     float k = dot * r * r * r / D;
+#pragma unroll 4
     for (int i = lane; i < D; i += 32) din[(size_t)row * D + i] += r * (g ? g[i] : 1.0f) * dy[i] - k * x[i];
 }
 
