@@ -106,7 +106,6 @@ typedef struct {
     float *att_lse;                  /* [L,B,H,T] log-sum-exp of each attention row (in place of a.att) */
     float *att_rowdot;               /* [B,H,T] sum_c dO O per row (backward)                          */
     int *moe_count;                  /* [E] assignments per expert                                     */
-    double *moe_score, *moe_gscore;  /* [N,E] selection scores, [N,G] group scores                     */
     double *moe_ssum, *moe_f;        /* [N] sum_j s_j, [B,E] f_i of the balance loss                   */
     double *moe_bal;                 /* [L,B,E] per layer, sequence and expert: alpha f_i P_i / B      */
     float *coef_alpha;               /* [N,3] per-token alpha-gradient terms (backward)                */
@@ -1930,12 +1929,16 @@ static MhcAttBf16 att_bf16_copies(const MhcBlas *bl, const float *q, const float
 }
 
 /* SPEC §10, one block per head h, for the new token at position t: Sc[s] = scale (q_abs[h] . cKV[s] +
-   q_pe[h] . kPE[s]) for s <= t (one warp per s), P = softmax, olat[h] = sum_s P[s] cKV[s] */
-__global__ void mla_decode_attention_kernel(float *olat, float *scores, const float *qabs, const float *q, const float *ckv,
-                                            const float *kpe, int t, int max_len, int dc, int dr, int dn, int dqk, float scale) {
+   q_pe[h] . kPE[s]) for s <= t (one warp per s), P = softmax, olat[h] = sum_s P[s] cKV[s]. The pointers
+   are __restrict__ and the loops over s unrolled, so a warp has several keys' loads in flight. */
+__global__ void mla_decode_attention_kernel(float *__restrict__ olat, float *__restrict__ scores, const float *__restrict__ qabs,
+                                            const float *__restrict__ q, const float *__restrict__ ckv,
+                                            const float *__restrict__ kpe, int t, int max_len, int dc, int dr, int dn, int dqk,
+                                            float scale) {
     int h = blockIdx.x, lane = threadIdx.x % 32;
     const float *qa = qabs + (size_t)h * dc, *qp = q + (size_t)h * dqk + dn;
     float *sc = scores + (size_t)h * max_len;
+#pragma unroll 2
     for (int s = threadIdx.x / 32; s <= t; s += blockDim.x / 32) {
         float dot = 0;
         for (int k = lane; k < dc; k += 32) dot += qa[k] * ckv[(size_t)s * dc + k];
@@ -1954,6 +1957,7 @@ __global__ void mla_decode_attention_kernel(float *olat, float *scores, const fl
     sum = block_reduce(sum, SumOp());
     for (int k = threadIdx.x; k < dc; k += blockDim.x) {
         float acc = 0;
+#pragma unroll 8
         for (int s = 0; s <= t; s++) acc += sc[s] / sum * ckv[(size_t)s * dc + k];
         olat[(size_t)h * dc + k] = acc;
     }
@@ -1964,60 +1968,92 @@ __global__ void mla_decode_attention_kernel(float *olat, float *scores, const fl
       N*K routed slots in expert-grouped row order, [N*K, I], followed by the shared expert, [N, Ns*I].
       moe_eo [N*K, C] uses the same grouped rows; row[p] is the grouped row of assignment p = t*K + k. */
 
-/* SPEC §11 routing, one thread per token: s = sigma(z) in place (computed in double like the CPU, so the
-   selections agree); selection score c = s + bias, dropped groups -inf; top-K with the lowest index on
-   ties; w = rho s / sum_Sel s (unbiased). score [N,E], gscore [N,G]: scratch. */
-__global__ void moe_route_kernel(int *sel, float *w, float *s, double *score, double *gscore, const float *bias, int N, int E,
-                                 int K, int G, int Gk, double rho) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= N) return;
-    float *st = s + (size_t)t * E;
-    double *sc = score + (size_t)t * E;
-    int *selt = sel + (size_t)t * K;
-    for (int i = 0; i < E; i++) {
-        st[i] = (float)(1.0 / (1.0 + exp(-(double)st[i])));
-        sc[i] = (double)st[i] + bias[i];
-    }
-    if (G > 1) {
-        int per = E / G;
-        double *gs = gscore + (size_t)t * G;
-        for (int gi = 0; gi < G; gi++) {            /* group score: sum of its top-2 selection scores */
-            double b1 = -INFINITY, b2 = -INFINITY;
-            for (int i = gi * per; i < (gi + 1) * per; i++) {
-                if (sc[i] > b1) { b2 = b1; b1 = sc[i]; }
-                else if (sc[i] > b2) b2 = sc[i];
-            }
-            gs[gi] = b1 + b2;
-        }
-        for (int gi = 0; gi < G; gi++) {            /* keep the top G_k groups (lowest index on ties) */
-            int rank = 0;
-            for (int gj = 0; gj < G; gj++) rank += gs[gj] > gs[gi] || (gs[gj] == gs[gi] && gj < gi);
-            if (rank >= Gk)
-                for (int i = gi * per; i < (gi + 1) * per; i++) sc[i] = -INFINITY;
-        }
-    }
-    double Z = 0;
-    for (int k = 0; k < K; k++) {
-        int best = -1;
-        for (int i = 0; i < E; i++) {
-            int taken = 0;
-            for (int j = 0; j < k; j++) taken |= selt[j] == i;
-            if (!taken && (best < 0 || sc[i] > sc[best])) best = i;
-        }
-        selt[k] = best;
-        Z += st[best];
-    }
-    for (int k = 0; k < K; k++) w[(size_t)t * K + k] = (float)(rho * st[selt[k]] / Z);
+/* SPEC §11 routing (mhc.h moe_route), one warp per token with its scores in shared memory: s = sigma(z)
+   in place (computed in double like the CPU, so the selections agree); selection score c = s + bias,
+   dropped groups -inf; top-K with the lowest index on ties; w = rho s / sum_Sel s (unbiased). Each of
+   the K picks is one warp argmax: a lane takes the best of its experts lane, lane + 32, ..., then a
+   butterfly keeps the higher score, the lower index on equal scores, as the CPU's first maximum. Per
+   warp, shared: score [E], gscore [G] (doubles), then the picks so far [K] (ints). */
+#define MHC_ROUTE_WARPS 4
+
+static __host__ __device__ size_t route_warp_bytes(int E, int G, int K) {   /* whole doubles: the next warp's stay aligned */
+    return (sizeof(double) * (size_t)(E + G) + sizeof(int) * (size_t)K + 7) / 8 * 8;
 }
 
-static void gpu_moe_route(int *sel, float *w, float *s, double *score, double *gscore, const float *bias, int N, const MhcConfig *c) {
-    moe_route_kernel<<<mhc_blocks((size_t)N, 128), 128>>>(sel, w, s, score, gscore, bias, N, c->n_routed_experts,
-                                                           c->n_activated_experts, c->n_expert_groups, c->n_limited_groups,
-                                                           c->route_scale);
+/* the better of two (score, expert) candidates, expert -1 meaning none; every lane ends with the same */
+__device__ void route_better(double &v, int &i, double v2, int i2) {
+    if (i2 >= 0 && (i < 0 || v2 > v || (v2 == v && i2 < i))) { v = v2; i = i2; }
+}
+
+__global__ void __launch_bounds__(32 * MHC_ROUTE_WARPS) moe_route_kernel(int *sel, float *w, float *s, const float *bias, int N,
+                                                                         int E, int K, int G, int Gk, double rho) {
+    extern __shared__ double route_smem[];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + warp;
+    if (t >= (size_t)N) return;
+    double *score = (double *)((char *)route_smem + warp * route_warp_bytes(E, G, K)), *gscore = score + E;
+    int *picked = (int *)(gscore + G);
+    float *st = s + t * E;
+    for (int i = lane; i < E; i += 32) {
+        st[i] = (float)(1.0 / (1.0 + exp(-(double)st[i])));
+        score[i] = (double)st[i] + bias[i];
+    }
+    __syncwarp();
+    if (G > 1) {
+        int per = E / G;
+        for (int gi = lane; gi < G; gi += 32) {     /* group score: sum of its top-2 selection scores */
+            double b1 = -INFINITY, b2 = -INFINITY;
+            for (int i = gi * per; i < (gi + 1) * per; i++) {
+                if (score[i] > b1) { b2 = b1; b1 = score[i]; }
+                else if (score[i] > b2) b2 = score[i];
+            }
+            gscore[gi] = b1 + b2;
+        }
+        __syncwarp();
+        for (int gi = lane; gi < G; gi += 32) {     /* keep the top G_k groups (lowest index on ties) */
+            int rank = 0;
+            for (int gj = 0; gj < G; gj++) rank += gscore[gj] > gscore[gi] || (gscore[gj] == gscore[gi] && gj < gi);
+            if (rank >= Gk)
+                for (int i = gi * per; i < (gi + 1) * per; i++) score[i] = -INFINITY;
+        }
+        __syncwarp();
+    }
+    for (int k = 0; k < K; k++) {
+        double v = -INFINITY;
+        int best = -1;
+        for (int i = lane; i < E; i += 32) {
+            int taken = 0;
+            for (int j = 0; j < k; j++) taken |= picked[j] == i;
+            if (!taken) route_better(v, best, score[i], i);
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            double v2 = __shfl_xor_sync(0xffffffffu, v, o);
+            int i2 = __shfl_xor_sync(0xffffffffu, best, o);
+            route_better(v, best, v2, i2);
+        }
+        if (lane == 0) picked[k] = best;
+        __syncwarp();
+    }
+    if (lane == 0) {                                /* the sum in pick order, as on the CPU */
+        double Z = 0;
+        for (int k = 0; k < K; k++) Z += st[picked[k]];
+        for (int k = 0; k < K; k++) {
+            sel[t * K + k] = picked[k];
+            w[t * K + k] = (float)(rho * st[picked[k]] / Z);
+        }
+    }
+}
+
+static void gpu_moe_route(int *sel, float *w, float *s, const float *bias, int N, const MhcConfig *c) {
+    int E = c->n_routed_experts, G = c->n_expert_groups, K = c->n_activated_experts;
+    size_t per = route_warp_bytes(E, G, K);
+    int warps = (int)(48 * 1024 / per);
+    warps = warps < 1 ? 1 : warps > MHC_ROUTE_WARPS ? MHC_ROUTE_WARPS : warps;
+    moe_route_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, warps * per>>>(sel, w, s, bias, N, E, K, G, c->n_limited_groups,
+                                                                                 c->route_scale);
     LAUNCH_CHECK();
 }
 
-/* count[e] = #assignments with sel == e, one block per expert */
 __global__ void moe_count_kernel(int *count, const int *sel, int NK) {
     int c = 0;
     for (int p = threadIdx.x; p < NK; p += blockDim.x) c += sel[p] == (int)blockIdx.x;
@@ -2221,7 +2257,7 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
         if (tab[k].real) *tab[k].real = arena_new<float>(ar, count);
         else *tab[k].integer = arena_new<int>(ar, count);
     }
-    size_t E = c->n_routed_experts, K = c->n_activated_experts, C = c->d_model, G = c->n_expert_groups;
+    size_t E = c->n_routed_experts, K = c->n_activated_experts, C = c->d_model;
     size_t wide = C > (size_t)c->kv_lora_rank ? C : c->kv_lora_rank;
     wide = wide > (size_t)c->q_lora_rank ? wide : c->q_lora_rank;
     wide = wide > (size_t)mhc_m(c) ? wide : mhc_m(c);
@@ -2229,8 +2265,6 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
     A->targets = arena_new<int>(ar, N);
     A->att_lse = arena_new<float>(ar, (size_t)c->n_layers * N * H);
     A->moe_count = arena_new<int>(ar, E);
-    A->moe_score = arena_new<double>(ar, N * E);
-    A->moe_gscore = arena_new<double>(ar, N * G);
     A->moe_ssum = arena_new<double>(ar, N);
     A->moe_f = arena_new<double>(ar, (size_t)B * E);
     A->moe_bal = arena_new<double>(ar, (size_t)c->n_layers * B * c->n_routed_experts);
@@ -2551,7 +2585,7 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     float *ha = a->ffn_a + (size_t)ls * N * F, *hg = a->ffn_g + (size_t)ls * N * F, *hh = a->ffn_h + (size_t)ls * N * F;
     int *sel = a->moe_sel + (size_t)ls * NK;
     gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, s, u, b->gate, N, C, E);          /* z = W_gate u (fp32) */
-    gpu_moe_route(sel, w, s, A->moe_score, A->moe_gscore, g->expert_bias + (size_t)l * E, N, c);
+    gpu_moe_route(sel, w, s, g->expert_bias + (size_t)l * E, N, c);
     if (NsI > 0) {
         size_t off = (size_t)NK * I;                 /* shared expert after the routed slots */
         gpu_swiglu_ffn_forward(&g->blas, out, ha + off, hg + off, hh + off, u, b->sw1, b->sw3, b->sw2, N, C, NsI);

@@ -2543,7 +2543,7 @@ static void gpu_test_attention(void) {
 static void gpu_test_routing(void) {
     MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 1);
     c.n_routed_experts = 16; c.n_activated_experts = 3; c.n_expert_groups = 4; c.n_limited_groups = 2; c.route_scale = 2.5;
-    int N = 50, E = c.n_routed_experts, K = c.n_activated_experts, G = c.n_expert_groups;
+    int N = 50, E = c.n_routed_experts, K = c.n_activated_experts;
     float *z = gt_randn((size_t)N * E, 2), *bias = gt_randn(E, 0.05), *s = gt_copy(z, (size_t)N * E), *w = gt_host((size_t)N * K);
     int *sel = (int *)mhc_calloc((size_t)N * K, sizeof(int)), *order = (int *)mhc_calloc((size_t)N * K, sizeof(int));
     int *start = (int *)mhc_calloc((size_t)E + 1, sizeof(int)), *gsel = (int *)mhc_calloc((size_t)N * K, sizeof(int));
@@ -2562,8 +2562,7 @@ static void gpu_test_routing(void) {
     A.moe_count = arena_new<int>(&gt_dev, E);
     float *d_s = gt_upload(z, (size_t)N * E), *d_w = gt_nan((size_t)N * K);
     int *d_sel = arena_new<int>(&gt_dev, (size_t)N * K);
-    gpu_moe_route(d_sel, d_w, d_s, arena_new<double>(&gt_dev, (size_t)N * E), arena_new<double>(&gt_dev, (size_t)N * G),
-                  gt_upload(bias, E), N, &c);
+    gpu_moe_route(d_sel, d_w, d_s, gt_upload(bias, E), N, &c);
     gpu_moe_group(&A, d_sel, N * K, E, NULL);
     CUDA_CHECK(cudaMemcpy(gsel, d_sel, sizeof(int) * N * K, cudaMemcpyDeviceToHost));
     CUDA_CHECK(cudaMemcpy(gorder, A.a.expert_order, sizeof(int) * N * K, cudaMemcpyDeviceToHost));
