@@ -2369,9 +2369,10 @@ static void gpu_swiglu_ffn_backward(const MhcBlas *bl, float *du, float *dw1, fl
 }
 
 /* SPEC §9 projections of layer l for N tokens at positions pos0 + (t mod T): q (optionally through the q
-   latent), the KV latent c with its RMSNorm, k_pe, with_kv: kv = W_ukv c (not in absorbed decode), and
-   RoPE (mhc.h mla_project) */
-static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, int T, int pos0, int with_kv) {
+   latent), the KV latent c with its RMSNorm, k_pe, kv = W_ukv c, and RoPE (mhc.h mla_project). With a
+   cache (absorbed decode, one token at pos0) there is no kv, and c and k_pe go straight into the cache's
+   row pos0 of layer l. */
+static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, int T, int pos0, MhcGpuCache *cache) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     const MhcBlas *bl = &g->blas;
@@ -2387,10 +2388,14 @@ static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
         gpu_matmul_forward(bl, MHC_GEMM_FAST, q, cq, b->wuq, N, dq, H * dqk);
     }
     float *c_raw = A->a.c_raw + (size_t)ls * N * dc, *lat = A->a.c + (size_t)ls * N * dc, *kpe = A->a.kpe + (size_t)ls * N * dr;
+    if (cache) {
+        lat = cache->ckv + ((size_t)l * cache->max_len + pos0) * dc;
+        kpe = cache->kpe + ((size_t)l * cache->max_len + pos0) * dr;
+    }
     gpu_matmul_forward(bl, MHC_GEMM_FAST, c_raw, u, b->wdkv, N, C, dc);                  /* rows [0, d_c) of W_dkv  */
     gpu_matmul_forward(bl, MHC_GEMM_FAST, kpe, u, b->wdkv + (size_t)dc * C, N, C, dr);   /* rows [d_c, d_c+d_r)     */
     gpu_rmsnorm_forward(lat, A->a.c_rstd + (size_t)ls * N, c_raw, b->kv_norm, N, dc, c->rms_eps);
-    if (with_kv) {
+    if (!cache) {
         gpu_matmul_forward(bl, MHC_GEMM_FAST, A->a.kv + (size_t)ls * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
     }
     gpu_rope(q, N, T, pos0, H, H * dqk, dn, dqk, dr, c->rope_theta, 0);
@@ -2480,7 +2485,7 @@ static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     const MhcConfig *c = &g->cfg;
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
     int ls = gpu_layer_slot(A, l);
-    gpu_mla_project(g, A, l, u, N, T, 0, 1);
+    gpu_mla_project(g, A, l, u, N, T, 0, NULL);
     float *o = A->a.o + (size_t)l * N * H * dv;
     if (!rerun) {
         gpu_attention_forward(&g->blas, o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)ls * N * H * (dn + dr),
@@ -2536,11 +2541,7 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, t = cache->len, ls = gpu_layer_slot(&cache->acts, l);
     long long w_head = (long long)(dn + dv) * dc;                /* W_ukv rows of one head */
-    gpu_mla_project(g, &cache->acts, l, u, 1, 1, t, 0);
-    CUDA_CHECK(cudaMemcpy(cache->ckv + ((size_t)l * cache->max_len + t) * dc, a->c + (size_t)ls * dc, sizeof(float) * dc,
-                          cudaMemcpyDeviceToDevice));
-    CUDA_CHECK(cudaMemcpy(cache->kpe + ((size_t)l * cache->max_len + t) * dr, a->kpe + (size_t)ls * dr, sizeof(float) * dr,
-                          cudaMemcpyDeviceToDevice));
+    gpu_mla_project(g, &cache->acts, l, u, 1, 1, t, cache);                 /* c, k_pe into the cache's row t */
     const float *q = a->q + (size_t)ls * H * dqk;
     float *o = a->o + (size_t)l * H * dv;
     gemm(&g->blas, MHC_GEMM_FAST, 0, 0, 1, dc, dn, 1.0f, q, dqk, b->wukv, w_head, 0.0f, cache->qabs, dc, H);
