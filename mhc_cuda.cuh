@@ -1567,11 +1567,80 @@ template <int P> __device__ MmaElem<P> att_stored(MmaElem<P> x) {
     else return MmaOperand<P>::round(x);
 }
 
+/* cp.async (sm_80 on): BYTES (4 or 16) from global to shared memory without passing through registers,
+   so a tile's loads are in flight while the warps compute on the previous one. With real = false the
+   bytes are zero (source size 0: nothing is read). The copies a thread issues between two commits form
+   a group; cp_async_wait<N>() returns once at most the N groups committed last are still in flight, and
+   a __syncthreads after it makes every thread's arrived copies visible to the block.
+   The host pass (dev/cuda_emu) keeps each thread's copies queued until its wait lets them land, so a
+   read of a tile that no wait covered sees the old contents and a test fails. */
+#if !defined(__CUDA_ARCH__)
+enum { CP_ASYNC_HOST_MAX = 64 };                 /* queued copies per thread */
+typedef struct {
+    void *dst[CP_ASYNC_HOST_MAX];
+    const void *src[CP_ASYNC_HOST_MAX];          /* NULL: zeros */
+    int bytes[CP_ASYNC_HOST_MAX], group[CP_ASYNC_HOST_MAX];
+    int count, committed;                        /* copies queued; groups committed so far */
+} CpAsyncHostQueue;
+static CpAsyncHostQueue cp_async_host[1024];     /* [threadIdx.x]: one block runs at a time there */
+#endif
+
+template <int BYTES> __device__ void cp_async(void *dst, const void *src, bool real) {
+#if defined(__CUDA_ARCH__)
+    unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
+    if constexpr (BYTES == 16)                   /* .cg: 16-byte tiles skip L1 */
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(addr), "l"(src), "r"(real ? 16 : 0) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(addr), "l"(src), "n"(BYTES), "r"(real ? BYTES : 0)
+                     : "memory");
+#else
+    CpAsyncHostQueue *q = &cp_async_host[threadIdx.x];
+    if (q->count == CP_ASYNC_HOST_MAX) {
+        fprintf(stderr, "cp_async (host pass): more than %d copies in flight in one thread\n", CP_ASYNC_HOST_MAX);
+        abort();
+    }
+    q->dst[q->count] = dst;
+    q->src[q->count] = real ? src : NULL;
+    q->bytes[q->count] = BYTES;
+    q->group[q->count++] = q->committed;
+#endif
+}
+
+__device__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+    cp_async_host[threadIdx.x].committed++;
+#endif
+}
+
+template <int N> __device__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#else
+    CpAsyncHostQueue *q = &cp_async_host[threadIdx.x];
+    int kept = 0;
+    for (int k = 0; k < q->count; k++) {
+        if (q->group[k] < q->committed - N) {    /* an older group: it lands now */
+            if (q->src[k]) memcpy(q->dst[k], q->src[k], q->bytes[k]);
+            else memset(q->dst[k], 0, q->bytes[k]);
+        } else {
+            q->dst[kept] = q->dst[k];
+            q->src[kept] = q->src[k];
+            q->bytes[kept] = q->bytes[k];
+            q->group[kept++] = q->group[k];
+        }
+    }
+    q->count = kept;
+#endif
+}
+
 /* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for i < rows, c < d, zero for d <= c < n and for
    rows past T, as att_stored keeps it: one head's slice of token-major rows into a shared tile (row
    stride ld). Each thread moves one 16-byte chunk of consecutive columns (4 fp32 words or 8 bf16),
    coalesced, when all offsets are multiples of a chunk (every preset); element by element otherwise (the
-   tests' odd dims). */
+   tests' odd dims). BF16 chunks go by cp.async (they need no rounding): they land at the caller's next
+   cp_async_wait that covers them, everything else is stored before this returns. */
 template <int P>
 __device__ void att_load_tile(MmaElem<P> *dst, int ld, int c0, int n, const MmaElem<P> *src, size_t tok_stride, int d, int b,
                               int t0, int rows, MhcAttShape sh) {
@@ -1585,7 +1654,7 @@ __device__ void att_load_tile(MmaElem<P> *dst, int ld, int c0, int n, const MmaE
         elem *out = dst + i * ld + c0 + c;
         bool real = t < sh.T && c < d;
         if (vec && P == MHC_PREC_BF16) {
-            *(uint4 *)out = real ? *(const uint4 *)(row + c) : make_uint4(0u, 0u, 0u, 0u);
+            cp_async<16>(out, real ? row + c : src, real);
         } else if (vec) {
             float4 x = real ? *(const float4 *)(row + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             *(float4 *)out = make_float4(att_stored<P>(x.x), att_stored<P>(x.y), att_stored<P>(x.z), att_stored<P>(x.w));
@@ -1623,6 +1692,20 @@ template <int P>
 __device__ void att_load_do(MmaElem<P> *dOs, const MmaElem<P> *d_o, int b, int h, int t0, int rows, MhcAttShape sh) {
     att_load_tile<P>(dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv, b, t0,
                      rows, sh);
+}
+
+/* the dK, dV kernel's query tile t0 .. t0+63 besides Q: its dO rows, and lse and D of those rows (zero
+   past T) by 4-byte cp.async */
+template <int P>
+__device__ void att_load_do_rows(MmaElem<P> *dOs, float *lse_s, float *D_s, const MmaElem<P> *d_o, const float *lse,
+                                 const float *D, int b, int h, int t0, MhcAttShape sh) {
+    att_load_do<P>(dOs, d_o, b, h, t0, MHC_ATT_TILE, sh);
+    if (threadIdx.x < MHC_ATT_TILE) {
+        int t = t0 + threadIdx.x;
+        size_t at = ((size_t)b * sh.H + h) * sh.T + (t < sh.T ? t : 0);
+        cp_async<4>(lse_s + threadIdx.x, lse + at, t < sh.T);
+        cp_async<4>(D_s + threadIdx.x, D + at, t < sh.T);
+    }
 }
 
 /* The warp's [16, 64] accumulator tiles, for this lane: element e of tile j is row g + 8 (e / 2), key
@@ -1722,8 +1805,11 @@ static size_t att_smem_most(MhcAttShape sh) {
 
 /* grid (B*H, query tiles of query_rows). o [N,H,d_v] = softmax(Sc) V per row, lse [B,H,T] = log sum_s
    exp(Sc[t,s]). The tiles run last one first: they have the most key tiles, and a long block started
-   late would leave the GPU idle at the end. A warp whose 16 rows all precede a key tile skips it (it
-   still loads its share, and meets the barriers). */
+   late would leave the GPU idle at the end. A warp whose 16 rows all precede a key tile skips its
+   products (it still loads its share, and meets the barriers).
+   K and V have one buffer each and take turns (FlashAttention-2's pipeline): V of this tile arrives while
+   S = Q K^T is computed, and K of the next tile while the softmax and O += P V are, so in BF16 (cp.async)
+   a tile's loads overlap the other half's products instead of stalling the block. */
 template <int P>
 __global__ void __launch_bounds__(32 * (att_query_rows(P) / 16))
 attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape sh) {
@@ -1733,20 +1819,31 @@ attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaEle
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
     int t0 = (gridDim.y - 1 - blockIdx.y) * rows, r0 = threadIdx.x / 32 * 16;
     elem *Qs = (elem *)smem, *Ks = Qs + rows * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
+    int end = min(t0 + rows, sh.T);                         /* keys s < end are visible to some row */
     att_load_q<P>(Qs, q, b, h, t0, rows, sh);
+    att_load_k<P>(Ks, kv, kpe, b, h, 0, sh);
+    cp_async_commit();                                      /* group: Q, K of tile 0 */
+    att_load_v<P>(Vs, kv, b, h, 0, sh);
+    cp_async_commit();                                      /* group: V of tile 0 */
     float O[MHC_ATT_MAX_DV / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   /* O [16, d_v] */
     mma_zero(O);
-    for (int s0 = 0; s0 < t0 + rows && s0 < sh.T; s0 += MHC_ATT_TILE) {
-        __syncthreads();                                    /* the previous tile's readers are done */
-        att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
-        att_load_v<P>(Vs, kv, b, h, s0, sh);
-        __syncthreads();
-        if (t0 + r0 + 15 < s0) continue;
+    for (int s0 = 0; s0 < end; s0 += MHC_ATT_TILE) {
+        bool active = t0 + r0 + 15 >= s0, more = s0 + MHC_ATT_TILE < end;
         float S[MHC_ATT_KEY_FRAGS][4];
         mma_zero(S);
-        mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
-        att_online_softmax(S, O, m, l, t0 + r0, s0, sh);
-        att_mma_scores<P>(O, S, Vs, att_ld(dv), att_width(dv) / 8);
+        cp_async_wait<1>();                                 /* K of this tile is in (V may still come) */
+        __syncthreads();
+        if (active) mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
+        __syncthreads();                                    /* every warp is done with K */
+        if (more) att_load_k<P>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, sh);
+        cp_async_commit();                                  /* (empty on the last tile: the count stays) */
+        if (active) att_online_softmax(S, O, m, l, t0 + r0, s0, sh);
+        cp_async_wait<1>();                                 /* V of this tile is in (the next K may come) */
+        __syncthreads();
+        if (active) att_mma_scores<P>(O, S, Vs, att_ld(dv), att_width(dv) / 8);
+        __syncthreads();                                    /* every warp is done with V */
+        if (more) att_load_v<P>(Vs, kv, b, h, s0 + MHC_ATT_TILE, sh);
+        cp_async_commit();
     }
     float inv_l[2] = {1.0f / l[0], 1.0f / l[1]};
     att_store_acc(o + (size_t)h * dv, (size_t)sh.H * dv, O, 0, 8, att_width(dv) / 8, 0, dv, inv_l, b, t0 + r0, sh);
@@ -1771,7 +1868,8 @@ __global__ void attention_rowdot_kernel(float *D, const float *d_o, const float 
 
 /* grid (B*H, query tiles, last first as in the forward): dq [N,H,d_qk] of rows t0 .. t0+query_rows-1 =
    sum over the key tiles up to the diagonal of dS K, with P = exp(Sc - lse) and dS = scale P (dP - D)
-   (SPEC §9's softmax backward, the score scale folded in) */
+   (SPEC §9's softmax backward, the score scale folded in). K and V take turns as in the forward: the next
+   V arrives while S, dS and dS K are computed, the next K while dP = dO V^T is. */
 template <int P>
 __global__ void __launch_bounds__(32 * (att_query_rows(P) / 16))
 attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, const float *D, const MmaElem<P> *q,
@@ -1783,8 +1881,13 @@ attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, 
     int t0 = (gridDim.y - 1 - blockIdx.y) * rows, r0 = threadIdx.x / 32 * 16;
     elem *Qs = (elem *)smem, *dOs = Qs + rows * att_ld(dqk), *Ks = dOs + rows * att_ld(dv);
     elem *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
+    int end = min(t0 + rows, sh.T);
     att_load_q<P>(Qs, q, b, h, t0, rows, sh);
     att_load_do<P>(dOs, d_o, b, h, t0, rows, sh);
+    att_load_v<P>(Vs, kv, b, h, 0, sh);
+    cp_async_commit();                                      /* group: Q, dO, V of tile 0 */
+    att_load_k<P>(Ks, kv, kpe, b, h, 0, sh);
+    cp_async_commit();                                      /* group: K of tile 0 */
     float lse_r[2], D_r[2];                                 /* of this lane's two query rows */
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -1794,25 +1897,33 @@ attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, 
     }
     float dQ[MHC_ATT_MAX_DQK / 8][4];                       /* [16, d_qk] */
     mma_zero(dQ);
-    for (int s0 = 0; s0 < t0 + rows && s0 < sh.T; s0 += MHC_ATT_TILE) {
-        __syncthreads();
-        att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
-        att_load_v<P>(Vs, kv, b, h, s0, sh);
-        __syncthreads();
-        if (t0 + r0 + 15 < s0) continue;
+    for (int s0 = 0; s0 < end; s0 += MHC_ATT_TILE) {
+        bool active = t0 + r0 + 15 >= s0, more = s0 + MHC_ATT_TILE < end;
         float S[MHC_ATT_KEY_FRAGS][4], dS[MHC_ATT_KEY_FRAGS][4];
         mma_zero(S);
         mma_zero(dS);
-        mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
-        mma_smem<P, true>(dS, dOs, att_ld(dv), r0, Vs, att_ld(dv), att_width(dv), 0, 8, MHC_ATT_KEY_FRAGS);   /* dP */
+        cp_async_wait<1>();                                 /* V of this tile is in (K may still come) */
+        __syncthreads();
+        if (active) mma_smem<P, true>(dS, dOs, att_ld(dv), r0, Vs, att_ld(dv), att_width(dv), 0, 8, MHC_ATT_KEY_FRAGS);  /* dP */
+        __syncthreads();                                    /* every warp is done with V */
+        if (more) att_load_v<P>(Vs, kv, b, h, s0 + MHC_ATT_TILE, sh);
+        cp_async_commit();
+        cp_async_wait<1>();                                 /* K of this tile is in (the next V may come) */
+        __syncthreads();
+        if (active) {
+            mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
 #pragma unroll
-        for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
+            for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = att_prob(S[j][e], lse_r[e / 2], t0 + r0 + att_acc_row(e), s0 + att_acc_col(j, e), sh);
-                dS[j][e] = sh.scale * p * (dS[j][e] - D_r[e / 2]);
-            }
-        att_mma_scores<P>(dQ, dS, Ks, att_ld(dqk), att_width(dqk) / 8);
+                for (int e = 0; e < 4; e++) {
+                    float p = att_prob(S[j][e], lse_r[e / 2], t0 + r0 + att_acc_row(e), s0 + att_acc_col(j, e), sh);
+                    dS[j][e] = sh.scale * p * (dS[j][e] - D_r[e / 2]);
+                }
+            att_mma_scores<P>(dQ, dS, Ks, att_ld(dqk), att_width(dqk) / 8);
+        }
+        __syncthreads();                                    /* every warp is done with K */
+        if (more) att_load_k<P>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, sh);
+        cp_async_commit();
     }
     float one[2] = {1.0f, 1.0f};
     att_store_acc(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dQ, 0, 8, att_width(dqk) / 8, 0, dqk, one, b, t0 + r0, sh);
@@ -1821,7 +1932,9 @@ attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, 
 /* grid (B*H, key tiles): dK and dV of keys s0 .. s0+63, summed over the query tiles t0 >= s0 (the first
    key tiles have the most, and run first). Writes the k_nope and v parts of dkv [N,H,d_n+d_v] and this
    head's k_pe gradient dkpe_h [N,H,d_r]. Warp w: keys kr0 = 16 (w % 4) .. +15; for P^T and dS^T the
-   queries 32 (w / 4) .. +31 of the tile, for dK and dV the 8-column tiles of parity w / 4. */
+   queries 32 (w / 4) .. +31 of the tile, for dK and dV the 8-column tiles of parity w / 4.
+   Q and dO have one buffer each and take turns: the next dO (with its rows' lse and D) arrives while
+   dK += dS^T Q is computed, the next Q while dP^T = V dO^T is. */
 template <int P>
 __global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS)
 attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, const float *lse, const float *D,
@@ -1836,25 +1949,25 @@ attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, c
     elem *dOs = Vs + MHC_ATT_TILE * att_ld(dv), *Pt = dOs + MHC_ATT_TILE * att_ld(dv), *dSt = Pt + MHC_ATT_TILE * MHC_ATT_PLD;
     att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
     att_load_v<P>(Vs, kv, b, h, s0, sh);
+    att_load_do_rows<P>(dOs, lse_s, D_s, d_o, lse, D, b, h, s0, sh);
+    cp_async_commit();                                      /* group: K, V, dO (lse, D) of tile s0 */
+    att_load_q<P>(Qs, q, b, h, s0, MHC_ATT_TILE, sh);
+    cp_async_commit();                                      /* group: Q of tile s0 */
     int nk = (att_width(dqk) / 8 - half + 1) / 2, nv = (att_width(dv) / 8 - half + 1) / 2;   /* this warp's tiles */
     float dK[MHC_ATT_MAX_DQK / 16][4], dV[MHC_ATT_MAX_DV / 16][4];
     mma_zero(dK);
     mma_zero(dV);
     for (int t0 = s0; t0 < sh.T; t0 += MHC_ATT_TILE) {
-        __syncthreads();                                    /* the previous tile's readers are done */
-        att_load_q<P>(Qs, q, b, h, t0, MHC_ATT_TILE, sh);
-        att_load_do<P>(dOs, d_o, b, h, t0, MHC_ATT_TILE, sh);
-        if (threadIdx.x < MHC_ATT_TILE) {
-            int t = t0 + threadIdx.x;
-            lse_s[threadIdx.x] = t < sh.T ? lse[(size_t)blockIdx.x * sh.T + t] : 0.0f;
-            D_s[threadIdx.x] = t < sh.T ? D[(size_t)blockIdx.x * sh.T + t] : 0.0f;
-        }
-        __syncthreads();
+        bool more = t0 + MHC_ATT_TILE < sh.T;
         float St[MHC_ATT_KEY_FRAGS / 2][4], dPt[MHC_ATT_KEY_FRAGS / 2][4];   /* [16 keys, 32 queries] */
         mma_zero(St);
         mma_zero(dPt);
-        mma_smem<P, true>(St, Ks, att_ld(dqk), kr0, Qs, att_ld(dqk), att_width(dqk), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
+        cp_async_wait<1>();                                 /* dO, lse, D of this tile are in (Q may come) */
+        __syncthreads();
         mma_smem<P, true>(dPt, Vs, att_ld(dv), kr0, dOs, att_ld(dv), att_width(dv), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
+        cp_async_wait<0>();                                 /* Q of this tile is in */
+        __syncthreads();
+        mma_smem<P, true>(St, Ks, att_ld(dqk), kr0, Qs, att_ld(dqk), att_width(dqk), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
 #pragma unroll
         for (int j = 0; j < MHC_ATT_KEY_FRAGS / 2; j++)
 #pragma unroll
@@ -1867,9 +1980,15 @@ attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, c
                 *(typename Op::pair *)(Pt + i * MHC_ATT_PLD + c) = Op::make(Op::round(p0), Op::round(p1));
                 *(typename Op::pair *)(dSt + i * MHC_ATT_PLD + c) = Op::make(Op::round(ds0), Op::round(ds1));
             }
-        __syncthreads();
+        __syncthreads();                                    /* P^T, dS^T are complete */
         mma_smem<P, false>(dV, Pt, MHC_ATT_PLD, kr0, dOs, att_ld(dv), MHC_ATT_TILE, 8 * half, 16, nv);   /* P^T dO */
+        __syncthreads();                                    /* every warp is done with dO, lse, D */
+        if (more) att_load_do_rows<P>(dOs, lse_s, D_s, d_o, lse, D, b, h, t0 + MHC_ATT_TILE, sh);
+        cp_async_commit();
         mma_smem<P, false>(dK, dSt, MHC_ATT_PLD, kr0, Qs, att_ld(dqk), MHC_ATT_TILE, 8 * half, 16, nk);  /* dS^T Q */
+        __syncthreads();                                    /* every warp is done with Q, P^T and dS^T */
+        if (more) att_load_q<P>(Qs, q, b, h, t0 + MHC_ATT_TILE, MHC_ATT_TILE, sh);
+        cp_async_commit();
     }
     float one[2] = {1.0f, 1.0f};
     size_t row = (size_t)sh.H * (sh.dn + dv);

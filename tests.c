@@ -2478,15 +2478,17 @@ static void gpu_test_streams(void) {
    last one, so that the register accumulators carry over several tiles and the causal diagonal falls
    inside a tile; small odd head dims (element-wise loads, warps with no accumulator tile) and multiples
    of 4 (16-byte loads); the 3b preset's head dims (d_qk 192, d_v 128) over two tiles, which in bf16 is
-   one 128-row query tile with warps that skip key tiles. Exact mode (CUDA cores): fp32 on both sides,
+   one 128-row query tile with warps that skip key tiles; and multiples of 8 over four tiles, two batch
+   rows, so that bf16's cp.async loads (whole 8-element chunks) run the pipelines' buffer turns several
+   times, to a partial last tile. Exact mode (CUDA cores): fp32 on both sides,
    summed in different orders: 1e-5 forward, 1e-4 backward (two chained products). TF32 tensor cores:
    1e-2 (operands rounded to 10-bit mantissas, relative 2^-11, then two products chained, P or dS
    rounded in between). bf16: 3e-2, the same with 7-bit mantissas (relative 2^-8, 8x TF32's); the H100
    measured at most 1.0e-3 (TF32) and 9.2e-3 (bf16). */
 static void gpu_test_attention(void) {
-    const int shapes[4][6] = {{2, 37, 3, 8, 6, 10}, {1, 70, 2, 5, 4, 7}, {1, 150, 2, 16, 8, 12},
-                               {1, 100, 2, 128, 64, 128}};                           /* B T H dn dr dv */
-    for (int k = 0; k < 4; k++) {
+    const int shapes[5][6] = {{2, 37, 3, 8, 6, 10}, {1, 70, 2, 5, 4, 7}, {1, 150, 2, 16, 8, 12},
+                               {1, 100, 2, 128, 64, 128}, {2, 200, 1, 16, 8, 16}};   /* B T H dn dr dv */
+    for (int k = 0; k < 5; k++) {
         MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
         int B = shapes[k][0], T = shapes[k][1], N = B * T;
         c.n_heads = shapes[k][2]; c.qk_nope_head_dim = shapes[k][3]; c.qk_rope_head_dim = shapes[k][4]; c.v_head_dim = shapes[k][5];

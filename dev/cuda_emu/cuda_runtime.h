@@ -1,10 +1,11 @@
 /* dev/cuda_emu/cuda_runtime.h - a CPU emulation of the part of CUDA that mhc_cuda.cuh uses, so the GPU
    code paths (and the `gpu` test group of tests.c) can be run and checked on a machine with no GPU.
 
-   Every thread of a block is a fiber (ucontext) with its own stack; blocks run one after another.
-   __syncthreads and __syncwarp are real barriers (a fiber waits until every live thread of its block or
-   warp arrives), warp shuffles and ballots exchange values through a per-warp table, and a barrier that
-   can never be released aborts with "deadlock". Device memory is host memory filled with 0xFF bytes
+   Every thread of a block is a fiber (ucontext) with its own stack; blocks run one after another, and
+   within a block one warp at a time runs up to the next __syncthreads (emu.cpp emu_run_block), so a
+   missing barrier between warps shows. __syncthreads and __syncwarp are real barriers (a fiber waits
+   until every live thread of its block or warp arrives), warp shuffles and ballots exchange values
+   through a per-warp table, and a barrier that can never be released aborts with "deadlock". Device memory is host memory filled with 0xFF bytes
    (NaN floats, -1 ints) when allocated and shared memory with 0x7F, so reads of unwritten memory show.
    Kernel launches `k<<<grid, block, smem>>>(args)` are rewritten into emu_launch calls by launch.py.
 

@@ -34,28 +34,36 @@ static void emu_fail(const char *what, const char *kernel) {
     abort();
 }
 
-/* releases a warp barrier when every lane of the warp waits at it; returns 1 if one was released */
-static int emu_release_warps(int n, const char *name) {
-    int released = 0;
-    for (int w = 0; w * 32 < n; w++) {
-        int waiting = 0, all_there = 1;
-        for (int i = w * 32; i < w * 32 + 32 && i < n; i++) {
-            if (emu_threads[i].state == EMU_WAIT_WARP) waiting = 1;
-            else all_there = 0;
-        }
-        if (waiting && !all_there) {
-            for (int i = w * 32; i < w * 32 + 32 && i < n; i++)
-                if (emu_threads[i].state == EMU_DONE) emu_fail("warp barrier with exited lanes", name);
-        }
-        if (waiting && all_there) {
-            for (int i = w * 32; i < w * 32 + 32 && i < n; i++) emu_threads[i].state = EMU_RUN;
-            released = 1;
-        }
+/* releases warp w's barrier when every lane of the warp waits at it; returns 1 if it was released */
+static int emu_release_warp(int w, int n, const char *name) {
+    int waiting = 0, all_there = 1;
+    for (int i = w * 32; i < w * 32 + 32 && i < n; i++) {
+        if (emu_threads[i].state == EMU_WAIT_WARP) waiting = 1;
+        else all_there = 0;
     }
-    return released;
+    if (waiting && !all_there) {
+        for (int i = w * 32; i < w * 32 + 32 && i < n; i++)
+            if (emu_threads[i].state == EMU_DONE) emu_fail("warp barrier with exited lanes", name);
+    }
+    if (!waiting || !all_there) return 0;
+    for (int i = w * 32; i < w * 32 + 32 && i < n; i++) emu_threads[i].state = EMU_RUN;
+    return 1;
 }
 
-/* runs one block to completion: every thread until it waits or ends, then releases what can be */
+/* runs thread i until it waits or ends */
+static void emu_run_thread(int i) {
+    emu_current = i;
+    threadIdx.x = i; threadIdx.y = 0; threadIdx.z = 0;
+    if (_setjmp(emu_scheduler_resume)) return;                  /* the thread yielded back here */
+    if (emu_threads[i].started) _longjmp(emu_threads[i].resume, 1);
+    emu_threads[i].started = 1;
+    swapcontext(&emu_scheduler, &emu_threads[i].context);
+}
+
+/* Runs one block to completion, one warp at a time: a warp runs through its warp barriers until every
+   lane waits at the block barrier (or has ended) before the next warp starts, warps in order (reversed
+   with EMU_REVERSE). That is the most skewed schedule a GPU may take between two __syncthreads, so a
+   barrier missing between one warp's write and another's read (or the other way round) shows. */
 static void emu_run_block(int n, int reverse, const char *name) {
     for (int i = 0; i < n; i++) {
         if (!emu_threads[i].stack && !(emu_threads[i].stack = (char *)malloc(EMU_STACK_BYTES))) emu_fail("out of memory", name);
@@ -67,16 +75,16 @@ static void emu_run_block(int n, int reverse, const char *name) {
         emu_threads[i].state = EMU_RUN;
         emu_threads[i].started = 0;
     }
+    int warps = (n + 31) / 32;
     for (;;) {
-        for (int k = 0; k < n; k++) {
-            int i = reverse ? n - 1 - k : k;
-            if (emu_threads[i].state != EMU_RUN) continue;
-            emu_current = i;
-            threadIdx.x = i; threadIdx.y = 0; threadIdx.z = 0;
-            if (_setjmp(emu_scheduler_resume)) continue;            /* the thread yielded back here */
-            if (emu_threads[i].started) _longjmp(emu_threads[i].resume, 1);
-            emu_threads[i].started = 1;
-            swapcontext(&emu_scheduler, &emu_threads[i].context);
+        for (int k = 0; k < warps; k++) {
+            int w = reverse ? warps - 1 - k : k, lanes = std::min(32, n - 32 * w);
+            do {
+                for (int j = 0; j < lanes; j++) {
+                    int i = 32 * w + (reverse ? lanes - 1 - j : j);
+                    if (emu_threads[i].state == EMU_RUN) emu_run_thread(i);
+                }
+            } while (emu_release_warp(w, n, name));
         }
         int done = 1, at_block_barrier = 1;
         for (int i = 0; i < n; i++) {
@@ -84,7 +92,6 @@ static void emu_run_block(int n, int reverse, const char *name) {
             at_block_barrier &= emu_threads[i].state == EMU_WAIT_BLOCK || emu_threads[i].state == EMU_DONE;
         }
         if (done) return;
-        if (emu_release_warps(n, name)) continue;
         if (!at_block_barrier) emu_fail("deadlock (threads wait at different barriers)", name);
         for (int i = 0; i < n; i++)
             if (emu_threads[i].state == EMU_WAIT_BLOCK) emu_threads[i].state = EMU_RUN;
