@@ -1534,10 +1534,16 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
 #define MHC_ATT_MAX_DV 128                             /* preset's heads (3b..27b: 192 and 128)        */
 #define MHC_ATT_PLD (MHC_ATT_TILE + 8)                 /* row stride of the P^T, dS^T tiles            */
 
+/* The kernels' exponentials are base 2, exp(x) = exp2(x log2 e), as in FlashAttention-2: exp2f is one
+   hardware instruction where expf is several, on every score. The scores are scaled by scale_log2, the
+   running max is kept in those units, and lse stays in natural-log units in memory. */
 typedef struct {
     int T, H, dn, dr, dv;
     float scale;                  /* 1 / sqrt(d_qk) */
+    float scale_log2;             /* scale log2 e */
 } MhcAttShape;
+
+#define MHC_LOG2E 1.4426950408889634f
 
 static __host__ __device__ int att_width(int d) { return (d + 15) / 16 * 16; }   /* k steps of 16 */
 static __host__ __device__ int att_ld(int d) { return att_width(d) + 8; }
@@ -1713,15 +1719,17 @@ __device__ void att_load_do_rows(MmaElem<P> *dOs, float *lse_s, float *D_s, cons
 __device__ int att_acc_row(int e) { return threadIdx.x % 32 / 4 + 8 * (e / 2); }
 __device__ int att_acc_col(int j, int e) { return 8 * j + 2 * (threadIdx.x % 4) + e % 2; }
 
-/* P = exp(scale s - lse) where key k is visible to a real query t, else 0 */
+/* P = exp(scale s - lse) = exp2(scale_log2 s - lse log2 e) where key k is visible to a real query t,
+   else 0 */
 __device__ float att_prob(float s, float lse, int t, int k, MhcAttShape sh) {
-    return t < sh.T && att_visible(t, k, sh) ? expf(sh.scale * s - lse) : 0.0f;
+    return t < sh.T && att_visible(t, k, sh) ? exp2f(sh.scale_log2 * s - MHC_LOG2E * lse) : 0.0f;
 }
 
 /* One key tile of the online softmax on a warp's score rows S [16, 64] (queries t_0 + row, keys s0 +
    column): the running max m and sum l of this lane's two rows move on, O is rescaled by exp(m_old -
-   m_new) row by row, and S becomes exp(scale S - m_new) (0 where not visible). m is finite from the first
-   tile on: key 0 is visible to every row. The four lanes of a row (same g) combine with two shuffles. */
+   m_new) row by row, and S becomes exp(scale S - m_new) (0 where not visible). m is in log2 units (the
+   max of scale_log2 S), every exponential an exp2. m is finite from the first tile on: key 0 is visible
+   to every row. The four lanes of a row (same g) combine with two shuffles. */
 template <int NF>
 __device__ void att_online_softmax(float (&S)[MHC_ATT_KEY_FRAGS][4], float (&O)[NF][4], float (&m)[2], float (&l)[2],
                                    int t_0, int s0, MhcAttShape sh) {
@@ -1732,7 +1740,7 @@ __device__ void att_online_softmax(float (&S)[MHC_ATT_KEY_FRAGS][4], float (&O)[
         for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
 #pragma unroll
             for (int e = 2 * r; e < 2 * r + 2; e++) {
-                S[j][e] = att_visible(t_0 + att_acc_row(e), s0 + att_acc_col(j, e), sh) ? sh.scale * S[j][e] : -INFINITY;
+                S[j][e] = att_visible(t_0 + att_acc_row(e), s0 + att_acc_col(j, e), sh) ? sh.scale_log2 * S[j][e] : -INFINITY;
                 m_new = fmaxf(m_new, S[j][e]);
             }
         m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
@@ -1741,12 +1749,12 @@ __device__ void att_online_softmax(float (&S)[MHC_ATT_KEY_FRAGS][4], float (&O)[
         for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
 #pragma unroll
             for (int e = 2 * r; e < 2 * r + 2; e++) {
-                S[j][e] = expf(S[j][e] - m_new);
+                S[j][e] = exp2f(S[j][e] - m_new);
                 sum += S[j][e];
             }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        float rescale = expf(m[r] - m_new);           /* exp(-inf) = 0 on the first tile, where l and O are 0 */
+        float rescale = exp2f(m[r] - m_new);          /* exp2(-inf) = 0 on the first tile, where l and O are 0 */
         l[r] = l[r] * rescale + sum;
         m[r] = m_new;
 #pragma unroll
@@ -1850,7 +1858,7 @@ attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaEle
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int t = t0 + r0 + att_acc_row(2 * r);
-        if (threadIdx.x % 4 == 0 && t < sh.T) lse[(size_t)blockIdx.x * sh.T + t] = m[r] + logf(l[r]);
+        if (threadIdx.x % 4 == 0 && t < sh.T) lse[(size_t)blockIdx.x * sh.T + t] = (m[r] + log2f(l[r])) / MHC_LOG2E;
     }
 }
 
@@ -2522,8 +2530,9 @@ static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
 }
 
 static MhcAttShape att_shape(const MhcConfig *c, int T) {
-    MhcAttShape sh = {T, c->n_heads, c->qk_nope_head_dim, c->qk_rope_head_dim, c->v_head_dim,
-                      (float)(1.0 / sqrt((double)(c->qk_nope_head_dim + c->qk_rope_head_dim)))};
+    double scale = 1.0 / sqrt((double)(c->qk_nope_head_dim + c->qk_rope_head_dim));
+    MhcAttShape sh = {T, c->n_heads, c->qk_nope_head_dim, c->qk_rope_head_dim, c->v_head_dim, (float)scale,
+                      (float)(scale * MHC_LOG2E)};
     return sh;
 }
 
