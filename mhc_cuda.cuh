@@ -240,6 +240,22 @@ template <typename T, typename Op> __device__ T warp_reduce(T v, Op op) {
     return v;
 }
 
+/* a . b over n elements by one warp: lanes stride over the elements (float4 where both rows are 16-byte
+   aligned and n is a multiple of 4), then the butterfly; every lane gets the sum */
+__device__ float warp_dot(const float *a, const float *b, int n) {
+    int lane = threadIdx.x % 32;
+    float s = 0;
+    if (n % 4 == 0 && (uintptr_t)a % 16 == 0 && (uintptr_t)b % 16 == 0) {
+        for (int k = 4 * lane; k < n; k += 128) {
+            float4 x = *(const float4 *)(a + k), y = *(const float4 *)(b + k);
+            s += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
+        }
+    } else {
+        for (int k = lane; k < n; k += 32) s += a[k] * b[k];
+    }
+    return warp_reduce(s, SumOp());
+}
+
 /* whole block (blockDim a multiple of 32, every thread calling): warps reduce, then every thread
    combines the per-warp values in warp order, so all get the same result */
 template <typename T, typename Op> __device__ T block_reduce(T v, Op op) {
@@ -794,21 +810,19 @@ template <int P> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &g)
 }
 
 /* Few rows (decode: one token's K experts): there a tile kernel spends its time in one block's K loop,
-   so each warp makes one output, C[r][j] = A[r] . W_e[j] (+ beta C), its lanes striding over K and the
-   sum a butterfly (exact fp32, a fixed order). The forward's layout only (transB, W_e [N][K]); 8 outputs
+   so each warp makes one output, C[r][j] = A[r] . W_e[j] (+ beta C) by warp_dot (exact fp32, a fixed
+   order). The forward's layout only (transB, W_e [N][K]); 8 outputs
    of one row per block. */
 #define EG_GEMV_ROWS 16
 
 __global__ void expert_gemv_kernel(MhcExpertGemm g) {
-    int r = blockIdx.x, j = blockIdx.y * 8 + threadIdx.x / 32, lane = threadIdx.x % 32, e = 0;
+    int r = blockIdx.x, j = blockIdx.y * 8 + threadIdx.x / 32, e = 0;
     if (j >= g.N) return;
     while (e < g.E && g.seg[e + 1] <= r) e++;      /* row r belongs to expert e */
     if (e >= g.E) return;
     const float *a = g.A + (size_t)r * g.lda, *w = g.B + e * g.w_stride + (size_t)j * g.ldb;
-    float s = 0;
-    for (int k = lane; k < g.Kfix; k += 32) s += a[k] * w[k];
-    s = warp_reduce(s, SumOp());
-    if (lane == 0) {
+    float s = warp_dot(a, w, g.Kfix);
+    if (threadIdx.x % 32 == 0) {
         float *c = g.C + (size_t)r * g.ldc + j;
         *c = g.beta == 0.0f ? s : s + g.beta * *c;
     }
@@ -2242,6 +2256,34 @@ __global__ void moe_combine_kernel(float *out, const float *src, const int *row,
     out[idx] = acc;
 }
 
+/* Decode's FFNs on one token (SPEC §8 SwiGLU, §11 experts), one warp per output, the token's own
+   rows read in place: no grouping, no gather, no combine. Slot k of K uses expert e_k = sel[k], whose
+   matrices are W + e_k w_stride, or, with sel NULL, W itself (a dense FFN, or the shared experts).
+     up:   h[k][i] = silu(W1_k[i] . u) (W3_k[i] . u),                   i < rows    grid (K, rows / 8)
+     down: out[c] = (add ? out[c] : 0) + sum_k w_k (W2_k[c] . h[k]),   c < C       grid (C / 8)
+   with w_k = 1 where w is NULL. Exact fp32 (warp_dot), the slots summed in order k = 0 .. K-1 as
+   moe_combine_kernel does. */
+__global__ void ffn_decode_up_kernel(float *h, const float *u, const float *w1, const float *w3, const int *sel,
+                                     size_t w_stride, int rows, int C) {
+    int k = blockIdx.x, i = blockIdx.y * 8 + threadIdx.x / 32;
+    if (i >= rows) return;
+    size_t at = (sel ? (size_t)sel[k] * w_stride : 0) + (size_t)i * C;
+    float a = warp_dot(w1 + at, u, C), g = warp_dot(w3 + at, u, C);
+    if (threadIdx.x % 32 == 0) h[(size_t)k * rows + i] = a * mhc_sigmoidf(a) * g;
+}
+
+__global__ void ffn_decode_down_kernel(float *out, const float *h, const float *w2, const int *sel, const float *w,
+                                       size_t w_stride, int K, int rows, int C, int add) {
+    int c = blockIdx.x * 8 + threadIdx.x / 32;
+    if (c >= C) return;
+    float acc = add ? out[c] : 0.0f;
+    for (int k = 0; k < K; k++) {
+        float v = warp_dot(w2 + (sel ? (size_t)sel[k] * w_stride : 0) + (size_t)c * rows, h + (size_t)k * rows, rows);
+        acc += w ? w[k] * v : v;
+    }
+    if (threadIdx.x % 32 == 0) out[c] = acc;
+}
+
 /* SPEC §11 backward of the weighted un-permute, one warp per grouped row pos (assignment p = order[pos],
    token t = p / K): dgw[p] = dout[t] . eo[pos] (dw_i = dout . Expert_i(u)), dYp[pos] = w[p] dout[t] */
 __global__ void moe_uncombine_kernel(float *dYp, float *dgw, const float *dout, const float *eo, const float *w, const int *order,
@@ -2702,9 +2744,20 @@ static void gpu_moe_combine(float *out, const float *src, const int *row, const 
     LAUNCH_CHECK();
 }
 
+/* decode's SwiGLU FFN on one token over K slots (the ffn_decode kernels): out (+)= sum_k w_k FFN_k(u);
+   h [K, rows] */
+static void gpu_ffn_decode(float *out, float *h, const float *u, const float *w1, const float *w3, const float *w2,
+                           const int *sel, const float *w, size_t w_stride, int K, int rows, int C, int add) {
+    ffn_decode_up_kernel<<<dim3(K, mhc_blocks((size_t)rows, 8)), 256>>>(h, u, w1, w3, sel, w_stride, rows, C);
+    LAUNCH_CHECK();
+    ffn_decode_down_kernel<<<mhc_blocks((size_t)C, 8), 256>>>(out, h, w2, sel, w, w_stride, K, rows, C, add);
+    LAUNCH_CHECK();
+}
+
 /* SPEC §11 forward of layer l: out [N,C] = Shared(u) + sum_Sel w_i Expert_i(u); its loads go to
-   expert_load[l] and, with balance, its balance loss to moe_bal[l] (decode skips it: no loss there) */
-static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, float *out, int B, int T, int balance) {
+   expert_load[l] and its balance loss to moe_bal[l]. decode (one token, B = T = 1): the experts run in
+   place on the token's slots (gpu_ffn_decode), with no loads and no loss (nothing trains there). */
+static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, float *out, int B, int T, int decode) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     MhcActs *a = &A->a;
@@ -2715,6 +2768,11 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     int *sel = a->moe_sel + (size_t)ls * NK;
     gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, s, u, b->gate, N, C, E);          /* z = W_gate u (fp32) */
     gpu_moe_route(sel, w, s, g->expert_bias + (size_t)l * E, N, c);
+    if (decode) {
+        if (NsI > 0) gpu_ffn_decode(out, hh + (size_t)NK * I, u, b->sw1, b->sw3, b->sw2, NULL, NULL, 0, 1, NsI, C, 0);
+        gpu_ffn_decode(out, hh, u, b->w1, b->w3, b->w2, sel, w, (size_t)I * C, K, I, C, NsI > 0);
+        return;
+    }
     if (NsI > 0) {
         size_t off = (size_t)NK * I;                 /* shared expert after the routed slots */
         gpu_swiglu_ffn_forward(&g->blas, out, ha + off, hg + off, hh + off, u, b->sw1, b->sw3, b->sw2, N, C, NsI);
@@ -2729,7 +2787,7 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_swiglu_forward(hh, ha, hg, (size_t)NK * I);
     gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, NK, C, I, 0, 0.0f, NULL);       /* W2_e h    */
     gpu_moe_combine(out, eo, A->a.expert_row, w, N, K, C);
-    if (balance && c->seq_aux_alpha > 0) {
+    if (c->seq_aux_alpha > 0) {
         gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);
     }
 }
@@ -2791,7 +2849,9 @@ static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, 
     } else if (s % 2 == 0) {
         gpu_mla_forward(g, A, l, u, f, B, T, rerun);
     } else if (mhc_is_moe(c, l)) {
-        gpu_moe_forward(g, A, l, u, f, B, T, cache == NULL);
+        gpu_moe_forward(g, A, l, u, f, B, T, cache != NULL);
+    } else if (cache) {
+        gpu_ffn_decode(f, a->ffn_h + (size_t)ls * N * F, u, b->w1, b->w3, b->w2, NULL, NULL, 0, 1, c->dense_inter_dim, C, 0);
     } else {
         size_t off = (size_t)ls * N * F;
         gpu_swiglu_ffn_forward(&g->blas, f, a->ffn_a + off, a->ffn_g + off, a->ffn_h + off, u, b->w1, b->w3, b->w2, N, C,

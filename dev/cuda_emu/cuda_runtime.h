@@ -8,6 +8,8 @@
    through a per-warp table, and a barrier that can never be released aborts with "deadlock". Device memory is host memory filled with 0xFF bytes
    (NaN floats, -1 ints) when allocated and shared memory with 0x7F, so reads of unwritten memory show.
    Kernel launches `k<<<grid, block, smem>>>(args)` are rewritten into emu_launch calls by launch.py.
+   With EMU_LAUNCH_LOG=1 every launch, cuBLAS call, cudaMemcpy and cudaMemset prints a line on stderr
+   ("launch NAME"): the launch count of a step or a decoded token, without a GPU.
 
    What it does not model: concurrency between blocks (they run in order, or reversed with
    EMU_REVERSE=1 so order dependence shows), memory-model races, timing, and hardware rounding modes
@@ -95,8 +97,17 @@ static inline const char *cudaGetErrorString(cudaError_t) { return "emulated CUD
 static inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 cudaError_t cudaMalloc(void **p, size_t bytes);
 static inline cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
-static inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind) { memmove(d, s, n); return cudaSuccess; }
-static inline cudaError_t cudaMemset(void *d, int v, size_t n) { memset(d, v, n); return cudaSuccess; }
+extern const int emu_launch_log;          /* EMU_LAUNCH_LOG set: every launch, copy and memset named on stderr */
+static inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind) {
+    if (emu_launch_log) fprintf(stderr, "launch cudaMemcpy %zu bytes\n", n);
+    memmove(d, s, n);
+    return cudaSuccess;
+}
+static inline cudaError_t cudaMemset(void *d, int v, size_t n) {
+    if (emu_launch_log) fprintf(stderr, "launch cudaMemset %zu bytes\n", n);
+    memset(d, v, n);
+    return cudaSuccess;
+}
 static inline cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
 static inline cudaError_t cudaDeviceGetAttribute(int *v, int, int) { *v = EMU_SMEM_OPTIN; return cudaSuccess; }
 cudaError_t cudaFuncSetAttribute(const void *, int, int value);

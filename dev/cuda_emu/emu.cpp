@@ -7,6 +7,7 @@ emu_uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
 uint64_t emu_exchange[32][32];
 char *emu_dynamic_smem;
+const int emu_launch_log = getenv("EMU_LAUNCH_LOG") != NULL;
 
 /* A thread starts on its own stack through makecontext/swapcontext; after that, switches between it and
    the scheduler are _setjmp/_longjmp, which (unlike swapcontext) make no system call for the signal mask:
@@ -104,6 +105,7 @@ void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::funct
     if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) emu_fail("bad grid shape", name);
     if (smem > EMU_SMEM_OPTIN) emu_fail("too much dynamic shared memory", name);
     static const int reverse = getenv("EMU_REVERSE") != NULL;
+    if (emu_launch_log) fprintf(stderr, "launch %s\n", name);
     gridDim = grid;
     blockDim = block;
     emu_body = &body;
@@ -161,6 +163,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t tran
                                           int k, const float *alpha, const void *A_, cudaDataType typeA, int lda, long long strideA,
                                           const void *B_, cudaDataType typeB, int ldb, long long strideB, const float *beta, void *C_,
                                           cudaDataType typeC, int ldc, long long strideC, int batch, cublasComputeType_t compute, int) {
+    if (emu_launch_log) fprintf(stderr, "launch cublasGemmStridedBatchedEx %d x %d x %d\n", m, n, k);
     if (ldc < m || lda < (transa == CUBLAS_OP_N ? m : k) || ldb < (transb == CUBLAS_OP_N ? k : n) || lda < 1 || ldb < 1) {
         fprintf(stderr, "cuda_emu: bad leading dimension in a GEMM (m %d n %d k %d lda %d ldb %d ldc %d)\n", m, n, k, lda, ldb, ldc);
         abort();
