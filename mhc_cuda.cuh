@@ -1281,16 +1281,20 @@ __device__ void sinkhorn_start_backward(float *dLam, const float *G, const float
     }
 }
 
+/* SPEC §4 for one token by one thread: H_res [n*n] = Sinkhorn(Lam), M its scratch (stride S) */
+__device__ void sinkhorn_forward_token(float *H_res, float *M, int S, const float *Lam, int n, int iters, float eps) {
+    sinkhorn_start(M, NULL, S, Lam, n);
+    for (int k = 0; k < 2 * iters; k++) sinkhorn_step(M, M, NULL, S, n, k % 2 == 0, eps);
+    for (int e = 0; e < n * n; e++) H_res[e] = M[e * S];
+}
+
 /* SPEC §4 for every token, one thread each: H_res = H[t][2n..m) = Sinkhorn(Lam), Lam = a[t][2n..m) */
 __global__ void sinkhorn_forward_kernel(float *H, const float *a, int N, int n, int iters, float eps) {
     extern __shared__ float smem[];
     size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (t >= (size_t)N) return;
-    int S = blockDim.x, m = n * n + 2 * n;
-    float *M = smem + threadIdx.x;
-    sinkhorn_start(M, NULL, S, a + t * m + 2 * n, n);
-    for (int k = 0; k < 2 * iters; k++) sinkhorn_step(M, M, NULL, S, n, k % 2 == 0, eps);
-    for (int e = 0; e < n * n; e++) H[t * m + 2 * n + e] = M[e * S];
+    int m = n * n + 2 * n;
+    sinkhorn_forward_token(H + t * m + 2 * n, smem + threadIdx.x, blockDim.x, a + t * m + 2 * n, n, iters, eps);
 }
 
 /* SPEC §5.6 for every token, one thread each: replays the forward into the tape, then walks it back from
@@ -1341,11 +1345,13 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    with the projection, a = alpha r (phi x) + b, so the norm's statistic |x|^2 needs no second GEMM: the
    block reads the token's streams once for it, makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), and
    reads the streams again (from L2) for the pre-mix y [N,C] = sum_j H_pre[j] X[j]. Writes h, a, H [N,m]
-   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]).                                           */
+   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]). With sk_iters > 0 (one token: decode) thread 0
+   makes H_res here too, while the other threads make y: one launch fewer where there is no parallelism
+   to gain from a Sinkhorn kernel.                                                                       */
 __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
     float *y, float *H, float *a, float *r_out, const float *h, const float *X, const float *alpha, const float *b, int n,
-    int C, float eps_rms) {
-    __shared__ float h_pre[MHC_MAX_STREAMS];
+    int C, float eps_rms, int sk_iters, float sk_eps) {
+    __shared__ float h_pre[MHC_MAX_STREAMS], sk_scratch[MHC_MAX_STREAMS * MHC_MAX_STREAMS];
     int m = n * n + 2 * n, nC = n * C;
     size_t t = blockIdx.x;
     const float *x = X + t * nC, *ht = h + t * m;
@@ -1362,7 +1368,8 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
     }
     for (int k = 2 * n + threadIdx.x; k < m; k += blockDim.x) at[k] = alpha[2] * r * ht[k] + b[k];
     if (threadIdx.x == 0) r_out[t * n] = r;
-    __syncthreads();                                /* h_pre is complete */
+    __syncthreads();                                /* h_pre and a are complete */
+    if (sk_iters > 0 && threadIdx.x == 0) sinkhorn_forward_token(Ht + 2 * n, sk_scratch, 1, at + 2 * n, n, sk_iters, sk_eps);
     float hp[MHC_MAX_STREAMS];
 #pragma unroll
     for (int j = 0; j < MHC_MAX_STREAMS; j++) hp[j] = j < n ? h_pre[j] : 0.0f;
@@ -1379,9 +1386,11 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *H, float *a,
                                 const float *phi, const float *alpha, const float *b, int N, int n, int C, int iters,
                                 double eps_sk, double eps_rms) {
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, n * C, n * n + 2 * n);
-    mhc_coeffs_pre_forward_kernel<<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms);
+    int fused = N == 1;                             /* one token: its Sinkhorn inside the block */
+    mhc_coeffs_pre_forward_kernel<<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, fused ? iters : 0,
+                                                            (float)eps_sk);
     LAUNCH_CHECK();
-    gpu_sinkhorn_forward(H, a, N, n, iters, eps_sk);
+    if (!fused) gpu_sinkhorn_forward(H, a, N, n, iters, eps_sk);
 }
 
 /* Its backward (SPEC §5.3 PATH 2, §5.4 + §5.6 PATH 3): the Sinkhorn, one block per token, then cuBLAS.
