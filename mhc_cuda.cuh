@@ -1345,12 +1345,13 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    with the projection, a = alpha r (phi x) + b, so the norm's statistic |x|^2 needs no second GEMM: the
    block reads the token's streams once for it, makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), and
    reads the streams again (from L2) for the pre-mix y [N,C] = sum_j H_pre[j] X[j]. Writes h, a, H [N,m]
-   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]). With sk_iters > 0 (one token: decode) thread 0
-   makes H_res here too, while the other threads make y: one launch fewer where there is no parallelism
-   to gain from a Sinkhorn kernel.                                                                       */
-__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
+   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]). For one token (decode), where a launch costs
+   more than the work, the block does two more things: with sk_iters > 0 thread 0 makes H_res, while the
+   other threads make y; with u given, u [N,C] = RMSNorm(y) with gain norm_g and u_rstd [N] (the
+   sublayer's norm, as rmsnorm_forward_kernel makes it).                                                 */
+__global__ void __launch_bounds__(MHC_TOKEN_THREADS, 8) mhc_coeffs_pre_forward_kernel(   /* 8 blocks: 32 registers */
     float *y, float *H, float *a, float *r_out, const float *h, const float *X, const float *alpha, const float *b, int n,
-    int C, float eps_rms, int sk_iters, float sk_eps) {
+    int C, float eps_rms, int sk_iters, float sk_eps, float *u, float *u_rstd, const float *norm_g) {
     __shared__ float h_pre[MHC_MAX_STREAMS], sk_scratch[MHC_MAX_STREAMS * MHC_MAX_STREAMS];
     int m = n * n + 2 * n, nC = n * C;
     size_t t = blockIdx.x;
@@ -1380,17 +1381,28 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
             if (j < n) sum += hp[j] * x[(size_t)j * C + c];
         y[t * C + c] = sum;
     }
+    if (!u) return;
+    float yy = 0;                                   /* each thread reads back the y it wrote */
+    for (int c = threadIdx.x; c < C; c += blockDim.x) yy += y[t * C + c] * y[t * C + c];
+    float ur = 1.0f / sqrtf(block_reduce(yy, SumOp()) / C + eps_rms);
+    for (int c = threadIdx.x; c < C; c += blockDim.x) u[t * C + c] = norm_g[c] * y[t * C + c] * ur;
+    if (threadIdx.x == 0) u_rstd[t] = ur;
 }
 
-static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *H, float *a, float *h, float *r, const float *X,
-                                const float *phi, const float *alpha, const float *b, int N, int n, int C, int iters,
-                                double eps_sk, double eps_rms) {
+/* The pre-stage of N tokens: h = X phi^T (cuBLAS), the streaming kernel, the Sinkhorn kernel; with u
+   given (may be NULL) also the sublayer's norm u [N,C] = RMSNorm(y), gain norm_g, u_rstd [N]. One token
+   has its Sinkhorn and norm done in the streaming block. */
+static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_rstd, float *H, float *a, float *h, float *r,
+                                const float *X, const float *phi, const float *alpha, const float *b, const float *norm_g,
+                                int N, int n, int C, int iters, double eps_sk, double eps_rms) {
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, n * C, n * n + 2 * n);
-    int fused = N == 1;                             /* one token: its Sinkhorn inside the block */
+    int fused = N == 1;
     mhc_coeffs_pre_forward_kernel<<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, fused ? iters : 0,
-                                                            (float)eps_sk);
+                                                            (float)eps_sk, fused ? u : NULL, u_rstd, norm_g);
     LAUNCH_CHECK();
-    if (!fused) gpu_sinkhorn_forward(H, a, N, n, iters, eps_sk);
+    if (fused) return;
+    gpu_sinkhorn_forward(H, a, N, n, iters, eps_sk);
+    if (u) gpu_rmsnorm_forward(u, u_rstd, y, norm_g, N, C, eps_rms);
 }
 
 /* Its backward (SPEC §5.3 PATH 2, §5.4 + §5.6 PATH 3): the Sinkhorn, one block per token, then cuBLAS.
@@ -2470,17 +2482,18 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
 
 /* ---- sublayer pieces (mirror mhc.h section 7) ---- */
 
-/* Sublayer s's coefficients H (SPEC §4 mhc, §6 hc, n = 1 plain) and the pre-mix y [N,C] = H_pre X (§3) */
-static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y) {
+/* Sublayer s's coefficients H (SPEC §4 mhc, §6 hc, n = 1 plain), the pre-mix y [N,C] = H_pre X (§3) and
+   the branch input u = RMSNorm(y) with gain norm_g, u_rstd [N] */
+static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y, float *u, float *u_rstd, const float *norm_g) {
     const MhcConfig *c = &g->cfg;
     int n = c->hc_mult, C = c->d_model, m = mhc_m(c), ss = gpu_sub_slot(A, s);
     const float *X = A->a.X + (size_t)s * N * n * C;
     float *h = A->a.coef_h + (size_t)ss * N * m, *a = A->a.coef_a + (size_t)ss * N * m;
     float *H = A->a.coef_H + (size_t)ss * N * m, *r = A->a.coef_r + (size_t)ss * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
-    if (c->residual == MHC_RESIDUAL_MHC) {            /* the GEMM, one block per token, the Sinkhorn */
-        gpu_mhc_pre_forward(&g->blas, y, H, a, h, r, X, q->phi, q->alpha, q->b, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps,
-                            c->rms_eps);
+    if (c->residual == MHC_RESIDUAL_MHC) {            /* the GEMM, one block per token, the Sinkhorn, the norm */
+        gpu_mhc_pre_forward(&g->blas, y, u, u_rstd, H, a, h, r, X, q->phi, q->alpha, q->b, norm_g, N, n, C, c->sinkhorn_iters,
+                            c->sinkhorn_eps, c->rms_eps);
         return;
     }
     if (c->residual == MHC_RESIDUAL_PLAIN) {
@@ -2492,6 +2505,7 @@ static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y) {
         LAUNCH_CHECK();
     }
     gpu_stream_pre_forward(y, H, X, N, n, C, m);
+    gpu_rmsnorm_forward(u, u_rstd, y, norm_g, N, C, c->rms_eps);
 }
 
 /* The backward of gpu_stream_pre (SPEC §5.3 PATH 2, §5.4 mhc / §6 hc PATH 3): from dy [N,C] and dH [N,m]
@@ -2851,8 +2865,7 @@ static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, 
     MhcActs *a = &A->a;
     float *y = a->y + (size_t)ss * N * C, *u = a->u + (size_t)ss * N * C, *f = a->f + (size_t)ss * N * C;
     const MhcBlock *b = &g->p.blk[l];
-    gpu_stream_pre(g, A, s, N, y);
-    gpu_rmsnorm_forward(u, a->u_rstd + (size_t)ss * N, y, s % 2 == 0 ? b->attn_norm : b->ffn_norm, N, C, c->rms_eps);
+    gpu_stream_pre(g, A, s, N, y, u, a->u_rstd + (size_t)ss * N, s % 2 == 0 ? b->attn_norm : b->ffn_norm);
     if (s % 2 == 0 && cache) {
         gpu_mla_decode_forward(g, cache, l, u, f);
     } else if (s % 2 == 0) {

@@ -2366,8 +2366,9 @@ static void gpu_test_crossentropy(void) {
 }
 
 /* SPEC §4-§5.6: the pre-stage (cuBLAS h = phi x, then per token the coefficients and y = H_pre X, then
-   the Sinkhorn) against matmul, mhc_coeffs_forward and stream_pre_forward; then the backward fed the
-   CPU's forward values. n streams over N tokens; C = 40 is no multiple of 32. */
+   the Sinkhorn and the sublayer's norm u = RMSNorm(y); for N = 1 all in one block) against matmul,
+   mhc_coeffs_forward, stream_pre_forward and rmsnorm_forward; then the backward fed the CPU's forward
+   values. n streams over N tokens; C = 40 is no multiple of 32. */
 static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
     MhcBlas bl = gt_blas(handle, MHC_PREC_FP32);
     MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
@@ -2386,16 +2387,21 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
     for (int t = 0; t < N; t++)
         mhc_coeffs_forward(H + (size_t)t * m, a + (size_t)t * m, r + (size_t)t * n, h + (size_t)t * m, X + (size_t)t * nC, &q, &c);
     stream_pre_forward(y, H, X, N, n, C, m);
+    float *gain = gt_randn(C, 1), *u = gt_host((size_t)N * C), *urstd = gt_host(N);
+    rmsnorm_forward(u, urstd, y, gain, N, C, c.rms_eps);
+    float *d_u = gt_nan((size_t)N * C), *d_urstd = gt_nan(N);
     float *d_X = gt_upload(X, (size_t)N * nC), *d_alpha = gt_upload(alpha, 3), *d_h = gt_nan((size_t)N * m);
     float *d_H = gt_nan((size_t)N * m), *d_a = gt_nan((size_t)N * m), *d_r = gt_upload(r, (size_t)N * n), *d_y = gt_nan((size_t)N * C);
     for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_r + (size_t)t * n, 0xFF, sizeof(float)));   /* poison r[t][0] */
-    gpu_mhc_pre_forward(&bl, d_y, d_H, d_a, d_h, d_r, d_X, gt_upload(phi, (size_t)m * nC), d_alpha, gt_upload(b, m), N, n, C,
-                        c.sinkhorn_iters, c.sinkhorn_eps, c.rms_eps);
+    gpu_mhc_pre_forward(&bl, d_y, d_u, d_urstd, d_H, d_a, d_h, d_r, d_X, gt_upload(phi, (size_t)m * nC), d_alpha,
+                        gt_upload(b, m), gt_upload(gain, C), N, n, C, c.sinkhorn_iters, c.sinkhorn_eps, c.rms_eps);
     double e0 = rel_err(gt_fetch(d_h, (size_t)N * m), h, (size_t)N * m);
     double e1 = rel_err(gt_fetch(d_H, (size_t)N * m), H, (size_t)N * m), e2 = rel_err(gt_fetch(d_a, (size_t)N * m), a, (size_t)N * m);
     double e3 = rel_err(gt_fetch(d_r, (size_t)N * n), r, (size_t)N * n), e5 = rel_err(gt_fetch(d_y, (size_t)N * C), y, (size_t)N * C);
-    check(e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5,
-          "gpu mhc pre-stage, n = %d, N = %d: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e (tol 1e-5)", n, N, e0, e1, e2, e3, e5);
+    double e6 = rel_err(gt_fetch(d_u, (size_t)N * C), u, (size_t)N * C), e7 = rel_err(gt_fetch(d_urstd, N), urstd, N);
+    check(e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5 && e6 <= 1e-5 && e7 <= 1e-5,
+          "gpu mhc pre-stage, n = %d, N = %d%s: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e, u %.1e, u_rstd %.1e (tol 1e-5)", n, N,
+          N == 1 ? " (Sinkhorn and norm in the streaming block)" : "", e0, e1, e2, e3, e5, e6, e7);
 
     /* backward: dX and dphi start random (they accumulate), dH's H_pre part is NaN on the GPU (the kernel
        makes it) */
