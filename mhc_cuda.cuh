@@ -1345,18 +1345,34 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    with the projection, a = alpha r (phi x) + b, so the norm's statistic |x|^2 needs no second GEMM: the
    block reads the token's streams once for it, makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), and
    reads the streams again (from L2) for the pre-mix y [N,C] = sum_j H_pre[j] X[j]. Writes h, a, H [N,m]
-   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]). For one token (decode), where a launch costs
-   more than the work, the block does two more things: with sk_iters > 0 thread 0 makes H_res, while the
-   other threads make y; with u given, u [N,C] = RMSNorm(y) with gain norm_g and u_rstd [N] (the
-   sublayer's norm, as rmsnorm_forward_kernel makes it).                                                 */
-__global__ void __launch_bounds__(MHC_TOKEN_THREADS, 8) mhc_coeffs_pre_forward_kernel(   /* 8 blocks: 32 registers */
-    float *y, float *H, float *a, float *r_out, const float *h, const float *X, const float *alpha, const float *b, int n,
-    int C, float eps_rms, int sk_iters, float sk_eps, float *u, float *u_rstd, const float *norm_g) {
+   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]).
+   LONE (a lone token: decode), where a launch costs more than the work, has the block do the rest as well
+   (MhcPreToken): h = X phi^T first (a warp per output), the Sinkhorn by thread 0 while the other threads
+   make y, and with u given the sublayer's norm u [N,C] = RMSNorm(y) with gain g, u_rstd [N] (as
+   rmsnorm_forward_kernel makes it). A template parameter, so that the many-token kernel carries none of
+   its registers. */
+typedef struct {
+    const float *phi;
+    int iters;
+    float eps_sk;
+    float *u, *u_rstd;
+    const float *g;
+} MhcPreToken;
+
+template <bool LONE>
+__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
+    float *y, float *H, float *a, float *r_out, float *h, const float *X, const float *alpha, const float *b, int n, int C,
+    float eps_rms, MhcPreToken one) {
     __shared__ float h_pre[MHC_MAX_STREAMS], sk_scratch[MHC_MAX_STREAMS * MHC_MAX_STREAMS];
     int m = n * n + 2 * n, nC = n * C;
     size_t t = blockIdx.x;
-    const float *x = X + t * nC, *ht = h + t * m;
-    float *at = a + t * m, *Ht = H + t * m, ss = 0;
+    const float *x = X + t * nC;
+    float *ht = h + t * m, *at = a + t * m, *Ht = H + t * m, ss = 0;
+    if constexpr (LONE)                             /* (block_reduce's barriers below publish h to the block) */
+        for (int k = threadIdx.x / 32; k < m; k += blockDim.x / 32) {
+            float hk = warp_dot(one.phi + (size_t)k * nC, x, nC);
+            if (threadIdx.x % 32 == 0) ht[k] = hk;
+        }
 #pragma unroll 4
     for (int q = threadIdx.x; q < nC; q += blockDim.x) ss += x[q] * x[q];
     float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / nC + eps_rms);
@@ -1370,7 +1386,7 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS, 8) mhc_coeffs_pre_forward_k
     for (int k = 2 * n + threadIdx.x; k < m; k += blockDim.x) at[k] = alpha[2] * r * ht[k] + b[k];
     if (threadIdx.x == 0) r_out[t * n] = r;
     __syncthreads();                                /* h_pre and a are complete */
-    if (sk_iters > 0 && threadIdx.x == 0) sinkhorn_forward_token(Ht + 2 * n, sk_scratch, 1, at + 2 * n, n, sk_iters, sk_eps);
+    if (LONE && threadIdx.x == 0) sinkhorn_forward_token(Ht + 2 * n, sk_scratch, 1, at + 2 * n, n, one.iters, one.eps_sk);
     float hp[MHC_MAX_STREAMS];
 #pragma unroll
     for (int j = 0; j < MHC_MAX_STREAMS; j++) hp[j] = j < n ? h_pre[j] : 0.0f;
@@ -1381,26 +1397,29 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS, 8) mhc_coeffs_pre_forward_k
             if (j < n) sum += hp[j] * x[(size_t)j * C + c];
         y[t * C + c] = sum;
     }
-    if (!u) return;
+    if (!LONE || !one.u) return;
     float yy = 0;                                   /* each thread reads back the y it wrote */
     for (int c = threadIdx.x; c < C; c += blockDim.x) yy += y[t * C + c] * y[t * C + c];
     float ur = 1.0f / sqrtf(block_reduce(yy, SumOp()) / C + eps_rms);
-    for (int c = threadIdx.x; c < C; c += blockDim.x) u[t * C + c] = norm_g[c] * y[t * C + c] * ur;
-    if (threadIdx.x == 0) u_rstd[t] = ur;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) one.u[t * C + c] = one.g[c] * y[t * C + c] * ur;
+    if (threadIdx.x == 0) one.u_rstd[t] = ur;
 }
 
 /* The pre-stage of N tokens: h = X phi^T (cuBLAS), the streaming kernel, the Sinkhorn kernel; with u
-   given (may be NULL) also the sublayer's norm u [N,C] = RMSNorm(y), gain norm_g, u_rstd [N]. One token
-   has its Sinkhorn and norm done in the streaming block. */
+   given (may be NULL) also the sublayer's norm u [N,C] = RMSNorm(y), gain norm_g, u_rstd [N]. A lone
+   token has all of it done by the streaming block. */
 static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_rstd, float *H, float *a, float *h, float *r,
                                 const float *X, const float *phi, const float *alpha, const float *b, const float *norm_g,
                                 int N, int n, int C, int iters, double eps_sk, double eps_rms) {
+    MhcPreToken one = {phi, iters, (float)eps_sk, u, u_rstd, norm_g};
+    if (N == 1) {
+        mhc_coeffs_pre_forward_kernel<true><<<1, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
+        LAUNCH_CHECK();
+        return;
+    }
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, n * C, n * n + 2 * n);
-    int fused = N == 1;
-    mhc_coeffs_pre_forward_kernel<<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, fused ? iters : 0,
-                                                            (float)eps_sk, fused ? u : NULL, u_rstd, norm_g);
+    mhc_coeffs_pre_forward_kernel<false><<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
     LAUNCH_CHECK();
-    if (fused) return;
     gpu_sinkhorn_forward(H, a, N, n, iters, eps_sk);
     if (u) gpu_rmsnorm_forward(u, u_rstd, y, norm_g, N, C, eps_rms);
 }

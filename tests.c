@@ -2366,7 +2366,7 @@ static void gpu_test_crossentropy(void) {
 }
 
 /* SPEC §4-§5.6: the pre-stage (cuBLAS h = phi x, then per token the coefficients and y = H_pre X, then
-   the Sinkhorn and the sublayer's norm u = RMSNorm(y); for N = 1 all in one block) against matmul,
+   the Sinkhorn and the sublayer's norm u = RMSNorm(y); for N = 1 all of it in one block) against matmul,
    mhc_coeffs_forward, stream_pre_forward and rmsnorm_forward; then the backward fed the CPU's forward
    values. n streams over N tokens; C = 40 is no multiple of 32. */
 static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
@@ -2401,7 +2401,7 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
     double e6 = rel_err(gt_fetch(d_u, (size_t)N * C), u, (size_t)N * C), e7 = rel_err(gt_fetch(d_urstd, N), urstd, N);
     check(e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5 && e6 <= 1e-5 && e7 <= 1e-5,
           "gpu mhc pre-stage, n = %d, N = %d%s: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e, u %.1e, u_rstd %.1e (tol 1e-5)", n, N,
-          N == 1 ? " (Sinkhorn and norm in the streaming block)" : "", e0, e1, e2, e3, e5, e6, e7);
+          N == 1 ? " (h, Sinkhorn and norm in the streaming block)" : "", e0, e1, e2, e3, e5, e6, e7);
 
     /* backward: dX and dphi start random (they accumulate), dH's H_pre part is NaN on the GPU (the kernel
        makes it) */
@@ -2437,14 +2437,16 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
     gt_release();
 }
 
-/* n = 4 (the presets) over one token (decode) and over 130, more than one Sinkhorn block forward (128
-   threads) and backward (14 threads each: the tape is 3.3 KB); n = 6 has more than 32 matrix entries;
-   n = 16, the most mhc.h allows, makes one Sinkhorn thread per backward block */
+/* n = 4 (the presets) over one token (decode: the lone-token forward) and over 130, more than one
+   Sinkhorn block forward (128 threads) and backward (14 threads each: the tape is 3.3 KB); n = 6 has
+   more than 32 matrix entries; n = 16, the most mhc.h allows, makes one Sinkhorn thread per backward
+   block, and alone fills the lone-token forward's 16 x 16 Sinkhorn scratch */
 static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     gpu_test_mhc_coeffs_case(handle, 4, 1);
     gpu_test_mhc_coeffs_case(handle, 4, 130);
     gpu_test_mhc_coeffs_case(handle, 6, 41);
     gpu_test_mhc_coeffs_case(handle, 16, 5);
+    gpu_test_mhc_coeffs_case(handle, 16, 1);
 }
 
 /* SPEC §3, §5.1, §5.3: pre and merge, forward and backward (merge backward overwrites dX, pre adds), for
