@@ -811,8 +811,7 @@ template <int P> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &g)
 
 /* Few rows (decode: one token's K experts): there a tile kernel spends its time in one block's K loop,
    so each warp makes one output, C[r][j] = A[r] . W_e[j] (+ beta C) by warp_dot (exact fp32, a fixed
-   order). The forward's layout only (transB, W_e [N][K]); 8 outputs
-   of one row per block. */
+   order). The forward's layout only (transB, W_e [N][K]); 8 outputs of one row per block. */
 #define EG_GEMV_ROWS 16
 
 __global__ void expert_gemv_kernel(MhcExpertGemm g) {
@@ -1637,9 +1636,12 @@ template <int P> __device__ MmaElem<P> att_stored(MmaElem<P> x) {
 #if !defined(__CUDA_ARCH__)
 enum { CP_ASYNC_HOST_MAX = 64 };                 /* queued copies per thread */
 typedef struct {
-    void *dst[CP_ASYNC_HOST_MAX];
-    const void *src[CP_ASYNC_HOST_MAX];          /* NULL: zeros */
-    int bytes[CP_ASYNC_HOST_MAX], group[CP_ASYNC_HOST_MAX];
+    void *dst;
+    const void *src;                             /* NULL: zeros */
+    int bytes, group;
+} CpAsyncHostCopy;
+typedef struct {
+    CpAsyncHostCopy copy[CP_ASYNC_HOST_MAX];
     int count, committed;                        /* copies queued; groups committed so far */
 } CpAsyncHostQueue;
 static CpAsyncHostQueue cp_async_host[1024];     /* [threadIdx.x]: one block runs at a time there */
@@ -1659,10 +1661,8 @@ template <int BYTES> __device__ void cp_async(void *dst, const void *src, bool r
         fprintf(stderr, "cp_async (host pass): more than %d copies in flight in one thread\n", CP_ASYNC_HOST_MAX);
         abort();
     }
-    q->dst[q->count] = dst;
-    q->src[q->count] = real ? src : NULL;
-    q->bytes[q->count] = BYTES;
-    q->group[q->count++] = q->committed;
+    CpAsyncHostCopy c = {dst, real ? src : NULL, BYTES, q->committed};
+    q->copy[q->count++] = c;
 #endif
 }
 
@@ -1681,15 +1681,10 @@ template <int N> __device__ void cp_async_wait() {
     CpAsyncHostQueue *q = &cp_async_host[threadIdx.x];
     int kept = 0;
     for (int k = 0; k < q->count; k++) {
-        if (q->group[k] < q->committed - N) {    /* an older group: it lands now */
-            if (q->src[k]) memcpy(q->dst[k], q->src[k], q->bytes[k]);
-            else memset(q->dst[k], 0, q->bytes[k]);
-        } else {
-            q->dst[kept] = q->dst[k];
-            q->src[kept] = q->src[k];
-            q->bytes[kept] = q->bytes[k];
-            q->group[kept++] = q->group[k];
-        }
+        CpAsyncHostCopy c = q->copy[k];
+        if (c.group >= q->committed - N) q->copy[kept++] = c;   /* still in flight */
+        else if (c.src) memcpy(c.dst, c.src, c.bytes);          /* an older group: it lands now */
+        else memset(c.dst, 0, c.bytes);
     }
     q->count = kept;
 #endif
