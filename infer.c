@@ -5,7 +5,8 @@
 
    The prompt is run once through the training path (prefill, SPEC §9), which fills the latent cache;
    every new token then runs the absorbed decode: per layer only c = RMSNorm(W_dkv u) and the roped
-   k_pe are cached (d_c + d_r values per token). Built with nvcc, decoding runs on the GPU. */
+   k_pe are cached (d_c + d_r values per token). Built with nvcc, decoding runs on the GPU, each token
+   after the first as one replayed CUDA graph (--graph 0: kernel by kernel, to compare). */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #ifdef __CUDACC__
@@ -23,7 +24,7 @@
 
 typedef struct {
     const char *checkpoint, *prompt, *tokenizer;
-    int max_tokens, top_k, threads;
+    int max_tokens, top_k, threads, graph;
     double temperature, top_p;
     uint64_t seed;
 } Options;
@@ -37,7 +38,9 @@ static void usage(void) {
            "  --top-p X            keep the smallest set with probability >= X (default 0.95)\n"
            "  --seed N             sampling seed (default 1)\n"
            "  --tokenizer FILE     default data/gpt2.tok\n"
-           "  --threads N          OpenMP threads\n");
+           "  --threads N          OpenMP threads\n"
+           "  --graph 0|1          GPU build: 1 replays each decoded token as one CUDA graph (default), 0 launches\n"
+           "                       its kernels one by one\n");
 }
 
 static void die(const char *msg, const char *arg) {
@@ -62,6 +65,7 @@ static void parse_args(Options *o, int argc, char **argv) {
     o->temperature = 0.8;
     o->top_p = 0.95;
     o->seed = 1;
+    o->graph = 1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(); exit(0); }
@@ -80,6 +84,7 @@ static void parse_args(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "--temperature")) o->temperature = parse_real(v, a, 0, 100);
         else if (!strcmp(a, "--top-p")) o->top_p = parse_real(v, a, 1e-6, 1);
         else if (!strcmp(a, "--seed")) o->seed = (uint64_t)parse_real(v, a, 0, 1e18);
+        else if (!strcmp(a, "--graph")) o->graph = (int)parse_real(v, a, 0, 1);
         else die("unknown flag (see --help): ", a);
     }
     if (!o->checkpoint) die("no checkpoint given (see --help)", "");
@@ -198,6 +203,7 @@ int main(int argc, char **argv) {
     MhcGpu gpu;
     MhcGpuCache cache;
     if (mhc_gpu_init(&gpu, &m, 1, 1) || mhc_gpu_cache_init(&cache, &gpu, total)) return 1;
+    cache.use_graph &= o.graph;
     for (int i = 0; i < P; i++) mhc_gpu_decode_step(&gpu, &cache, prompt[i], logits);   /* prefill token by token */
 #else
     MhcCache cache;

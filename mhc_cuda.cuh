@@ -141,13 +141,31 @@ typedef struct {
     MhcGpuArena arena;                 /* parameters, optimizer state, bias, loads                    */
 } MhcGpu;
 
+/* Decode as a CUDA graph (section 8): 1 where nvcc puts launches on the per-thread default stream
+   (--default-stream per-thread, as the Makefile builds), which can be captured; the legacy default stream
+   cannot, so without the flag decode runs launch by launch. */
+#ifndef MHC_DECODE_GRAPH
+#ifdef CUDA_API_PER_THREAD_DEFAULT_STREAM
+#define MHC_DECODE_GRAPH 1
+#else
+#define MHC_DECODE_GRAPH 0
+#endif
+#endif
+
 /* the latent KV cache of absorbed decode (SPEC §10) and the buffers of one decoded token */
 typedef struct {
     int max_len, len;
     float *ckv, *kpe;                  /* [L, max_len, d_c] latent after RMSNorm, [L, max_len, d_r] after RoPE */
     float *qabs, *olat, *scores;       /* [H, d_c], [H, d_c], [H, max_len]                                   */
+    float *lat_raw;                    /* [d_c + d_r] W_dkv u of the token                                    */
+    int *pos;                          /* [1] the token's position, len, in device memory                     */
     MhcGpuActs acts;                   /* one token (B = T = 1), forward buffers only                         */
     MhcGpuArena arena;
+    int use_graph;                     /* 1 (MHC_DECODE_GRAPH): replay the decode step as one CUDA graph      */
+    int graph_captures;                /* captures so far                                                     */
+    cudaGraphExec_t graph;             /* the captured step (NULL: none yet), for graph_gpu with graph_blas   */
+    const MhcGpu *graph_gpu;
+    MhcBlas graph_blas;
 } MhcGpuCache;
 
 /* B x T: the batch shape to expect. The activation buffers are allocated by the first forward (for its
@@ -184,7 +202,8 @@ void mhc_gpu_update_expert_bias(MhcGpu *g);          /* SPEC §11, after the opt
 int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len);   /* 0 ok */
 void mhc_gpu_cache_free(MhcGpuCache *c);
 /* feeds one token at position c->len (absorbed MLA); writes logits [V] to a host array; 0 ok, -1 when the
-   cache is full or the token is out of range */
+   cache is full or the token is out of range. With c->use_graph (the default where MHC_DECODE_GRAPH) the
+   steps after the first replay one captured CUDA graph; 0 runs every step launch by launch. */
 int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host);
 size_t mhc_gpu_memory_bytes(const MhcGpu *g);        /* device bytes of g now (not of caches)               */
 
@@ -988,20 +1007,25 @@ static void gpu_rmsnorm_backward(float *din, float *dg, const float *dout, const
     if (dg) gpu_colsum(dg, dout, D, in, D, rstd, N, D, part);
 }
 
-/* SPEC §9 RoPE on adjacent pairs (2i, 2i+1), in place, at position pos0 + (t mod T). Row t holds n_vec
-   vectors of d_r values at x + t*row_stride + offset + v*vec_stride. transpose = 1 applies R^T (backward).
-   The angle is computed in double, as on the CPU. One thread per pair.                                  */
+/* SPEC §9 RoPE of one pair (2i, 2i+1) of a d_r vector at position pos: out = R(pos) in (R^T with
+   transpose = 1, the backward). The angle is computed in double, as on the CPU. out may be in. */
+__device__ void rope_pair(float *out, const float *in, int pos, int i, int d_r, double theta, int transpose) {
+    double ang = pos * pow(theta, -2.0 * i / d_r);
+    double cs = cos(ang), sn = transpose ? -sin(ang) : sin(ang);
+    double a = in[2 * i], b = in[2 * i + 1];
+    out[2 * i] = (float)(a * cs - b * sn);
+    out[2 * i + 1] = (float)(a * sn + b * cs);
+}
+
+/* RoPE in place at position pos0 + (t mod T). Row t holds n_vec vectors of d_r values at
+   x + t*row_stride + offset + v*vec_stride. One thread per pair. */
 __global__ void rope_kernel(float *x, int N, int T, int pos0, int n_vec, int row_stride, int offset, int vec_stride,
                             int d_r, double theta, int transpose) {
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x, half = d_r / 2;
     if (idx >= (size_t)N * n_vec * half) return;
     int i = (int)(idx % half), v = (int)(idx / half % n_vec), t = (int)(idx / half / n_vec);
-    double ang = (pos0 + t % T) * pow(theta, -2.0 * i / d_r);
-    double cs = cos(ang), sn = transpose ? -sin(ang) : sin(ang);
-    float *p = x + (size_t)t * row_stride + offset + (size_t)v * vec_stride + 2 * i;
-    double a = p[0], b = p[1];
-    p[0] = (float)(a * cs - b * sn);
-    p[1] = (float)(a * sn + b * cs);
+    float *p = x + (size_t)t * row_stride + offset + (size_t)v * vec_stride;
+    rope_pair(p, p, pos0 + t % T, i, d_r, theta, transpose);
 }
 
 static void gpu_rope(float *x, int N, int T, int pos0, int n_vec, int row_stride, int offset, int vec_stride, int d_r,
@@ -2104,14 +2128,34 @@ static MhcAttBf16 att_bf16_copies(const MhcBlas *bl, const float *q, const float
     return x;
 }
 
-/* SPEC §10, one block per head h, for the new token at position t: Sc[s] = scale (q_abs[h] . cKV[s] +
-   q_pe[h] . kPE[s]) for s <= t (one warp per s), P = softmax, olat[h] = sum_s P[s] cKV[s]. The pointers
-   are __restrict__ and the loops over s unrolled, so a warp has several keys' loads in flight. */
+/* Decode's new latent row (SPEC §9, §10) at position t = *pos, one block. The position is read from
+   device memory so that a captured decode graph replays at every position (section 8). From
+   raw = W_dkv u [d_c + d_r]: the cache rows ckv[t] = RMSNorm(raw[0, d_c)) with gain g and
+   kpe[t] = RoPE_t(raw[d_c, d_c + d_r)), and q's H rope parts (q [H, dqk], rope part at dn) rotated in
+   place: one launch where the training path has an RMSNorm and two RoPEs. */
+__global__ void mla_decode_latent_kernel(float *__restrict__ ckv, float *__restrict__ kpe, float *__restrict__ q,
+                                         const float *__restrict__ raw, const float *__restrict__ g, const int *pos, int dc,
+                                         int dr, int H, int dn, int dqk, float eps, double theta) {
+    int t = *pos, half = dr / 2;
+    float ss = 0;
+    for (int k = threadIdx.x; k < dc; k += blockDim.x) ss += raw[k] * raw[k];
+    float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / dc + eps);
+    for (int k = threadIdx.x; k < dc; k += blockDim.x) ckv[(size_t)t * dc + k] = g[k] * raw[k] * r;
+    for (int p = threadIdx.x; p < (H + 1) * half; p += blockDim.x) {
+        int v = p / half, i = p % half;                   /* v < H: head v's q_pe; v = H: the new k_pe */
+        if (v < H) rope_pair(q + (size_t)v * dqk + dn, q + (size_t)v * dqk + dn, t, i, dr, theta, 0);
+        else rope_pair(kpe + (size_t)t * dr, raw + dc, t, i, dr, theta, 0);
+    }
+}
+
+/* SPEC §10, one block per head h, for the new token at position t = *pos: Sc[s] = scale (q_abs[h] .
+   cKV[s] + q_pe[h] . kPE[s]) for s <= t (one warp per s), P = softmax, olat[h] = sum_s P[s] cKV[s]. The
+   pointers are __restrict__ and the loops over s unrolled, so a warp has several keys' loads in flight. */
 __global__ void mla_decode_attention_kernel(float *__restrict__ olat, float *__restrict__ scores, const float *__restrict__ qabs,
                                             const float *__restrict__ q, const float *__restrict__ ckv,
-                                            const float *__restrict__ kpe, int t, int max_len, int dc, int dr, int dn, int dqk,
-                                            float scale) {
-    int h = blockIdx.x, lane = threadIdx.x % 32;
+                                            const float *__restrict__ kpe, const int *pos, int max_len, int dc, int dr, int dn,
+                                            int dqk, float scale) {
+    int h = blockIdx.x, lane = threadIdx.x % 32, t = *pos;
     const float *qa = qabs + (size_t)h * dc, *qp = q + (size_t)h * dqk + dn;
     float *sc = scores + (size_t)h * max_len;
 #pragma unroll 2
@@ -2574,16 +2618,14 @@ static void gpu_swiglu_ffn_backward(const MhcBlas *bl, float *du, float *dw1, fl
     gpu_matmul_backward(bl, MHC_GEMM_FAST, du, dw3, dg, u, w3, N, C, W);
 }
 
-/* SPEC §9 projections of layer l for N tokens at positions pos0 + (t mod T): q (optionally through the q
-   latent), the KV latent c with its RMSNorm, k_pe, kv = W_ukv c, and RoPE (mhc.h mla_project). With a
-   cache (absorbed decode, one token at pos0) there is no kv, and c and k_pe go straight into the cache's
-   row pos0 of layer l. */
-static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, int T, int pos0, MhcGpuCache *cache) {
+/* SPEC §9 queries of layer l for N tokens, before RoPE: q [N, H dqk] = W_q u, or through the q latent
+   W_uq RMSNorm(W_dq u). Returns q (the layer's slot of a.q). */
+static float *gpu_mla_query(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     const MhcBlas *bl = &g->blas;
-    int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
-    int dqk = dn + dr, dq = c->q_lora_rank, dc = c->kv_lora_rank, dv = c->v_head_dim, ls = gpu_layer_slot(A, l);
+    int C = c->d_model, H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, dq = c->q_lora_rank;
+    int ls = gpu_layer_slot(A, l);
     float *q = A->a.q + (size_t)ls * N * H * dqk;
     if (dq == 0) {
         gpu_matmul_forward(bl, MHC_GEMM_FAST, q, u, b->wq, N, C, H * dqk);
@@ -2593,17 +2635,23 @@ static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
         gpu_rmsnorm_forward(cq, A->a.cq_rstd + (size_t)ls * N, cq_raw, b->q_norm, N, dq, c->rms_eps);
         gpu_matmul_forward(bl, MHC_GEMM_FAST, q, cq, b->wuq, N, dq, H * dqk);
     }
+    return q;
+}
+
+/* SPEC §9 projections of layer l for N tokens at positions pos0 + (t mod T): q, the KV latent c with its
+   RMSNorm, k_pe, kv = W_ukv c, and RoPE (mhc.h mla_project). Decode has its own (gpu_mla_decode_forward). */
+static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, int T, int pos0) {
+    const MhcConfig *c = &g->cfg;
+    const MhcBlock *b = &g->p.blk[l];
+    const MhcBlas *bl = &g->blas;
+    int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
+    int dqk = dn + dr, dc = c->kv_lora_rank, dv = c->v_head_dim, ls = gpu_layer_slot(A, l);
+    float *q = gpu_mla_query(g, A, l, u, N);
     float *c_raw = A->a.c_raw + (size_t)ls * N * dc, *lat = A->a.c + (size_t)ls * N * dc, *kpe = A->a.kpe + (size_t)ls * N * dr;
-    if (cache) {
-        lat = cache->ckv + ((size_t)l * cache->max_len + pos0) * dc;
-        kpe = cache->kpe + ((size_t)l * cache->max_len + pos0) * dr;
-    }
     gpu_matmul_forward(bl, MHC_GEMM_FAST, c_raw, u, b->wdkv, N, C, dc);                  /* rows [0, d_c) of W_dkv  */
     gpu_matmul_forward(bl, MHC_GEMM_FAST, kpe, u, b->wdkv + (size_t)dc * C, N, C, dr);   /* rows [d_c, d_c+d_r)     */
     gpu_rmsnorm_forward(lat, A->a.c_rstd + (size_t)ls * N, c_raw, b->kv_norm, N, dc, c->rms_eps);
-    if (!cache) {
-        gpu_matmul_forward(bl, MHC_GEMM_FAST, A->a.kv + (size_t)ls * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
-    }
+    gpu_matmul_forward(bl, MHC_GEMM_FAST, A->a.kv + (size_t)ls * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
     gpu_rope(q, N, T, pos0, H, H * dqk, dn, dqk, dr, c->rope_theta, 0);
     gpu_rope(kpe, N, T, pos0, 1, dr, 0, dr, dr, c->rope_theta, 0);
 }
@@ -2692,7 +2740,7 @@ static void gpu_mla_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     const MhcConfig *c = &g->cfg;
     int N = B * T, C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim, dv = c->v_head_dim;
     int ls = gpu_layer_slot(A, l);
-    gpu_mla_project(g, A, l, u, N, T, 0, NULL);
+    gpu_mla_project(g, A, l, u, N, T, 0);
     float *o = A->a.o + (size_t)l * N * H * dv;
     if (!rerun) {
         gpu_attention_forward(&g->blas, o, A->att_lse + (size_t)l * B * H * T, A->a.q + (size_t)ls * N * H * (dn + dr),
@@ -2739,23 +2787,24 @@ static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     }
 }
 
-/* one token through MLA_l, absorbed: writes its c and k_pe into the cache at position len, then
+/* one token through MLA_l, absorbed, at the position in cache->pos: q, then raw = W_dkv u (c and k_pe
+   in one GEMM: the rows of W_dkv are [d_c; d_r]), the cache rows and q's RoPE (mla_decode_latent_kernel),
    q_abs[h] = W_uk[h]^T q_nope[h], attention over the latents, o[h] = W_uv[h] olat[h], out = W_o o */
 static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const float *u, float *out) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
-    MhcActs *a = &cache->acts.a;
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
-    int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank, t = cache->len, ls = gpu_layer_slot(&cache->acts, l);
+    int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank;
     long long w_head = (long long)(dn + dv) * dc;                /* W_ukv rows of one head */
-    gpu_mla_project(g, &cache->acts, l, u, 1, 1, t, cache);                 /* c, k_pe into the cache's row t */
-    const float *q = a->q + (size_t)ls * H * dqk;
-    float *o = a->o + (size_t)l * H * dv;
+    float *ckv = cache->ckv + (size_t)l * cache->max_len * dc, *kpe = cache->kpe + (size_t)l * cache->max_len * dr;
+    float *q = gpu_mla_query(g, &cache->acts, l, u, 1), *o = cache->acts.a.o + (size_t)l * H * dv;
+    gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, cache->lat_raw, u, b->wdkv, 1, C, dc + dr);
+    mla_decode_latent_kernel<<<1, MHC_BLOCK>>>(ckv, kpe, q, cache->lat_raw, b->kv_norm, cache->pos, dc, dr, H, dn, dqk,
+                                               (float)c->rms_eps, c->rope_theta);
+    LAUNCH_CHECK();
     gemm(&g->blas, MHC_GEMM_FAST, 0, 0, 1, dc, dn, 1.0f, q, dqk, b->wukv, w_head, 0.0f, cache->qabs, dc, H);
-    mla_decode_attention_kernel<<<H, MHC_BLOCK>>>(cache->olat, cache->scores, cache->qabs, q,
-                                                  cache->ckv + (size_t)l * cache->max_len * dc,
-                                                  cache->kpe + (size_t)l * cache->max_len * dr, t, cache->max_len, dc, dr, dn,
-                                                  dqk, (float)(1.0 / sqrt((double)dqk)));
+    mla_decode_attention_kernel<<<H, MHC_BLOCK>>>(cache->olat, cache->scores, cache->qabs, q, ckv, kpe, cache->pos,
+                                                  cache->max_len, dc, dr, dn, dqk, (float)(1.0 / sqrt((double)dqk)));
     LAUNCH_CHECK();
     gemm(&g->blas, MHC_GEMM_FAST, 0, 1, 1, dv, dc, 1.0f, cache->olat, dc, b->wukv + (size_t)dn * dc, w_head, 0.0f, o, dv, H);
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, b->wo, 1, H * dv, C);
@@ -3174,6 +3223,9 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     mhc_layout(c, &wg, &g->g);
     CUBLAS_CHECK(cublasCreate(&g->blas.handle));
     CUBLAS_CHECK(cublasSetAtomicsMode(g->blas.handle, CUBLAS_ATOMICS_NOT_ALLOWED));
+#ifdef CUDA_API_PER_THREAD_DEFAULT_STREAM      /* the kernels run on the thread's default stream: cuBLAS too */
+    CUBLAS_CHECK(cublasSetStream(g->blas.handle, cudaStreamPerThread));
+#endif
     mhc_gpu_set_precision(g, MHC_PREC_TF32);
     CUDA_CHECK(cudaMemset(g->expert_load, 0, sizeof(int) * LE));
     mhc_gpu_upload(g, host);
@@ -3317,7 +3369,9 @@ void mhc_gpu_update_expert_bias(MhcGpu *g) {
 }
 
 /* ---------------------------------------------------------------------------------------------
-   8. Absorbed decode (SPEC §10): the same sublayers on one token; attention over the latent cache. */
+   8. Absorbed decode (SPEC §10): the same sublayers on one token; attention over the latent cache.
+      A decoded token is a couple of hundred small launches, and launching them costs more than their
+      work, so from the second token on the step is one CUDA graph, captured once and replayed. */
 int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
     const MhcConfig *cfg = &g->cfg;
     memset(c, 0, sizeof *c);
@@ -3329,6 +3383,9 @@ int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
     c->qabs = arena_new<float>(&c->arena, H * dc);
     c->olat = arena_new<float>(&c->arena, H * dc);
     c->scores = arena_new<float>(&c->arena, H * max_len);
+    c->lat_raw = arena_new<float>(&c->arena, dc + cfg->qk_rope_head_dim);
+    c->pos = arena_new<int>(&c->arena, 1);
+    c->use_graph = MHC_DECODE_GRAPH;
     if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0)) {   /* decode's GEMMs use g's bf16 scratch */
         fprintf(stderr, "mhc_gpu_cache_init: out of GPU memory for a cache of %d positions\n", max_len);
         arena_free(&c->arena);
@@ -3338,16 +3395,49 @@ int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
 }
 
 void mhc_gpu_cache_free(MhcGpuCache *c) {
+    if (c->graph) CUDA_CHECK(cudaGraphExecDestroy(c->graph));
     gpu_acts_free(&c->acts);
     arena_free(&c->arena);
     memset(c, 0, sizeof *c);
+}
+
+/* The graph replays every pointer and scalar it was captured with, so what changes per token lives in
+   device memory (the token in acts.tokens, its position in pos). It must be captured anew when what it
+   points at moves: another MhcGpu, or g's GEMM binding (precision; the bf16 twin and operand scratch,
+   which a forward of another batch shape reallocates). */
+static int gpu_decode_graph_current(const MhcGpuCache *c, const MhcGpu *g) {
+    const MhcBlas *a = &c->graph_blas, *b = &g->blas;
+    return c->graph && c->graph_gpu == g && a->handle == b->handle && a->precision == b->precision &&
+           a->params == b->params && a->params_bf16 == b->params_bf16 && a->n_params == b->n_params &&
+           a->scratch[0] == b->scratch[0] && a->scratch[1] == b->scratch[1] && a->scratch_count == b->scratch_count;
+}
+
+/* records one decode step's launches and cuBLAS calls (nothing runs) into c->graph */
+static void gpu_decode_capture(MhcGpu *g, MhcGpuCache *c) {
+    cudaGraph_t graph;
+    if (c->graph) CUDA_CHECK(cudaGraphExecDestroy(c->graph));
+    c->graph = NULL;
+    CUDA_CHECK(cudaStreamBeginCapture(cudaStreamPerThread, cudaStreamCaptureModeThreadLocal));
+    gpu_model_forward(g, &c->acts, 1, 1, 0, c);
+    CUDA_CHECK(cudaStreamEndCapture(cudaStreamPerThread, &graph));
+    CUDA_CHECK(cudaGraphInstantiate(&c->graph, graph, 0));
+    CUDA_CHECK(cudaGraphDestroy(graph));
+    c->graph_gpu = g;
+    c->graph_blas = g->blas;
+    c->graph_captures++;
 }
 
 int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host) {
     if (c->len >= c->max_len || token < 0 || token >= g->cfg.vocab_size) return -1;
     gpu_acts_ensure(g, g->acts.B, g->acts.T, "mhc_gpu_decode_step");     /* decode's bf16 GEMMs use g's operand scratch */
     CUDA_CHECK(cudaMemcpy(c->acts.tokens, &token, sizeof(int), cudaMemcpyHostToDevice));
-    gpu_model_forward(g, &c->acts, 1, 1, 0, c);
+    CUDA_CHECK(cudaMemcpy(c->pos, &c->len, sizeof(int), cudaMemcpyHostToDevice));
+    if (c->use_graph && c->len > 0) {           /* the first token runs launch by launch: every kernel is loaded */
+        if (!gpu_decode_graph_current(c, g)) gpu_decode_capture(g, c);
+        CUDA_CHECK(cudaGraphLaunch(c->graph, cudaStreamPerThread));
+    } else {
+        gpu_model_forward(g, &c->acts, 1, 1, 0, c);
+    }
     CUDA_CHECK(cudaMemcpy(logits_host, c->acts.a.logits, sizeof(float) * g->cfg.vocab_size, cudaMemcpyDeviceToHost));
     c->len++;
     return 0;

@@ -2864,26 +2864,35 @@ static void gpu_test_recompute(const char *name, const MhcConfig *cfg, int preci
     gt_release();
 }
 
-/* SPEC §10 absorbed decode: GPU decode vs CPU decode, and vs the GPU's own non-absorbed prefill (T7) */
+/* SPEC §10 absorbed decode: GPU decode vs CPU decode, and vs the GPU's own non-absorbed prefill (T7).
+   Cache gc replays the captured graph from its second token on, gc2 runs launch by launch: the same
+   kernels, so the same bits. Two more tokens after a switch to bf16 must be captured anew (the graph
+   would still compute in fp32), and one more after a forward of another shape, which reallocates the
+   bf16 operand scratch the graph points at. */
 static void gpu_test_decode(const MhcConfig *cfg) {
     MhcModel m;
     MhcGpu g;
     MhcCache cc;
-    MhcGpuCache gc;
+    MhcGpuCache gc, gc2;
     gt_model(&m, cfg, 17);
-    int P = 12, V = cfg->vocab_size, tokens[12], targets[12];
+    int P = 12, extra = 3, V = cfg->vocab_size, tokens[12], targets[12];
     gt_tokens(tokens, targets, P, V);
-    if (mhc_gpu_init(&g, &m, 1, P) || mhc_cache_init(&cc, &m.cfg, P) || mhc_gpu_cache_init(&gc, &g, P)) {
+    if (mhc_gpu_init(&g, &m, 1, P) || mhc_cache_init(&cc, &m.cfg, P) || mhc_gpu_cache_init(&gc, &g, P + extra) ||
+        mhc_gpu_cache_init(&gc2, &g, P + extra)) {
         check(0, "gpu decode: init failed");
         return;
     }
+    gc2.use_graph = 0;
     mhc_gpu_set_precision(&g, MHC_PREC_FP32);
-    float *lc = gt_host((size_t)P * V), *lg = gt_host((size_t)P * V), *lp = gt_host((size_t)P * V);
+    size_t n = (size_t)(P + extra) * V;
+    float *lc = gt_host(n), *lg = gt_host(n), *lg2 = gt_host(n), *lp = gt_host((size_t)P * V);
     int rc = 0;
     for (int t = 0; t < P; t++) {
         rc |= mhc_decode_step(&m, &cc, tokens[t], lc + (size_t)t * V);
         rc |= mhc_gpu_decode_step(&g, &gc, tokens[t], lg + (size_t)t * V);
+        rc |= mhc_gpu_decode_step(&g, &gc2, tokens[t], lg2 + (size_t)t * V);
     }
+    int captures = gc.graph_captures;
     mhc_gpu_forward(&g, tokens, NULL, 1, P);
     mhc_gpu_download_logits(&g, lp);
     double mx = 0, d_cpu = 0, d_pre = 0;
@@ -2893,12 +2902,24 @@ static void gpu_test_decode(const MhcConfig *cfg) {
         d_cpu = a <= d_cpu ? d_cpu : a;
         d_pre = b <= d_pre ? d_pre : b;
     }
-    int full = mhc_gpu_decode_step(&g, &gc, tokens[0], lg) == -1;
-    check(!rc && full && d_cpu <= 1e-4 * mx && d_pre <= 1e-4 * mx,
-          "gpu decode: %d tokens, vs CPU decode %.1e, vs GPU prefill %.1e (tol 1e-4 x max|logit| %.2f), full cache refused", P,
-          d_cpu, d_pre, mx);
+    check(!rc && d_cpu <= 1e-4 * mx && d_pre <= 1e-4 * mx,
+          "gpu decode: %d tokens, vs CPU decode %.1e, vs GPU prefill %.1e (tol 1e-4 x max|logit| %.2f)", P, d_cpu, d_pre, mx);
+    mhc_gpu_set_precision(&g, MHC_PREC_BF16);
+    for (int t = P; t < P + extra; t++) {
+        if (t == P + 2) mhc_gpu_forward(&g, tokens, NULL, 1, P - 1);
+        rc |= mhc_gpu_decode_step(&g, &gc, tokens[t - P], lg + (size_t)t * V);
+        rc |= mhc_gpu_decode_step(&g, &gc2, tokens[t - P], lg2 + (size_t)t * V);
+        if (t == P + 1) captures = captures * 10 + gc.graph_captures;
+    }
+    int full = mhc_gpu_decode_step(&g, &gc, tokens[0], lg) == -1 && mhc_gpu_decode_step(&g, &gc2, tokens[0], lg2) == -1;
+    int graph_first = memcmp(lg, lg2, sizeof(float) * (size_t)P * V) == 0;
+    int graph_bf16 = memcmp(lg + (size_t)P * V, lg2 + (size_t)P * V, sizeof(float) * (size_t)extra * V) == 0;
+    check(!rc && full && captures == 12 && graph_first && graph_bf16,
+          "gpu decode: graph replay = launch by launch bit for bit (fp32 %s, then bf16 %s), captures 1 then 2 (%d), full "
+          "cache refused", graph_first ? "yes" : "NO", graph_bf16 ? "yes" : "NO", captures);
     mhc_cache_free(&cc);
     mhc_gpu_cache_free(&gc);
+    mhc_gpu_cache_free(&gc2);
     mhc_gpu_free(&g);
     mhc_model_free(&m);
     gt_release();

@@ -257,7 +257,15 @@ overhead() {
     row "${PRESET[$slot]}" "${SETUP[$slot]}" "$label" "" "$cell" "" "" "$note"
 }
 
+# infer_stats NAME: "prefill generated seconds tokens/s" from infer's stderr line in logs/NAME.log (its
+# stdout, the text, shares the log and may end on the same line)
+infer_stats() {
+    sed -n 's/.*prefill \([0-9]*\) tokens in [0-9.]*s; generated \([0-9]*\) tokens in \([0-9.]*\)s (\([0-9.]*\) tokens\/s).*/\1 \2 \3 \4/p' \
+        "$LOGDIR/$1.log" | tail -n 1
+}
+
 # decode SLOT: a 2-step train run writes a checkpoint; infer generates DECODE_TOKENS greedily at batch 1
+# (on the GPU also with --graph 0, kernel by kernel)
 decode() {
     local slot=$1 flags=() kept=() skip_next=0 a
     read -r -a flags <<<"${FLAGS[$slot]}"
@@ -279,10 +287,14 @@ decode() {
     rm -f "$ck/optim.safetensors"              # only the weights are needed
     run_sub "decode_$slot" "$CAP_INFER" "$INFER" "$ck/model.safetensors" --prompt "The state of the Union" \
         --max-tokens "$DECODE_TOKENS" --temperature 0
-    local name="decode_$slot" stats
-    # infer's stderr line; its stdout (the text) shares the log and may end on the same line
-    stats=$(sed -n 's/.*prefill \([0-9]*\) tokens in [0-9.]*s; generated \([0-9]*\) tokens in \([0-9.]*\)s (\([0-9.]*\) tokens\/s).*/\1 \2 \3 \4/p' \
-        "$LOGDIR/$name.log" | tail -n 1)
+    local name="decode_$slot" stats launches=""
+    stats=$(infer_stats "$name")
+    if [ -n "$stats" ] && [ "$RC" = 0 ] && [ "$CPU" != 1 ]; then      # the same without the CUDA graph
+        run_sub "decode_launches_$slot" "$CAP_INFER" "$INFER" "$ck/model.safetensors" --prompt "The state of the Union" \
+            --max-tokens "$DECODE_TOKENS" --temperature 0 --graph 0
+        [ "$RC" != 0 ] || launches=$(infer_stats "decode_launches_$slot" | awk '{print $4}')
+        RC=0
+    fi
     rm -rf "$ck"
     if [ -z "$stats" ] || [ "$RC" != 0 ]; then
         row "${PRESET[$slot]}" "$setup" "$label" "$(why_failed "$name")" "" "" "" "log: logs/$name.log"
@@ -295,6 +307,7 @@ decode() {
     [ "$TORCH_OK" != 1 ] || bytes=$(result decode_bytes <("$PYTHON" dev/bench_torch.py --info --preset "${PRESET[$slot]}" \
         "${kept[@]}" --residual mhc --context "$ctx" 2>&1))
     local note="$gen tokens in $secs s, greedy, after a $prefill-token prompt"
+    [ -z "$launches" ] || note="$note (each token one CUDA graph; kernel by kernel, --graph 0: $launches tokens/s)"
     if [ -n "$bytes" ] && [ -n "$BW_GBS" ]; then
         bound=$(calc "\"%.6g\", $BW_GBS * 1e9 / $bytes")
         note="$note; bound $(calc "\"%.0f\", $bound") tok/s = $(calc "\"%.0f\", $BW_GBS") GB/s copy bandwidth / $(calc "\"%.1f\", $bytes / 1e6") MB per token (SPEC §15, fp32 weights and latent cache, mean context $ctx): $(calc "\"%.1f%%\", 100 * $tok_s / $bound") of the bound"

@@ -41,6 +41,7 @@ expect_error "train: bad --precision" 2 "bad value 'fp8' for --precision" -- ./t
 expect_error "train: --recompute on the CPU build" 2 "needs the GPU build" -- ./train --recompute
 expect_error "infer: unknown flag" 2 "unknown flag" -- ./infer x.safetensors --frobnicate 1
 expect_error "infer: no checkpoint" 2 "no checkpoint" -- ./infer
+expect_error "infer: --graph out of range" 2 "bad value for --graph" -- ./infer x.safetensors --graph 2
 ./train --preset 27b --dry-run >"$work/dry" 2>&1
 grep -q "total 27048293460" "$work/dry" && grep -q "active 4138873940" "$work/dry"
 check "train --preset 27b --dry-run prints the SPEC parameter counts" $?

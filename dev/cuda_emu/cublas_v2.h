@@ -17,6 +17,7 @@ static inline const char *cublasGetStatusString(cublasStatus_t) { return "emulat
 cublasStatus_t cublasCreate(cublasHandle_t *h);
 cublasStatus_t cublasDestroy(cublasHandle_t h);
 static inline cublasStatus_t cublasSetAtomicsMode(cublasHandle_t, int) { return CUBLAS_STATUS_SUCCESS; }
+static inline cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) { return CUBLAS_STATUS_SUCCESS; }
 cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
                                           int k, const float *alpha, const void *A, cudaDataType typeA, int lda, long long strideA,
                                           const void *B, cudaDataType typeB, int ldb, long long strideB, const float *beta, void *C,

@@ -9,7 +9,8 @@
    (NaN floats, -1 ints) when allocated and shared memory with 0x7F, so reads of unwritten memory show.
    Kernel launches `k<<<grid, block, smem>>>(args)` are rewritten into emu_launch calls by launch.py.
    With EMU_LAUNCH_LOG=1 every launch, cuBLAS call, cudaMemcpy and cudaMemset prints a line on stderr
-   ("launch NAME"): the launch count of a step or a decoded token, without a GPU.
+   ("launch NAME"): the launch count of a step or a decoded token, without a GPU. A stream capture
+   records launches and cuBLAS calls, and a graph launch replays them (see emu_capture).
 
    What it does not model: concurrency between blocks (they run in order, or reversed with
    EMU_REVERSE=1 so order dependence shows), memory-model races, timing, and hardware rounding modes
@@ -86,6 +87,11 @@ static inline unsigned __ballot_sync(unsigned, int pred) {
 }
 extern char *emu_dynamic_smem;
 void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+/* Stream capture: while a capture is open, launches and cuBLAS calls are recorded (their arguments as
+   they were at the call) instead of run, and a graph launch runs the record. A call a GPU cannot capture
+   (a synchronous copy or memset, an allocation) aborts, so decode's graph is known to be capturable. */
+int emu_capture(std::function<void()> work);      /* 1: recorded into the open capture, 0: none open */
+void emu_not_capturing(const char *call);
 
 /* ---- runtime API ---- */
 typedef int cudaError_t;
@@ -96,18 +102,32 @@ enum { EMU_SMEM_OPTIN = 227 * 1024 };     /* an H100's opt-in shared memory per 
 static inline const char *cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
 static inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 cudaError_t cudaMalloc(void **p, size_t bytes);
-static inline cudaError_t cudaFree(void *p) { free(p); return cudaSuccess; }
+static inline cudaError_t cudaFree(void *p) { emu_not_capturing("cudaFree"); free(p); return cudaSuccess; }
 extern const int emu_launch_log;          /* EMU_LAUNCH_LOG set: every launch, copy and memset named on stderr */
 static inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind) {
+    emu_not_capturing("cudaMemcpy");
     if (emu_launch_log) fprintf(stderr, "launch cudaMemcpy %zu bytes\n", n);
     memmove(d, s, n);
     return cudaSuccess;
 }
 static inline cudaError_t cudaMemset(void *d, int v, size_t n) {
+    emu_not_capturing("cudaMemset");
     if (emu_launch_log) fprintf(stderr, "launch cudaMemset %zu bytes\n", n);
     memset(d, v, n);
     return cudaSuccess;
 }
+typedef struct emu_stream *cudaStream_t;
+#define cudaStreamPerThread ((cudaStream_t)0x2)
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed };
+struct EmuGraph;
+typedef EmuGraph *cudaGraph_t;
+typedef EmuGraph *cudaGraphExec_t;
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long flags);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
 static inline cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
 static inline cudaError_t cudaDeviceGetAttribute(int *v, int, int) { *v = EMU_SMEM_OPTIN; return cudaSuccess; }
 cudaError_t cudaFuncSetAttribute(const void *, int, int value);

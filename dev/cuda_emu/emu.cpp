@@ -1,6 +1,7 @@
 /* dev/cuda_emu/emu.cpp - the scheduler and cuBLAS loops behind cuda_runtime.h / cublas_v2.h. */
 #include <setjmp.h>
 #include <ucontext.h>
+#include <vector>
 #include "cublas_v2.h"
 
 emu_uint3 threadIdx, blockIdx;
@@ -99,11 +100,53 @@ static void emu_run_block(int n, int reverse, const char *name) {
     }
 }
 
-void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+/* ---- stream capture and graphs ---- */
+struct EmuGraph { std::vector<std::function<void()>> work; };
+static EmuGraph *emu_open_capture;
+
+int emu_capture(std::function<void()> work) {
+    if (!emu_open_capture) return 0;
+    emu_open_capture->work.push_back(work);
+    return 1;
+}
+
+void emu_not_capturing(const char *call) {
+    if (!emu_open_capture) return;
+    fprintf(stderr, "cuda_emu: %s during a stream capture (a GPU cannot capture it)\n", call);
+    abort();
+}
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
+    if (stream != cudaStreamPerThread || emu_open_capture) {
+        fprintf(stderr, "cuda_emu: a capture begins on cudaStreamPerThread, one at a time\n");
+        abort();
+    }
+    emu_open_capture = new EmuGraph;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t *graph) {
+    *graph = emu_open_capture;
+    emu_open_capture = NULL;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long) {
+    *exec = new EmuGraph(*graph);
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t) {
+    if (emu_launch_log) fprintf(stderr, "launch cudaGraphLaunch of %zu nodes\n", exec->work.size());
+    for (auto &work : exec->work) work();
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) { delete exec; return cudaSuccess; }
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) { delete graph; return cudaSuccess; }
+
+static void emu_run_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
     int n = (int)(block.x * block.y * block.z);
-    if (n < 1 || n > EMU_MAX_THREADS || block.y != 1 || block.z != 1) emu_fail("bad block shape (1 to 1024 threads in x)", name);
-    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) emu_fail("bad grid shape", name);
-    if (smem > EMU_SMEM_OPTIN) emu_fail("too much dynamic shared memory", name);
     static const int reverse = getenv("EMU_REVERSE") != NULL;
     if (emu_launch_log) fprintf(stderr, "launch %s\n", name);
     gridDim = grid;
@@ -124,7 +167,17 @@ void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::funct
     free(smem_buffer);
 }
 
+/* checks the launch's shape now, as a GPU does, then runs it, or records it into the open capture */
+void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+    int n = (int)(block.x * block.y * block.z);
+    if (n < 1 || n > EMU_MAX_THREADS || block.y != 1 || block.z != 1) emu_fail("bad block shape (1 to 1024 threads in x)", name);
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) emu_fail("bad grid shape", name);
+    if (smem > EMU_SMEM_OPTIN) emu_fail("too much dynamic shared memory", name);
+    if (!emu_capture([=]() { emu_run_launch(name, grid, block, smem, body); })) emu_run_launch(name, grid, block, smem, body);
+}
+
 cudaError_t cudaMalloc(void **p, size_t bytes) {
+    emu_not_capturing("cudaMalloc");
     *p = malloc(bytes ? bytes : 1);
     if (!*p) return cudaErrorMemoryAllocation;
     memset(*p, 0xFF, bytes);
@@ -159,10 +212,10 @@ static float emu_operand(const void *X, cudaDataType type, size_t i) {
    are first copied into rows of k contiguous floats (from fp32 or bf16 storage; rounded to TF32 when
    asked) so every entry of C is one sequential fp32 dot product. Strides and leading dimensions count
    elements of the operand's own type. C must be fp32. */
-cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
-                                          int k, const float *alpha, const void *A_, cudaDataType typeA, int lda, long long strideA,
-                                          const void *B_, cudaDataType typeB, int ldb, long long strideB, const float *beta, void *C_,
-                                          cudaDataType typeC, int ldc, long long strideC, int batch, cublasComputeType_t compute, int) {
+static void emu_gemm(cublasOperation_t transa, cublasOperation_t transb, int m, int n, int k, const float *alpha, const void *A_,
+                     cudaDataType typeA, int lda, long long strideA, const void *B_, cudaDataType typeB, int ldb,
+                     long long strideB, const float *beta, void *C_, cudaDataType typeC, int ldc, long long strideC, int batch,
+                     cublasComputeType_t compute) {
     if (emu_launch_log) fprintf(stderr, "launch cublasGemmStridedBatchedEx %d x %d x %d\n", m, n, k);
     if (ldc < m || lda < (transa == CUBLAS_OP_N ? m : k) || ldb < (transb == CUBLAS_OP_N ? k : n) || lda < 1 || ldb < 1) {
         fprintf(stderr, "cuda_emu: bad leading dimension in a GEMM (m %d n %d k %d lda %d ldb %d ldc %d)\n", m, n, k, lda, ldb, ldc);
@@ -196,5 +249,19 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t tran
     }
     free(rowsA);
     free(rowsB);
+}
+
+/* alpha and beta are host pointers: read at the call, as cuBLAS does in host pointer mode (a captured
+   GEMM keeps their values) */
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                                          int k, const float *alpha, const void *A, cudaDataType typeA, int lda, long long strideA,
+                                          const void *B, cudaDataType typeB, int ldb, long long strideB, const float *beta, void *C,
+                                          cudaDataType typeC, int ldc, long long strideC, int batch, cublasComputeType_t compute, int) {
+    float a = *alpha, b = *beta;
+    auto gemm = [=]() {
+        emu_gemm(transa, transb, m, n, k, &a, A, typeA, lda, strideA, B, typeB, ldb, strideB, &b, C, typeC, ldc, strideC, batch,
+                 compute);
+    };
+    if (!emu_capture(gemm)) gemm();
     return CUBLAS_STATUS_SUCCESS;
 }
