@@ -29,8 +29,10 @@ NAME=profile_3b timeout 200 bash dev/profile.sh --preset 3b --set n_layers=4 --b
 # decode of small at batch 1: its time per token, then its kernels per token (is it kernels or launches?)
 ./train_gpu --preset small --batch 1 --seq-len 256 --steps 1 --eval-every 1 --eval-batches 1 --out runs/gpu_check_ckpt \
     >/dev/null 2>&1 || echo "gpu_check: the decode checkpoint failed"
-./infer_gpu runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 64 --temperature 0 \
-    2>&1 >/dev/null | tail -n 1
+for graph in 1 0; do                   # each token one CUDA graph, then kernel by kernel
+    ./infer_gpu runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 64 --temperature 0 \
+        --graph $graph 2>&1 >/dev/null | tail -n 1
+done
 NAME=profile_decode timeout 200 bash dev/profile.sh --infer runs/gpu_check_ckpt/model.safetensors \
     --prompt "The state of the Union" | head -24
 # what limits the mHC kernels (NCU=1): one launch of each under Nsight Compute's throughput, occupancy and stall sections
