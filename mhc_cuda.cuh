@@ -13,7 +13,7 @@
 
    Precision (SPEC §0): fp32 storage for parameters (the master weights), gradients, activations and
    optimizer state. mhc_gpu_set_precision picks how the MHC_GEMM_FAST GEMMs (every MLA, FFN, shared-expert
-   and head projection, forward and backward, and decode's absorbed products) run on cuBLAS:
+   and head projection, forward and backward) run on cuBLAS:
      MHC_PREC_TF32 (default)  CUBLAS_COMPUTE_32F_FAST_TF32 on fp32 operands;
      MHC_PREC_FP32            CUBLAS_COMPUTE_32F, exact (the tests);
      MHC_PREC_BF16            A and B in bf16 (CUDA_R_16BF), C in fp32, CUBLAS_COMPUTE_32F: the weight
@@ -24,10 +24,10 @@
                               accumulation stay fp32.
    Our own tensor-core kernels, the routed-expert GEMMs and the flash-attention tile products, follow the
    setting too: exact fp32, or TF32 or bf16 operands on tensor cores (mma.sync), fp32 accumulate (sections
-   1 and 4); the few-row expert forward (decode) is exact fp32 always. Always fp32
-   whatever the setting: the mHC/HC coefficient products (mHC's h, dX and dphi GEMMs, HC's and the
-   router's: MHC_GEMM_FP32), the attention softmax statistics, and every elementwise kernel. Norm
-   statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
+   1 and 4); decode's FFNs and absorbed attention (its W_uk and W_uv products included) are exact fp32
+   always. Always fp32 whatever the setting: the mHC/HC coefficient products (mHC's h, dX and dphi
+   GEMMs, HC's and the router's: MHC_GEMM_FP32), the attention softmax statistics, and every elementwise
+   kernel. Norm statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
 
    Memory: mhc_gpu_set_recompute trades compute for activation memory. The forward then keeps only the
    residual streams X_s of every sublayer, the attention outputs o and their lse of every layer, and the
@@ -156,7 +156,7 @@ typedef struct {
 typedef struct {
     int max_len, len;
     float *ckv, *kpe;                  /* [L, max_len, d_c] latent after RMSNorm, [L, max_len, d_r] after RoPE */
-    float *qabs, *olat, *scores;       /* [H, d_c], [H, d_c], [H, max_len]                                   */
+    float *scores;                     /* [H, max_len] attention scores of the token                          */
     float *lat_raw;                    /* [d_c + d_r] W_dkv u of the token                                    */
     int *pos;                          /* [1] the token's position, len, in device memory                     */
     MhcGpuActs acts;                   /* one token (B = T = 1), forward buffers only                         */
@@ -2148,18 +2148,31 @@ __global__ void mla_decode_latent_kernel(float *__restrict__ ckv, float *__restr
     }
 }
 
-/* SPEC §10, one block per head h, for the new token at position t = *pos: Sc[s] = scale (q_abs[h] .
-   cKV[s] + q_pe[h] . kPE[s]) for s <= t (one warp per s), P = softmax, olat[h] = sum_s P[s] cKV[s]. The
-   pointers are __restrict__ and the loops over s unrolled, so a warp has several keys' loads in flight. */
-__global__ void mla_decode_attention_kernel(float *__restrict__ olat, float *__restrict__ scores, const float *__restrict__ qabs,
-                                            const float *__restrict__ q, const float *__restrict__ ckv,
+/* SPEC §10 absorbed attention of the new token at position t = *pos, all of it for head h in block h:
+   q_abs = W_uk[h]^T q_nope[h] (a thread per latent column), Sc[s] = scale (q_abs . cKV[s] + q_pe[h] .
+   kPE[s]) for s <= t (a warp per s), P = softmax, olat = sum_s P[s] cKV[s] (a thread per latent column),
+   and o[h] = W_uv[h] olat (a warp per output). W_uk[h] and W_uv[h] are rows [0, dn) and [dn, dn + dv) of
+   head h's (dn + dv) x dc block of W_ukv. q_abs and olat stay in shared memory [2 dc], the scores go to
+   scores [H, max_len]; exact fp32. The pointers are __restrict__ and the loops over s unrolled, so a
+   warp has several keys' loads in flight. */
+__global__ void mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, const float *__restrict__ q,
+                                            const float *__restrict__ wukv, const float *__restrict__ ckv,
                                             const float *__restrict__ kpe, const int *pos, int max_len, int dc, int dr, int dn,
-                                            int dqk, float scale) {
-    int h = blockIdx.x, lane = threadIdx.x % 32, t = *pos;
-    const float *qa = qabs + (size_t)h * dc, *qp = q + (size_t)h * dqk + dn;
+                                            int dv, float scale) {
+    extern __shared__ float latent_smem[];
+    float *qa = latent_smem, *ol = latent_smem + dc;
+    int h = blockIdx.x, lane = threadIdx.x % 32, warps = blockDim.x / 32, t = *pos;
+    const float *qn = q + (size_t)h * (dn + dr), *qp = qn + dn, *w = wukv + (size_t)h * (dn + dv) * dc;
     float *sc = scores + (size_t)h * max_len;
+    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
+        float acc = 0;
+#pragma unroll 8
+        for (int i = 0; i < dn; i++) acc += qn[i] * w[(size_t)i * dc + j];
+        qa[j] = acc;
+    }
+    __syncthreads();
 #pragma unroll 2
-    for (int s = threadIdx.x / 32; s <= t; s += blockDim.x / 32) {
+    for (int s = threadIdx.x / 32; s <= t; s += warps) {
         float dot = 0;
         for (int k = lane; k < dc; k += 32) dot += qa[k] * ckv[(size_t)s * dc + k];
         for (int i = lane; i < dr; i += 32) dot += qp[i] * kpe[(size_t)s * dr + i];
@@ -2179,7 +2192,12 @@ __global__ void mla_decode_attention_kernel(float *__restrict__ olat, float *__r
         float acc = 0;
 #pragma unroll 8
         for (int s = 0; s <= t; s++) acc += sc[s] / sum * ckv[(size_t)s * dc + k];
-        olat[(size_t)h * dc + k] = acc;
+        ol[k] = acc;
+    }
+    __syncthreads();
+    for (int k = threadIdx.x / 32; k < dv; k += warps) {
+        float d = warp_dot(w + (size_t)(dn + k) * dc, ol, dc);
+        if (lane == 0) o[(size_t)h * dv + k] = d;
     }
 }
 
@@ -2454,16 +2472,15 @@ static void gpu_acts_free(MhcGpuActs *A) {
 
 /* The largest non-weight operand of an MHC_GEMM_FAST GEMM, in elements (gemm_bf16_operand checks it):
    N rows of an activation or its gradient (u, dy: C; FFN: F; q: H d_qk; c_q: d_q; latent + k_pe: d_c + d_r;
-   kv: H (d_nope + d_v); o: H d_v), logit_rows rows of dlogits (V), or decode's [H, d_c] latent output. */
+   kv: H (d_nope + d_v); o: H d_v), or logit_rows rows of dlogits (V). */
 static size_t gpu_bf16_scratch_count(const MhcConfig *c, size_t N, size_t logit_rows) {
     size_t H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, w = c->d_model, x[] = {
         (size_t)mhc_ffn_width(c), H * dqk, (size_t)c->q_lora_rank, (size_t)c->kv_lora_rank + c->qk_rope_head_dim,
         H * (c->qk_nope_head_dim + c->v_head_dim), H * c->v_head_dim};
     for (size_t k = 0; k < sizeof x / sizeof x[0]; k++) w = w > x[k] ? w : x[k];
-    size_t count = N * w, logits = logit_rows * c->vocab_size, decode = H * c->kv_lora_rank, att = att_bf16_scratch_count(c, N);
+    size_t count = N * w, logits = logit_rows * c->vocab_size, att = att_bf16_scratch_count(c, N);
     count = count > logits ? count : logits;
-    count = count > att ? count : att;
-    return count > decode ? count : decode;
+    return count > att ? count : att;
 }
 
 /* What a set of activation buffers is for (gpu_acts_init's flags) */
@@ -2789,24 +2806,22 @@ static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
 
 /* one token through MLA_l, absorbed, at the position in cache->pos: q, then raw = W_dkv u (c and k_pe
    in one GEMM: the rows of W_dkv are [d_c; d_r]), the cache rows and q's RoPE (mla_decode_latent_kernel),
-   q_abs[h] = W_uk[h]^T q_nope[h], attention over the latents, o[h] = W_uv[h] olat[h], out = W_o o */
+   each head's attention over the latents to o [H, dv] (mla_decode_attention_kernel), out = W_o o */
 static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const float *u, float *out) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank;
-    long long w_head = (long long)(dn + dv) * dc;                /* W_ukv rows of one head */
     float *ckv = cache->ckv + (size_t)l * cache->max_len * dc, *kpe = cache->kpe + (size_t)l * cache->max_len * dr;
     float *q = gpu_mla_query(g, &cache->acts, l, u, 1), *o = cache->acts.a.o + (size_t)l * H * dv;
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, cache->lat_raw, u, b->wdkv, 1, C, dc + dr);
     mla_decode_latent_kernel<<<1, MHC_BLOCK>>>(ckv, kpe, q, cache->lat_raw, b->kv_norm, cache->pos, dc, dr, H, dn, dqk,
                                                (float)c->rms_eps, c->rope_theta);
     LAUNCH_CHECK();
-    gemm(&g->blas, MHC_GEMM_FAST, 0, 0, 1, dc, dn, 1.0f, q, dqk, b->wukv, w_head, 0.0f, cache->qabs, dc, H);
-    mla_decode_attention_kernel<<<H, MHC_BLOCK>>>(cache->olat, cache->scores, cache->qabs, q, ckv, kpe, cache->pos,
-                                                  cache->max_len, dc, dr, dn, dqk, (float)(1.0 / sqrt((double)dqk)));
+    mla_decode_attention_kernel<<<H, MHC_BLOCK, 2 * dc * sizeof(float)>>>(o, cache->scores, q, b->wukv, ckv, kpe, cache->pos,
+                                                                          cache->max_len, dc, dr, dn, dv,
+                                                                          (float)(1.0 / sqrt((double)dqk)));
     LAUNCH_CHECK();
-    gemm(&g->blas, MHC_GEMM_FAST, 0, 1, 1, dv, dc, 1.0f, cache->olat, dc, b->wukv + (size_t)dn * dc, w_head, 0.0f, o, dv, H);
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, b->wo, 1, H * dv, C);
 }
 
@@ -3380,8 +3395,6 @@ int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
     size_t L = cfg->n_layers, H = cfg->n_heads, dc = cfg->kv_lora_rank;
     c->ckv = arena_new<float>(&c->arena, L * max_len * dc);
     c->kpe = arena_new<float>(&c->arena, L * max_len * cfg->qk_rope_head_dim);
-    c->qabs = arena_new<float>(&c->arena, H * dc);
-    c->olat = arena_new<float>(&c->arena, H * dc);
     c->scores = arena_new<float>(&c->arena, H * max_len);
     c->lat_raw = arena_new<float>(&c->arena, dc + cfg->qk_rope_head_dim);
     c->pos = arena_new<int>(&c->arena, 1);

@@ -3018,6 +3018,7 @@ void gpu_tests(void) {
     gpu_test_recompute("hc", &hc, MHC_PREC_FP32);
     gpu_test_decode(&mhc);
     gpu_test_decode(&qg);
+    gpu_test_decode(&tiny);                           /* d_c = 64: more than one warp's latent columns */
     gpu_test_checkpoint(&mhc);
 }
 #endif /* __CUDACC__ */
