@@ -1161,21 +1161,27 @@ __global__ void stream_pre_backward_kernel(float *dX, float *dH, const float *dy
 
 /* SPEC §3 X'[i] = H_post[i] f + sum_j H_res[i][j] X[j], one thread per (t, c) for all n output streams:
    the n inputs X[t][j][c] are read once, into registers (loops over MHC_MAX_STREAMS unroll fully) */
+/* SPEC §3 merge of one token's channel c: Xo[i][c] = H_post[i] f[c] + sum_j H_res[i][j] X[j][c] for the
+   n streams. Xo, X: the token's streams [n, C]; H: its coefficients [m]; f: its branch output [C]. */
+__device__ void stream_merge_channel(float *Xo, const float *H, const float *X, const float *f, int n, int C, int c) {
+    float x[MHC_MAX_STREAMS], ft = f[c];
+#pragma unroll
+    for (int j = 0; j < MHC_MAX_STREAMS; j++) x[j] = j < n ? X[(size_t)j * C + c] : 0.0f;
+    for (int i = 0; i < n; i++) {
+        float xo = H[n + i] * ft;
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++)
+            if (j < n) xo += H[2 * n + i * n + j] * x[j];
+        Xo[(size_t)i * C + c] = xo;
+    }
+}
+
+/* one thread per (token, channel) */
 __global__ void stream_merge_forward_kernel(float *Xo, const float *H, const float *X, const float *f, int N, int n, int C, int m) {
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * C) return;
-    size_t t = idx / C, col = t * n * C + (idx - t * C);     /* X[t][0][c] */
-    const float *Ht = H + t * m;
-    float x[MHC_MAX_STREAMS], ft = f[idx];
-#pragma unroll
-    for (int j = 0; j < MHC_MAX_STREAMS; j++) x[j] = j < n ? X[col + (size_t)j * C] : 0.0f;
-    for (int i = 0; i < n; i++) {
-        float xo = Ht[n + i] * ft;
-#pragma unroll
-        for (int j = 0; j < MHC_MAX_STREAMS; j++)
-            if (j < n) xo += Ht[2 * n + i * n + j] * x[j];
-        Xo[col + (size_t)i * C] = xo;
-    }
+    size_t t = idx / C;
+    stream_merge_channel(Xo + t * n * C, H + t * m, X + t * n * C, f + t * C, n, C, (int)(idx - t * C));
 }
 
 /* SPEC §5.1, one block per token: df = H_post^T dX' and dX = H_res^T dX' (PATH 1, overwrite; threads over
@@ -1370,16 +1376,19 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    reads the streams again (from L2) for the pre-mix y [N,C] = sum_j H_pre[j] X[j]. Writes h, a, H [N,m]
    (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]).
    LONE (a lone token: decode), where a launch costs more than the work, has the block do the rest as well
-   (MhcPreToken): h = X phi^T first (a warp per output), the Sinkhorn by thread 0 while the other threads
-   make y, and with u given the sublayer's norm u [N,C] = RMSNorm(y) with gain g, u_rstd [N] (as
-   rmsnorm_forward_kernel makes it). A template parameter, so that the many-token kernel carries none of
-   its registers. */
+   (MhcPreToken): with merged given, first the previous sublayer's merge into X (merged is X: the token's
+   streams are made here, then read), h = X phi^T (a warp per output), the Sinkhorn by thread 0 while the
+   other threads make y, and with u given the sublayer's norm u [N,C] = RMSNorm(y) with gain g, u_rstd [N]
+   (as rmsnorm_forward_kernel makes it). A template parameter, so that the many-token kernel carries none
+   of its registers. */
 typedef struct {
     const float *phi;
     int iters;
     float eps_sk;
     float *u, *u_rstd;
     const float *g;
+    float *merged;                           /* NULL, or X, made as stream_merge_channel(prev_H, prev_X, prev_f) */
+    const float *prev_H, *prev_X, *prev_f;
 } MhcPreToken;
 
 template <bool LONE>
@@ -1391,11 +1400,17 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
     size_t t = blockIdx.x;
     const float *x = X + t * nC;
     float *ht = h + t * m, *at = a + t * m, *Ht = H + t * m, ss = 0;
-    if constexpr (LONE)                             /* (block_reduce's barriers below publish h to the block) */
-        for (int k = threadIdx.x / 32; k < m; k += blockDim.x / 32) {
+    if constexpr (LONE) {
+        if (one.merged) {
+            for (int c = threadIdx.x; c < C; c += blockDim.x)
+                stream_merge_channel(one.merged, one.prev_H, one.prev_X, one.prev_f, n, C, c);
+            __syncthreads();                        /* the merged streams are x below */
+        }
+        for (int k = threadIdx.x / 32; k < m; k += blockDim.x / 32) {   /* (block_reduce's barriers below publish h) */
             float hk = warp_dot(one.phi + (size_t)k * nC, x, nC);
             if (threadIdx.x % 32 == 0) ht[k] = hk;
         }
+    }
 #pragma unroll 4
     for (int q = threadIdx.x; q < nC; q += blockDim.x) ss += x[q] * x[q];
     float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / nC + eps_rms);
@@ -1430,11 +1445,22 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
 
 /* The pre-stage of N tokens: h = X phi^T (cuBLAS), the streaming kernel, the Sinkhorn kernel; with u
    given (may be NULL) also the sublayer's norm u [N,C] = RMSNorm(y), gain norm_g, u_rstd [N]. A lone
-   token has all of it done by the streaming block. */
+   token has all of it done by the streaming block, and with prev (else NULL: prev[0..2] = the previous
+   sublayer's H, X and f) first that sublayer's merge into X. */
 static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_rstd, float *H, float *a, float *h, float *r,
-                                const float *X, const float *phi, const float *alpha, const float *b, const float *norm_g,
-                                int N, int n, int C, int iters, double eps_sk, double eps_rms) {
-    MhcPreToken one = {phi, iters, (float)eps_sk, u, u_rstd, norm_g};
+                                float *X, const float *phi, const float *alpha, const float *b, const float *norm_g,
+                                const float *const *prev, int N, int n, int C, int iters, double eps_sk, double eps_rms) {
+    MhcPreToken one = {phi, iters, (float)eps_sk, u, u_rstd, norm_g, NULL, NULL, NULL, NULL};
+    if (prev) {
+        if (N != 1) {
+            fprintf(stderr, "gpu_mhc_pre_forward: the merge goes first for a lone token only (a bug)\n");
+            exit(1);
+        }
+        one.merged = X;
+        one.prev_H = prev[0];
+        one.prev_X = prev[1];
+        one.prev_f = prev[2];
+    }
     if (N == 1) {
         mhc_coeffs_pre_forward_kernel<true><<<1, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
         LAUNCH_CHECK();
@@ -2354,30 +2380,46 @@ __global__ void moe_combine_kernel(float *out, const float *src, const int *row,
 }
 
 /* Decode's FFNs on one token (SPEC §8 SwiGLU, §11 experts), one warp per output, the token's own
-   rows read in place: no grouping, no gather, no combine. Slot k of K uses expert e_k = sel[k], whose
-   matrices are W + e_k w_stride, or, with sel NULL, W itself (a dense FFN, or the shared experts).
-     up:   h[k][i] = silu(W1_k[i] . u) (W3_k[i] . u),                   i < rows    grid (K, rows / 8)
-     down: out[c] = (add ? out[c] : 0) + sum_k w_k (W2_k[c] . h[k]),   c < C       grid (C / 8)
-   with w_k = 1 where w is NULL. Exact fp32 (warp_dot), the slots summed in order k = 0 .. K-1 as
-   moe_combine_kernel does. */
-__global__ void ffn_decode_up_kernel(float *h, const float *u, const float *w1, const float *w3, const int *sel,
-                                     size_t w_stride, int rows, int C) {
+   rows read in place: no grouping, no gather, no combine. A set of slots (MhcFfnSlots) is K FFNs of
+   `rows` hidden units: slot k uses expert e_k = sel[k], whose matrices are W + e_k w_stride, or, with
+   sel NULL, W itself (a dense FFN, or the shared experts), weighted by w_k (1 where w is NULL). The
+   kernels take two sets, s0 then s1 (s1.K = 0: none), so an MoE layer's shared and routed experts are
+   one launch each way:
+     up:   h[k][i] = silu(W1_k[i] . u) (W3_k[i] . u),   i < rows, each set's slots   grid (K0 + K1, rows / 8)
+     down: out[c] = sum over s0's slots, then s1's, of w_k (W2_k[c] . h[k]),  c < C  grid (C / 8)
+   Exact fp32 (warp_dot), the slots summed in order as moe_combine_kernel does. */
+typedef struct {
+    const float *w1, *w3, *w2;
+    const int *sel;
+    const float *w;
+    size_t w_stride;
+    int K, rows;
+    float *h;                            /* [K, rows] */
+} MhcFfnSlots;
+
+__global__ void ffn_decode_up_kernel(MhcFfnSlots s0, MhcFfnSlots s1, const float *u, int C) {
     int k = blockIdx.x, i = blockIdx.y * 8 + threadIdx.x / 32;
-    if (i >= rows) return;
-    size_t at = (sel ? (size_t)sel[k] * w_stride : 0) + (size_t)i * C;
-    float a = warp_dot(w1 + at, u, C), g = warp_dot(w3 + at, u, C);
-    if (threadIdx.x % 32 == 0) h[(size_t)k * rows + i] = a * mhc_sigmoidf(a) * g;
+    MhcFfnSlots s = k < s0.K ? s0 : s1;
+    k = k < s0.K ? k : k - s0.K;
+    if (i >= s.rows) return;
+    size_t at = (s.sel ? (size_t)s.sel[k] * s.w_stride : 0) + (size_t)i * C;
+    float a = warp_dot(s.w1 + at, u, C), g = warp_dot(s.w3 + at, u, C);
+    if (threadIdx.x % 32 == 0) s.h[(size_t)k * s.rows + i] = a * mhc_sigmoidf(a) * g;
 }
 
-__global__ void ffn_decode_down_kernel(float *out, const float *h, const float *w2, const int *sel, const float *w,
-                                       size_t w_stride, int K, int rows, int C, int add) {
+__device__ float ffn_decode_down_sum(float acc, const MhcFfnSlots &s, int c) {
+    for (int k = 0; k < s.K; k++) {
+        float v = warp_dot(s.w2 + (s.sel ? (size_t)s.sel[k] * s.w_stride : 0) + (size_t)c * s.rows, s.h + (size_t)k * s.rows,
+                           s.rows);
+        acc += s.w ? s.w[k] * v : v;
+    }
+    return acc;
+}
+
+__global__ void ffn_decode_down_kernel(float *out, MhcFfnSlots s0, MhcFfnSlots s1, int C) {
     int c = blockIdx.x * 8 + threadIdx.x / 32;
     if (c >= C) return;
-    float acc = add ? out[c] : 0.0f;
-    for (int k = 0; k < K; k++) {
-        float v = warp_dot(w2 + (sel ? (size_t)sel[k] * w_stride : 0) + (size_t)c * rows, h + (size_t)k * rows, rows);
-        acc += w ? w[k] * v : v;
-    }
+    float acc = ffn_decode_down_sum(ffn_decode_down_sum(0.0f, s0, c), s1, c);
     if (threadIdx.x % 32 == 0) out[c] = acc;
 }
 
@@ -2558,17 +2600,26 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
 /* ---- sublayer pieces (mirror mhc.h section 7) ---- */
 
 /* Sublayer s's coefficients H (SPEC §4 mhc, §6 hc, n = 1 plain), the pre-mix y [N,C] = H_pre X (§3) and
-   the branch input u = RMSNorm(y) with gain norm_g, u_rstd [N] */
-static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y, float *u, float *u_rstd, const float *norm_g) {
+   the branch input u = RMSNorm(y) with gain norm_g, u_rstd [N]. merge_prev (mhc, a lone token: decode):
+   X_s itself is made first, by the merge of sublayer s - 1 (gpu_sublayer_forward left it out). */
+static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y, float *u, float *u_rstd, const float *norm_g,
+                           int merge_prev) {
     const MhcConfig *c = &g->cfg;
     int n = c->hc_mult, C = c->d_model, m = mhc_m(c), ss = gpu_sub_slot(A, s);
-    const float *X = A->a.X + (size_t)s * N * n * C;
+    float *X = A->a.X + (size_t)s * N * n * C;
     float *h = A->a.coef_h + (size_t)ss * N * m, *a = A->a.coef_a + (size_t)ss * N * m;
     float *H = A->a.coef_H + (size_t)ss * N * m, *r = A->a.coef_r + (size_t)ss * N * n;
     const MhcStreamParams *q = &g->p.sub[s];
     if (c->residual == MHC_RESIDUAL_MHC) {            /* the GEMM, one block per token, the Sinkhorn, the norm */
-        gpu_mhc_pre_forward(&g->blas, y, u, u_rstd, H, a, h, r, X, q->phi, q->alpha, q->b, norm_g, N, n, C, c->sinkhorn_iters,
-                            c->sinkhorn_eps, c->rms_eps);
+        const float *prev[3] = {NULL, NULL, NULL};   /* sublayer s - 1's H, X and f */
+        if (merge_prev) {
+            int sp = gpu_sub_slot(A, s - 1);
+            prev[0] = A->a.coef_H + (size_t)sp * N * m;
+            prev[1] = A->a.X + (size_t)(s - 1) * N * n * C;
+            prev[2] = A->a.f + (size_t)sp * N * C;
+        }
+        gpu_mhc_pre_forward(&g->blas, y, u, u_rstd, H, a, h, r, X, q->phi, q->alpha, q->b, norm_g, merge_prev ? prev : NULL, N,
+                            n, C, c->sinkhorn_iters, c->sinkhorn_eps, c->rms_eps);
         return;
     }
     if (c->residual == MHC_RESIDUAL_PLAIN) {
@@ -2845,13 +2896,16 @@ static void gpu_moe_combine(float *out, const float *src, const int *row, const 
     LAUNCH_CHECK();
 }
 
-/* decode's SwiGLU FFN on one token over K slots (the ffn_decode kernels): out (+)= sum_k w_k FFN_k(u);
-   h [K, rows] */
-static void gpu_ffn_decode(float *out, float *h, const float *u, const float *w1, const float *w3, const float *w2,
-                           const int *sel, const float *w, size_t w_stride, int K, int rows, int C, int add) {
-    ffn_decode_up_kernel<<<dim3(K, mhc_blocks((size_t)rows, 8)), 256>>>(h, u, w1, w3, sel, w_stride, rows, C);
+/* decode's SwiGLU FFNs on one token (the ffn_decode kernels): out = the sum over the slots of s0, then
+   of s1 (may be NULL) */
+static void gpu_ffn_decode(float *out, const float *u, const MhcFfnSlots *s0, const MhcFfnSlots *s1, int C) {
+    MhcFfnSlots none;
+    memset(&none, 0, sizeof none);
+    if (!s1) s1 = &none;
+    int rows = s0->rows > s1->rows ? s0->rows : s1->rows;
+    ffn_decode_up_kernel<<<dim3(s0->K + s1->K, mhc_blocks((size_t)rows, 8)), 256>>>(*s0, *s1, u, C);
     LAUNCH_CHECK();
-    ffn_decode_down_kernel<<<mhc_blocks((size_t)C, 8), 256>>>(out, h, w2, sel, w, w_stride, K, rows, C, add);
+    ffn_decode_down_kernel<<<mhc_blocks((size_t)C, 8), 256>>>(out, *s0, *s1, C);
     LAUNCH_CHECK();
 }
 
@@ -2870,8 +2924,10 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, s, u, b->gate, N, C, E);          /* z = W_gate u (fp32) */
     gpu_moe_route(sel, w, s, g->expert_bias + (size_t)l * E, N, c);
     if (decode) {
-        if (NsI > 0) gpu_ffn_decode(out, hh + (size_t)NK * I, u, b->sw1, b->sw3, b->sw2, NULL, NULL, 0, 1, NsI, C, 0);
-        gpu_ffn_decode(out, hh, u, b->w1, b->w3, b->w2, sel, w, (size_t)I * C, K, I, C, NsI > 0);
+        MhcFfnSlots shared = {b->sw1, b->sw3, b->sw2, NULL, NULL, 0, 1, NsI, hh + (size_t)NK * I};
+        MhcFfnSlots routed = {b->w1, b->w3, b->w2, sel, w, (size_t)I * C, K, I, hh};
+        if (NsI > 0) gpu_ffn_decode(out, u, &shared, &routed, C);
+        else gpu_ffn_decode(out, u, &routed, NULL, C);
         return;
     }
     if (NsI > 0) {
@@ -2933,9 +2989,15 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     gpu_matmul_backward(bl, MHC_GEMM_FP32, du, gb->gate, a->dscore, u, b->gate, N, C, E);
 }
 
+/* decoding with mhc, whose lone-token pre-stage makes X_s itself from sublayer s - 1 */
+static int gpu_merge_deferred(const MhcConfig *c, const MhcGpuCache *cache) {
+    return cache != NULL && c->residual == MHC_RESIDUAL_MHC;
+}
+
 /* The branch of one sublayer (SPEC §3) from X_s: its coefficients H, y = H_pre X_s, u = RMSNorm(y) and
    f = F_s(u), with every intermediate the backward reads. cache != NULL: one token of absorbed decode
-   (B = T = 1). With recompute the backward calls it again (rerun) to refill the sublayer's buffers. */
+   (B = T = 1), where with mhc X_s itself is made first (see gpu_sublayer_forward). With recompute the
+   backward calls it again (rerun) to refill the sublayer's buffers. */
 static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, MhcGpuCache *cache, int rerun) {
     const MhcConfig *c = &g->cfg;
     int N = B * T, C = c->d_model, l = s / 2, F = mhc_ffn_width(c);
@@ -2943,7 +3005,8 @@ static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, 
     MhcActs *a = &A->a;
     float *y = a->y + (size_t)ss * N * C, *u = a->u + (size_t)ss * N * C, *f = a->f + (size_t)ss * N * C;
     const MhcBlock *b = &g->p.blk[l];
-    gpu_stream_pre(g, A, s, N, y, u, a->u_rstd + (size_t)ss * N, s % 2 == 0 ? b->attn_norm : b->ffn_norm);
+    gpu_stream_pre(g, A, s, N, y, u, a->u_rstd + (size_t)ss * N, s % 2 == 0 ? b->attn_norm : b->ffn_norm,
+                   gpu_merge_deferred(c, cache) && s > 0);
     if (s % 2 == 0 && cache) {
         gpu_mla_decode_forward(g, cache, l, u, f);
     } else if (s % 2 == 0) {
@@ -2951,7 +3014,8 @@ static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, 
     } else if (mhc_is_moe(c, l)) {
         gpu_moe_forward(g, A, l, u, f, B, T, cache != NULL);
     } else if (cache) {
-        gpu_ffn_decode(f, a->ffn_h + (size_t)ls * N * F, u, b->w1, b->w3, b->w2, NULL, NULL, 0, 1, c->dense_inter_dim, C, 0);
+        MhcFfnSlots dense = {b->w1, b->w3, b->w2, NULL, NULL, 0, 1, c->dense_inter_dim, a->ffn_h + (size_t)ls * N * F};
+        gpu_ffn_decode(f, u, &dense, NULL, C);
     } else {
         size_t off = (size_t)ls * N * F;
         gpu_swiglu_ffn_forward(&g->blas, f, a->ffn_a + off, a->ffn_g + off, a->ffn_h + off, u, b->w1, b->w3, b->w2, N, C,
@@ -2959,12 +3023,15 @@ static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, 
     }
 }
 
-/* One sublayer (SPEC §3): X_{s+1} = H_res X_s + H_post^T F_s(H_pre X_s) */
+/* One sublayer (SPEC §3): X_{s+1} = H_res X_s + H_post^T F_s(H_pre X_s). Decoding with mhc, the merge of
+   all but the last sublayer runs at the start of the next one's pre-stage block instead: one launch
+   fewer, where a launch costs more than the work. */
 static void gpu_sublayer_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, MhcGpuCache *cache) {
     const MhcConfig *c = &g->cfg;
     int N = B * T, n = c->hc_mult, C = c->d_model, m = mhc_m(c), ss = gpu_sub_slot(A, s);
     MhcActs *a = &A->a;
     gpu_sublayer_branch_forward(g, A, s, B, T, cache, 0);
+    if (gpu_merge_deferred(c, cache) && s + 1 < 2 * c->n_layers) return;
     gpu_stream_merge_forward(a->X + (size_t)(s + 1) * N * n * C, a->coef_H + (size_t)ss * N * m, a->X + (size_t)s * N * n * C,
                              a->f + (size_t)ss * N * C, N, n, C, m);
 }

@@ -2366,7 +2366,8 @@ static void gpu_test_crossentropy(void) {
 }
 
 /* SPEC §4-§5.6: the pre-stage (cuBLAS h = phi x, then per token the coefficients and y = H_pre X, then
-   the Sinkhorn and the sublayer's norm u = RMSNorm(y); for N = 1 all of it in one block) against matmul,
+   the Sinkhorn and the sublayer's norm u = RMSNorm(y); for N = 1 all of it in one block, which first makes
+   X as the previous sublayer's merge, as decode has it) against stream_merge_forward, matmul,
    mhc_coeffs_forward, stream_pre_forward and rmsnorm_forward; then the backward fed the CPU's forward
    values. n streams over N tokens; C = 40 is no multiple of 32. */
 static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
@@ -2383,6 +2384,14 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
     q.alpha = alpha;
     float *h = gt_host((size_t)N * m), *H = gt_host((size_t)N * m), *a = gt_host((size_t)N * m), *r = gt_host((size_t)N * n);
     float *y = gt_host((size_t)N * C);
+    float *prev_H = gt_randn(m, 0.5), *prev_X = gt_randn(nC, 1), *prev_f = gt_randn(C, 1), *d_X;
+    if (N == 1) {
+        stream_merge_forward(X, prev_H, prev_X, prev_f, 1, n, C, m);
+        d_X = gt_nan(nC);
+    } else {
+        d_X = gt_upload(X, (size_t)N * nC);
+    }
+    const float *prev[3] = {gt_upload(prev_H, m), gt_upload(prev_X, nC), gt_upload(prev_f, C)};
     matmul_forward(h, X, phi, N, nC, m);
     for (int t = 0; t < N; t++)
         mhc_coeffs_forward(H + (size_t)t * m, a + (size_t)t * m, r + (size_t)t * n, h + (size_t)t * m, X + (size_t)t * nC, &q, &c);
@@ -2390,18 +2399,19 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
     float *gain = gt_randn(C, 1), *u = gt_host((size_t)N * C), *urstd = gt_host(N);
     rmsnorm_forward(u, urstd, y, gain, N, C, c.rms_eps);
     float *d_u = gt_nan((size_t)N * C), *d_urstd = gt_nan(N);
-    float *d_X = gt_upload(X, (size_t)N * nC), *d_alpha = gt_upload(alpha, 3), *d_h = gt_nan((size_t)N * m);
+    float *d_alpha = gt_upload(alpha, 3), *d_h = gt_nan((size_t)N * m);
     float *d_H = gt_nan((size_t)N * m), *d_a = gt_nan((size_t)N * m), *d_r = gt_upload(r, (size_t)N * n), *d_y = gt_nan((size_t)N * C);
     for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_r + (size_t)t * n, 0xFF, sizeof(float)));   /* poison r[t][0] */
     gpu_mhc_pre_forward(&bl, d_y, d_u, d_urstd, d_H, d_a, d_h, d_r, d_X, gt_upload(phi, (size_t)m * nC), d_alpha,
-                        gt_upload(b, m), gt_upload(gain, C), N, n, C, c.sinkhorn_iters, c.sinkhorn_eps, c.rms_eps);
-    double e0 = rel_err(gt_fetch(d_h, (size_t)N * m), h, (size_t)N * m);
+                        gt_upload(b, m), gt_upload(gain, C), N == 1 ? prev : NULL, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps,
+                        c.rms_eps);
+    double ex = rel_err(gt_fetch(d_X, (size_t)N * nC), X, (size_t)N * nC), e0 = rel_err(gt_fetch(d_h, (size_t)N * m), h, (size_t)N * m);
     double e1 = rel_err(gt_fetch(d_H, (size_t)N * m), H, (size_t)N * m), e2 = rel_err(gt_fetch(d_a, (size_t)N * m), a, (size_t)N * m);
     double e3 = rel_err(gt_fetch(d_r, (size_t)N * n), r, (size_t)N * n), e5 = rel_err(gt_fetch(d_y, (size_t)N * C), y, (size_t)N * C);
     double e6 = rel_err(gt_fetch(d_u, (size_t)N * C), u, (size_t)N * C), e7 = rel_err(gt_fetch(d_urstd, N), urstd, N);
-    check(e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5 && e6 <= 1e-5 && e7 <= 1e-5,
-          "gpu mhc pre-stage, n = %d, N = %d%s: h %.1e, H %.1e, a %.1e, r %.1e, y %.1e, u %.1e, u_rstd %.1e (tol 1e-5)", n, N,
-          N == 1 ? " (h, Sinkhorn and norm in the streaming block)" : "", e0, e1, e2, e3, e5, e6, e7);
+    check(ex <= 1e-5 && e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5 && e6 <= 1e-5 && e7 <= 1e-5,
+          "gpu mhc pre-stage, n = %d, N = %d%s: X %.1e, h %.1e, H %.1e, a %.1e, r %.1e, y %.1e, u %.1e, u_rstd %.1e (tol 1e-5)",
+          n, N, N == 1 ? " (merge, h, Sinkhorn and norm in the streaming block)" : "", ex, e0, e1, e2, e3, e5, e6, e7);
 
     /* backward: dX and dphi start random (they accumulate), dH's H_pre part is NaN on the GPU (the kernel
        makes it) */
@@ -3018,6 +3028,9 @@ void gpu_tests(void) {
     gpu_test_recompute("hc", &hc, MHC_PREC_FP32);
     gpu_test_decode(&mhc);
     gpu_test_decode(&qg);
+    MhcConfig routed_only = qg;                       /* no shared experts: the routed slots alone */
+    routed_only.n_shared_experts = 0;
+    gpu_test_decode(&routed_only);
     gpu_test_decode(&tiny);                           /* d_c = 64: more than one warp's latent columns */
     gpu_test_checkpoint(&mhc);
 }

@@ -80,9 +80,9 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     float *da = bench_buffer((size_t)N * m, 17, 0), *dalpha = bench_buffer((size_t)N * 3, 18, 0);
     float *dphi = bench_buffer((size_t)m * nC, 19, 0);
 
-    gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, N, n, C, iters, 1e-6, 1e-6);     /* warm-up, and H for the rest */
+    gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, NULL, N, n, C, iters, 1e-6, 1e-6);     /* warm-up, and H for the rest */
     CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, N, n, C, iters, 1e-6, 1e-6);
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, NULL, N, n, C, iters, 1e-6, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
     bench_row("pre-stage forward (GEMM + streaming kernel + Sinkhorn)", C, N, f * N * (nC + C + 3.0 * m + n), bench_ms(tm),
               copy_gbs);
