@@ -223,6 +223,18 @@ static void mhc_cublas_check(cublasStatus_t st, const char *file, int line) {
 #define CUBLAS_CHECK(call) mhc_cublas_check((call), __FILE__, __LINE__)
 #define LAUNCH_CHECK() CUDA_CHECK(cudaGetLastError())
 
+/* a cuBLAS handle as the model uses it: deterministic (no atomics), on the stream the kernels use (with
+   nvcc --default-stream per-thread, the thread's own, which decode's graph captures) */
+static cublasHandle_t gpu_blas_handle(void) {
+    cublasHandle_t h;
+    CUBLAS_CHECK(cublasCreate(&h));
+    CUBLAS_CHECK(cublasSetAtomicsMode(h, CUBLAS_ATOMICS_NOT_ALLOWED));
+#ifdef CUDA_API_PER_THREAD_DEFAULT_STREAM
+    CUBLAS_CHECK(cublasSetStream(h, cudaStreamPerThread));
+#endif
+    return h;
+}
+
 #define MHC_BLOCK 256            /* threads of the elementwise kernels                       */
 #define MHC_ROW_WARPS 4          /* warps per block of the one-warp-per-row kernels          */
 static unsigned mhc_blocks(size_t count, int per_block) { return (unsigned)((count + per_block - 1) / per_block); }
@@ -2185,8 +2197,8 @@ __global__ void mla_decode_attention_kernel(float *__restrict__ o, float *__rest
                                             const float *__restrict__ wukv, const float *__restrict__ ckv,
                                             const float *__restrict__ kpe, const int *pos, int max_len, int dc, int dr, int dn,
                                             int dv, float scale) {
-    extern __shared__ float latent_smem[];
-    float *qa = latent_smem, *ol = latent_smem + dc;
+    extern __shared__ float smem[];
+    float *qa = smem, *ol = smem + dc;
     int h = blockIdx.x, lane = threadIdx.x % 32, warps = blockDim.x / 32, t = *pos;
     const float *qn = q + (size_t)h * (dn + dr), *qp = qn + dn, *w = wukv + (size_t)h * (dn + dv) * dc;
     float *sc = scores + (size_t)h * max_len;
@@ -3303,11 +3315,7 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     MhcLayoutWalk wp = {NULL, 0, 0, g->params}, wg = {NULL, 0, 0, g->grads};   /* views only: no device access */
     mhc_layout(c, &wp, &g->p);
     mhc_layout(c, &wg, &g->g);
-    CUBLAS_CHECK(cublasCreate(&g->blas.handle));
-    CUBLAS_CHECK(cublasSetAtomicsMode(g->blas.handle, CUBLAS_ATOMICS_NOT_ALLOWED));
-#ifdef CUDA_API_PER_THREAD_DEFAULT_STREAM      /* the kernels run on the thread's default stream: cuBLAS too */
-    CUBLAS_CHECK(cublasSetStream(g->blas.handle, cudaStreamPerThread));
-#endif
+    g->blas.handle = gpu_blas_handle();
     mhc_gpu_set_precision(g, MHC_PREC_TF32);
     CUDA_CHECK(cudaMemset(g->expert_load, 0, sizeof(int) * LE));
     mhc_gpu_upload(g, host);

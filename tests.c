@@ -2992,8 +2992,7 @@ static void gpu_test_checkpoint(const MhcConfig *cfg) {
 }
 
 void gpu_tests(void) {
-    cublasHandle_t handle;
-    CUBLAS_CHECK(cublasCreate(&handle));
+    cublasHandle_t handle = gpu_blas_handle();
     gpu_test_gemm(handle);
     gpu_test_expert_gemm();
     gpu_test_rmsnorm();

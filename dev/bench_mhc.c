@@ -153,7 +153,7 @@ int main(int argc, char **argv) {
     MhcBlas bl;
     memset(&bl, 0, sizeof bl);
     bl.precision = MHC_PREC_FP32;
-    CUBLAS_CHECK(cublasCreate(&bl.handle));
+    bl.handle = gpu_blas_handle();
     BenchTimer tm;
     CUDA_CHECK(cudaEventCreate(&tm.start));
     CUDA_CHECK(cudaEventCreate(&tm.stop));
