@@ -277,11 +277,13 @@ __device__ float warp_dot(const float *a, const float *b, int n) {
     int lane = threadIdx.x % 32;
     float s = 0;
     if (n % 4 == 0 && (uintptr_t)a % 16 == 0 && (uintptr_t)b % 16 == 0) {
+#pragma unroll 4                                   /* four loads in flight: a lone warp waits on memory */
         for (int k = 4 * lane; k < n; k += 128) {
             float4 x = *(const float4 *)(a + k), y = *(const float4 *)(b + k);
             s += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
         }
     } else {
+#pragma unroll 4
         for (int k = lane; k < n; k += 32) s += a[k] * b[k];
     }
     return warp_reduce(s, SumOp());
@@ -1252,131 +1254,202 @@ static void gpu_stream_merge_backward(float *dX, float *df, float *dH, const flo
 
 /* mHC coefficients (SPEC §4, §5.4, §5.6) in two kinds of kernel. The streaming kernels run one block per
    token over its n C stream values: |x|^2, the coefficients and the pre-mix y forward; dH_pre and the dX
-   terms backward. The Sinkhorn kernels run one thread per token over its n x n matrix: few values but
-   2 t_max dependent steps, which one thread takes about as long as a warp would, with thousands of
-   tokens side by side. Kept apart, the stream values are read twice in quick succession (the second
-   time from L2), and no thread that moves them waits on a Sinkhorn.
+   terms backward. The Sinkhorn kernels give each token a team of n lanes of one warp (32/n teams per
+   warp): few values but 2 t_max dependent steps, and lane l of a team makes line l of every step (its
+   column in a column step, its row in a row step), summing it in order as mhc_sinkhorn_forward does.
+   A step is then n loads and adds, a reciprocal and n multiplies per lane, the lanes meet at a
+   __syncwarp between steps (which lane owns an entry changes), and a warp still carries 32/n tokens.
+   Kept apart, the stream values are read twice in quick succession (the second time from L2), and no
+   thread that moves them waits on a Sinkhorn.
 
-   A Sinkhorn thread keeps its matrices in shared memory, interleaved with the block's other threads:
-   element e of a thread's scratch is at scratch[e * S], S = blockDim.x, so the threads of a warp touch
-   consecutive words (no bank conflicts). Scratch per thread, in floats: M [n*n] forward; backward the
-   tape Y [steps+1][n*n] (Y[0] = M_0, Y[k] after step k), its line sums [steps][n], G [n*n] and am [n]
-   (ints), steps = 2 t_max.                                                                              */
-#define MHC_SK_THREADS 128       /* tokens per Sinkhorn block, fewer where their scratch passes 48 KB */
+   The Sinkhorn functions take n as a template parameter NS where it is known when compiling: NS =
+   MHC_SK_N, every preset's hc_mult, unrolls the loops and keeps a line in registers (a step is a third
+   of the instructions); NS = 0 takes any n (loops to MHC_MAX_STREAMS, guarded).
+
+   A team keeps its token's matrices in shared memory, entry (i, j) at [i n + j]. Scratch per token, in
+   floats: M [n*n] forward (a step scales it in place); backward the tape Y [steps+1][n*n] (Y[0] = M_0,
+   Y[k] after step k) and G [n*n], steps = 2 t_max. */
+#define MHC_SK_N 4               /* the n the Sinkhorn kernels are compiled for; other n take the generic ones */
+#define MHC_SK_WARPS 4           /* warps per Sinkhorn block, fewer where their scratch passes 48 KB */
 #define MHC_TOKEN_THREADS 256    /* threads of a streaming block (one token)                       */
+#define MHC_LONE_THREADS 1024    /* threads of the lone-token pre-stage block: a warp per output of h = X phi^T,
+                                    all m (24 at n = 4) loading at once: alone on its SM, it waits on memory */
 
-static __host__ __device__ size_t sk_thread_floats(int n, int iters, int tape) {
+static __host__ __device__ size_t sk_token_floats(int n, int iters, int tape) {
     size_t nn = (size_t)n * n, steps = 2 * (size_t)iters;
-    return tape ? (steps + 1) * nn + steps * n + nn + n : nn;
+    return tape ? (steps + 1) * nn + nn : nn;
 }
 
-/* SPEC §4 M_0 = exp(Lam - column max) into M (stride S); am[j] = argmax_i Lam[i][j], lowest i on ties,
-   when am is given (the backward's shift) */
-__device__ void sinkhorn_start(float *M, int *am, int S, const float *Lam, int n) {
-    for (int j = 0; j < n; j++) {
-        int arg = 0;
-        float mu = Lam[j];
-        for (int i = 1; i < n; i++)
-            if (Lam[i * n + j] > mu) { mu = Lam[i * n + j]; arg = i; }
-        if (am) am[j * S] = arg;
-        for (int i = 0; i < n; i++) M[(i * n + j) * S] = expf(Lam[i * n + j] - mu);
-    }
+/* Element b of line a of an n x n matrix (a column when column = 1, else a row) is at a * across + b * along */
+__device__ int sk_along(int n, int column) { return column ? n : 1; }
+__device__ int sk_across(int n, int column) { return column ? 1 : n; }
+
+/* SPEC §4 column j of M_0 [n,n] = exp(Lam - column max) */
+template <int NS>
+__device__ void sinkhorn_start(float *M, const float *Lam, int j, int n) {
+    if (NS) n = NS;
+    float mu = Lam[j];
+    for (int i = 1; i < n; i++) mu = fmaxf(mu, Lam[i * n + j]);
+    for (int i = 0; i < n; i++) M[i * n + j] = expf(Lam[i * n + j] - mu);
 }
 
-/* One step, as mhc_sinkhorn_forward: every line a (a column when column = 1, else a row) of in times
-   1/(its sum + eps), into out (may be in); the sum in order b = 0..n-1, kept in sums[a] when given.
-   Element b of line a is at a * across + b * along. */
-__device__ void sinkhorn_step(float *out, const float *in, float *sums, int S, int n, int column, float eps) {
-    int along = (column ? n : 1) * S, across = (column ? 1 : n) * S;
-    for (int a = 0; a < n; a++) {
-        float s = 0;
-        for (int b = 0; b < n; b++) s += in[a * across + b * along];
-        if (sums) sums[a * S] = s;
-        float inv = 1.0f / (s + eps);
-        for (int b = 0; b < n; b++) out[a * across + b * along] = in[a * across + b * along] * inv;
-    }
-}
-
-/* SPEC §5.6 its backward, G in place: out = in/(s+eps) along each line gives
-   dL/din = (G - sum(G * out))/(s+eps) */
-__device__ void sinkhorn_step_backward(float *G, const float *out, const float *sums, int S, int n, int column, float eps) {
-    int along = (column ? n : 1) * S, across = (column ? 1 : n) * S;
-    for (int a = 0; a < n; a++) {
-        float dot = 0;
-        for (int b = 0; b < n; b++) dot += G[a * across + b * along] * out[a * across + b * along];
-        float inv = 1.0f / (sums[a * S] + eps);
-        for (int b = 0; b < n; b++) G[a * across + b * along] = (G[a * across + b * along] - dot) * inv;
-    }
-}
-
-/* through the shifted exp: dLam [n,n] = G * M_0, less each column's sum at its argmax row */
-__device__ void sinkhorn_start_backward(float *dLam, const float *G, const float *M0, const int *am, int S, int n) {
-    for (int j = 0; j < n; j++) {
-        float shift = 0;
-        for (int i = 0; i < n; i++) {
-            float d = G[(i * n + j) * S] * M0[(i * n + j) * S];
-            dLam[i * n + j] = d;
-            shift += d;
+/* One step for line a, as mhc_sinkhorn_forward: line a of in times 1/(its sum + eps), into out (may be in) */
+template <int NS>
+__device__ void sinkhorn_step(float *out, const float *in, int a, int n, int column, float eps) {
+    constexpr int NMAX = NS ? NS : MHC_MAX_STREAMS;
+    if (NS) n = NS;
+    int along = sk_along(n, column), first = a * sk_across(n, column);
+    float v[NMAX], s = 0;
+#pragma unroll
+    for (int b = 0; b < NMAX; b++)
+        if (b < n) {
+            v[b] = in[first + b * along];
+            s += v[b];
         }
-        dLam[am[j * S] * n + j] -= shift;
+    float inv = 1.0f / (s + eps);
+#pragma unroll
+    for (int b = 0; b < NMAX; b++)
+        if (b < n) out[first + b * along] = v[b] * inv;
+}
+
+/* SPEC §5.6 its backward for line a, G in place: out = in/(s+eps) along the line gives
+   dL/din = (G - sum(G * out))/(s+eps), s the line's sum of in */
+template <int NS>
+__device__ void sinkhorn_step_backward(float *G, const float *out, const float *in, int a, int n, int column, float eps) {
+    constexpr int NMAX = NS ? NS : MHC_MAX_STREAMS;
+    if (NS) n = NS;
+    int along = sk_along(n, column), first = a * sk_across(n, column);
+    float g[NMAX], s = 0, dot = 0;
+#pragma unroll
+    for (int b = 0; b < NMAX; b++)
+        if (b < n) {
+            g[b] = G[first + b * along];
+            s += in[first + b * along];
+            dot += g[b] * out[first + b * along];
+        }
+    float inv = 1.0f / (s + eps);
+#pragma unroll
+    for (int b = 0; b < NMAX; b++)
+        if (b < n) G[first + b * along] = (g[b] - dot) * inv;
+}
+
+/* through the shifted exp, column j: dLam = G * M_0, less the column's sum at its argmax row of Lam
+   (the lowest row on ties) */
+template <int NS>
+__device__ void sinkhorn_start_backward(float *dLam, const float *G, const float *M0, const float *Lam, int j, int n) {
+    if (NS) n = NS;
+    int arg = 0;
+    float shift = 0;
+    for (int i = 0; i < n; i++) {
+        float d = G[i * n + j] * M0[i * n + j];
+        dLam[i * n + j] = d;
+        shift += d;
+        if (Lam[i * n + j] > Lam[arg * n + j]) arg = i;
     }
+    dLam[arg * n + j] -= shift;
 }
 
-/* SPEC §4 for one token by one thread: H_res [n*n] = Sinkhorn(Lam), M its scratch (stride S) */
-__device__ void sinkhorn_forward_token(float *H_res, float *M, int S, const float *Lam, int n, int iters, float eps) {
-    sinkhorn_start(M, NULL, S, Lam, n);
-    for (int k = 0; k < 2 * iters; k++) sinkhorn_step(M, M, NULL, S, n, k % 2 == 0, eps);
-    for (int e = 0; e < n * n; e++) H_res[e] = M[e * S];
+/* SPEC §4 for one token by a team of n lanes of one warp, lane `line` of it (-1: a lane with no token,
+   which only meets the others at the barriers): H_res [n*n] = Sinkhorn(Lam), M [n*n] its scratch */
+template <int NS>
+__device__ void sinkhorn_forward_token(float *H_res, float *M, const float *Lam, int line, int n, int iters, float eps) {
+    if (NS) n = NS;
+    if (line >= 0) sinkhorn_start<NS>(M, Lam, line, n);
+    for (int k = 0; k < 2 * iters; k++) {
+        __syncwarp();                                  /* the previous step's lines are this one's crossings */
+        if (line >= 0) sinkhorn_step<NS>(M, M, line, n, k % 2 == 0, eps);
+    }
+    if (line >= 0)                                     /* the last step is a row step: this lane's row */
+        for (int b = 0; b < n; b++) H_res[line * n + b] = M[line * n + b];
 }
 
-/* SPEC §4 for every token, one thread each: H_res = H[t][2n..m) = Sinkhorn(Lam), Lam = a[t][2n..m) */
+/* This lane in a Sinkhorn kernel: a team of n lanes per token, 32/n teams per warp. first is the warp's
+   first token, t this lane's, line its line (-1: a lane with no token), scratch its token's */
+typedef struct {
+    size_t first, t;
+    int line;
+    float *scratch;
+} SkLane;
+
+__device__ SkLane sk_lane(float *smem, size_t token_floats, int N, int n) {
+    int teams = 32 / n, lane = threadIdx.x % 32, team = lane / n;
+    SkLane l;
+    l.first = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32 * teams;
+    l.t = l.first + team;
+    l.line = team < teams && l.t < (size_t)N ? lane % n : -1;
+    l.scratch = smem + (threadIdx.x / 32 * teams + team) * token_floats;
+    return l;
+}
+
+/* SPEC §4 for every token: H_res = H[t][2n..m) = Sinkhorn(Lam), Lam = a[t][2n..m) */
+template <int NS>
 __global__ void sinkhorn_forward_kernel(float *H, const float *a, int N, int n, int iters, float eps) {
     extern __shared__ float smem[];
-    size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (t >= (size_t)N) return;
+    if (NS) n = NS;
+    SkLane l = sk_lane(smem, sk_token_floats(n, iters, 0), N, n);
+    if (l.first >= (size_t)N) return;                                 /* a warp with no token */
     int m = n * n + 2 * n;
-    sinkhorn_forward_token(H + t * m + 2 * n, smem + threadIdx.x, blockDim.x, a + t * m + 2 * n, n, iters, eps);
+    sinkhorn_forward_token<NS>(H + l.t * m + 2 * n, l.scratch, a + l.t * m + 2 * n, l.line, n, iters, eps);
 }
 
-/* SPEC §5.6 for every token, one thread each: replays the forward into the tape, then walks it back from
+/* SPEC §5.6 for every token: replays the forward into the tape, then walks it back from
    G = dH_res = dH[t][2n..m); writes dLam into da[t][2n..m) */
+template <int NS>
 __global__ void sinkhorn_backward_kernel(float *da, const float *dH, const float *a, int N, int n, int iters, float eps) {
     extern __shared__ float smem[];
-    size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (t >= (size_t)N) return;
-    int S = blockDim.x, m = n * n + 2 * n, nn = n * n, steps = 2 * iters;
-    size_t mat = (size_t)nn * S, line = (size_t)n * S;           /* one matrix, one step's sums */
-    float *Y = smem + threadIdx.x, *sums = Y + (steps + 1) * mat, *G = sums + steps * line;
-    int *am = (int *)(G + mat);
-    sinkhorn_start(Y, am, S, a + t * m + 2 * n, n);
-    for (int k = 0; k < steps; k++) sinkhorn_step(Y + (k + 1) * mat, Y + k * mat, sums + k * line, S, n, k % 2 == 0, eps);
-    for (int e = 0; e < nn; e++) G[e * S] = dH[t * m + 2 * n + e];
-    for (int k = steps - 1; k >= 0; k--) sinkhorn_step_backward(G, Y + (k + 1) * mat, sums + k * line, S, n, k % 2 == 0, eps);
-    sinkhorn_start_backward(da + t * m + 2 * n, G, Y, am, S, n);
+    if (NS) n = NS;
+    SkLane l = sk_lane(smem, sk_token_floats(n, iters, 1), N, n);
+    if (l.first >= (size_t)N) return;                                 /* a warp with no token */
+    int m = n * n + 2 * n, nn = n * n, steps = 2 * iters, line = l.line;
+    float *Y = l.scratch, *G = Y + (size_t)(steps + 1) * nn;
+    const float *Lam = a + l.t * m + 2 * n;
+    if (line >= 0) sinkhorn_start<NS>(Y, Lam, line, n);
+    for (int k = 0; k < steps; k++) {
+        __syncwarp();
+        if (line >= 0) sinkhorn_step<NS>(Y + (size_t)(k + 1) * nn, Y + (size_t)k * nn, line, n, k % 2 == 0, eps);
+    }
+    if (line >= 0)                                     /* G = dH_res, by rows as the last step's */
+        for (int b = 0; b < n; b++) G[line * n + b] = dH[l.t * m + 2 * n + line * n + b];
+    for (int k = steps - 1; k >= 0; k--) {
+        __syncwarp();
+        if (line >= 0) sinkhorn_step_backward<NS>(G, Y + (size_t)(k + 1) * nn, Y + (size_t)k * nn, line, n, k % 2 == 0, eps);
+    }
+    __syncwarp();
+    if (line >= 0) sinkhorn_start_backward<NS>(da + l.t * m + 2 * n, G, Y, Lam, line, n);
 }
 
 /* threads per Sinkhorn block for the kernel's scratch (tape or not), and the block's shared bytes
-   (asking for more than 48 KB where one thread alone needs it; mhc_gpu_init checks it fits the device) */
+   (asking for more than 48 KB where one warp's tokens alone need it; mhc_gpu_init checks it fits the
+   device) */
+static size_t sk_warp_bytes(int n, int iters, int tape) { return 32 / n * sk_token_floats(n, iters, tape) * sizeof(float); }
+
 static int sk_block_threads(const void *kernel, int n, int iters, int tape, size_t *bytes) {
-    size_t per = sk_thread_floats(n, iters, tape) * sizeof(float);
-    int threads = (int)(48 * 1024 / per);
-    threads = threads < 1 ? 1 : threads > MHC_SK_THREADS ? MHC_SK_THREADS : threads;
-    *bytes = threads * per;
+    size_t per = sk_warp_bytes(n, iters, tape);
+    int warps = (int)(48 * 1024 / per);
+    warps = warps < 1 ? 1 : warps > MHC_SK_WARPS ? MHC_SK_WARPS : warps;
+    *bytes = warps * per;
     if (*bytes > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)*bytes));
-    return threads;
+    return 32 * warps;
 }
 
+/* blocks for N tokens, 32/n per warp */
+static unsigned sk_blocks(int N, int n, int threads) { return mhc_blocks(((size_t)N + 32 / n - 1) / (32 / n) * 32, threads); }
+
 static void gpu_sinkhorn_forward(float *H, const float *a, int N, int n, int iters, double eps) {
+    void (*kernel)(float *, const float *, int, int, int, float) =
+        n == MHC_SK_N ? sinkhorn_forward_kernel<MHC_SK_N> : sinkhorn_forward_kernel<0>;
     size_t bytes;
-    int threads = sk_block_threads((const void *)sinkhorn_forward_kernel, n, iters, 0, &bytes);
-    sinkhorn_forward_kernel<<<mhc_blocks((size_t)N, threads), threads, bytes>>>(H, a, N, n, iters, (float)eps);
+    int threads = sk_block_threads((const void *)kernel, n, iters, 0, &bytes);
+    kernel<<<sk_blocks(N, n, threads), threads, bytes>>>(H, a, N, n, iters, (float)eps);
     LAUNCH_CHECK();
 }
 
 static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, int N, int n, int iters, double eps) {
+    void (*kernel)(float *, const float *, const float *, int, int, int, float) =
+        n == MHC_SK_N ? sinkhorn_backward_kernel<MHC_SK_N> : sinkhorn_backward_kernel<0>;
     size_t bytes;
-    int threads = sk_block_threads((const void *)sinkhorn_backward_kernel, n, iters, 1, &bytes);
-    sinkhorn_backward_kernel<<<mhc_blocks((size_t)N, threads), threads, bytes>>>(da, dH, a, N, n, iters, (float)eps);
+    int threads = sk_block_threads((const void *)kernel, n, iters, 1, &bytes);
+    kernel<<<sk_blocks(N, n, threads), threads, bytes>>>(da, dH, a, N, n, iters, (float)eps);
     LAUNCH_CHECK();
 }
 
@@ -1389,8 +1462,8 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]).
    LONE (a lone token: decode), where a launch costs more than the work, has the block do the rest as well
    (MhcPreToken): with merged given, first the previous sublayer's merge into X (merged is X: the token's
-   streams are made here, then read), h = X phi^T (a warp per output), the Sinkhorn by thread 0 while the
-   other threads make y, and with u given the sublayer's norm u [N,C] = RMSNorm(y) with gain g, u_rstd [N]
+   streams are made here, then read), h = X phi^T (a warp per output, MHC_LONE_THREADS threads), the
+   Sinkhorn by n lanes of warp 0 while the other warps make y, and with u given the sublayer's norm u [N,C] = RMSNorm(y) with gain g, u_rstd [N]
    (as rmsnorm_forward_kernel makes it). A template parameter, so that the many-token kernel carries none
    of its registers. */
 typedef struct {
@@ -1404,7 +1477,7 @@ typedef struct {
 } MhcPreToken;
 
 template <bool LONE>
-__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
+__global__ void __launch_bounds__(LONE ? MHC_LONE_THREADS : MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
     float *y, float *H, float *a, float *r_out, float *h, const float *X, const float *alpha, const float *b, int n, int C,
     float eps_rms, MhcPreToken one) {
     __shared__ float h_pre[MHC_MAX_STREAMS], sk_scratch[MHC_MAX_STREAMS * MHC_MAX_STREAMS];
@@ -1436,7 +1509,11 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
     for (int k = 2 * n + threadIdx.x; k < m; k += blockDim.x) at[k] = alpha[2] * r * ht[k] + b[k];
     if (threadIdx.x == 0) r_out[t * n] = r;
     __syncthreads();                                /* h_pre and a are complete */
-    if (LONE && threadIdx.x == 0) sinkhorn_forward_token(Ht + 2 * n, sk_scratch, 1, at + 2 * n, n, one.iters, one.eps_sk);
+    if (LONE && threadIdx.x < 32) {                 /* a team of n lanes of warp 0 */
+        int line = threadIdx.x < n ? (int)threadIdx.x : -1;
+        if (n == MHC_SK_N) sinkhorn_forward_token<MHC_SK_N>(Ht + 2 * n, sk_scratch, at + 2 * n, line, n, one.iters, one.eps_sk);
+        else sinkhorn_forward_token<0>(Ht + 2 * n, sk_scratch, at + 2 * n, line, n, one.iters, one.eps_sk);
+    }
     float hp[MHC_MAX_STREAMS];
 #pragma unroll
     for (int j = 0; j < MHC_MAX_STREAMS; j++) hp[j] = j < n ? h_pre[j] : 0.0f;
@@ -1474,7 +1551,7 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_
         one.prev_f = prev[2];
     }
     if (N == 1) {
-        mhc_coeffs_pre_forward_kernel<true><<<1, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
+        mhc_coeffs_pre_forward_kernel<true><<<1, MHC_LONE_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
         LAUNCH_CHECK();
         return;
     }
@@ -3265,7 +3342,7 @@ int mhc_gpu_init(MhcGpu *g, const MhcModel *host, int B, int T) {
     int dev, smem_optin;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    size_t sk_bytes = sk_thread_floats(c->hc_mult, c->sinkhorn_iters, 1) * sizeof(float);
+    size_t sk_bytes = sk_warp_bytes(c->hc_mult, c->sinkhorn_iters, 1);
     if (c->residual == MHC_RESIDUAL_MHC && sk_bytes > (size_t)smem_optin) {
         fprintf(stderr, "mhc_gpu_init: the Sinkhorn tape of hc_mult %d, %d iterations needs %zu bytes of shared memory (max %d)\n",
                 c->hc_mult, c->sinkhorn_iters, sk_bytes, smem_optin);

@@ -2448,9 +2448,9 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
 }
 
 /* n = 4 (the presets) over one token (decode: the lone-token forward) and over 130, more than one
-   Sinkhorn block forward (128 threads) and backward (14 threads each: the tape is 3.3 KB); n = 6 has
-   more than 32 matrix entries; n = 16, the most mhc.h allows, makes one Sinkhorn thread per backward
-   block, and alone fills the lone-token forward's 16 x 16 Sinkhorn scratch */
+   Sinkhorn block forward and backward (8 tokens, a warp each); n = 6 has more than 32 matrix entries
+   (a lane makes two of each step); n = 16, the most mhc.h allows, makes one token per backward block
+   (its tape is 43 KB), and alone fills the lone-token forward's 2 x 16 x 16 Sinkhorn scratch */
 static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     gpu_test_mhc_coeffs_case(handle, 4, 1);
     gpu_test_mhc_coeffs_case(handle, 4, 130);

@@ -87,6 +87,13 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     bench_row("pre-stage forward (GEMM + streaming kernel + Sinkhorn)", C, N, f * N * (nC + C + 3.0 * m + n), bench_ms(tm),
               copy_gbs);
 
+    /* decode's: a lone token's whole pre-stage in one block (h = X phi^T, Sinkhorn, y), phi warm in L2 */
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, NULL, 1, n, C, iters, 1e-6, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("pre-stage forward of one token (decode: all of it in one block)", C, 1, f * ((m + 1.0) * nC + C + 3.0 * m + n),
+              bench_ms(tm), copy_gbs);
+
     CUDA_CHECK(cudaEventRecord(tm->start));
     for (int k = 0; k < REPS; k++) gpu_sinkhorn_forward(H, a, N, n, iters, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
