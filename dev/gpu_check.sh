@@ -3,7 +3,7 @@
 # runs/gpu_check): `make gpu`, the GPU test group, the mHC kernels' bandwidth (dev/bench_mhc), and where
 # a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers, where small's
 # batch-1 decode time goes, and what limits the mHC kernels (with NCU=1: ncu sections; the full report in
-# ncu_mhc.txt). About 5 minutes on an H100; the full benchmark table is dev/bench.sh. Needs the default
+# ncu_mhc.txt). About 3 minutes on an H100 (2026-11-23); the full benchmark table is dev/bench.sh. Needs the default
 # corpus. At most eight files under $OUT, the most one device call brings back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
