@@ -2269,8 +2269,9 @@ __global__ void mla_decode_latent_kernel(float *__restrict__ ckv, float *__restr
    and o[h] = W_uv[h] olat (a warp per output). W_uk[h] and W_uv[h] are rows [0, dn) and [dn, dn + dv) of
    head h's (dn + dv) x dc block of W_ukv. q_abs and olat stay in shared memory [2 dc], the scores go to
    scores [H, max_len]; exact fp32. The pointers are __restrict__ and the loops over s unrolled, so a
-   warp has several keys' loads in flight. */
-__global__ void mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, const float *__restrict__ q,
+   warp has several keys' loads in flight, and a block has MHC_LONE_THREADS threads: H blocks leave
+   most SMs idle, so each waits on memory, and more warps keep more keys and rows loading at once. */
+__global__ void __launch_bounds__(MHC_LONE_THREADS, 1) mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, const float *__restrict__ q,
                                             const float *__restrict__ wukv, const float *__restrict__ ckv,
                                             const float *__restrict__ kpe, const int *pos, int max_len, int dc, int dr, int dn,
                                             int dv, float scale) {
@@ -2958,9 +2959,9 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     mla_decode_latent_kernel<<<1, MHC_BLOCK>>>(ckv, kpe, q, cache->lat_raw, b->kv_norm, cache->pos, dc, dr, H, dn, dqk,
                                                (float)c->rms_eps, c->rope_theta);
     LAUNCH_CHECK();
-    mla_decode_attention_kernel<<<H, MHC_BLOCK, 2 * dc * sizeof(float)>>>(o, cache->scores, q, b->wukv, ckv, kpe, cache->pos,
-                                                                          cache->max_len, dc, dr, dn, dv,
-                                                                          (float)(1.0 / sqrt((double)dqk)));
+    mla_decode_attention_kernel<<<H, MHC_LONE_THREADS, 2 * dc * sizeof(float)>>>(o, cache->scores, q, b->wukv, ckv, kpe,
+                                                                                cache->pos, cache->max_len, dc, dr, dn, dv,
+                                                                                (float)(1.0 / sqrt((double)dqk)));
     LAUNCH_CHECK();
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, b->wo, 1, H * dv, C);
 }
