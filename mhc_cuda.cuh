@@ -1349,16 +1349,25 @@ __device__ void sinkhorn_start_backward(float *dLam, const float *G, const float
     dLam[arg * n + j] -= shift;
 }
 
-/* SPEC §4 for one token by a team of n lanes of one warp, lane `line` of it (-1: a lane with no token,
-   which only meets the others at the barriers): H_res [n*n] = Sinkhorn(Lam), M [n*n] its scratch */
+/* SPEC §4's iteration for one token by a team of n lanes of one warp, lane `line` of it (-1: a lane with
+   no token, which only meets the others at the barriers): M_0 from Lam, then 2 t_max steps, step k from
+   M + k stride into M + (k+1) stride. stride 0 scales M in place (the forward); n*n keeps every matrix
+   (the backward's tape, [steps+1][n*n]). */
 template <int NS>
-__device__ void sinkhorn_forward_token(float *H_res, float *M, const float *Lam, int line, int n, int iters, float eps) {
+__device__ void sinkhorn_iterate(float *M, size_t stride, const float *Lam, int line, int n, int iters, float eps) {
     if (NS) n = NS;
     if (line >= 0) sinkhorn_start<NS>(M, Lam, line, n);
     for (int k = 0; k < 2 * iters; k++) {
         __syncwarp();                                  /* the previous step's lines are this one's crossings */
-        if (line >= 0) sinkhorn_step<NS>(M, M, line, n, k % 2 == 0, eps);
+        if (line >= 0) sinkhorn_step<NS>(M + (k + 1) * stride, M + k * stride, line, n, k % 2 == 0, eps);
     }
+}
+
+/* SPEC §4 for one token by a team (as sinkhorn_iterate): H_res [n*n] = Sinkhorn(Lam), M [n*n] its scratch */
+template <int NS>
+__device__ void sinkhorn_forward_token(float *H_res, float *M, const float *Lam, int line, int n, int iters, float eps) {
+    if (NS) n = NS;
+    sinkhorn_iterate<NS>(M, 0, Lam, line, n, iters, eps);
     if (line >= 0)                                     /* the last step is a row step: this lane's row */
         for (int b = 0; b < n; b++) H_res[line * n + b] = M[line * n + b];
 }
@@ -1403,11 +1412,7 @@ __global__ void sinkhorn_backward_kernel(float *da, const float *dH, const float
     int m = n * n + 2 * n, nn = n * n, steps = 2 * iters, line = l.line;
     float *Y = l.scratch, *G = Y + (size_t)(steps + 1) * nn;
     const float *Lam = a + l.t * m + 2 * n;
-    if (line >= 0) sinkhorn_start<NS>(Y, Lam, line, n);
-    for (int k = 0; k < steps; k++) {
-        __syncwarp();
-        if (line >= 0) sinkhorn_step<NS>(Y + (size_t)(k + 1) * nn, Y + (size_t)k * nn, line, n, k % 2 == 0, eps);
-    }
+    sinkhorn_iterate<NS>(Y, nn, Lam, line, n, iters, eps);
     if (line >= 0)                                     /* G = dH_res, by rows as the last step's */
         for (int b = 0; b < n; b++) G[line * n + b] = dH[l.t * m + 2 * n + line * n + b];
     for (int k = steps - 1; k >= 0; k--) {
