@@ -6,7 +6,8 @@
    The prompt is run once through the training path (prefill, SPEC §9), which fills the latent cache;
    every new token then runs the absorbed decode: per layer only c = RMSNorm(W_dkv u) and the roped
    k_pe are cached (d_c + d_r values per token). Built with nvcc, decoding runs on the GPU, each token
-   after the first as one replayed CUDA graph (--graph 0: kernel by kernel, to compare). */
+   after the first as one replayed CUDA graph (--graph 0: kernel by kernel, to compare), and greedy
+   decoding (--temperature 0) takes the argmax there too, so only the token crosses to the host. */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #ifdef __CUDACC__
@@ -204,7 +205,9 @@ int main(int argc, char **argv) {
     MhcGpuCache cache;
     if (mhc_gpu_init(&gpu, &m, 1, 1) || mhc_gpu_cache_init(&cache, &gpu, total)) return 1;
     cache.use_graph &= o.graph;
-    for (int i = 0; i < P; i++) mhc_gpu_decode_step(&gpu, &cache, prompt[i], logits);   /* prefill token by token */
+    float *host_logits = o.temperature == 0 ? NULL : logits;   /* greedy: the argmax is taken on the GPU */
+    for (int i = 0; i < P; i++)                                  /* prefill token by token */
+        mhc_gpu_decode_step(&gpu, &cache, prompt[i], i == P - 1 ? host_logits : NULL);
 #else
     MhcCache cache;
     mhc_cache_init(&cache, &cfg, total);
@@ -215,12 +218,16 @@ int main(int argc, char **argv) {
     double t1 = now_seconds();
     int generated = 0;
     for (; generated < o.max_tokens; generated++) {
+#ifdef __CUDACC__
+        int next = host_logits ? sample_token(logits, V, &o, prob, cand, &rng) : mhc_gpu_decode_argmax(&gpu, &cache);
+#else
         int next = sample_token(logits, V, &o, prob, cand, &rng);
+#endif
         if (next == (int)bpe_eot_id(&tok)) break;
         print_token(&tok, next);
         if (generated + 1 == o.max_tokens) { generated++; break; }
 #ifdef __CUDACC__
-        mhc_gpu_decode_step(&gpu, &cache, next, logits);
+        mhc_gpu_decode_step(&gpu, &cache, next, host_logits);
 #else
         mhc_decode_step(&m, &cache, next, out);
         for (int v = 0; v < V; v++) logits[v] = (float)out[v];

@@ -94,6 +94,12 @@ typedef struct {
     size_t scratch_count;
 } MhcBlas;
 
+/* what the blocks of a lone token's pre-stage leave for the last of them (mhc_coeffs_pre_forward_kernel) */
+typedef struct {
+    float *part;                     /* [ceil(C / 32)][m + 1]: each block's part of h [m], then of |x|^2 */
+    unsigned *done;                  /* blocks finished; 0 between launches (the last block resets it)  */
+} MhcLoneScratch;
+
 /* Everything one forward (and backward) of B x T tokens needs: the CPU's activation buffers plus
    GPU-only scratch. */
 typedef struct {
@@ -115,6 +121,7 @@ typedef struct {
     float *colsum_part;              /* [MHC_COLSUM_CHUNKS, max(C, d_c, d_q, m)] (backward)            */
     int *emb_rows, *emb_start, *emb_order;   /* embedding-gradient groups: [U], [U+1], [N] (backward)   */
     int n_emb_rows;                  /* U, distinct tokens of the last forward                         */
+    MhcLoneScratch lone;             /* the lone-token pre-stage's (B*T = 1: decode)                    */
     MhcGpuArena arena;
 } MhcGpuActs;
 
@@ -152,6 +159,8 @@ typedef struct {
 #endif
 #endif
 
+#define MHC_ARGMAX_BLOCKS 64     /* blocks of the argmax's first pass (mhc_gpu_decode_argmax) */
+
 /* the latent KV cache of absorbed decode (SPEC §10) and the buffers of one decoded token */
 typedef struct {
     int max_len, len;
@@ -159,6 +168,8 @@ typedef struct {
     float *scores;                     /* [H, max_len] attention scores of the token                          */
     float *lat_raw;                    /* [d_c + d_r] W_dkv u of the token                                    */
     int *pos;                          /* [1] the token's position, len, in device memory                     */
+    int *next;                         /* [1] mhc_gpu_decode_argmax's answer                                  */
+    unsigned long long *argmax_keys;   /* [MHC_ARGMAX_BLOCKS] its scratch                                     */
     MhcGpuActs acts;                   /* one token (B = T = 1), forward buffers only                         */
     MhcGpuArena arena;
     int use_graph;                     /* 1 (MHC_DECODE_GRAPH): replay the decode step as one CUDA graph      */
@@ -201,10 +212,14 @@ void mhc_gpu_adamw_step(MhcGpu *g, double lr);                        /* step co
 void mhc_gpu_update_expert_bias(MhcGpu *g);          /* SPEC §11, after the optimizer step                  */
 int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len);   /* 0 ok */
 void mhc_gpu_cache_free(MhcGpuCache *c);
-/* feeds one token at position c->len (absorbed MLA); writes logits [V] to a host array; 0 ok, -1 when the
-   cache is full or the token is out of range. With c->use_graph (the default where MHC_DECODE_GRAPH) the
-   steps after the first replay one captured CUDA graph; 0 runs every step launch by launch. */
+/* feeds one token at position c->len (absorbed MLA); writes logits [V] to a host array (NULL: leaves them
+   on the device); 0 ok, -1 when the cache is full or the token is out of range. With c->use_graph (the
+   default where MHC_DECODE_GRAPH) the steps after the first replay one captured CUDA graph; 0 runs every
+   step launch by launch. */
 int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host);
+/* the most probable next token after the last decode step (the lowest id among equal logits, as a loop
+   on the host finds it), found on the GPU: greedy decoding moves one int per token instead of V floats */
+int mhc_gpu_decode_argmax(const MhcGpu *g, MhcGpuCache *c);
 size_t mhc_gpu_memory_bytes(const MhcGpu *g);        /* device bytes of g now (not of caches)               */
 
 /* ---------------------------------------------------------------------------------------------
@@ -379,8 +394,23 @@ static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int
     gemm_core(bl, prec, 0, transA, transB, M, N, K, alpha, A, strideA, B, strideB, beta, C, strideC, batch);
 }
 
-/* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row; mhc.h matmul_forward) */
+/* out[O] = W[O,Ci] @ in[Ci], one warp per output: the product of a lone row (decode), a GEMV that only
+   reads W once, so it is done in exact fp32 in every precision. cuBLAS took about 5 us for each of
+   decode's small ones and read the 3b head at 1.2 TB/s (H100, 2026-11-23). */
+__global__ void matvec_kernel(float *out, const float *in, const float *W, int Ci, int O) {
+    int o = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32;
+    if (o >= O) return;
+    float s = warp_dot(W + (size_t)o * Ci, in, Ci);
+    if (threadIdx.x % 32 == 0) out[o] = s;
+}
+
+/* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row; mhc.h matmul_forward); N = 1 by matvec_kernel */
 static void gpu_matmul_forward(const MhcBlas *bl, int prec, float *out, const float *in, const float *W, int N, int Ci, int O) {
+    if (N == 1) {
+        matvec_kernel<<<mhc_blocks(O, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(out, in, W, Ci, O);
+        LAUNCH_CHECK();
+        return;
+    }
     gemm(bl, prec, 0, 1, N, O, Ci, 1.0f, in, 0, W, 0, 0.0f, out, 0, 1);
 }
 
@@ -1272,8 +1302,7 @@ static void gpu_stream_merge_backward(float *dX, float *df, float *dH, const flo
 #define MHC_SK_N 4               /* the n the Sinkhorn kernels are compiled for; other n take the generic ones */
 #define MHC_SK_WARPS 4           /* warps per Sinkhorn block, fewer where their scratch passes 48 KB */
 #define MHC_TOKEN_THREADS 256    /* threads of a streaming block (one token)                       */
-#define MHC_LONE_THREADS 1024    /* threads of the lone-token pre-stage block: a warp per output of h = X phi^T,
-                                    all m (24 at n = 4) loading at once: alone on its SM, it waits on memory */
+#define MHC_LONE_SLICE 32        /* channels of each stream per block of a lone token's pre-stage: a lane each */
 
 static __host__ __device__ size_t sk_token_floats(int n, int iters, int tape) {
     size_t nn = (size_t)n * n, steps = 2 * (size_t)iters;
@@ -1465,12 +1494,17 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    block reads the token's streams once for it, makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), and
    reads the streams again (from L2) for the pre-mix y [N,C] = sum_j H_pre[j] X[j]. Writes h, a, H [N,m]
    (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]).
-   LONE (a lone token: decode), where a launch costs more than the work, has the block do the rest as well
-   (MhcPreToken): with merged given, first the previous sublayer's merge into X (merged is X: the token's
-   streams are made here, then read), h = X phi^T (a warp per output, MHC_LONE_THREADS threads), the
-   Sinkhorn by n lanes of warp 0 while the other warps make y, and with u given the sublayer's norm u [N,C] = RMSNorm(y) with gain g, u_rstd [N]
-   (as rmsnorm_forward_kernel makes it). A template parameter, so that the many-token kernel carries none
-   of its registers. */
+   LONE (a lone token: decode), where a launch costs more than the work, has one launch do the rest as well
+   (MhcPreToken), over ceil(C / MHC_LONE_SLICE) blocks. Block s takes channels [32 s, 32 s + 32) of every
+   stream, a lane each (lone_token_slice): with merged given, first the previous sublayer's merge of those
+   channels into X (merged is X: the token's streams are made here, then read), then its part of
+   h = X phi^T (a warp per output) and of |x|^2 into lone.part. The block that finishes last (a count of
+   finished blocks: the classic last-block reduction) sums the parts, a warp per sum in a fixed order
+   (the same bits on every run), and goes on as the many-token kernel does, reading the other blocks'
+   streams from L2 (__ldcg: its L1 may hold lines of them from before they were merged). Then the
+   Sinkhorn by n lanes of warp 0 while the other warps make y, and with u given the sublayer's norm
+   u [N,C] = RMSNorm(y) with gain g, u_rstd [N] (as rmsnorm_forward_kernel makes it). A template
+   parameter, so that the many-token kernel carries none of its registers. */
 typedef struct {
     const float *phi;
     int iters;
@@ -1479,31 +1513,81 @@ typedef struct {
     const float *g;
     float *merged;                           /* NULL, or X, made as stream_merge_channel(prev_H, prev_X, prev_f) */
     const float *prev_H, *prev_X, *prev_f;
+    MhcLoneScratch lone;
 } MhcPreToken;
 
-template <bool LONE>
-__global__ void __launch_bounds__(LONE ? MHC_LONE_THREADS : MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
-    float *y, float *H, float *a, float *r_out, float *h, const float *X, const float *alpha, const float *b, int n, int C,
-    float eps_rms, MhcPreToken one) {
-    __shared__ float h_pre[MHC_MAX_STREAMS], sk_scratch[MHC_MAX_STREAMS * MHC_MAX_STREAMS];
-    int m = n * n + 2 * n, nC = n * C;
-    size_t t = blockIdx.x;
-    const float *x = X + t * nC;
-    float *ht = h + t * m, *at = a + t * m, *Ht = H + t * m, ss = 0;
-    if constexpr (LONE) {
-        if (one.merged) {
-            for (int c = threadIdx.x; c < C; c += blockDim.x)
-                stream_merge_channel(one.merged, one.prev_H, one.prev_X, one.prev_f, n, C, c);
-            __syncthreads();                        /* the merged streams are x below */
-        }
-        for (int k = threadIdx.x / 32; k < m; k += blockDim.x / 32) {   /* (block_reduce's barriers below publish h) */
-            float hk = warp_dot(one.phi + (size_t)k * nC, x, nC);
-            if (threadIdx.x % 32 == 0) ht[k] = hk;
+static unsigned lone_blocks(int C) { return mhc_blocks((size_t)C, MHC_LONE_SLICE); }
+
+/* A lone token's block blockIdx.x: its slice's merge and parts (above). Returns 1 in the block that
+   finished last, which then has h [m] in h and h_shared and |x|^2 in *sumsq; 0 in the others, which are
+   done. */
+__device__ int lone_token_slice(float *h, float *h_shared, float *sumsq, const float *x, int n, int C, const MhcPreToken *one) {
+    __shared__ int last;
+    int m = n * n + 2 * n, nC = n * C, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int c = blockIdx.x * MHC_LONE_SLICE + lane;
+    if (one->merged && warp == 0 && c < C) stream_merge_channel(one->merged, one->prev_H, one->prev_X, one->prev_f, n, C, c);
+    __syncthreads();                                /* the merged slice is x below */
+    float xc[MHC_MAX_STREAMS];                      /* x[j][c], j < n */
+#pragma unroll
+    for (int j = 0; j < MHC_MAX_STREAMS; j++) xc[j] = j < n && c < C ? x[(size_t)j * C + c] : 0.0f;
+    float *part = one->lone.part + (size_t)blockIdx.x * (m + 1);
+    for (int k = warp; k < m; k += warps) {
+        const float *phik = one->phi + (size_t)k * nC + c;
+        float s = 0;
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++)
+            if (j < n && c < C) s += phik[(size_t)j * C] * xc[j];
+        s = warp_reduce(s, SumOp());
+        if (lane == 0) part[k] = s;
+    }
+    if (warp == 0) {
+        float s = 0;
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++) s += xc[j] * xc[j];
+        s = warp_reduce(s, SumOp());
+        if (lane == 0) part[m] = s;
+    }
+    __threadfence();                                /* this block's parts and streams, before it counts itself */
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(one->lone.done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return 0;
+    __threadfence();
+    for (int k = warp; k <= m; k += warps) {        /* a warp per sum, a lane per block (all loads at once) */
+        float s = 0;
+        for (unsigned bk = lane; bk < gridDim.x; bk += 32) s += __ldcg(one->lone.part + (size_t)bk * (m + 1) + k);
+        s = warp_reduce(s, SumOp());
+        if (lane == 0) {
+            if (k < m) h[k] = h_shared[k] = s;
+            else *sumsq = s;
         }
     }
+    if (threadIdx.x == 0) *one->lone.done = 0;
+    __syncthreads();                                /* h and *sumsq are complete */
+    return 1;
+}
+
+template <bool LONE>
+__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
+    float *y, float *H, float *a, float *r_out, float *h, const float *X, const float *alpha, const float *b, int n, int C,
+    float eps_rms, MhcPreToken one) {
+    constexpr int MMAX = MHC_MAX_STREAMS * MHC_MAX_STREAMS + 2 * MHC_MAX_STREAMS;
+    __shared__ float h_pre[MHC_MAX_STREAMS], sk_scratch[MHC_MAX_STREAMS * MHC_MAX_STREAMS], lone_sumsq;
+    __shared__ float lone_h[LONE ? MMAX : 1], lone_a[LONE ? MMAX : 1];   /* LONE: h and a, kept at hand */
+    int m = n * n + 2 * n, nC = n * C;
+    size_t t = LONE ? 0 : blockIdx.x;
+    const float *x = X + t * nC;
+    float *at = a + t * m, *Ht = H + t * m, ss = 0;
+    const float *ht = LONE ? lone_h : h + t * m;
+    if constexpr (LONE) {
+        if (!lone_token_slice(h, lone_h, &lone_sumsq, x, n, C, &one)) return;
+        ss = lone_sumsq;
+    } else {
 #pragma unroll 4
-    for (int q = threadIdx.x; q < nC; q += blockDim.x) ss += x[q] * x[q];
-    float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / nC + eps_rms);
+        for (int q = threadIdx.x; q < nC; q += blockDim.x) ss += x[q] * x[q];
+        ss = block_reduce(ss, SumOp());
+    }
+    float r = 1.0f / sqrtf(ss / nC + eps_rms);
     for (int k = threadIdx.x; k < 2 * n; k += blockDim.x) {
         int grp = k < n ? 0 : 1;
         float ak = alpha[grp] * r * ht[k] + b[k];
@@ -1511,13 +1595,16 @@ __global__ void __launch_bounds__(LONE ? MHC_LONE_THREADS : MHC_TOKEN_THREADS) m
         if (k < n) Ht[k] = h_pre[k] = mhc_sigmoidf(ak);
         else Ht[k] = 2 * mhc_sigmoidf(ak);
     }
-    for (int k = 2 * n + threadIdx.x; k < m; k += blockDim.x) at[k] = alpha[2] * r * ht[k] + b[k];
+    for (int k = 2 * n + threadIdx.x; k < m; k += blockDim.x) {
+        at[k] = alpha[2] * r * ht[k] + b[k];
+        if (LONE) lone_a[k] = at[k];
+    }
     if (threadIdx.x == 0) r_out[t * n] = r;
     __syncthreads();                                /* h_pre and a are complete */
     if (LONE && threadIdx.x < 32) {                 /* a team of n lanes of warp 0 */
         int line = threadIdx.x < n ? (int)threadIdx.x : -1;
-        if (n == MHC_SK_N) sinkhorn_forward_token<MHC_SK_N>(Ht + 2 * n, sk_scratch, at + 2 * n, line, n, one.iters, one.eps_sk);
-        else sinkhorn_forward_token<0>(Ht + 2 * n, sk_scratch, at + 2 * n, line, n, one.iters, one.eps_sk);
+        if (n == MHC_SK_N) sinkhorn_forward_token<MHC_SK_N>(Ht + 2 * n, sk_scratch, lone_a + 2 * n, line, n, one.iters, one.eps_sk);
+        else sinkhorn_forward_token<0>(Ht + 2 * n, sk_scratch, lone_a + 2 * n, line, n, one.iters, one.eps_sk);
     }
     float hp[MHC_MAX_STREAMS];
 #pragma unroll
@@ -1526,7 +1613,7 @@ __global__ void __launch_bounds__(LONE ? MHC_LONE_THREADS : MHC_TOKEN_THREADS) m
         float sum = 0;
 #pragma unroll
         for (int j = 0; j < MHC_MAX_STREAMS; j++)
-            if (j < n) sum += hp[j] * x[(size_t)j * C + c];
+            if (j < n) sum += hp[j] * (LONE ? __ldcg(x + (size_t)j * C + c) : x[(size_t)j * C + c]);
         y[t * C + c] = sum;
     }
     if (!LONE || !one.u) return;
@@ -1539,12 +1626,14 @@ __global__ void __launch_bounds__(LONE ? MHC_LONE_THREADS : MHC_TOKEN_THREADS) m
 
 /* The pre-stage of N tokens: h = X phi^T (cuBLAS), the streaming kernel, the Sinkhorn kernel; with u
    given (may be NULL) also the sublayer's norm u [N,C] = RMSNorm(y), gain norm_g, u_rstd [N]. A lone
-   token has all of it done by the streaming block, and with prev (else NULL: prev[0..2] = the previous
-   sublayer's H, X and f) first that sublayer's merge into X. */
+   token has all of it done by one launch of the streaming kernel, in lone (its scratch; NULL for N > 1),
+   and with prev (else NULL: prev[0..2] = the previous sublayer's H, X and f) first that sublayer's merge
+   into X. */
 static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_rstd, float *H, float *a, float *h, float *r,
                                 float *X, const float *phi, const float *alpha, const float *b, const float *norm_g,
-                                const float *const *prev, int N, int n, int C, int iters, double eps_sk, double eps_rms) {
-    MhcPreToken one = {phi, iters, (float)eps_sk, u, u_rstd, norm_g, NULL, NULL, NULL, NULL};
+                                const float *const *prev, const MhcLoneScratch *lone, int N, int n, int C, int iters,
+                                double eps_sk, double eps_rms) {
+    MhcPreToken one = {phi, iters, (float)eps_sk, u, u_rstd, norm_g, NULL, NULL, NULL, NULL, {NULL, NULL}};
     if (prev) {
         if (N != 1) {
             fprintf(stderr, "gpu_mhc_pre_forward: the merge goes first for a lone token only (a bug)\n");
@@ -1556,7 +1645,12 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_
         one.prev_f = prev[2];
     }
     if (N == 1) {
-        mhc_coeffs_pre_forward_kernel<true><<<1, MHC_LONE_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
+        if (!lone) {
+            fprintf(stderr, "gpu_mhc_pre_forward: a lone token needs its scratch (a bug)\n");
+            exit(1);
+        }
+        one.lone = *lone;
+        mhc_coeffs_pre_forward_kernel<true><<<lone_blocks(C), MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
         LAUNCH_CHECK();
         return;
     }
@@ -2274,9 +2368,10 @@ __global__ void mla_decode_latent_kernel(float *__restrict__ ckv, float *__restr
    and o[h] = W_uv[h] olat (a warp per output). W_uk[h] and W_uv[h] are rows [0, dn) and [dn, dn + dv) of
    head h's (dn + dv) x dc block of W_ukv. q_abs and olat stay in shared memory [2 dc], the scores go to
    scores [H, max_len]; exact fp32. The pointers are __restrict__ and the loops over s unrolled, so a
-   warp has several keys' loads in flight, and a block has MHC_LONE_THREADS threads: H blocks leave
+   warp has several keys' loads in flight, and a block has MHC_DECODE_ATT_THREADS threads: H blocks leave
    most SMs idle, so each waits on memory, and more warps keep more keys and rows loading at once. */
-__global__ void __launch_bounds__(MHC_LONE_THREADS, 1) mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, const float *__restrict__ q,
+#define MHC_DECODE_ATT_THREADS 1024
+__global__ void __launch_bounds__(MHC_DECODE_ATT_THREADS, 1) mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, const float *__restrict__ q,
                                             const float *__restrict__ wukv, const float *__restrict__ ckv,
                                             const float *__restrict__ kpe, const int *pos, int max_len, int dc, int dr, int dn,
                                             int dv, float scale) {
@@ -2670,6 +2765,8 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
     A->moe_ssum = arena_new<double>(ar, N);
     A->moe_f = arena_new<double>(ar, (size_t)B * E);
     A->moe_bal = arena_new<double>(ar, (size_t)c->n_layers * B * c->n_routed_experts);
+    A->lone.part = arena_new<float>(ar, (size_t)lone_blocks((int)C) * (mhc_m(c) + 1));
+    A->lone.done = arena_new<unsigned>(ar, 1);
     if (flags & GPU_ACTS_BF16) {
         A->gemm_bf16_count = gpu_bf16_scratch_count(c, N, (size_t)A->logit_rows);
         A->gemm_bf16[0] = arena_new<__nv_bfloat16>(ar, A->gemm_bf16_count);
@@ -2685,7 +2782,10 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
         A->emb_start = arena_new<int>(ar, N + 1);
         A->emb_order = arena_new<int>(ar, N);
     }
-    if (!ar->failed) return 0;
+    if (!ar->failed) {
+        if (A->lone.done) CUDA_CHECK(cudaMemset(A->lone.done, 0, sizeof(unsigned)));
+        return 0;
+    }
     gpu_acts_free(A);
     return -1;
 }
@@ -2713,8 +2813,8 @@ static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y, flo
             prev[1] = A->a.X + (size_t)(s - 1) * N * n * C;
             prev[2] = A->a.f + (size_t)sp * N * C;
         }
-        gpu_mhc_pre_forward(&g->blas, y, u, u_rstd, H, a, h, r, X, q->phi, q->alpha, q->b, norm_g, merge_prev ? prev : NULL, N,
-                            n, C, c->sinkhorn_iters, c->sinkhorn_eps, c->rms_eps);
+        gpu_mhc_pre_forward(&g->blas, y, u, u_rstd, H, a, h, r, X, q->phi, q->alpha, q->b, norm_g, merge_prev ? prev : NULL,
+                            &A->lone, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps, c->rms_eps);
         return;
     }
     if (c->residual == MHC_RESIDUAL_PLAIN) {
@@ -2964,7 +3064,7 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     mla_decode_latent_kernel<<<1, MHC_BLOCK>>>(ckv, kpe, q, cache->lat_raw, b->kv_norm, cache->pos, dc, dr, H, dn, dqk,
                                                (float)c->rms_eps, c->rope_theta);
     LAUNCH_CHECK();
-    mla_decode_attention_kernel<<<H, MHC_LONE_THREADS, 2 * dc * sizeof(float)>>>(o, cache->scores, q, b->wukv, ckv, kpe,
+    mla_decode_attention_kernel<<<H, MHC_DECODE_ATT_THREADS, 2 * dc * sizeof(float)>>>(o, cache->scores, q, b->wukv, ckv, kpe,
                                                                                 cache->pos, cache->max_len, dc, dr, dn, dv,
                                                                                 (float)(1.0 / sqrt((double)dqk)));
     LAUNCH_CHECK();
@@ -3556,6 +3656,8 @@ int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
     c->scores = arena_new<float>(&c->arena, H * max_len);
     c->lat_raw = arena_new<float>(&c->arena, dc + cfg->qk_rope_head_dim);
     c->pos = arena_new<int>(&c->arena, 1);
+    c->next = arena_new<int>(&c->arena, 1);
+    c->argmax_keys = arena_new<unsigned long long>(&c->arena, MHC_ARGMAX_BLOCKS);
     c->use_graph = MHC_DECODE_GRAPH;
     if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0)) {   /* decode's GEMMs use g's bf16 scratch */
         fprintf(stderr, "mhc_gpu_cache_init: out of GPU memory for a cache of %d positions\n", max_len);
@@ -3609,9 +3711,53 @@ int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host
     } else {
         gpu_model_forward(g, &c->acts, 1, 1, 0, c);
     }
-    CUDA_CHECK(cudaMemcpy(logits_host, c->acts.a.logits, sizeof(float) * g->cfg.vocab_size, cudaMemcpyDeviceToHost));
+    if (logits_host)
+        CUDA_CHECK(cudaMemcpy(logits_host, c->acts.a.logits, sizeof(float) * g->cfg.vocab_size, cudaMemcpyDeviceToHost));
     c->len++;
     return 0;
+}
+
+/* The argmax of x [count]: the lowest index of its largest value, as a loop on the host finds it (NaNs
+   never win; -0 and +0 are equal; with no number, 0). Each value becomes a 64-bit key that orders as
+   (value, then the lower index): its bits made to order as the floats do, above the complemented index.
+   MHC_ARGMAX_BLOCKS blocks keep the largest key of their share, then one block the largest of those
+   (one block alone took 51 us over the 3b's 129280 logits, H100). */
+__device__ unsigned long long argmax_key(float v, int i) {
+    unsigned u = __float_as_uint(v == 0 ? 0.0f : v);
+    u = u & 0x80000000u ? ~u : u | 0x80000000u;     /* negatives reversed below the positives */
+    return (unsigned long long)u << 32 | (0xFFFFFFFFu - (unsigned)i);
+}
+
+__global__ void argmax_keys_kernel(unsigned long long *keys, const float *x, int count) {
+    unsigned long long best = 0;
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < count; k += gridDim.x * blockDim.x) {
+        unsigned long long key = x[k] == x[k] ? argmax_key(x[k], k) : 0;
+        best = key > best ? key : best;
+    }
+    best = block_reduce(best, MaxOp());
+    if (threadIdx.x == 0) keys[blockIdx.x] = best;
+}
+
+__global__ void argmax_index_kernel(int *out, const unsigned long long *keys, int n) {
+    unsigned long long best = 0;
+    for (int k = threadIdx.x; k < n; k += blockDim.x) best = keys[k] > best ? keys[k] : best;
+    best = block_reduce(best, MaxOp());
+    if (threadIdx.x == 0) *out = best ? (int)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu)) : 0;
+}
+
+/* keys: MHC_ARGMAX_BLOCKS of scratch */
+static void gpu_argmax(int *out, unsigned long long *keys, const float *x, int count) {
+    argmax_keys_kernel<<<MHC_ARGMAX_BLOCKS, MHC_BLOCK>>>(keys, x, count);
+    LAUNCH_CHECK();
+    argmax_index_kernel<<<1, 32 * mhc_blocks(MHC_ARGMAX_BLOCKS, 32)>>>(out, keys, MHC_ARGMAX_BLOCKS);
+    LAUNCH_CHECK();
+}
+
+int mhc_gpu_decode_argmax(const MhcGpu *g, MhcGpuCache *c) {
+    int next;
+    gpu_argmax(c->next, c->argmax_keys, c->acts.a.logits, g->cfg.vocab_size);
+    CUDA_CHECK(cudaMemcpy(&next, c->next, sizeof next, cudaMemcpyDeviceToHost));
+    return next;
 }
 
 #endif /* MHC_CUDA_CUH */

@@ -2149,8 +2149,39 @@ static double gt_cosine(const float *a, const float *b, size_t count) {
     return aa == 0 && bb == 0 ? 1 : ab / sqrt(aa * bb);
 }
 
+/* the lowest index of the largest of x [count] */
+static int gt_argmax(const float *x, int count) {
+    int best = 0;
+    for (int k = 1; k < count; k++) if (x[k] > x[best]) best = k;
+    return best;
+}
+
 /* ---------------------------------------------------------------------------------------------
    Per-op tests: each kernel (or GEMM) against the CPU function it mirrors, fresh random inputs.    */
+
+/* greedy decoding's argmax: random values, more than a block's threads of them but fewer than the
+   first pass's, and the largest three times (the lowest of those indices must win, whichever blocks
+   hold them); then a prefix with one -0 and every other value negative (-0 = +0 wins); the answer
+   poisoned */
+static void gpu_test_argmax(void) {
+    int count = 3001, at[3] = {2999, 700 + (int)(mhc_rng_u64(&gt_rng) % 64), 1500};
+    float *x = gt_randn((size_t)count, 1), *y = gt_host(600);
+    for (int k = 0; k < 3; k++) x[at[k]] = 9.0f;
+    for (int k = 0; k < 600; k++) y[k] = -fabsf(x[k]) - 0.01f;
+    y[37] = -0.0f;
+    y[500] = 0.0f;
+    int *d_out = arena_new<int>(&gt_dev, 1), got[2];
+    unsigned long long *d_keys = arena_new<unsigned long long>(&gt_dev, MHC_ARGMAX_BLOCKS);
+    for (int k = 0; k < 2; k++) {
+        CUDA_CHECK(cudaMemset(d_out, 0xFF, sizeof(int)));
+        gpu_argmax(d_out, d_keys, k ? gt_upload(y, 600) : gt_upload(x, (size_t)count), k ? 600 : count);
+        CUDA_CHECK(cudaMemcpy(&got[k], d_out, sizeof(int), cudaMemcpyDeviceToHost));
+    }
+    int ok = got[0] == at[1] && got[0] == gt_argmax(x, count) && got[1] == 37 && gt_argmax(y, 600) == 37;
+    check(ok, "gpu argmax: %d of %d values (the largest at %d, %d, %d); %d of 600 (-0 at 37, +0 at 500, the rest < 0)", got[0],
+          count, at[0], at[1], at[2], got[1]);
+    gt_release();
+}
 
 static void gpu_test_gemm(cublasHandle_t handle) {
     int N = 37, Ci = 53, O = 29;
@@ -2213,6 +2244,29 @@ static void gpu_test_gemm(cublasHandle_t handle) {
         e1 = rel_err(g_out, out16, (size_t)N * O), e2 = rel_err(g_din, din16, (size_t)N * Ci), e3 = rel_err(g_dW, dW16, (size_t)O * Ci);
         check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5, "gpu gemm bf16 vs CPU on rounded operands: out %.1e, din %.1e, dW %.1e (tol 1e-5)",
               e1, e2, e3);
+    }
+    gt_release();
+}
+
+/* a lone row (N = 1, decode) takes matvec_kernel: exact fp32 whatever the precision, so against the CPU
+   only the summation order differs (1e-5); Ci = 53 takes warp_dot's scalar loads, 64 its float4 loads */
+static void gpu_test_matvec(cublasHandle_t handle) {
+    int O = 29, sizes[2] = {53, 64};
+    for (int k = 0; k < 2; k++) {
+        int Ci = sizes[k];
+        float *in = gt_randn((size_t)Ci, 1), *W = gt_randn((size_t)O * Ci, 1), *out = gt_host((size_t)O);
+        matmul_forward(out, in, W, 1, Ci, O);
+        float *d_in = gt_upload(in, (size_t)Ci), *d_W = gt_upload(W, (size_t)O * Ci);
+        int precisions[3] = {MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16};
+        double e[3];
+        for (int p = 0; p < 3; p++) {
+            MhcBlas bl = gt_blas(handle, precisions[p]);
+            float *d_out = gt_nan((size_t)O);
+            gpu_matmul_forward(&bl, MHC_GEMM_FAST, d_out, d_in, d_W, 1, Ci, O);
+            e[p] = rel_err(gt_fetch(d_out, (size_t)O), out, (size_t)O);
+        }
+        check(e[0] <= 1e-5 && e[1] <= 1e-5 && e[2] <= 1e-5, "gpu matvec (N = 1), Ci %d: under fp32 %.1e, tf32 %.1e, bf16 %.1e (tol 1e-5)",
+              Ci, e[0], e[1], e[2]);
     }
     gt_release();
 }
@@ -2366,16 +2420,18 @@ static void gpu_test_crossentropy(void) {
 }
 
 /* SPEC §4-§5.6: the pre-stage (cuBLAS h = phi x, then per token the coefficients and y = H_pre X, then
-   the Sinkhorn and the sublayer's norm u = RMSNorm(y); for N = 1 all of it in one block, which first makes
-   X as the previous sublayer's merge, as decode has it) against stream_merge_forward, matmul,
-   mhc_coeffs_forward, stream_pre_forward and rmsnorm_forward; then the backward fed the CPU's forward
-   values. n streams over N tokens; C = 40 is no multiple of 32. */
-static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
+   the Sinkhorn and the sublayer's norm u = RMSNorm(y); for N = 1 all of it in one launch of 32-channel
+   blocks, which first make X as the previous sublayer's merge, as decode has it) against
+   stream_merge_forward, matmul, mhc_coeffs_forward, stream_pre_forward and rmsnorm_forward; then the
+   backward fed the CPU's forward values. n streams of C channels over N tokens; C = 40 and 200 are no
+   multiples of 32 (the last block has a part-filled slice). N = 1 runs twice, its outputs poisoned in
+   between: the second must give the same bits, so the last block left the count of finished blocks at 0. */
+static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N, int C) {
     MhcBlas bl = gt_blas(handle, MHC_PREC_FP32);
     MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
-    c.d_model = 40;
+    c.d_model = C;
     c.hc_mult = n;
-    int C = c.d_model, nC = n * C, m = mhc_m(&c);
+    int nC = n * C, m = mhc_m(&c);
     float *X = gt_randn((size_t)N * nC, 1), *phi = gt_randn((size_t)m * nC, 0.2), *b = gt_randn(m, 1);
     float alpha[3] = {0.5f, 0.7f, 0.9f};
     MhcStreamParams q;
@@ -2401,17 +2457,33 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
     float *d_u = gt_nan((size_t)N * C), *d_urstd = gt_nan(N);
     float *d_alpha = gt_upload(alpha, 3), *d_h = gt_nan((size_t)N * m);
     float *d_H = gt_nan((size_t)N * m), *d_a = gt_nan((size_t)N * m), *d_r = gt_upload(r, (size_t)N * n), *d_y = gt_nan((size_t)N * C);
-    for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_r + (size_t)t * n, 0xFF, sizeof(float)));   /* poison r[t][0] */
-    gpu_mhc_pre_forward(&bl, d_y, d_u, d_urstd, d_H, d_a, d_h, d_r, d_X, gt_upload(phi, (size_t)m * nC), d_alpha,
-                        gt_upload(b, m), gt_upload(gain, C), N == 1 ? prev : NULL, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps,
-                        c.rms_eps);
-    double ex = rel_err(gt_fetch(d_X, (size_t)N * nC), X, (size_t)N * nC), e0 = rel_err(gt_fetch(d_h, (size_t)N * m), h, (size_t)N * m);
-    double e1 = rel_err(gt_fetch(d_H, (size_t)N * m), H, (size_t)N * m), e2 = rel_err(gt_fetch(d_a, (size_t)N * m), a, (size_t)N * m);
-    double e3 = rel_err(gt_fetch(d_r, (size_t)N * n), r, (size_t)N * n), e5 = rel_err(gt_fetch(d_y, (size_t)N * C), y, (size_t)N * C);
-    double e6 = rel_err(gt_fetch(d_u, (size_t)N * C), u, (size_t)N * C), e7 = rel_err(gt_fetch(d_urstd, N), urstd, N);
-    check(ex <= 1e-5 && e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5 && e6 <= 1e-5 && e7 <= 1e-5,
-          "gpu mhc pre-stage, n = %d, N = %d%s: X %.1e, h %.1e, H %.1e, a %.1e, r %.1e, y %.1e, u %.1e, u_rstd %.1e (tol 1e-5)",
-          n, N, N == 1 ? " (merge, h, Sinkhorn and norm in the streaming block)" : "", ex, e0, e1, e2, e3, e5, e6, e7);
+    MhcLoneScratch lone = {gt_nan((size_t)lone_blocks(C) * (m + 1)), arena_new<unsigned>(&gt_dev, 1)};
+    CUDA_CHECK(cudaMemset(lone.done, 0, sizeof(unsigned)));
+    float *d_phi = gt_upload(phi, (size_t)m * nC), *d_b = gt_upload(b, m), *d_gain = gt_upload(gain, C);
+    float *outs[7] = {d_X, d_h, d_H, d_a, d_r, d_y, d_u};
+    size_t counts[7] = {(size_t)N * nC, (size_t)N * m, (size_t)N * m, (size_t)N * m, (size_t)N * n, (size_t)N * C, (size_t)N * C};
+    float *first[7];
+    int same = 1;
+    for (int run = 0; run < (N == 1 ? 2 : 1); run++) {
+        for (int k = 0; k < 7; k++)                 /* r [N,n] holds r in [0] only */
+            if (run && outs[k] != d_r) CUDA_CHECK(cudaMemset(outs[k], 0xFF, sizeof(float) * counts[k]));
+        for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_r + (size_t)t * n, 0xFF, sizeof(float)));   /* poison r[t][0] */
+        gpu_mhc_pre_forward(&bl, d_y, d_u, d_urstd, d_H, d_a, d_h, d_r, d_X, d_phi, d_alpha, d_b, d_gain, N == 1 ? prev : NULL,
+                            N == 1 ? &lone : NULL, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps, c.rms_eps);
+        for (int k = 0; k < 7; k++) {
+            float *got = gt_fetch(outs[k], counts[k]);
+            if (run) same &= memcmp(got, first[k], sizeof(float) * counts[k]) == 0;
+            else first[k] = got;
+        }
+    }
+    double ex = rel_err(first[0], X, (size_t)N * nC), e0 = rel_err(first[1], h, (size_t)N * m);
+    double e1 = rel_err(first[2], H, (size_t)N * m), e2 = rel_err(first[3], a, (size_t)N * m);
+    double e3 = rel_err(first[4], r, (size_t)N * n), e5 = rel_err(first[5], y, (size_t)N * C);
+    double e6 = rel_err(first[6], u, (size_t)N * C), e7 = rel_err(gt_fetch(d_urstd, N), urstd, N);
+    check(ex <= 1e-5 && e0 <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e5 <= 1e-5 && e6 <= 1e-5 && e7 <= 1e-5 && same,
+          "gpu mhc pre-stage, n = %d, C = %d, N = %d%s: X %.1e, h %.1e, H %.1e, a %.1e, r %.1e, y %.1e, u %.1e, u_rstd %.1e "
+          "(tol 1e-5)%s", n, C, N, N == 1 ? " (merge, h, Sinkhorn and norm in one launch)" : "", ex, e0, e1, e2, e3, e5, e6, e7,
+          N == 1 ? (same ? "; a second run the same bits" : "; a SECOND RUN DIFFERS") : "");
 
     /* backward: dX and dphi start random (they accumulate), dH's H_pre part is NaN on the GPU (the kernel
        makes it) */
@@ -2447,16 +2519,17 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N) {
     gt_release();
 }
 
-/* n = 4 (the presets) over one token (decode: the lone-token forward) and over 130, more than one
-   Sinkhorn block forward and backward (8 tokens, a warp each); n = 6 has more than 32 matrix entries
-   (a lane makes two of each step); n = 16, the most mhc.h allows, makes one token per backward block
-   (its tape is 43 KB), and alone fills the lone-token forward's 2 x 16 x 16 Sinkhorn scratch */
+/* n = 4 (the presets) over one token (decode: the lone-token forward, in 2 and in 7 blocks) and over
+   130, more than one Sinkhorn block forward and backward (8 tokens, a warp each); n = 6 has more than 32
+   matrix entries (a lane makes two of each step); n = 16, the most mhc.h allows, makes one token per
+   backward block (its tape is 43 KB), and alone fills the lone-token forward's 16 x 16 Sinkhorn scratch */
 static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
-    gpu_test_mhc_coeffs_case(handle, 4, 1);
-    gpu_test_mhc_coeffs_case(handle, 4, 130);
-    gpu_test_mhc_coeffs_case(handle, 6, 41);
-    gpu_test_mhc_coeffs_case(handle, 16, 5);
-    gpu_test_mhc_coeffs_case(handle, 16, 1);
+    gpu_test_mhc_coeffs_case(handle, 4, 1, 40);
+    gpu_test_mhc_coeffs_case(handle, 4, 1, 200);
+    gpu_test_mhc_coeffs_case(handle, 4, 130, 40);
+    gpu_test_mhc_coeffs_case(handle, 6, 41, 40);
+    gpu_test_mhc_coeffs_case(handle, 16, 5, 40);
+    gpu_test_mhc_coeffs_case(handle, 16, 1, 40);
 }
 
 /* SPEC §3, §5.1, §5.3: pre and merge, forward and backward (merge backward overwrites dX, pre adds), for
@@ -2902,7 +2975,7 @@ static void gpu_test_decode(const MhcConfig *cfg) {
         rc |= mhc_gpu_decode_step(&g, &gc, tokens[t], lg + (size_t)t * V);
         rc |= mhc_gpu_decode_step(&g, &gc2, tokens[t], lg2 + (size_t)t * V);
     }
-    int captures_fp32 = gc.graph_captures, captures_bf16 = 0;
+    int captures_fp32 = gc.graph_captures, captures_bf16 = 0, argmax_same = 1;
     mhc_gpu_forward(&g, tokens, NULL, 1, P);
     mhc_gpu_download_logits(&g, lp);
     double mx = 0, d_cpu = 0, d_pre = 0;
@@ -2918,15 +2991,18 @@ static void gpu_test_decode(const MhcConfig *cfg) {
     for (int t = P; t < P + extra; t++) {
         if (t == P + 2) mhc_gpu_forward(&g, tokens, NULL, 1, P - 1);
         rc |= mhc_gpu_decode_step(&g, &gc, tokens[t - P], lg + (size_t)t * V);
-        rc |= mhc_gpu_decode_step(&g, &gc2, tokens[t - P], lg2 + (size_t)t * V);
+        rc |= mhc_gpu_decode_step(&g, &gc2, tokens[t - P], NULL);
+        argmax_same &= mhc_gpu_decode_argmax(&g, &gc2) == gt_argmax(lg + (size_t)t * V, V);
+        CUDA_CHECK(cudaMemcpy(lg2 + (size_t)t * V, gc2.acts.a.logits, sizeof(float) * V, cudaMemcpyDeviceToHost));
         if (t == P + 1) captures_bf16 = gc.graph_captures;
     }
     int full = mhc_gpu_decode_step(&g, &gc, tokens[0], lg) == -1 && mhc_gpu_decode_step(&g, &gc2, tokens[0], lg2) == -1;
     int graph_first = memcmp(lg, lg2, sizeof(float) * (size_t)P * V) == 0;
     int graph_bf16 = memcmp(lg + (size_t)P * V, lg2 + (size_t)P * V, sizeof(float) * (size_t)extra * V) == 0;
-    check(!rc && full && captures_fp32 == 1 && captures_bf16 == 2 && graph_first && graph_bf16,
+    check(!rc && full && captures_fp32 == 1 && captures_bf16 == 2 && graph_first && graph_bf16 && argmax_same,
           "gpu decode: graph replay = launch by launch bit for bit (fp32 %s, then bf16 %s), captures %d then %d (1 then 2), "
-          "full cache refused", graph_first ? "yes" : "NO", graph_bf16 ? "yes" : "NO", captures_fp32, captures_bf16);
+          "full cache refused, argmax on the GPU = on the host %s", graph_first ? "yes" : "NO", graph_bf16 ? "yes" : "NO",
+          captures_fp32, captures_bf16, argmax_same ? "yes" : "NO");
     mhc_cache_free(&cc);
     mhc_gpu_cache_free(&gc);
     mhc_gpu_cache_free(&gc2);
@@ -2994,6 +3070,8 @@ static void gpu_test_checkpoint(const MhcConfig *cfg) {
 void gpu_tests(void) {
     cublasHandle_t handle = gpu_blas_handle();
     gpu_test_gemm(handle);
+    gpu_test_matvec(handle);
+    gpu_test_argmax();
     gpu_test_expert_gemm();
     gpu_test_rmsnorm();
     gpu_test_rope();

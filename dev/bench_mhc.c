@@ -79,19 +79,22 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     float *dX = bench_buffer((size_t)N * nC, 14, 0), *df = bench_buffer((size_t)N * C, 15, 0), *dH = bench_buffer((size_t)N * m, 16, 0);
     float *da = bench_buffer((size_t)N * m, 17, 0), *dalpha = bench_buffer((size_t)N * 3, 18, 0);
     float *dphi = bench_buffer((size_t)m * nC, 19, 0);
+    MhcLoneScratch lone = {bench_buffer((size_t)lone_blocks(C) * (m + 1), 20, 0), NULL};
+    CUDA_CHECK(cudaMalloc((void **)&lone.done, sizeof(unsigned)));
+    CUDA_CHECK(cudaMemset(lone.done, 0, sizeof(unsigned)));
 
-    gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, NULL, N, n, C, iters, 1e-6, 1e-6);     /* warm-up, and H for the rest */
+    gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, NULL, NULL, N, n, C, iters, 1e-6, 1e-6);     /* warm-up, and H for the rest */
     CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, NULL, N, n, C, iters, 1e-6, 1e-6);
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, NULL, NULL, N, n, C, iters, 1e-6, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
     bench_row("pre-stage forward (GEMM + streaming kernel + Sinkhorn)", C, N, f * N * (nC + C + 3.0 * m + n), bench_ms(tm),
               copy_gbs);
 
-    /* decode's: a lone token's whole pre-stage in one block (h = X phi^T, Sinkhorn, y), phi warm in L2 */
+    /* decode's: a lone token's whole pre-stage in one launch (h = X phi^T, Sinkhorn, y), phi warm in L2 */
     CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, NULL, 1, n, C, iters, 1e-6, 1e-6);
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, NULL, NULL, H, a, h, r, X, phi, alpha, b, NULL, NULL, &lone, 1, n, C, iters, 1e-6, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("pre-stage forward of one token (decode: all of it in one block)", C, 1, f * ((m + 1.0) * nC + C + 3.0 * m + n),
+    bench_row("pre-stage forward of one token (decode: all of it in one launch)", C, 1, f * ((m + 1.0) * nC + C + 3.0 * m + n),
               bench_ms(tm), copy_gbs);
 
     CUDA_CHECK(cudaEventRecord(tm->start));
@@ -136,7 +139,8 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     CUDA_CHECK(cudaEventRecord(tm->stop));
     bench_row("for scale: its two GEMMs alone", C, N, f * N * (3.0 * nC + m), bench_ms(tm), copy_gbs);
 
-    float *all[] = {X, phi, alpha, b, fo, dXo, dy, y, H, a, h, r, Xo, dX, df, dH, da, dalpha, dphi};
+    float *all[] = {X, phi, alpha, b, fo, dXo, dy, y, H, a, h, r, Xo, dX, df, dH, da, dalpha, dphi, lone.part};
+    CUDA_CHECK(cudaFree(lone.done));
     for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) CUDA_CHECK(cudaFree(all[k]));
 }
 

@@ -51,6 +51,11 @@ extern dim3 blockDim, gridDim;
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
 static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+/* one thread runs at a time: an atomic is a plain read-modify-write, a fence orders nothing further, and
+   a load that skips L1 is a load */
+static inline unsigned atomicAdd(unsigned *p, unsigned v) { unsigned old = *p; *p = old + v; return old; }
+static inline void __threadfence() {}
+static inline float __ldcg(const float *p) { return *p; }
 
 /* ---- threads, barriers, warp exchange ---- */
 enum { EMU_RUN, EMU_WAIT_BLOCK, EMU_WAIT_WARP, EMU_DONE };
