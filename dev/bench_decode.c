@@ -1,0 +1,116 @@
+/* dev/bench_decode.c - where a batch-1 decode step's time goes (issue 5): a model of a preset with its
+   SPEC §12 initial weights (no checkpoint needed) decodes STEPS tokens through mhc_gpu_decode_step with
+   the logits copied to the host (as sampling needs them), then STEPS more greedily (the argmax on the
+   GPU, as infer_gpu --temperature 0). The step's wall time is set against the GPU time of its captured
+   graph alone (cudaEvents around replays of it) and against the logits' copy to the host alone; what
+   they do not explain is host time: the copies of the token and position, the launch, the wait. Built
+   by `make gpu` as dev/bench_decode; run on the GPU machine:
+
+       ./dev/bench_decode [preset [name=value ...]]      e.g. ./dev/bench_decode 3b n_layers=4
+
+   Default: small. Prints one markdown table. */
+#define MHC_IMPLEMENTATION
+#include "mhc.h"
+#include "mhc_cuda.cuh"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define STEPS 64
+
+static double wall_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+int main(int argc, char **argv) {
+    MhcConfig cfg;
+    const char *preset = argc > 1 ? argv[1] : "small";
+    char err[256];
+    if (mhc_preset(&cfg, preset)) {
+        fprintf(stderr, "bench_decode: unknown preset %s\n", preset);
+        return 2;
+    }
+    for (int k = 2; k < argc; k++) {
+        char name[64], *eq = strchr(argv[k], '=');
+        if (!eq || eq - argv[k] >= (long)sizeof name) {
+            fprintf(stderr, "bench_decode: expected name=value, got %s\n", argv[k]);
+            return 2;
+        }
+        memcpy(name, argv[k], eq - argv[k]);
+        name[eq - argv[k]] = 0;
+        if (mhc_config_set(&cfg, name, eq + 1)) {
+            fprintf(stderr, "bench_decode: bad setting %s\n", argv[k]);
+            return 2;
+        }
+    }
+    mhc_config_finish(&cfg);
+    if (mhc_config_validate(&cfg, err, sizeof err)) {
+        fprintf(stderr, "bench_decode: %s\n", err);
+        return 2;
+    }
+    MhcModel m;
+    if (mhc_model_init(&m, &cfg)) return 1;
+    mhc_init_params(&m, 1);
+    MhcGpu g;
+    MhcGpuCache c;
+    if (mhc_gpu_init(&g, &m, 1, 1) || mhc_gpu_cache_init(&c, &g, 2 * STEPS)) return 1;
+    int V = cfg.vocab_size;
+    float *logits = (float *)mhc_calloc((size_t)V, sizeof(float));
+
+    /* STEPS steps as infer_gpu makes them (the first launch by launch, then the graph), each token the
+       argmax of the last logits */
+    double wall[STEPS];
+    int token = 0;
+    for (int s = 0; s < STEPS; s++) {
+        double t0 = wall_seconds();
+        if (mhc_gpu_decode_step(&g, &c, token, logits)) return 1;
+        wall[s] = wall_seconds() - t0;
+        for (int v = 1; v < V; v++) if (logits[v] > logits[token]) token = v;
+    }
+    double graph_wall = 0;                          /* steps 2.. replay the graph */
+    for (int s = 1; s < STEPS; s++) graph_wall += wall[s];
+    graph_wall /= STEPS - 1;
+    double t0 = wall_seconds();
+    for (int s = 0; s < STEPS; s++) {
+        if (mhc_gpu_decode_step(&g, &c, token, NULL)) return 1;
+        token = mhc_gpu_decode_argmax(&g, &c);
+    }
+    double greedy_wall = (wall_seconds() - t0) / STEPS;
+
+    /* the graph alone, replayed at the last position (it rewrites that cache row with the same values) */
+    cudaEvent_t start, stop;
+    CUDA_CHECK(cudaEventCreate(&start));
+    CUDA_CHECK(cudaEventCreate(&stop));
+    CUDA_CHECK(cudaEventRecord(start, cudaStreamPerThread));
+    for (int r = 0; r < STEPS; r++) CUDA_CHECK(cudaGraphLaunch(c.graph, cudaStreamPerThread));
+    CUDA_CHECK(cudaEventRecord(stop, cudaStreamPerThread));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float graph_ms;
+    CUDA_CHECK(cudaEventElapsedTime(&graph_ms, start, stop));
+    graph_ms /= STEPS;
+
+    t0 = wall_seconds();                            /* the logits' copy alone (pageable host memory) */
+    for (int r = 0; r < STEPS; r++)
+        CUDA_CHECK(cudaMemcpy(logits, c.acts.a.logits, sizeof(float) * V, cudaMemcpyDeviceToHost));
+    double copy_ms = 1e3 * (wall_seconds() - t0) / STEPS;
+
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    printf("decode of %s%s on %s, batch 1, positions 1..%d\n\n", preset, argc > 2 ? " with settings" : "", prop.name, 2 * STEPS);
+    printf("| what | ms per token |\n|---|---|\n");
+    printf("| first step (launch by launch, captures nothing) | %.3f |\n", 1e3 * wall[0]);
+    printf("| a step with the graph, logits to the host (wall, mean of %d) | %.3f |\n", STEPS - 1, 1e3 * graph_wall);
+    printf("| a greedy step: the graph, the argmax on the GPU (wall, mean of %d) | %.3f |\n", STEPS, 1e3 * greedy_wall);
+    printf("| its graph alone, back to back (GPU, events) | %.3f |\n", graph_ms);
+    printf("| the logits' copy to the host alone (%d floats) | %.3f |\n", V, copy_ms);
+    printf("| rest of a step with logits: token and position copies, launch, waits | %.3f |\n", 1e3 * graph_wall - graph_ms - copy_ms);
+    mhc_gpu_cache_free(&c);
+    mhc_gpu_free(&g);
+    mhc_model_free(&m);
+    free(logits);
+    return 0;
+}
