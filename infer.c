@@ -6,8 +6,9 @@
    The prompt is run once through the training path (prefill, SPEC §9), which fills the latent cache;
    every new token then runs the absorbed decode: per layer only c = RMSNorm(W_dkv u) and the roped
    k_pe are cached (d_c + d_r values per token). Built with nvcc, decoding runs on the GPU, each token
-   after the first as one replayed CUDA graph (--graph 0: kernel by kernel, to compare), and greedy
-   decoding (--temperature 0) takes the argmax there too, so only the token crosses to the host. */
+   after the first as one replayed CUDA graph (--graph 0: kernel by kernel, to compare). Greedy decoding
+   (--temperature 0) takes the argmax there too, so only the token crosses to the host, and sampling with
+   a --top-k of 1..256 (MHC_TOP_K_MAX) finds the top-k there, so only k candidates cross. */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #ifdef __CUDACC__
@@ -35,7 +36,8 @@ static void usage(void) {
            "  --prompt TEXT        text to continue (default: start from <|endoftext|>)\n"
            "  --max-tokens N       tokens to generate (default 64)\n"
            "  --temperature X      0 = greedy (default 0.8)\n"
-           "  --top-k N            keep the N most likely tokens, 0 = all (default 40)\n"
+           "  --top-k N            keep the N most likely tokens, 0 = all (default 40); the GPU build finds\n"
+           "                       1..256 of them on the GPU, more on the host\n"
            "  --top-p X            keep the smallest set with probability >= X (default 0.95)\n"
            "  --seed N             sampling seed (default 1)\n"
            "  --tokenizer FILE     default data/gpt2.tok\n"
@@ -120,21 +122,12 @@ static void most_probable(Candidate *cand, int keep, const double *p, int V) {
     }
 }
 
-/* temperature, then top-k, then top-p (nucleus), then one draw; temperature 0 is argmax.
-   p [V]: scratch for the unnormalised probabilities. */
-static int sample_token(const float *logits, int V, const Options *o, double *p, Candidate *cand, uint64_t *rng) {
-    int best = 0;
-    for (int v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
-    if (o->temperature == 0) return best;
-    double sum = 0;
-    for (int v = 0; v < V; v++) {
-        p[v] = exp((logits[v] - logits[best]) / o->temperature);
-        sum += p[v];
-    }
-    int keep = o->top_k > 0 && o->top_k < V ? o->top_k : V;
-    most_probable(cand, keep, p, V);
+/* top-p (nucleus) over cand [n], the most probable first with unnormalised p, sum the softmax denominator
+   over all V; then one draw among the tokens kept */
+static int draw_token(const Candidate *cand, int n, double sum, const Options *o, uint64_t *rng) {
+    int keep = n;
     double mass = 0;
-    for (int k = 0; k < keep; k++) {
+    for (int k = 0; k < n; k++) {
         mass += cand[k].p / sum;
         if (mass >= o->top_p) { keep = k + 1; break; }
     }
@@ -147,6 +140,38 @@ static int sample_token(const float *logits, int V, const Options *o, double *p,
     }
     return cand[keep - 1].id;
 }
+
+/* temperature, then top-k, then top-p, then one draw; temperature 0 is argmax.
+   p [V]: scratch for the unnormalised probabilities. */
+static int sample_token(const float *logits, int V, const Options *o, double *p, Candidate *cand, uint64_t *rng) {
+    int best = 0;
+    for (int v = 1; v < V; v++) if (logits[v] > logits[best]) best = v;
+    if (o->temperature == 0) return best;
+    double sum = 0;
+    for (int v = 0; v < V; v++) {
+        p[v] = exp((logits[v] - logits[best]) / o->temperature);
+        sum += p[v];
+    }
+    int keep = o->top_k > 0 && o->top_k < V ? o->top_k : V;
+    most_probable(cand, keep, p, V);
+    return draw_token(cand, keep, sum, o, rng);
+}
+
+#ifdef __CUDACC__
+/* the same with the top-k taken on the GPU from the logits there: only its k candidates (ids [k], logits [k]
+   of scratch) and the denominator come to the host, and they are the candidates most_probable would keep */
+static int sample_token_gpu(MhcGpu *g, MhcGpuCache *c, const Options *o, int *ids, float *logits, Candidate *cand,
+                            uint64_t *rng) {
+    double sum;
+    int n = mhc_gpu_decode_top_k(g, c, o->top_k, o->temperature, ids, logits, &sum);
+    if (n < 1) {
+        fprintf(stderr, "infer: the model's logits are all NaN\n");
+        exit(1);
+    }
+    for (int k = 0; k < n; k++) cand[k] = (Candidate){exp((logits[k] - logits[0]) / o->temperature), ids[k]};
+    return draw_token(cand, n, sum, o, rng);
+}
+#endif
 
 static double now_seconds(void) {
     struct timespec t;
@@ -205,7 +230,12 @@ int main(int argc, char **argv) {
     MhcGpuCache cache;
     if (mhc_gpu_init(&gpu, &m, 1, 1) || mhc_gpu_cache_init(&cache, &gpu, total)) return 1;
     cache.use_graph &= o.graph;
-    float *host_logits = o.temperature == 0 ? NULL : logits;   /* greedy: the argmax is taken on the GPU */
+    /* greedy takes the argmax on the GPU, and a top-k of 1..MHC_TOP_K_MAX the candidates there; a larger
+       top-k (or 0, all V) brings every logit to the host */
+    int top_k_on_gpu = o.top_k > 0 && o.top_k <= MHC_TOP_K_MAX && o.top_k < V;
+    float *host_logits = o.temperature == 0 || top_k_on_gpu ? NULL : logits;
+    int top_ids[MHC_TOP_K_MAX];
+    float top_logits[MHC_TOP_K_MAX];
     for (int i = 0; i < P; i++)                                  /* prefill token by token */
         mhc_gpu_decode_step(&gpu, &cache, prompt[i], i == P - 1 ? host_logits : NULL);
 #else
@@ -219,7 +249,9 @@ int main(int argc, char **argv) {
     int generated = 0;
     for (; generated < o.max_tokens; generated++) {
 #ifdef __CUDACC__
-        int next = host_logits ? sample_token(logits, V, &o, prob, cand, &rng) : mhc_gpu_decode_argmax(&gpu, &cache);
+        int next = host_logits              ? sample_token(logits, V, &o, prob, cand, &rng)
+                   : o.temperature == 0 ? mhc_gpu_decode_argmax(&gpu, &cache)
+                                        : sample_token_gpu(&gpu, &cache, &o, top_ids, top_logits, cand, &rng);
 #else
         int next = sample_token(logits, V, &o, prob, cand, &rng);
 #endif

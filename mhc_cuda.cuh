@@ -159,7 +159,15 @@ typedef struct {
 #endif
 #endif
 
-#define MHC_ARGMAX_BLOCKS 64     /* blocks of the argmax's first pass (mhc_gpu_decode_argmax) */
+#define MHC_LOGIT_BLOCKS 64      /* blocks of a pass over the V logits: the argmax's keys, the softmax denominator's parts */
+#define MHC_TOP_K_MAX 256        /* the most candidates mhc_gpu_decode_top_k finds (a larger top-k samples on the host) */
+#define MHC_TOP_K_TILE 2048      /* keys a block of the top-k sorts at once, in shared memory (16 KB)                  */
+
+/* what mhc_gpu_decode_top_k brings back from the device, in one copy */
+typedef struct {
+    unsigned long long keys[MHC_TOP_K_MAX];   /* the k largest logits' keys (logit_key), largest first        */
+    double sum_parts[MHC_LOGIT_BLOCKS];       /* each block's share of the softmax denominator                */
+} MhcTopK;
 
 /* the latent KV cache of absorbed decode (SPEC §10) and the buffers of one decoded token */
 typedef struct {
@@ -169,7 +177,9 @@ typedef struct {
     float *lat_raw;                    /* [d_c + d_r] W_dkv u of the token                                    */
     int *pos;                          /* [1] the token's position, len, in device memory                     */
     int *next;                         /* [1] mhc_gpu_decode_argmax's answer                                  */
-    unsigned long long *argmax_keys;   /* [MHC_ARGMAX_BLOCKS] its scratch                                     */
+    unsigned long long *argmax_keys;   /* [MHC_LOGIT_BLOCKS] its scratch                                      */
+    unsigned long long *top_k_keys[2]; /* [ceil(V / MHC_TOP_K_TILE) * MHC_TOP_K_MAX] each: the top-k's passes */
+    MhcTopK *top_k;                    /* [1] mhc_gpu_decode_top_k's answer                                   */
     MhcGpuActs acts;                   /* one token (B = T = 1), forward buffers only                         */
     MhcGpuArena arena;
     int use_graph;                     /* 1 (MHC_DECODE_GRAPH): replay the decode step as one CUDA graph      */
@@ -220,6 +230,15 @@ int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host
 /* the most probable next token after the last decode step (the lowest id among equal logits, as a loop
    on the host finds it), found on the GPU: greedy decoding moves one int per token instead of V floats */
 int mhc_gpu_decode_argmax(const MhcGpu *g, MhcGpuCache *c);
+/* for sampling: the k (1..MHC_TOP_K_MAX, at most V) most probable next tokens after the last decode step,
+   found on the GPU, so that k ids cross to the host instead of V floats. ids [k] and their logits [k],
+   most probable first (equal logits: the lower id first, as for the argmax), and *denominator, the softmax
+   denominator over all V at that temperature: sum_v exp((logit_v - logits[0]) / temperature), so token
+   ids[i] has probability exp((logits[i] - logits[0]) / temperature) / *denominator. Returns how many it
+   found: k, fewer only where NaN logits (never candidates) leave fewer numbers; -1 for a bad k or
+   temperature (> 0). */
+int mhc_gpu_decode_top_k(const MhcGpu *g, MhcGpuCache *c, int k, double temperature, int *ids, float *logits,
+                         double *denominator);
 size_t mhc_gpu_memory_bytes(const MhcGpu *g);        /* device bytes of g now (not of caches)               */
 
 /* ---------------------------------------------------------------------------------------------
@@ -3657,7 +3676,11 @@ int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
     c->lat_raw = arena_new<float>(&c->arena, dc + cfg->qk_rope_head_dim);
     c->pos = arena_new<int>(&c->arena, 1);
     c->next = arena_new<int>(&c->arena, 1);
-    c->argmax_keys = arena_new<unsigned long long>(&c->arena, MHC_ARGMAX_BLOCKS);
+    c->argmax_keys = arena_new<unsigned long long>(&c->arena, MHC_LOGIT_BLOCKS);
+    for (int k = 0; k < 2; k++)
+        c->top_k_keys[k] = arena_new<unsigned long long>(&c->arena,
+                                                         (size_t)mhc_blocks(cfg->vocab_size, MHC_TOP_K_TILE) * MHC_TOP_K_MAX);
+    c->top_k = arena_new<MhcTopK>(&c->arena, 1);
     c->use_graph = MHC_DECODE_GRAPH;
     if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0)) {   /* decode's GEMMs use g's bf16 scratch */
         fprintf(stderr, "mhc_gpu_cache_init: out of GPU memory for a cache of %d positions\n", max_len);
@@ -3717,21 +3740,33 @@ int mhc_gpu_decode_step(MhcGpu *g, MhcGpuCache *c, int token, float *logits_host
     return 0;
 }
 
-/* The argmax of x [count]: the lowest index of its largest value, as a loop on the host finds it (NaNs
-   never win; -0 and +0 are equal; with no number, 0). Each value becomes a 64-bit key that orders as
-   (value, then the lower index): its bits made to order as the floats do, above the complemented index.
-   MHC_ARGMAX_BLOCKS blocks keep the largest key of their share, then one block the largest of those
-   (one block alone took 51 us over the 3b's 129280 logits, H100). */
-__device__ unsigned long long argmax_key(float v, int i) {
+/* A logit as a 64-bit key that orders as (value, then the lower index): its bits made to order as the
+   floats do (negatives reversed below the positives; -0 and +0 equal), above the complemented index. A NaN
+   is 0, below every number's key, so it never wins. */
+__device__ unsigned long long logit_key(float v, int i) {
+    if (v != v) return 0;
     unsigned u = __float_as_uint(v == 0 ? 0.0f : v);
-    u = u & 0x80000000u ? ~u : u | 0x80000000u;     /* negatives reversed below the positives */
+    u = u & 0x80000000u ? ~u : u | 0x80000000u;
     return (unsigned long long)u << 32 | (0xFFFFFFFFu - (unsigned)i);
 }
 
+__host__ __device__ int logit_key_index(unsigned long long key) { return (int)(0xFFFFFFFFu - (unsigned)(key & 0xFFFFFFFFu)); }
+
+__host__ __device__ float logit_key_value(unsigned long long key) {
+    unsigned u = (unsigned)(key >> 32);
+    u = u & 0x80000000u ? u & 0x7FFFFFFFu : ~u;
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* The argmax of x [count]: the lowest index of its largest value, as a loop on the host finds it (NaNs
+   never win; with no number, 0). MHC_LOGIT_BLOCKS blocks keep the largest key of their share, then one
+   block the largest of those (one block alone took 51 us over the 3b's 129280 logits, H100). */
 __global__ void argmax_keys_kernel(unsigned long long *keys, const float *x, int count) {
     unsigned long long best = 0;
     for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < count; k += gridDim.x * blockDim.x) {
-        unsigned long long key = x[k] == x[k] ? argmax_key(x[k], k) : 0;
+        unsigned long long key = logit_key(x[k], k);
         best = key > best ? key : best;
     }
     best = block_reduce(best, MaxOp());
@@ -3742,14 +3777,14 @@ __global__ void argmax_index_kernel(int *out, const unsigned long long *keys, in
     unsigned long long best = 0;
     for (int k = threadIdx.x; k < n; k += blockDim.x) best = keys[k] > best ? keys[k] : best;
     best = block_reduce(best, MaxOp());
-    if (threadIdx.x == 0) *out = best ? (int)(0xFFFFFFFFu - (unsigned)(best & 0xFFFFFFFFu)) : 0;
+    if (threadIdx.x == 0) *out = best ? logit_key_index(best) : 0;
 }
 
-/* keys: MHC_ARGMAX_BLOCKS of scratch */
+/* keys: MHC_LOGIT_BLOCKS of scratch */
 static void gpu_argmax(int *out, unsigned long long *keys, const float *x, int count) {
-    argmax_keys_kernel<<<MHC_ARGMAX_BLOCKS, MHC_BLOCK>>>(keys, x, count);
+    argmax_keys_kernel<<<MHC_LOGIT_BLOCKS, MHC_BLOCK>>>(keys, x, count);
     LAUNCH_CHECK();
-    argmax_index_kernel<<<1, 32 * mhc_blocks(MHC_ARGMAX_BLOCKS, 32)>>>(out, keys, MHC_ARGMAX_BLOCKS);
+    argmax_index_kernel<<<1, 32 * mhc_blocks(MHC_LOGIT_BLOCKS, 32)>>>(out, keys, MHC_LOGIT_BLOCKS);
     LAUNCH_CHECK();
 }
 
@@ -3758,6 +3793,91 @@ int mhc_gpu_decode_argmax(const MhcGpu *g, MhcGpuCache *c) {
     gpu_argmax(c->next, c->argmax_keys, c->acts.a.logits, g->cfg.vocab_size);
     CUDA_CHECK(cudaMemcpy(&next, c->next, sizeof next, cudaMemcpyDeviceToHost));
     return next;
+}
+
+/* Sorts tile [n] (n a power of two) into descending order, the whole block taking part: bitonic merges of
+   sorted runs of size/2 into runs of size, the runs alternating direction until the last. Each step
+   compares the pairs (i, i + stride), i with bit `stride` clear; n/2 pairs a step. */
+__device__ void bitonic_sort_descending(unsigned long long *tile, int n) {
+    for (int size = 2; size <= n; size *= 2)
+        for (int stride = size / 2; stride > 0; stride /= 2) {
+            __syncthreads();                              /* the previous step's swaps are done */
+            for (int t = threadIdx.x; t < n / 2; t += blockDim.x) {
+                int i = 2 * t - (t & (stride - 1)), j = i + stride;
+                int descending = (i & size) == 0;
+                unsigned long long a = tile[i], b = tile[j];
+                if ((a < b) == descending) {
+                    tile[i] = b;
+                    tile[j] = a;
+                }
+            }
+        }
+    __syncthreads();
+}
+
+/* One pass of the top-k: block b sorts the keys [b * MHC_TOP_K_TILE, +MHC_TOP_K_TILE) of its input, the
+   logits' (x, first pass) or the last pass's (keys), and writes its k largest, largest first, to
+   out [b * k, +k). A short last tile is filled with 0 keys, below every number's. */
+__global__ void __launch_bounds__(MHC_TOP_K_TILE / 2)
+top_k_pass_kernel(unsigned long long *out, const float *x, const unsigned long long *keys, int count, int k) {
+    __shared__ unsigned long long tile[MHC_TOP_K_TILE];
+    size_t begin = (size_t)blockIdx.x * MHC_TOP_K_TILE;
+    for (int i = threadIdx.x; i < MHC_TOP_K_TILE; i += blockDim.x) {
+        size_t j = begin + i;
+        tile[i] = j >= (size_t)count ? 0 : x ? logit_key(x[j], (int)j) : keys[j];
+    }
+    bitonic_sort_descending(tile, MHC_TOP_K_TILE);
+    for (int i = threadIdx.x; i < k; i += blockDim.x) out[(size_t)blockIdx.x * k + i] = tile[i];
+}
+
+/* block b's share of the softmax denominator sum_v exp((x_v - max) / temperature), max the value of
+   top[0], in double as the host computes it (NaNs left out); the host adds the parts in block order */
+__global__ void softmax_denominator_kernel(double *parts, const float *x, int count, const unsigned long long *top,
+                                           double temperature) {
+    float mx = logit_key_value(top[0]);
+    double s = 0;
+    for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < count; k += gridDim.x * blockDim.x)
+        if (x[k] == x[k]) s += exp((x[k] - mx) / temperature);
+    s = block_reduce(s, SumOp());
+    if (threadIdx.x == 0) parts[blockIdx.x] = s;
+}
+
+/* The k (<= MHC_TOP_K_MAX) largest of x [count] and the softmax denominator, as mhc_gpu_decode_top_k
+   describes them: passes of top_k_pass_kernel, each keeping k keys of every MHC_TOP_K_TILE (a factor of
+   8 or more), until one block holds them all (the 3b's 129280 logits: 3 passes), then the denominator's
+   parts, then one copy to the host. out: device; scratch: two buffers of
+   ceil(count / MHC_TOP_K_TILE) * k keys. */
+static int gpu_top_k(MhcTopK *out, unsigned long long *const scratch[2], const float *x, int count, int k,
+                     double temperature, int *ids, float *logits, double *denominator) {
+    const unsigned long long *in = NULL;
+    for (int pass = 0, n = count;; pass++) {
+        unsigned blocks = mhc_blocks((size_t)n, MHC_TOP_K_TILE);
+        unsigned long long *dst = blocks == 1 ? out->keys : scratch[pass % 2];
+        top_k_pass_kernel<<<blocks, MHC_TOP_K_TILE / 2>>>(dst, in ? NULL : x, in, n, k);
+        LAUNCH_CHECK();
+        if (blocks == 1) break;
+        in = dst;
+        n = (int)blocks * k;
+    }
+    softmax_denominator_kernel<<<MHC_LOGIT_BLOCKS, MHC_BLOCK>>>(out->sum_parts, x, count, out->keys, temperature);
+    LAUNCH_CHECK();
+    MhcTopK top;
+    CUDA_CHECK(cudaMemcpy(&top, out, sizeof top, cudaMemcpyDeviceToHost));
+    int found = 0;
+    for (; found < k && top.keys[found]; found++) {
+        ids[found] = logit_key_index(top.keys[found]);
+        logits[found] = logit_key_value(top.keys[found]);
+    }
+    *denominator = 0;
+    for (int b = 0; b < MHC_LOGIT_BLOCKS; b++) *denominator += top.sum_parts[b];
+    return found;
+}
+
+int mhc_gpu_decode_top_k(const MhcGpu *g, MhcGpuCache *c, int k, double temperature, int *ids, float *logits,
+                         double *denominator) {
+    int V = g->cfg.vocab_size;
+    if (k < 1 || k > MHC_TOP_K_MAX || k > V || !(temperature > 0)) return -1;
+    return gpu_top_k(c->top_k, c->top_k_keys, c->acts.a.logits, V, k, temperature, ids, logits, denominator);
 }
 
 #endif /* MHC_CUDA_CUH */

@@ -2156,6 +2156,31 @@ static int gt_argmax(const float *x, int count) {
     return best;
 }
 
+/* ids [0..found) = the k largest of x [count], largest first, equal values by the lower index, NaNs never
+   (k rounds, each taking the best after the last pick in that order); *denominator = sum over the numbers
+   of exp((x_v - max) / temperature), as infer.c computes it. Returns found, k or fewer where NaNs leave
+   fewer numbers. */
+static int gt_top_k(const float *x, int count, int k, double temperature, int *ids, double *denominator) {
+    int found = 0;
+    for (; found < k; found++) {
+        int best = -1;
+        for (int v = 0; v < count; v++) {
+            if (x[v] != x[v]) continue;
+            if (found > 0) {                      /* only after the last pick: smaller, or equal and later */
+                float last = x[ids[found - 1]];
+                if (x[v] > last || (x[v] == last && v <= ids[found - 1])) continue;
+            }
+            if (best < 0 || x[v] > x[best]) best = v;
+        }
+        if (best < 0) break;
+        ids[found] = best;
+    }
+    *denominator = 0;
+    for (int v = 0; v < count; v++)
+        if (x[v] == x[v]) *denominator += exp((x[v] - x[ids[0]]) / temperature);
+    return found;
+}
+
 /* ---------------------------------------------------------------------------------------------
    Per-op tests: each kernel (or GEMM) against the CPU function it mirrors, fresh random inputs.    */
 
@@ -2171,7 +2196,7 @@ static void gpu_test_argmax(void) {
     y[37] = -0.0f;
     y[500] = 0.0f;
     int *d_out = arena_new<int>(&gt_dev, 1), got[2];
-    unsigned long long *d_keys = arena_new<unsigned long long>(&gt_dev, MHC_ARGMAX_BLOCKS);
+    unsigned long long *d_keys = arena_new<unsigned long long>(&gt_dev, MHC_LOGIT_BLOCKS);
     for (int k = 0; k < 2; k++) {
         CUDA_CHECK(cudaMemset(d_out, 0xFF, sizeof(int)));
         gpu_argmax(d_out, d_keys, k ? gt_upload(y, 600) : gt_upload(x, (size_t)count), k ? 600 : count);
@@ -2180,6 +2205,45 @@ static void gpu_test_argmax(void) {
     int ok = got[0] == at[1] && got[0] == gt_argmax(x, count) && got[1] == 37 && gt_argmax(y, 600) == 37;
     check(ok, "gpu argmax: %d of %d values (the largest at %d, %d, %d); %d of 600 (-0 at 37, +0 at 500, the rest < 0)", got[0],
           count, at[0], at[1], at[2], got[1]);
+    gt_release();
+}
+
+/* sampling's top-k: the candidates and their order must be those of gt_top_k exactly, and the softmax
+   denominator within 1e-10 (two double sums of up to 70001 terms <= 1 in different orders: n * 2^-53 =
+   8e-12 at worst, plus exp's last bit). Values rounded to 1/16, so that many are equal, also across the
+   k-th place; NaNs at the first index and in a short last tile; passes: 70001 logits take 3 (35 tiles, 5,
+   then 1), 300 with 101 NaNs find only 199 of 256 */
+static void gpu_test_top_k(void) {
+    struct { int count, k; double temperature; } cases[] = {{70001, 256, 0.7}, {3001, 1, 1.3}, {2048, 40, 0.05}, {300, 256, 2.0}};
+    int n_cases = (int)(sizeof cases / sizeof cases[0]), ok = 1;
+    double worst = 0;
+    char what[256] = "";
+    MhcTopK *d_out = arena_new<MhcTopK>(&gt_dev, 1);
+    for (int c = 0; c < n_cases; c++) {
+        int count = cases[c].count, k = cases[c].k, want_ids[MHC_TOP_K_MAX], ids[MHC_TOP_K_MAX];
+        float *x = gt_randn((size_t)count, 2), logits[MHC_TOP_K_MAX];
+        for (int v = 0; v < count; v++) x[v] = roundf(x[v] * 16) / 16;
+        x[0] = x[count - 5] = NAN;
+        if (count == 300)
+            for (int v = 0; v < count; v += 3) x[v] = NAN;
+        unsigned long long *scratch[2];
+        for (int b = 0; b < 2; b++) {
+            scratch[b] = arena_new<unsigned long long>(&gt_dev, (size_t)mhc_blocks((size_t)count, MHC_TOP_K_TILE) * k);
+            CUDA_CHECK(cudaMemset(scratch[b], 0xFF, sizeof(unsigned long long) * mhc_blocks((size_t)count, MHC_TOP_K_TILE) * k));
+        }
+        CUDA_CHECK(cudaMemset(d_out, 0xFF, sizeof *d_out));
+        double want_den, den;
+        int want = gt_top_k(x, count, k, cases[c].temperature, want_ids, &want_den);
+        int got = gpu_top_k(d_out, scratch, gt_upload(x, (size_t)count), count, k, cases[c].temperature, ids, logits, &den);
+        int same = got == want;
+        for (int i = 0; same && i < got; i++) same = ids[i] == want_ids[i] && logits[i] == x[want_ids[i]];
+        double e = fabs(den - want_den) / want_den;
+        worst = e != e || e > worst ? e : worst;           /* a NaN stays in the message */
+        if (!same || !(e <= 1e-10)) ok = 0;
+        snprintf(what + strlen(what), sizeof what - strlen(what), "%s%d of %d: %d found (%d)%s", c ? ", " : "", k, count, got,
+                 want, same ? "" : " DIFFERENT");
+    }
+    check(ok, "gpu top-k: %s; denominator rel %.1e (tol 1e-10)", what, worst);
     gt_release();
 }
 
@@ -2975,7 +3039,7 @@ static void gpu_test_decode(const MhcConfig *cfg) {
         rc |= mhc_gpu_decode_step(&g, &gc, tokens[t], lg + (size_t)t * V);
         rc |= mhc_gpu_decode_step(&g, &gc2, tokens[t], lg2 + (size_t)t * V);
     }
-    int captures_fp32 = gc.graph_captures, captures_bf16 = 0, argmax_same = 1;
+    int captures_fp32 = gc.graph_captures, captures_bf16 = 0, argmax_same = 1, top_k_same = 1;
     mhc_gpu_forward(&g, tokens, NULL, 1, P);
     mhc_gpu_download_logits(&g, lp);
     double mx = 0, d_cpu = 0, d_pre = 0;
@@ -2994,15 +3058,29 @@ static void gpu_test_decode(const MhcConfig *cfg) {
         rc |= mhc_gpu_decode_step(&g, &gc2, tokens[t - P], NULL);
         argmax_same &= mhc_gpu_decode_argmax(&g, &gc2) == gt_argmax(lg + (size_t)t * V, V);
         CUDA_CHECK(cudaMemcpy(lg2 + (size_t)t * V, gc2.acts.a.logits, sizeof(float) * V, cudaMemcpyDeviceToHost));
+        int k = 5 + t - P, ids[8], want_ids[8];
+        float top[8];
+        double den, want_den;
+        int found = mhc_gpu_decode_top_k(&g, &gc2, k, 0.9, ids, top, &den);
+        top_k_same &= found == gt_top_k(lg2 + (size_t)t * V, V, k, 0.9, want_ids, &want_den) && found == k &&
+                      fabs(den - want_den) <= 1e-10 * want_den;
+        for (int i = 0; i < found; i++) top_k_same &= ids[i] == want_ids[i] && top[i] == lg2[(size_t)t * V + ids[i]];
         if (t == P + 1) captures_bf16 = gc.graph_captures;
     }
     int full = mhc_gpu_decode_step(&g, &gc, tokens[0], lg) == -1 && mhc_gpu_decode_step(&g, &gc2, tokens[0], lg2) == -1;
+    int bad_k[] = {0, MHC_TOP_K_MAX + 1, V + 1}, refused = 1, ids[1];
+    float top[1];
+    double den;
+    for (int i = 0; i < 3; i++) refused &= mhc_gpu_decode_top_k(&g, &gc2, bad_k[i], 0.9, ids, top, &den) == -1;
+    refused &= mhc_gpu_decode_top_k(&g, &gc2, 1, 0, ids, top, &den) == -1;
     int graph_first = memcmp(lg, lg2, sizeof(float) * (size_t)P * V) == 0;
     int graph_bf16 = memcmp(lg + (size_t)P * V, lg2 + (size_t)P * V, sizeof(float) * (size_t)extra * V) == 0;
-    check(!rc && full && captures_fp32 == 1 && captures_bf16 == 2 && graph_first && graph_bf16 && argmax_same,
+    check(!rc && full && captures_fp32 == 1 && captures_bf16 == 2 && graph_first && graph_bf16 && argmax_same && top_k_same &&
+              refused,
           "gpu decode: graph replay = launch by launch bit for bit (fp32 %s, then bf16 %s), captures %d then %d (1 then 2), "
-          "full cache refused, argmax on the GPU = on the host %s", graph_first ? "yes" : "NO", graph_bf16 ? "yes" : "NO",
-          captures_fp32, captures_bf16, argmax_same ? "yes" : "NO");
+          "full cache refused, argmax on the GPU = on the host %s, top-k %s (denominator tol 1e-10), bad k refused %s",
+          graph_first ? "yes" : "NO", graph_bf16 ? "yes" : "NO", captures_fp32, captures_bf16, argmax_same ? "yes" : "NO",
+          top_k_same ? "yes" : "NO", refused ? "yes" : "NO");
     mhc_cache_free(&cc);
     mhc_gpu_cache_free(&gc);
     mhc_gpu_cache_free(&gc2);
@@ -3072,6 +3150,7 @@ void gpu_tests(void) {
     gpu_test_gemm(handle);
     gpu_test_matvec(handle);
     gpu_test_argmax();
+    gpu_test_top_k();
     gpu_test_expert_gemm();
     gpu_test_rmsnorm();
     gpu_test_rope();

@@ -1,7 +1,8 @@
 /* dev/bench_decode.c - where a batch-1 decode step's time goes (issue 5): a model of a preset with its
    SPEC §12 initial weights (no checkpoint needed) decodes STEPS tokens through mhc_gpu_decode_step with
-   the logits copied to the host (as sampling needs them), then STEPS more greedily (the argmax on the
-   GPU, as infer_gpu --temperature 0). The step's wall time is set against the GPU time of its captured
+   the logits copied to the host (as sampling from all V needs them), then STEPS more greedily (the argmax
+   on the GPU, as infer_gpu --temperature 0), then STEPS more with sampling's top-k 40 on the GPU (as
+   infer_gpu samples by default; the host's draw among 40 candidates is left out). The step's wall time is set against the GPU time of its captured
    graph alone (cudaEvents around replays of it) and against the logits' copy to the host alone. The
    rows are not subtracted: on small the graph alone came out above a whole step (H100: 0.975 against
    0.968 ms), so their difference is not the host's time. Built by `make gpu` as dev/bench_decode; run
@@ -20,6 +21,7 @@
 #include <time.h>
 
 #define STEPS 64
+#define TOP_K 40                                    /* infer's default --top-k */
 
 static double wall_seconds(void) {
     struct timespec ts;
@@ -58,7 +60,7 @@ int main(int argc, char **argv) {
     mhc_init_params(&m, 1);
     MhcGpu g;
     MhcGpuCache c;
-    if (mhc_gpu_init(&g, &m, 1, 1) || mhc_gpu_cache_init(&c, &g, 2 * STEPS)) return 1;
+    if (mhc_gpu_init(&g, &m, 1, 1) || mhc_gpu_cache_init(&c, &g, 3 * STEPS)) return 1;
     int V = cfg.vocab_size;
     float *logits = (float *)mhc_calloc((size_t)V, sizeof(float));
 
@@ -81,6 +83,19 @@ int main(int argc, char **argv) {
         token = mhc_gpu_decode_argmax(&g, &c);
     }
     double greedy_wall = (wall_seconds() - t0) / STEPS;
+    int ids[TOP_K];
+    float top[TOP_K];
+    double denominator;
+    t0 = wall_seconds();
+    for (int s = 0; s < STEPS; s++) {
+        if (mhc_gpu_decode_step(&g, &c, token, NULL) || mhc_gpu_decode_top_k(&g, &c, TOP_K, 0.8, ids, top, &denominator) < 1)
+            return 1;
+        token = ids[0];
+    }
+    double sampled_wall = (wall_seconds() - t0) / STEPS;
+    t0 = wall_seconds();                            /* the top-k alone, on the last logits */
+    for (int r = 0; r < STEPS; r++) mhc_gpu_decode_top_k(&g, &c, TOP_K, 0.8, ids, top, &denominator);
+    double top_k_ms = 1e3 * (wall_seconds() - t0) / STEPS;
 
     /* the graph alone, replayed at the last position (it rewrites that cache row with the same values) */
     cudaEvent_t start, stop;
@@ -101,12 +116,14 @@ int main(int argc, char **argv) {
 
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    printf("decode of %s%s on %s, batch 1, positions 1..%d\n\n", preset, argc > 2 ? " with settings" : "", prop.name, 2 * STEPS);
+    printf("decode of %s%s on %s, batch 1, positions 1..%d\n\n", preset, argc > 2 ? " with settings" : "", prop.name, 3 * STEPS);
     printf("| what | ms per token |\n|---|---|\n");
     printf("| first step (launch by launch, captures nothing) | %.3f |\n", 1e3 * wall[0]);
     printf("| a step with the graph, logits to the host (wall, mean of %d) | %.3f |\n", STEPS - 1, 1e3 * graph_wall);
     printf("| a greedy step: the graph, the argmax on the GPU (wall, mean of %d) | %.3f |\n", STEPS, 1e3 * greedy_wall);
+    printf("| a sampled step: the graph, top-k %d on the GPU (wall, mean of %d) | %.3f |\n", TOP_K, STEPS, 1e3 * sampled_wall);
     printf("| its graph alone, back to back (GPU, events) | %.3f |\n", graph_ms);
+    printf("| the top-k %d alone, candidates to the host (wall) | %.3f |\n", TOP_K, top_k_ms);
     printf("| the logits' copy to the host alone (%d floats) | %.3f |\n", V, copy_ms);
     mhc_gpu_cache_free(&c);
     mhc_gpu_free(&g);

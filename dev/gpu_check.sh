@@ -33,6 +33,9 @@ for graph in 1 0; do                   # each token one CUDA graph, then kernel 
     ./infer_gpu runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 64 --temperature 0 \
         --graph $graph 2>&1 >/dev/null | tail -n 1
 done
+# sampled (--temperature 0.8, top-k 40 on the GPU), then a step's parts: logits to the host, greedy, sampled
+./infer_gpu runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 64 2>&1 >/dev/null | tail -n 1
+timeout 120 ./dev/bench_decode small
 NAME=profile_decode timeout 200 bash dev/profile.sh --infer runs/gpu_check_ckpt/model.safetensors \
     --prompt "The state of the Union" | head -24
 # what limits the mHC kernels (NCU=1): one launch of each under Nsight Compute's throughput, occupancy and stall sections
