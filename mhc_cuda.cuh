@@ -415,19 +415,26 @@ static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int
 
 /* out[O] = W[O,Ci] @ in[Ci], one warp per output: the product of a lone row (decode), a GEMV that only
    reads W once, so it is done in exact fp32 in every precision. cuBLAS took 5.0 us on average for
-   decode's, this 4.4 (small, H100, 2026-11-23). */
-__global__ void matvec_kernel(float *out, const float *in, const float *W, int Ci, int O) {
+   decode's, this 4.4 (small, H100, 2026-11-23). With W2 given, outputs [O, O + O2) are out2 = W2 @ in in
+   the same launch: two products of one vector, one launch fewer where a launch costs more than the work. */
+__global__ void matvec_kernel(float *out, const float *W, int O, float *out2, const float *W2, int O2, const float *in, int Ci) {
     int o = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32;
-    if (o >= O) return;
-    float s = warp_dot(W + (size_t)o * Ci, in, Ci);
-    if (threadIdx.x % 32 == 0) out[o] = s;
+    if (o >= O + O2) return;
+    const float *row = o < O ? W + (size_t)o * Ci : W2 + (size_t)(o - O) * Ci;
+    float s = warp_dot(row, in, Ci);
+    if (threadIdx.x % 32 == 0) *(o < O ? out + o : out2 + (o - O)) = s;
+}
+
+/* out [O] = W in, and where W2 is given (else NULL, O2 0) out2 [O2] = W2 in, in one launch */
+static void gpu_matvec(float *out, const float *W, int O, float *out2, const float *W2, int O2, const float *in, int Ci) {
+    matvec_kernel<<<mhc_blocks((size_t)O + O2, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(out, W, O, out2, W2, O2, in, Ci);
+    LAUNCH_CHECK();
 }
 
 /* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row; mhc.h matmul_forward); N = 1 by matvec_kernel */
 static void gpu_matmul_forward(const MhcBlas *bl, int prec, float *out, const float *in, const float *W, int N, int Ci, int O) {
     if (N == 1) {
-        matvec_kernel<<<mhc_blocks(O, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(out, in, W, Ci, O);
-        LAUNCH_CHECK();
+        gpu_matvec(out, W, O, NULL, NULL, 0, in, Ci);
         return;
     }
     gemm(bl, prec, 0, 1, N, O, Ci, 1.0f, in, 0, W, 0, 0.0f, out, 0, 1);
@@ -2361,56 +2368,61 @@ static MhcAttBf16 att_bf16_copies(const MhcBlas *bl, const float *q, const float
     return x;
 }
 
-/* Decode's new latent row (SPEC §9, §10) at position t = *pos, one block. The position is read from
-   device memory so that a captured decode graph replays at every position (section 8). From
-   raw = W_dkv u [d_c + d_r]: the cache rows ckv[t] = RMSNorm(raw[0, d_c)) with gain g and
-   kpe[t] = RoPE_t(raw[d_c, d_c + d_r)), and q's H rope parts (q [H, dqk], rope part at dn) rotated in
-   place: one launch where the training path has an RMSNorm and two RoPEs. */
-__global__ void mla_decode_latent_kernel(float *__restrict__ ckv, float *__restrict__ kpe, float *__restrict__ q,
-                                         const float *__restrict__ raw, const float *__restrict__ g, const int *pos, int dc,
-                                         int dr, int H, int dn, int dqk, float eps, double theta) {
-    int t = *pos, half = dr / 2;
-    float ss = 0;
-    for (int k = threadIdx.x; k < dc; k += blockDim.x) ss += raw[k] * raw[k];
-    float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / dc + eps);
-    for (int k = threadIdx.x; k < dc; k += blockDim.x) ckv[(size_t)t * dc + k] = g[k] * raw[k] * r;
-    for (int p = threadIdx.x; p < (H + 1) * half; p += blockDim.x) {
-        int v = p / half, i = p % half;                   /* v < H: head v's q_pe; v = H: the new k_pe */
-        if (v < H) rope_pair(q + (size_t)v * dqk + dn, q + (size_t)v * dqk + dn, t, i, dr, theta, 0);
-        else rope_pair(kpe + (size_t)t * dr, raw + dc, t, i, dr, theta, 0);
-    }
-}
-
-/* SPEC §10 absorbed attention of the new token at position t = *pos, all of it for head h in block h:
-   q_abs = W_uk[h]^T q_nope[h] (a thread per latent column), Sc[s] = scale (q_abs . cKV[s] + q_pe[h] .
-   kPE[s]) for s <= t (a warp per s), P = softmax, olat = sum_s P[s] cKV[s] (a thread per latent column),
-   and o[h] = W_uv[h] olat (a warp per output). W_uk[h] and W_uv[h] are rows [0, dn) and [dn, dn + dv) of
-   head h's (dn + dv) x dc block of W_ukv. q_abs and olat stay in shared memory [2 dc], the scores go to
-   scores [H, max_len]; exact fp32. The pointers are __restrict__ and the loops over s unrolled, so a
-   warp has several keys' loads in flight, and a block has MHC_DECODE_ATT_THREADS threads: H blocks leave
-   most SMs idle, so each waits on memory, and more warps keep more keys and rows loading at once. */
+/* SPEC §10 absorbed attention of the new token at position t = *pos, all of it for head h in block h.
+   The position is read from device memory so that a captured decode graph replays at every position
+   (section 8). First the token's own latent row, which every block makes for itself from
+   raw = W_dkv u [d_c + d_r] (one launch fewer than a kernel of its own): c_t = RMSNorm(raw[0, d_c)) with
+   gain g and k_pe,t = RoPE_t(raw[d_c, d_c + d_r)), and head h's q_pe rotated; block 0 also writes c_t and
+   k_pe,t to the cache rows ckv[t], kpe[t] for the tokens after this one (the blocks read rows < t from
+   the cache, row t from their own copy). Then q_abs = W_uk[h]^T q_nope[h] (a thread per latent column),
+   Sc[s] = scale (q_abs . c_s + q_pe[h] . k_pe,s) for s <= t (a warp per s), P = softmax,
+   olat = sum_s P[s] c_s (a thread per latent column), and o[h] = W_uv[h] olat (a warp per output).
+   W_uk[h] and W_uv[h] are rows [0, dn) and [dn, dn + dv) of head h's (dn + dv) x dc block of W_ukv.
+   Shared: q_abs, olat, c_t [dc each], q_pe, k_pe,t [dr each]; the scores go to scores [H, max_len];
+   exact fp32. The pointers are __restrict__ and the loops over s unrolled, so a warp has several keys'
+   loads in flight, and a block has MHC_DECODE_ATT_THREADS threads: H blocks leave most SMs idle, so each
+   waits on memory, and more warps keep more keys and rows loading at once. */
 #define MHC_DECODE_ATT_THREADS 1024
-__global__ void __launch_bounds__(MHC_DECODE_ATT_THREADS, 1) mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, const float *__restrict__ q,
-                                            const float *__restrict__ wukv, const float *__restrict__ ckv,
-                                            const float *__restrict__ kpe, const int *pos, int max_len, int dc, int dr, int dn,
-                                            int dv, float scale) {
+static size_t decode_attention_smem_bytes(int dc, int dr) { return sizeof(float) * (3 * (size_t)dc + 2 * (size_t)dr); }
+
+__global__ void __launch_bounds__(MHC_DECODE_ATT_THREADS, 1)
+mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, float *__restrict__ ckv, float *__restrict__ kpe,
+                            const float *__restrict__ q, const float *__restrict__ raw, const float *__restrict__ g,
+                            const float *__restrict__ wukv, const int *pos, int max_len, int dc, int dr, int dn, int dv,
+                            float scale, float eps, double theta) {
     extern __shared__ float smem[];
-    float *qa = smem, *ol = smem + dc;
-    int h = blockIdx.x, lane = threadIdx.x % 32, warps = blockDim.x / 32, t = *pos;
-    const float *qn = q + (size_t)h * (dn + dr), *qp = qn + dn, *w = wukv + (size_t)h * (dn + dv) * dc;
-    float *sc = scores + (size_t)h * max_len;
+    float *qa = smem, *ol = qa + dc, *ct = ol + dc, *qp = ct + dc, *kt = qp + dr;
+    int h = blockIdx.x, lane = threadIdx.x % 32, warps = blockDim.x / 32, t = *pos, half = dr / 2;
+    const float *qn = q + (size_t)h * (dn + dr), *w = wukv + (size_t)h * (dn + dv) * dc;
+    float *sc = scores + (size_t)h * max_len, ss = 0;
+    for (int k = threadIdx.x; k < dc; k += blockDim.x) {
+        ct[k] = raw[k];
+        ss += raw[k] * raw[k];
+    }
+    for (int p = threadIdx.x; p < 2 * half; p += blockDim.x) {   /* pairs [0, half): q_pe's; then k_pe,t's */
+        if (p < half) rope_pair(qp, qn + dn, t, p, dr, theta, 0);
+        else rope_pair(kt, raw + dc, t, p - half, dr, theta, 0);
+    }
     for (int j = threadIdx.x; j < dc; j += blockDim.x) {
         float acc = 0;
 #pragma unroll 8
         for (int i = 0; i < dn; i++) acc += qn[i] * w[(size_t)i * dc + j];
         qa[j] = acc;
     }
+    float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / dc + eps);   /* its barriers: qp and kt are complete */
+    for (int k = threadIdx.x; k < dc; k += blockDim.x) {
+        ct[k] = g[k] * ct[k] * r;
+        if (h == 0) ckv[(size_t)t * dc + k] = ct[k];
+    }
+    if (h == 0)
+        for (int i = threadIdx.x; i < dr; i += blockDim.x) kpe[(size_t)t * dr + i] = kt[i];
     __syncthreads();
 #pragma unroll 2
     for (int s = threadIdx.x / 32; s <= t; s += warps) {
+        const float *cs = s < t ? ckv + (size_t)s * dc : ct, *ks = s < t ? kpe + (size_t)s * dr : kt;
         float dot = 0;
-        for (int k = lane; k < dc; k += 32) dot += qa[k] * ckv[(size_t)s * dc + k];
-        for (int i = lane; i < dr; i += 32) dot += qp[i] * kpe[(size_t)s * dr + i];
+        for (int k = lane; k < dc; k += 32) dot += qa[k] * cs[k];
+        for (int i = lane; i < dr; i += 32) dot += qp[i] * ks[i];
         dot = warp_reduce(dot, SumOp());
         if (lane == 0) sc[s] = dot * scale;
     }
@@ -2426,8 +2438,8 @@ __global__ void __launch_bounds__(MHC_DECODE_ATT_THREADS, 1) mla_decode_attentio
     for (int k = threadIdx.x; k < dc; k += blockDim.x) {
         float acc = 0;
 #pragma unroll 8
-        for (int s = 0; s <= t; s++) acc += sc[s] / sum * ckv[(size_t)s * dc + k];
-        ol[k] = acc;
+        for (int s = 0; s < t; s++) acc += sc[s] / sum * ckv[(size_t)s * dc + k];
+        ol[k] = acc + sc[t] / sum * ct[k];
     }
     __syncthreads();
     for (int k = threadIdx.x / 32; k < dv; k += warps) {
@@ -2901,19 +2913,22 @@ static void gpu_swiglu_ffn_backward(const MhcBlas *bl, float *du, float *dw1, fl
 }
 
 /* SPEC §9 queries of layer l for N tokens, before RoPE: q [N, H dqk] = W_q u, or through the q latent
-   W_uq RMSNorm(W_dq u). Returns q (the layer's slot of a.q). */
-static float *gpu_mla_query(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N) {
+   W_uq RMSNorm(W_dq u). Returns q (the layer's slot of a.q). lat_raw: NULL, or (decode, N = 1) where
+   W_dkv u [d_c + d_r] goes, made in the same launch as u's product here. */
+static float *gpu_mla_query(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, float *lat_raw) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     const MhcBlas *bl = &g->blas;
     int C = c->d_model, H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, dq = c->q_lora_rank;
     int ls = gpu_layer_slot(A, l);
-    float *q = A->a.q + (size_t)ls * N * H * dqk;
-    if (dq == 0) {
-        gpu_matmul_forward(bl, MHC_GEMM_FAST, q, u, b->wq, N, C, H * dqk);
-    } else {
-        float *cq_raw = A->a.cq_raw + (size_t)ls * N * dq, *cq = A->a.cq + (size_t)ls * N * dq;
-        gpu_matmul_forward(bl, MHC_GEMM_FAST, cq_raw, u, b->wdq, N, C, dq);
+    float *q = A->a.q + (size_t)ls * N * H * dqk, *cq_raw = A->a.cq_raw + (size_t)ls * N * dq;
+    float *first = dq == 0 ? q : cq_raw;           /* u's product: q itself, or q's latent */
+    const float *W = dq == 0 ? b->wq : b->wdq;
+    int O = dq == 0 ? H * dqk : dq;
+    if (lat_raw) gpu_matvec(first, W, O, lat_raw, b->wdkv, c->kv_lora_rank + c->qk_rope_head_dim, u, C);
+    else gpu_matmul_forward(bl, MHC_GEMM_FAST, first, u, W, N, C, O);
+    if (dq > 0) {
+        float *cq = A->a.cq + (size_t)ls * N * dq;
         gpu_rmsnorm_forward(cq, A->a.cq_rstd + (size_t)ls * N, cq_raw, b->q_norm, N, dq, c->rms_eps);
         gpu_matmul_forward(bl, MHC_GEMM_FAST, q, cq, b->wuq, N, dq, H * dqk);
     }
@@ -2928,7 +2943,7 @@ static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
     const MhcBlas *bl = &g->blas;
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dqk = dn + dr, dc = c->kv_lora_rank, dv = c->v_head_dim, ls = gpu_layer_slot(A, l);
-    float *q = gpu_mla_query(g, A, l, u, N);
+    float *q = gpu_mla_query(g, A, l, u, N, NULL);
     float *c_raw = A->a.c_raw + (size_t)ls * N * dc, *lat = A->a.c + (size_t)ls * N * dc, *kpe = A->a.kpe + (size_t)ls * N * dr;
     gpu_matmul_forward(bl, MHC_GEMM_FAST, c_raw, u, b->wdkv, N, C, dc);                  /* rows [0, d_c) of W_dkv  */
     gpu_matmul_forward(bl, MHC_GEMM_FAST, kpe, u, b->wdkv + (size_t)dc * C, N, C, dr);   /* rows [d_c, d_c+d_r)     */
@@ -3069,23 +3084,20 @@ static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     }
 }
 
-/* one token through MLA_l, absorbed, at the position in cache->pos: q, then raw = W_dkv u (c and k_pe
-   in one GEMM: the rows of W_dkv are [d_c; d_r]), the cache rows and q's RoPE (mla_decode_latent_kernel),
-   each head's attention over the latents to o [H, dv] (mla_decode_attention_kernel), out = W_o o */
+/* one token through MLA_l, absorbed, at the position in cache->pos: q, and raw = W_dkv u (c and k_pe in
+   one product: the rows of W_dkv are [d_c; d_r]) in the same launch as q's first product; the new cache
+   rows, the RoPEs and each head's attention over the latents to o [H, dv] in one launch
+   (mla_decode_attention_kernel); out = W_o o. Three launches. */
 static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const float *u, float *out) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank;
     float *ckv = cache->ckv + (size_t)l * cache->max_len * dc, *kpe = cache->kpe + (size_t)l * cache->max_len * dr;
-    float *q = gpu_mla_query(g, &cache->acts, l, u, 1), *o = cache->acts.a.o + (size_t)l * H * dv;
-    gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, cache->lat_raw, u, b->wdkv, 1, C, dc + dr);
-    mla_decode_latent_kernel<<<1, MHC_BLOCK>>>(ckv, kpe, q, cache->lat_raw, b->kv_norm, cache->pos, dc, dr, H, dn, dqk,
-                                               (float)c->rms_eps, c->rope_theta);
-    LAUNCH_CHECK();
-    mla_decode_attention_kernel<<<H, MHC_DECODE_ATT_THREADS, 2 * dc * sizeof(float)>>>(o, cache->scores, q, b->wukv, ckv, kpe,
-                                                                                cache->pos, cache->max_len, dc, dr, dn, dv,
-                                                                                (float)(1.0 / sqrt((double)dqk)));
+    float *q = gpu_mla_query(g, &cache->acts, l, u, 1, cache->lat_raw), *o = cache->acts.a.o + (size_t)l * H * dv;
+    mla_decode_attention_kernel<<<H, MHC_DECODE_ATT_THREADS, decode_attention_smem_bytes(dc, dr)>>>(
+        o, cache->scores, ckv, kpe, q, cache->lat_raw, b->kv_norm, b->wukv, cache->pos, cache->max_len, dc, dr, dn, dv,
+        (float)(1.0 / sqrt((double)dqk)), (float)c->rms_eps, c->rope_theta);
     LAUNCH_CHECK();
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, b->wo, 1, H * dv, C);
 }

@@ -2329,8 +2329,14 @@ static void gpu_test_matvec(cublasHandle_t handle) {
             gpu_matmul_forward(&bl, MHC_GEMM_FAST, d_out, d_in, d_W, 1, Ci, O);
             e[p] = rel_err(gt_fetch(d_out, (size_t)O), out, (size_t)O);
         }
-        check(e[0] <= 1e-5 && e[1] <= 1e-5 && e[2] <= 1e-5, "gpu matvec (N = 1), Ci %d: under fp32 %.1e, tf32 %.1e, bf16 %.1e (tol 1e-5)",
-              Ci, e[0], e[1], e[2]);
+        int O2 = 11;                                /* the pair in one launch: outputs 29 + 11, a block split */
+        float *W2 = gt_randn((size_t)O2 * Ci, 1), *out2 = gt_host((size_t)O2), *d_out = gt_nan((size_t)O), *d_out2 = gt_nan((size_t)O2);
+        matmul_forward(out2, in, W2, 1, Ci, O2);
+        gpu_matvec(d_out, d_W, O, d_out2, gt_upload(W2, (size_t)O2 * Ci), O2, d_in, Ci);
+        double e1 = rel_err(gt_fetch(d_out, (size_t)O), out, (size_t)O), e2 = rel_err(gt_fetch(d_out2, (size_t)O2), out2, (size_t)O2);
+        check(e[0] <= 1e-5 && e[1] <= 1e-5 && e[2] <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5,
+              "gpu matvec (N = 1), Ci %d: under fp32 %.1e, tf32 %.1e, bf16 %.1e; a pair in one launch %.1e, %.1e (tol 1e-5)", Ci, e[0],
+              e[1], e[2], e1, e2);
     }
     gt_release();
 }
