@@ -1229,10 +1229,9 @@ __global__ void stream_pre_backward_kernel(float *dX, float *dH, const float *dy
 
 #define MHC_MAX_STREAMS 16       /* hc_mult's upper bound (mhc.h checks 1..16) */
 
-/* SPEC §3 X'[i] = H_post[i] f + sum_j H_res[i][j] X[j], one thread per (t, c) for all n output streams:
-   the n inputs X[t][j][c] are read once, into registers (loops over MHC_MAX_STREAMS unroll fully) */
 /* SPEC §3 merge of one token's channel c: Xo[i][c] = H_post[i] f[c] + sum_j H_res[i][j] X[j][c] for the
-   n streams. Xo, X: the token's streams [n, C]; H: its coefficients [m]; f: its branch output [C]. */
+   n streams. Xo, X: the token's streams [n, C]; H: its coefficients [m]; f: its branch output [C]. The n
+   inputs X[j][c] are read once, into registers (loops over MHC_MAX_STREAMS unroll fully). */
 __device__ void stream_merge_channel(float *Xo, const float *H, const float *X, const float *f, int n, int C, int c) {
     float x[MHC_MAX_STREAMS], ft = f[c];
 #pragma unroll
@@ -1246,7 +1245,7 @@ __device__ void stream_merge_channel(float *Xo, const float *H, const float *X, 
     }
 }
 
-/* one thread per (token, channel) */
+/* the merge of every token, one thread per (token, channel) for all n output streams */
 __global__ void stream_merge_forward_kernel(float *Xo, const float *H, const float *X, const float *f, int N, int n, int C, int m) {
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * C) return;
