@@ -2367,22 +2367,60 @@ static MhcAttBf16 att_bf16_copies(const MhcBlas *bl, const float *q, const float
     return x;
 }
 
+/* out [dc] = sum_{s < rows} weight[s] row_s, by the whole block: row_s = base + s ld, except the last,
+   row rows - 1, which is `last` where that is given. Warp w takes rows w, w + warps, ..., a lane the
+   columns lane + 32 x of each chunk of MHC_DECODE_COLS; the warps' sums go to part [warps][MHC_DECODE_COLS]
+   and a thread per column adds them in warp order (the same bits on every run). A lane has a row's 16
+   loads in flight at once and every warp loads, where a thread per column walking the rows had 8 loads in
+   flight and half the block idle (dc = 512 of 1024 threads); unrolling the rows as well spills registers
+   (64 at 1024 threads). out may not be part; the call ends on a barrier. */
+#define MHC_DECODE_COLS 512
+#define MHC_DECODE_LANE_COLS (MHC_DECODE_COLS / 32)
+
+__device__ void block_weighted_rows(float *out, const float *__restrict__ base, size_t ld, const float *last,
+                                    const float *weight, int rows, int dc, float *part) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int k0 = 0; k0 < dc; k0 += MHC_DECODE_COLS) {
+        float acc[MHC_DECODE_LANE_COLS];
+#pragma unroll
+        for (int x = 0; x < MHC_DECODE_LANE_COLS; x++) acc[x] = 0.0f;
+        for (int s = warp; s < rows; s += warps) {
+            const float *row = (last && s == rows - 1 ? last : base + (size_t)s * ld) + k0;
+            float w = weight[s];
+#pragma unroll
+            for (int x = 0; x < MHC_DECODE_LANE_COLS; x++)
+                if (k0 + lane + 32 * x < dc) acc[x] += w * row[lane + 32 * x];
+        }
+#pragma unroll
+        for (int x = 0; x < MHC_DECODE_LANE_COLS; x++) part[warp * MHC_DECODE_COLS + lane + 32 * x] = acc[x];
+        __syncthreads();
+        for (int k = threadIdx.x; k < MHC_DECODE_COLS && k0 + k < dc; k += blockDim.x) {
+            float sum = 0;
+            for (int w = 0; w < warps; w++) sum += part[w * MHC_DECODE_COLS + k];
+            out[k0 + k] = sum;
+        }
+        __syncthreads();                               /* out is complete; part is free again */
+    }
+}
+
 /* SPEC §10 absorbed attention of the new token at position t = *pos, all of it for head h in block h.
    The position is read from device memory so that a captured decode graph replays at every position
    (section 8). First the token's own latent row, which every block makes for itself from
    raw = W_dkv u [d_c + d_r] (one launch fewer than a kernel of its own): c_t = RMSNorm(raw[0, d_c)) with
    gain g and k_pe,t = RoPE_t(raw[d_c, d_c + d_r)), and head h's q_pe rotated; block 0 also writes c_t and
    k_pe,t to the cache rows ckv[t], kpe[t] for the tokens after this one (the blocks read rows < t from
-   the cache, row t from their own copy). Then q_abs = W_uk[h]^T q_nope[h] (a thread per latent column),
-   Sc[s] = scale (q_abs . c_s + q_pe[h] . k_pe,s) for s <= t (a warp per s), P = softmax,
-   olat = sum_s P[s] c_s (a thread per latent column), and o[h] = W_uv[h] olat (a warp per output).
-   W_uk[h] and W_uv[h] are rows [0, dn) and [dn, dn + dv) of head h's (dn + dv) x dc block of W_ukv.
-   Shared: q_abs, olat, c_t [dc each], q_pe, k_pe,t [dr each]; the scores go to scores [H, max_len];
-   exact fp32. The pointers are __restrict__ and the loops over s unrolled, so a warp has several keys'
-   loads in flight, and a block has MHC_DECODE_ATT_THREADS threads: H blocks leave most SMs idle, so each
-   waits on memory, and more warps keep more keys and rows loading at once. */
+   the cache, row t from their own copy). Then q_abs = W_uk[h]^T q_nope[h] = sum_i q_nope[h][i] W_uk[h][i]
+   (block_weighted_rows), Sc[s] = scale (q_abs . c_s + q_pe[h] . k_pe,s) for s <= t (a warp per s),
+   P = softmax, olat = sum_s P[s] c_s (block_weighted_rows again), and o[h] = W_uv[h] olat (a warp per
+   output). W_uk[h] and W_uv[h] are rows [0, dn) and [dn, dn + dv) of head h's (dn + dv) x dc block of
+   W_ukv. Shared: q_abs, olat, c_t [dc each], q_pe, k_pe,t [dr each], block_weighted_rows' part; the
+   scores go to scores [H, max_len]; exact fp32. The pointers are __restrict__ and the loops over s
+   unrolled, so a warp has several keys' loads in flight, and a block has MHC_DECODE_ATT_THREADS threads:
+   H blocks leave most SMs idle, so each waits on memory, and more warps keep more rows loading at once. */
 #define MHC_DECODE_ATT_THREADS 1024
-static size_t decode_attention_smem_bytes(int dc, int dr) { return sizeof(float) * (3 * (size_t)dc + 2 * (size_t)dr); }
+static size_t decode_attention_smem_bytes(int dc, int dr) {
+    return sizeof(float) * (3 * (size_t)dc + 2 * (size_t)dr + MHC_DECODE_ATT_THREADS / 32 * MHC_DECODE_COLS);
+}
 
 __global__ void __launch_bounds__(MHC_DECODE_ATT_THREADS, 1)
 mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, float *__restrict__ ckv, float *__restrict__ kpe,
@@ -2390,7 +2428,7 @@ mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, f
                             const float *__restrict__ wukv, const int *pos, int max_len, int dc, int dr, int dn, int dv,
                             float scale, float eps, double theta) {
     extern __shared__ float smem[];
-    float *qa = smem, *ol = qa + dc, *ct = ol + dc, *qp = ct + dc, *kt = qp + dr;
+    float *qa = smem, *ol = qa + dc, *ct = ol + dc, *qp = ct + dc, *kt = qp + dr, *part = kt + dr;
     int h = blockIdx.x, lane = threadIdx.x % 32, warps = blockDim.x / 32, t = *pos, half = dr / 2;
     const float *qn = q + (size_t)h * (dn + dr), *w = wukv + (size_t)h * (dn + dv) * dc;
     float *sc = scores + (size_t)h * max_len, ss = 0;
@@ -2402,12 +2440,7 @@ mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, f
         if (p < half) rope_pair(qp, qn + dn, t, p, dr, theta, 0);
         else rope_pair(kt, raw + dc, t, p - half, dr, theta, 0);
     }
-    for (int j = threadIdx.x; j < dc; j += blockDim.x) {
-        float acc = 0;
-#pragma unroll 8
-        for (int i = 0; i < dn; i++) acc += qn[i] * w[(size_t)i * dc + j];
-        qa[j] = acc;
-    }
+    block_weighted_rows(qa, w, dc, NULL, qn, dn, dc, part);
     float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / dc + eps);   /* its barriers: qp and kt are complete */
     for (int k = threadIdx.x; k < dc; k += blockDim.x) {
         ct[k] = g[k] * ct[k] * r;
@@ -2434,13 +2467,9 @@ mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, f
         sum += sc[s];
     }
     sum = block_reduce(sum, SumOp());
-    for (int k = threadIdx.x; k < dc; k += blockDim.x) {
-        float acc = 0;
-#pragma unroll 8
-        for (int s = 0; s < t; s++) acc += sc[s] / sum * ckv[(size_t)s * dc + k];
-        ol[k] = acc + sc[t] / sum * ct[k];
-    }
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) sc[s] /= sum;   /* P; each thread its own entries */
     __syncthreads();
+    block_weighted_rows(ol, ckv, dc, ct, sc, t + 1, dc, part);
     for (int k = threadIdx.x / 32; k < dv; k += warps) {
         float d = warp_dot(w + (size_t)(dn + k) * dc, ol, dc);
         if (lane == 0) o[(size_t)h * dv + k] = d;
@@ -3693,6 +3722,8 @@ int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
                                                          (size_t)mhc_blocks(cfg->vocab_size, MHC_TOP_K_TILE) * MHC_TOP_K_MAX);
     c->top_k = arena_new<MhcTopK>(&c->arena, 1);
     c->use_graph = MHC_DECODE_GRAPH;
+    CUDA_CHECK(cudaFuncSetAttribute((const void *)mla_decode_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)decode_attention_smem_bytes((int)dc, cfg->qk_rope_head_dim)));
     if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0)) {   /* decode's GEMMs use g's bf16 scratch */
         fprintf(stderr, "mhc_gpu_cache_init: out of GPU memory for a cache of %d positions\n", max_len);
         arena_free(&c->arena);

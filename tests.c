@@ -3022,13 +3022,14 @@ static void gpu_test_recompute(const char *name, const MhcConfig *cfg, int preci
    kernels, so the same bits. After a switch to bf16 the next token must capture anew (the graph would
    still compute in fp32) and the one after reuse that capture; a third follows a forward of another
    shape, which reallocates the bf16 operand scratch the graph points at. */
-static void gpu_test_decode(const MhcConfig *cfg) {
+static void gpu_test_decode(const MhcConfig *cfg, int P) {
     MhcModel m;
     MhcGpu g;
     MhcCache cc;
     MhcGpuCache gc, gc2;
     gt_model(&m, cfg, 17);
-    int P = 12, extra = 3, V = cfg->vocab_size, tokens[12], targets[12];
+    int extra = 3, V = cfg->vocab_size;
+    int *tokens = (int *)mhc_calloc((size_t)P, sizeof(int)), *targets = (int *)mhc_calloc((size_t)P, sizeof(int));
     gt_tokens(tokens, targets, P, V);
     if (mhc_gpu_init(&g, &m, 1, P) || mhc_cache_init(&cc, &m.cfg, P) || mhc_gpu_cache_init(&gc, &g, P + extra) ||
         mhc_gpu_cache_init(&gc2, &g, P + extra)) {
@@ -3092,6 +3093,8 @@ static void gpu_test_decode(const MhcConfig *cfg) {
     mhc_gpu_cache_free(&gc2);
     mhc_gpu_free(&g);
     mhc_model_free(&m);
+    free(tokens);
+    free(targets);
     gt_release();
 }
 
@@ -3188,12 +3191,18 @@ void gpu_tests(void) {
     gpu_test_recompute("mhc", &mhc, MHC_PREC_FP32);
     gpu_test_recompute("mhc", &mhc, MHC_PREC_BF16);
     gpu_test_recompute("hc", &hc, MHC_PREC_FP32);
-    gpu_test_decode(&mhc);
-    gpu_test_decode(&qg);
+    gpu_test_decode(&mhc, 12);
+    gpu_test_decode(&qg, 12);
     MhcConfig routed_only = qg;                       /* no shared experts: the routed slots alone */
     routed_only.n_shared_experts = 0;
-    gpu_test_decode(&routed_only);
-    gpu_test_decode(&tiny);                           /* d_c = 64: more than one warp's latent columns */
+    gpu_test_decode(&routed_only, 12);
+    gpu_test_decode(&tiny, 12);                       /* d_c = 64: more than one warp's latent columns */
+    MhcConfig wide = mhc;                             /* the decode attention's row sums: more rows (d_nope, */
+    wide.kv_lora_rank = 600;                          /* positions) than warps, two column chunks of 512 */
+    wide.qk_nope_head_dim = 72;
+    wide.n_layers = 2;
+    mhc_config_finish(&wide);
+    gpu_test_decode(&wide, 70);
     gpu_test_checkpoint(&mhc);
 }
 #endif /* __CUDACC__ */

@@ -91,7 +91,7 @@ static inline unsigned __ballot_sync(unsigned, int pred) {
     return mask;
 }
 extern char *emu_dynamic_smem;
-void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+void emu_launch(const char *name, const void *func, dim3 grid, dim3 block, size_t smem, std::function<void()> body);
 /* Stream capture: while a capture is open, launches and cuBLAS calls are recorded (their arguments as
    they were at the call) instead of run, and a graph launch runs the record. A call a GPU cannot capture
    (a synchronous copy or memset, an allocation) aborts, so decode's graph is known to be capturable. */

@@ -1,6 +1,7 @@
 /* dev/cuda_emu/emu.cpp - the scheduler and cuBLAS loops behind cuda_runtime.h / cublas_v2.h. */
 #include <setjmp.h>
 #include <ucontext.h>
+#include <map>
 #include <vector>
 #include "cublas_v2.h"
 
@@ -167,12 +168,17 @@ static void emu_run_launch(const char *name, dim3 grid, dim3 block, size_t smem,
     free(smem_buffer);
 }
 
+/* each kernel's dynamic shared memory limit set by cudaFuncSetAttribute; without it a GPU allows 48 KiB */
+static std::map<const void *, int> emu_smem_optin;
+
 /* checks the launch's shape now, as a GPU does, then runs it, or records it into the open capture */
-void emu_launch(const char *name, dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
+void emu_launch(const char *name, const void *func, dim3 grid, dim3 block, size_t smem, std::function<void()> body) {
     int n = (int)(block.x * block.y * block.z);
     if (n < 1 || n > EMU_MAX_THREADS || block.y != 1 || block.z != 1) emu_fail("bad block shape (1 to 1024 threads in x)", name);
     if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) emu_fail("bad grid shape", name);
     if (smem > EMU_SMEM_OPTIN) emu_fail("too much dynamic shared memory", name);
+    if (smem > 48 * 1024 && (!emu_smem_optin.count(func) || (size_t)emu_smem_optin[func] < smem))
+        emu_fail("dynamic shared memory over 48 KiB without cudaFuncSetAttribute for it", name);
     if (!emu_capture([=]() { emu_run_launch(name, grid, block, smem, body); })) emu_run_launch(name, grid, block, smem, body);
 }
 
@@ -184,11 +190,12 @@ cudaError_t cudaMalloc(void **p, size_t bytes) {
     return cudaSuccess;
 }
 
-cudaError_t cudaFuncSetAttribute(const void *, int, int value) {
+cudaError_t cudaFuncSetAttribute(const void *func, int attribute, int value) {
     if (value > EMU_SMEM_OPTIN) {
         fprintf(stderr, "cuda_emu: %d bytes of shared memory asked for, the device has %d\n", value, (int)EMU_SMEM_OPTIN);
         abort();
     }
+    if (attribute == cudaFuncAttributeMaxDynamicSharedMemorySize) emu_smem_optin[func] = value;
     return cudaSuccess;
 }
 

@@ -73,9 +73,9 @@ def rewrite(src):
         q = matching_paren(src, p)
         args = src[p + 1:q]
         out.append(src[i:start])
-        out.append('do { auto emu_args = std::make_tuple(%s); emu_launch("%s", dim3(%s), dim3(%s), %s, '
+        out.append('do { auto emu_args = std::make_tuple(%s); emu_launch("%s", (const void *)%s, dim3(%s), dim3(%s), %s, '
                    '[=]() { std::apply(%s, emu_args); }); } while (0)'
-                   % (args, kernel.split("<")[0], config[0], config[1], config[2], kernel))
+                   % (args, kernel.split("<")[0], kernel, config[0], config[1], config[2], kernel))
         i = q + 1
 
 
