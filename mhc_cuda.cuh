@@ -955,6 +955,71 @@ static void gpu_expert_gemm(int precision, float *C, int ldc, const float *A, in
 
 /* ---------------------------------------------------------------------------------------------
    2. Primitives                                                                                 */
+/* cp.async (sm_80 on): BYTES (4 or 16) from global to shared memory without passing through registers,
+   so the loads are in flight while the thread goes on (attention: a tile's while the warps compute on
+   the previous one; a lone token's pre-stage: parameters only one block will use). With real = false the
+   bytes are zero (source size 0: nothing is read). The copies a thread issues between two commits form
+   a group; cp_async_wait<N>() returns once at most the N groups committed last are still in flight, and
+   a __syncthreads after it makes every thread's arrived copies visible to the block.
+   The host pass (dev/cuda_emu) keeps each thread's copies queued until its wait lets them land, so a
+   read of a tile that no wait covered sees the old contents and a test fails. */
+#if !defined(__CUDA_ARCH__)
+enum { CP_ASYNC_HOST_MAX = 64 };                 /* queued copies per thread */
+typedef struct {
+    void *dst;
+    const void *src;                             /* NULL: zeros */
+    int bytes, group;
+} CpAsyncHostCopy;
+typedef struct {
+    CpAsyncHostCopy copy[CP_ASYNC_HOST_MAX];
+    int count, committed;                        /* copies queued; groups committed so far */
+} CpAsyncHostQueue;
+static CpAsyncHostQueue cp_async_host[1024];     /* [threadIdx.x]: one block runs at a time there */
+#endif
+
+template <int BYTES> __device__ void cp_async(void *dst, const void *src, bool real) {
+#if defined(__CUDA_ARCH__)
+    unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
+    if constexpr (BYTES == 16)                   /* .cg: 16-byte tiles skip L1 */
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(addr), "l"(src), "r"(real ? 16 : 0) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(addr), "l"(src), "n"(BYTES), "r"(real ? BYTES : 0)
+                     : "memory");
+#else
+    CpAsyncHostQueue *q = &cp_async_host[threadIdx.x];
+    if (q->count == CP_ASYNC_HOST_MAX) {
+        fprintf(stderr, "cp_async (host pass): more than %d copies in flight in one thread\n", CP_ASYNC_HOST_MAX);
+        abort();
+    }
+    CpAsyncHostCopy c = {dst, real ? src : NULL, BYTES, q->committed};
+    q->copy[q->count++] = c;
+#endif
+}
+
+__device__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+    cp_async_host[threadIdx.x].committed++;
+#endif
+}
+
+template <int N> __device__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#else
+    CpAsyncHostQueue *q = &cp_async_host[threadIdx.x];
+    int kept = 0;
+    for (int k = 0; k < q->count; k++) {
+        CpAsyncHostCopy c = q->copy[k];
+        if (c.group >= q->committed - N) q->copy[kept++] = c;   /* still in flight */
+        else if (c.src) memcpy(c.dst, c.src, c.bytes);          /* an older group: it lands now */
+        else memset(c.dst, 0, c.bytes);
+    }
+    q->count = kept;
+#endif
+}
+
 __global__ void fill_kernel(float *x, float value, size_t count) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i < count) x[i] = value;
@@ -1229,20 +1294,24 @@ __global__ void stream_pre_backward_kernel(float *dX, float *dH, const float *dy
 
 #define MHC_MAX_STREAMS 16       /* hc_mult's upper bound (mhc.h checks 1..16) */
 
-/* SPEC §3 merge of one token's channel c: Xo[i][c] = H_post[i] f[c] + sum_j H_res[i][j] X[j][c] for the
-   n streams. Xo, X: the token's streams [n, C]; H: its coefficients [m]; f: its branch output [C]. The n
-   inputs X[j][c] are read once, into registers (loops over MHC_MAX_STREAMS unroll fully). */
+/* SPEC §3 merge, output stream i of one channel: H_post[i] f + sum_j H_res[i][j] x[j] over the n streams,
+   x [MHC_MAX_STREAMS] the channel's inputs (in registers), H the token's coefficients [m] */
+__device__ float stream_merge_one(const float *H, const float *x, float f, int n, int i) {
+    float xo = H[n + i] * f;
+#pragma unroll
+    for (int j = 0; j < MHC_MAX_STREAMS; j++)
+        if (j < n) xo += H[2 * n + i * n + j] * x[j];
+    return xo;
+}
+
+/* The merge of one token's channel c: Xo[i][c] for the n streams. Xo, X: the token's streams [n, C]; H:
+   its coefficients [m]; f: its branch output [C]. The n inputs X[j][c] are read once, into registers
+   (loops over MHC_MAX_STREAMS unroll fully). */
 __device__ void stream_merge_channel(float *Xo, const float *H, const float *X, const float *f, int n, int C, int c) {
     float x[MHC_MAX_STREAMS], ft = f[c];
 #pragma unroll
     for (int j = 0; j < MHC_MAX_STREAMS; j++) x[j] = j < n ? X[(size_t)j * C + c] : 0.0f;
-    for (int i = 0; i < n; i++) {
-        float xo = H[n + i] * ft;
-#pragma unroll
-        for (int j = 0; j < MHC_MAX_STREAMS; j++)
-            if (j < n) xo += H[2 * n + i * n + j] * x[j];
-        Xo[(size_t)i * C + c] = xo;
-    }
+    for (int i = 0; i < n; i++) Xo[(size_t)i * C + c] = stream_merge_one(H, x, ft, n, i);
 }
 
 /* the merge of every token, one thread per (token, channel) for all n output streams */
@@ -1523,13 +1592,17 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    (MhcPreToken), over ceil(C / MHC_LONE_SLICE) blocks. Block s takes channels [32 s, 32 s + 32) of every
    stream, a lane each (lone_token_slice): with merged given, first the previous sublayer's merge of those
    channels into X (merged is X: the token's streams are made here, then read), then its part of
-   h = X phi^T (a warp per output) and of |x|^2 into lone.part. The block that finishes last (a count of
-   finished blocks: the classic last-block reduction) sums the parts, a warp per sum in a fixed order
-   (the same bits on every run), and goes on as the many-token kernel does, reading the other blocks'
-   streams from L2 (__ldcg: its L1 may hold lines of them from before they were merged). Then the
-   Sinkhorn by n lanes of warp 0 while the other warps make y, and with u given the sublayer's norm
-   u [N,C] = RMSNorm(y) with gain g, u_rstd [N] (as rmsnorm_forward_kernel makes it). A template
-   parameter, so that the many-token kernel carries none of its registers. */
+   h = X phi^T (a warp per output, MHC_LONE_OUTS outputs' loads at once) and of |x|^2 into lone.part. The
+   block that finishes last (a count of finished blocks: the classic last-block reduction) sums the
+   parts, a warp per sum in a fixed order (the same bits on every run), and goes on as the many-token
+   kernel does, reading the other blocks' streams from L2 (__ldcg: its L1 may hold lines of them from
+   before they were merged). Then the Sinkhorn by n lanes of warp 0 while the other warps make y, and
+   with u given the sublayer's norm u [N,C] = RMSNorm(y) with gain g, u_rstd [N] (as
+   rmsnorm_forward_kernel makes it). A lone token's time is a chain of waits on memory, so every block
+   issues all the loads it will need before it waits on the first: phi's rows, the merge's inputs, and
+   by cp.async the parameters only the last block uses (alpha, b, g: into dynamic shared memory,
+   lone_params_floats). A template parameter, so that the many-token kernel carries none of its
+   registers. */
 typedef struct {
     const float *phi;
     int iters;
@@ -1543,27 +1616,76 @@ typedef struct {
 
 static unsigned lone_blocks(int C) { return mhc_blocks((size_t)C, MHC_LONE_SLICE); }
 
+/* the lone kernel's dynamic shared memory: alpha [3], b [m], then g [C] where u is made */
+static __host__ __device__ size_t lone_params_floats(int n, int C) { return 3 + (size_t)n * n + 2 * (size_t)n + (size_t)C; }
+
+/* a lone token's warp's next round of h's outputs k = k0 + q warps (q < MHC_LONE_OUTS, k < m): phi[k] at
+   channel c of every stream, all the round's loads issued before any is used */
+#define MHC_LONE_OUTS 4
+__device__ void lone_phi_round(float (&ph)[MHC_LONE_OUTS][MHC_MAX_STREAMS], const float *phi, int k0, int warps, int m, int n,
+                               int C, int c) {
+#pragma unroll
+    for (int q = 0; q < MHC_LONE_OUTS; q++)
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++) {
+            int k = k0 + q * warps;
+            ph[q][j] = k < m && j < n && c < C ? phi[((size_t)k * n + j) * C + c] : 0.0f;
+        }
+}
+
 /* A lone token's block blockIdx.x: its slice's merge and parts (above). Returns 1 in the block that
-   finished last, which then has h [m] in h and h_shared and |x|^2 in *sumsq; 0 in the others, which are
-   done. */
-__device__ int lone_token_slice(float *h, float *h_shared, float *sumsq, const float *x, int n, int C, const MhcPreToken *one) {
+   finished last, which then has h [m] in h and h_shared, |x|^2 in *sumsq and alpha, b, g in params (from
+   alpha, b and one->g); 0 in the others, which are done. */
+__device__ int lone_token_slice(float *h, float *h_shared, float *sumsq, float *params, const float *alpha, const float *b,
+                                const float *x, int n, int C, const MhcPreToken *one) {
+    constexpr int MMAX = MHC_MAX_STREAMS * MHC_MAX_STREAMS + 2 * MHC_MAX_STREAMS;
     __shared__ int last;
-    int m = n * n + 2 * n, nC = n * C, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    __shared__ float prev_H[MMAX], merged[MHC_MAX_STREAMS][MHC_LONE_SLICE];   /* the merge's coefficients; its slice */
+    int m = n * n + 2 * n, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     int c = blockIdx.x * MHC_LONE_SLICE + lane;
-    if (one->merged && warp == 0 && c < C) stream_merge_channel(one->merged, one->prev_H, one->prev_X, one->prev_f, n, C, c);
-    __syncthreads();                                /* the merged slice is x below */
-    float xc[MHC_MAX_STREAMS];                      /* x[j][c], j < n */
+    float ph[MHC_LONE_OUTS][MHC_MAX_STREAMS], xc[MHC_MAX_STREAMS], f = 0;   /* xc: x[j][c], j < n */
+    lone_phi_round(ph, one->phi, warp, warps, m, n, C, c);
 #pragma unroll
-    for (int j = 0; j < MHC_MAX_STREAMS; j++) xc[j] = j < n && c < C ? x[(size_t)j * C + c] : 0.0f;
+    for (int j = 0; j < MHC_MAX_STREAMS; j++) {     /* merging: warp 0's inputs; else the streams themselves */
+        const float *src = one->merged ? one->prev_X : x;
+        xc[j] = j < n && c < C && (!one->merged || warp == 0) ? src[(size_t)j * C + c] : 0.0f;
+    }
+    if (one->merged && warp == 0 && c < C) f = one->prev_f[c];
+    if (one->merged)
+        for (int k = threadIdx.x; k < m; k += blockDim.x) cp_async<4>(prev_H + k, one->prev_H + k, true);
+    cp_async_commit();
+    int count = (int)lone_params_floats(n, one->g ? C : 0);
+    for (int k = threadIdx.x; k < count; k += blockDim.x)
+        cp_async<4>(params + k, k < 3 ? alpha + k : k < 3 + m ? b + (k - 3) : one->g + (k - 3 - m), true);
+    cp_async_commit();
+    if (one->merged) {                              /* SPEC §3 of the previous sublayer, into X and merged */
+        cp_async_wait<1>();
+        __syncthreads();                            /* prev_H has landed */
+        if (warp == 0)
+            for (int i = 0; i < n; i++) {
+                float xo = stream_merge_one(prev_H, xc, f, n, i);
+                if (c < C) one->merged[(size_t)i * C + c] = xo;
+                merged[i][lane] = xo;
+            }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++) xc[j] = j < n && c < C ? merged[j][lane] : 0.0f;
+    }
     float *part = one->lone.part + (size_t)blockIdx.x * (m + 1);
-    for (int k = warp; k < m; k += warps) {
-        const float *phik = one->phi + (size_t)k * nC + c;
-        float s = 0;
+    for (int k0 = warp; k0 < m; k0 += MHC_LONE_OUTS * warps) {
+        if (k0 != warp) lone_phi_round(ph, one->phi, k0, warps, m, n, C, c);
+        float s[MHC_LONE_OUTS];
 #pragma unroll
-        for (int j = 0; j < MHC_MAX_STREAMS; j++)
-            if (j < n && c < C) s += phik[(size_t)j * C] * xc[j];
-        s = warp_reduce(s, SumOp());
-        if (lane == 0) part[k] = s;
+        for (int q = 0; q < MHC_LONE_OUTS; q++) {
+            s[q] = 0;
+#pragma unroll
+            for (int j = 0; j < MHC_MAX_STREAMS; j++) s[q] += ph[q][j] * xc[j];
+        }
+#pragma unroll
+        for (int q = 0; q < MHC_LONE_OUTS; q++) {
+            s[q] = warp_reduce(s[q], SumOp());
+            if (lane == 0 && k0 + q * warps < m) part[k0 + q * warps] = s[q];
+        }
     }
     if (warp == 0) {
         float s = 0;
@@ -1576,19 +1698,29 @@ __device__ int lone_token_slice(float *h, float *h_shared, float *sumsq, const f
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(one->lone.done, 1u) == gridDim.x - 1;
     __syncthreads();
+    cp_async_wait<0>();                             /* params have landed (a block leaves none in flight) */
     if (!last) return 0;
     __threadfence();
-    for (int k = warp; k <= m; k += warps) {        /* a warp per sum, a lane per block (all loads at once) */
-        float s = 0;
-        for (unsigned bk = lane; bk < gridDim.x; bk += 32) s += __ldcg(one->lone.part + (size_t)bk * (m + 1) + k);
-        s = warp_reduce(s, SumOp());
-        if (lane == 0) {
-            if (k < m) h[k] = h_shared[k] = s;
-            else *sumsq = s;
+    for (int k0 = warp; k0 <= m; k0 += MHC_LONE_OUTS * warps) {   /* a warp per sum, a lane per block */
+        float s[MHC_LONE_OUTS] = {0};
+        for (unsigned bk = lane; bk < gridDim.x; bk += 32) {
+            float v[MHC_LONE_OUTS];                 /* the round's loads at once, then their sums */
+#pragma unroll
+            for (int q = 0; q < MHC_LONE_OUTS; q++)
+                v[q] = k0 + q * warps <= m ? __ldcg(one->lone.part + (size_t)bk * (m + 1) + k0 + q * warps) : 0.0f;
+#pragma unroll
+            for (int q = 0; q < MHC_LONE_OUTS; q++) s[q] += v[q];
+        }
+#pragma unroll
+        for (int q = 0; q < MHC_LONE_OUTS; q++) {
+            int k = k0 + q * warps;
+            s[q] = warp_reduce(s[q], SumOp());
+            if (lane == 0 && k < m) h[k] = h_shared[k] = s[q];
+            else if (lane == 0 && k == m) *sumsq = s[q];
         }
     }
     if (threadIdx.x == 0) *one->lone.done = 0;
-    __syncthreads();                                /* h and *sumsq are complete */
+    __syncthreads();                                /* h, *sumsq and params are complete */
     return 1;
 }
 
@@ -1597,6 +1729,7 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
     float *y, float *H, float *a, float *r_out, float *h, const float *X, const float *alpha, const float *b, int n, int C,
     float eps_rms, MhcPreToken one) {
     constexpr int MMAX = MHC_MAX_STREAMS * MHC_MAX_STREAMS + 2 * MHC_MAX_STREAMS;
+    extern __shared__ float lone_params[];          /* LONE: alpha, b, g (lone_params_floats) */
     __shared__ float h_pre[MHC_MAX_STREAMS], sk_scratch[MHC_MAX_STREAMS * MHC_MAX_STREAMS], lone_sumsq;
     __shared__ float lone_h[LONE ? MMAX : 1], lone_a[LONE ? MMAX : 1];   /* LONE: h and a, kept at hand */
     int m = n * n + 2 * n, nC = n * C;
@@ -1604,9 +1737,13 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
     const float *x = X + t * nC;
     float *at = a + t * m, *Ht = H + t * m, ss = 0;
     const float *ht = LONE ? lone_h : h + t * m;
+    const float *g = one.g;
     if constexpr (LONE) {
-        if (!lone_token_slice(h, lone_h, &lone_sumsq, x, n, C, &one)) return;
+        if (!lone_token_slice(h, lone_h, &lone_sumsq, lone_params, alpha, b, x, n, C, &one)) return;
         ss = lone_sumsq;
+        alpha = lone_params;                        /* the same values, at hand */
+        b = lone_params + 3;
+        g = lone_params + 3 + m;
     } else {
 #pragma unroll 4
         for (int q = threadIdx.x; q < nC; q += blockDim.x) ss += x[q] * x[q];
@@ -1634,7 +1771,12 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
     float hp[MHC_MAX_STREAMS];
 #pragma unroll
     for (int j = 0; j < MHC_MAX_STREAMS; j++) hp[j] = j < n ? h_pre[j] : 0.0f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    int first = threadIdx.x, stride = blockDim.x;  /* the channels of this thread's y and u */
+    if (LONE) {                                     /* the warps beside the Sinkhorn's */
+        first = threadIdx.x < 32 ? C : threadIdx.x - 32;
+        stride = blockDim.x - 32;
+    }
+    for (int c = first; c < C; c += stride) {
         float sum = 0;
 #pragma unroll
         for (int j = 0; j < MHC_MAX_STREAMS; j++)
@@ -1643,9 +1785,9 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
     }
     if (!LONE || !one.u) return;
     float yy = 0;                                   /* each thread reads back the y it wrote */
-    for (int c = threadIdx.x; c < C; c += blockDim.x) yy += y[t * C + c] * y[t * C + c];
+    for (int c = first; c < C; c += stride) yy += y[t * C + c] * y[t * C + c];
     float ur = 1.0f / sqrtf(block_reduce(yy, SumOp()) / C + eps_rms);
-    for (int c = threadIdx.x; c < C; c += blockDim.x) one.u[t * C + c] = one.g[c] * y[t * C + c] * ur;
+    for (int c = first; c < C; c += stride) one.u[t * C + c] = g[c] * y[t * C + c] * ur;
     if (threadIdx.x == 0) one.u_rstd[t] = ur;
 }
 
@@ -1675,7 +1817,8 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_
             exit(1);
         }
         one.lone = *lone;
-        mhc_coeffs_pre_forward_kernel<true><<<lone_blocks(C), MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
+        mhc_coeffs_pre_forward_kernel<true><<<lone_blocks(C), MHC_TOKEN_THREADS, sizeof(float) * lone_params_floats(n, C)>>>(
+            y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
         LAUNCH_CHECK();
         return;
     }
@@ -1887,70 +2030,6 @@ __device__ void att_mma_scores(float (&acc)[NF][4], const float (&S)[MHC_ATT_KEY
 template <int P> __device__ MmaElem<P> att_stored(MmaElem<P> x) {
     if constexpr (P == MHC_PREC_BF16) return x;
     else return MmaOperand<P>::round(x);
-}
-
-/* cp.async (sm_80 on): BYTES (4 or 16) from global to shared memory without passing through registers,
-   so a tile's loads are in flight while the warps compute on the previous one. With real = false the
-   bytes are zero (source size 0: nothing is read). The copies a thread issues between two commits form
-   a group; cp_async_wait<N>() returns once at most the N groups committed last are still in flight, and
-   a __syncthreads after it makes every thread's arrived copies visible to the block.
-   The host pass (dev/cuda_emu) keeps each thread's copies queued until its wait lets them land, so a
-   read of a tile that no wait covered sees the old contents and a test fails. */
-#if !defined(__CUDA_ARCH__)
-enum { CP_ASYNC_HOST_MAX = 64 };                 /* queued copies per thread */
-typedef struct {
-    void *dst;
-    const void *src;                             /* NULL: zeros */
-    int bytes, group;
-} CpAsyncHostCopy;
-typedef struct {
-    CpAsyncHostCopy copy[CP_ASYNC_HOST_MAX];
-    int count, committed;                        /* copies queued; groups committed so far */
-} CpAsyncHostQueue;
-static CpAsyncHostQueue cp_async_host[1024];     /* [threadIdx.x]: one block runs at a time there */
-#endif
-
-template <int BYTES> __device__ void cp_async(void *dst, const void *src, bool real) {
-#if defined(__CUDA_ARCH__)
-    unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
-    if constexpr (BYTES == 16)                   /* .cg: 16-byte tiles skip L1 */
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(addr), "l"(src), "r"(real ? 16 : 0) : "memory");
-    else
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(addr), "l"(src), "n"(BYTES), "r"(real ? BYTES : 0)
-                     : "memory");
-#else
-    CpAsyncHostQueue *q = &cp_async_host[threadIdx.x];
-    if (q->count == CP_ASYNC_HOST_MAX) {
-        fprintf(stderr, "cp_async (host pass): more than %d copies in flight in one thread\n", CP_ASYNC_HOST_MAX);
-        abort();
-    }
-    CpAsyncHostCopy c = {dst, real ? src : NULL, BYTES, q->committed};
-    q->copy[q->count++] = c;
-#endif
-}
-
-__device__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__)
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#else
-    cp_async_host[threadIdx.x].committed++;
-#endif
-}
-
-template <int N> __device__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__)
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#else
-    CpAsyncHostQueue *q = &cp_async_host[threadIdx.x];
-    int kept = 0;
-    for (int k = 0; k < q->count; k++) {
-        CpAsyncHostCopy c = q->copy[k];
-        if (c.group >= q->committed - N) q->copy[kept++] = c;   /* still in flight */
-        else if (c.src) memcpy(c.dst, c.src, c.bytes);          /* an older group: it lands now */
-        else memset(c.dst, 0, c.bytes);
-    }
-    q->count = kept;
-#endif
 }
 
 /* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for i < rows, c < d, zero for d <= c < n and for

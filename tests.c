@@ -2589,13 +2589,15 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N, int C)
     gt_release();
 }
 
-/* n = 4 (the presets) over one token (decode: the lone-token forward, in 2 and in 7 blocks) and over
+/* n = 4 (the presets) over one token (decode: the lone-token forward, in 2, 7 and 35 blocks: the last
+   block's sums take two blocks' parts per lane) and over
    130, more than one Sinkhorn block forward and backward (8 tokens, a warp each); n = 6 has more than 32
    matrix entries (a lane makes two of each step); n = 16, the most mhc.h allows, makes one token per
    backward block (its tape is 43 KB), and alone fills the lone-token forward's 16 x 16 Sinkhorn scratch */
 static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     gpu_test_mhc_coeffs_case(handle, 4, 1, 40);
     gpu_test_mhc_coeffs_case(handle, 4, 1, 200);
+    gpu_test_mhc_coeffs_case(handle, 4, 1, 1100);
     gpu_test_mhc_coeffs_case(handle, 4, 130, 40);
     gpu_test_mhc_coeffs_case(handle, 6, 41, 40);
     gpu_test_mhc_coeffs_case(handle, 16, 5, 40);
