@@ -2482,6 +2482,22 @@ __device__ void block_weighted_rows(float *out, const float *__restrict__ base, 
     }
 }
 
+/* the lane's share of a . row over n elements, lane + 32 x of each chunk of MHC_DECODE_COLS: the chunk's
+   loads of row in flight at once (a loop the compiler unrolls by 4 had a quarter of them) */
+__device__ float lane_dot_rows(const float *a, const float *__restrict__ row, int n) {
+    int lane = threadIdx.x % 32;
+    float s = 0;
+    for (int k0 = 0; k0 < n; k0 += MHC_DECODE_COLS) {
+        float v[MHC_DECODE_LANE_COLS];
+#pragma unroll
+        for (int x = 0; x < MHC_DECODE_LANE_COLS; x++) v[x] = k0 + lane + 32 * x < n ? row[k0 + lane + 32 * x] : 0.0f;
+#pragma unroll
+        for (int x = 0; x < MHC_DECODE_LANE_COLS; x++)
+            if (k0 + lane + 32 * x < n) s += a[k0 + lane + 32 * x] * v[x];
+    }
+    return s;
+}
+
 /* SPEC §10 absorbed attention of the new token at position t = *pos, all of it for head h in block h.
    The position is read from device memory so that a captured decode graph replays at every position
    (section 8). First the token's own latent row, which every block makes for itself from
@@ -2493,9 +2509,9 @@ __device__ void block_weighted_rows(float *out, const float *__restrict__ base, 
    P = softmax, olat = sum_s P[s] c_s (block_weighted_rows again), and o[h] = W_uv[h] olat (a warp per
    output). W_uk[h] and W_uv[h] are rows [0, dn) and [dn, dn + dv) of head h's (dn + dv) x dc block of
    W_ukv. Shared: q_abs, olat, c_t [dc each], q_pe, k_pe,t [dr each], block_weighted_rows' part; the
-   scores go to scores [H, max_len]; exact fp32. The pointers are __restrict__ and the loops over s
-   unrolled, so a warp has several keys' loads in flight, and a block has MHC_DECODE_ATT_THREADS threads:
-   H blocks leave most SMs idle, so each waits on memory, and more warps keep more rows loading at once. */
+   scores go to scores [H, max_len]; exact fp32. A warp has a whole key's loads in flight
+   (lane_dot_rows), and a block has MHC_DECODE_ATT_THREADS threads: H blocks leave most SMs idle, so each
+   waits on memory, and more warps keep more rows loading at once. */
 #define MHC_DECODE_ATT_THREADS 1024
 static size_t decode_attention_smem_bytes(int dc, int dr) {
     return sizeof(float) * (3 * (size_t)dc + 2 * (size_t)dr + MHC_DECODE_ATT_THREADS / 32 * MHC_DECODE_COLS);
@@ -2528,11 +2544,9 @@ mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, f
     if (h == 0)
         for (int i = threadIdx.x; i < dr; i += blockDim.x) kpe[(size_t)t * dr + i] = kt[i];
     __syncthreads();
-#pragma unroll 2
     for (int s = threadIdx.x / 32; s <= t; s += warps) {
         const float *cs = s < t ? ckv + (size_t)s * dc : ct, *ks = s < t ? kpe + (size_t)s * dr : kt;
-        float dot = 0;
-        for (int k = lane; k < dc; k += 32) dot += qa[k] * cs[k];
+        float dot = lane_dot_rows(qa, cs, dc);
         for (int i = lane; i < dr; i += 32) dot += qp[i] * ks[i];
         dot = warp_reduce(dot, SumOp());
         if (lane == 0) sc[s] = dot * scale;
