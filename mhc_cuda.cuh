@@ -159,6 +159,12 @@ typedef struct {
 #endif
 #endif
 
+/* Decode's kernels launched overlapped (programmatic dependent launch, section 0): 1, or 0 for plain
+   launches (the same kernels and results; dev/gpu_check.sh times both) */
+#ifndef MHC_OVERLAPPED_LAUNCH
+#define MHC_OVERLAPPED_LAUNCH 1
+#endif
+
 #define MHC_LOGIT_BLOCKS 64      /* blocks of a pass over the V logits: the argmax's keys, the softmax denominator's parts */
 #define MHC_TOP_K_MAX 256        /* the most candidates mhc_gpu_decode_top_k finds (a larger top-k samples on the host) */
 #define MHC_TOP_K_TILE 2048      /* keys a block of the top-k sorts at once, in shared memory (16 KB)                  */
@@ -272,6 +278,55 @@ static cublasHandle_t gpu_blas_handle(void) {
 #define MHC_BLOCK 256            /* threads of the elementwise kernels                       */
 #define MHC_ROW_WARPS 4          /* warps per block of the one-warp-per-row kernels          */
 static unsigned mhc_blocks(size_t count, int per_block) { return (unsigned)((count + per_block - 1) / per_block); }
+
+/* Programmatic dependent launch (sm_90): decode's kernels are each a few microseconds, and between two
+   of them a GPU otherwise drains the first grid before it launches the next. A kernel launched with
+   overlapped_launch may be launched while the kernel before it in the stream still runs, once that
+   kernel has called grid_dependents_launch; it then first calls grid_dependency_wait, which returns
+   once every grid it depends on has finished and its writes are visible. Such a kernel may do only
+   what depends on no earlier kernel before its wait: compute indices and pull its weights toward L2
+   (prefetch_l2), which decode never writes. It calls grid_dependents_launch right after the wait, not
+   before: the kernel after it then starts while this one runs, never while the one before does. A
+   kernel launched the plain way, or after a memory copy, returns from the wait at once. The host pass
+   (dev/cuda_emu) runs kernels one after another, so there both calls do nothing. */
+__device__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* a line of 128 bytes per lane from p [n floats] toward L2, every lane of the warp calling */
+__device__ void prefetch_l2(const float *p, size_t n) {
+#if defined(__CUDA_ARCH__)
+    for (size_t k = (threadIdx.x % 32) * 32; k < n; k += 32 * 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + k));
+#else
+    (void)p;
+    (void)n;
+#endif
+}
+
+/* the configuration of a launch of grid x block threads with smem bytes of dynamic shared memory, on
+   stream 0 (the default stream the build picked, as a plain launch uses), with programmatic dependent
+   launch allowed (above) unless MHC_OVERLAPPED_LAUNCH is 0; launched by cudaLaunchKernelEx with the kernel
+   and its arguments */
+static cudaLaunchConfig_t overlapped_launch(dim3 grid, dim3 block, size_t smem) {
+    static cudaLaunchAttribute overlap;          /* the same for every launch; configs point at it */
+    overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    overlap.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = 0;
+    config.attrs = &overlap;
+    config.numAttrs = MHC_OVERLAPPED_LAUNCH ? 1 : 0;
+    return config;
+}
 
 static void *arena_alloc(MhcGpuArena *ar, size_t bytes) {
     void *p = NULL;
@@ -416,19 +471,23 @@ static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int
 /* out[O] = W[O,Ci] @ in[Ci], one warp per output: the product of a lone row (decode), a GEMV that only
    reads W once, so it is done in exact fp32 in every precision. cuBLAS took 5.0 us on average for
    decode's, this 4.4 (small, H100, 2026-11-23). With W2 given, outputs [O, O + O2) are out2 = W2 @ in in
-   the same launch: two products of one vector, one launch fewer where a launch costs more than the work. */
+   the same launch: two products of one vector, one launch fewer where a launch costs more than the work.
+   Launched overlapped: the warp's row of W heads for L2 while the kernel before still runs. */
 __global__ void matvec_kernel(float *out, const float *W, int O, float *out2, const float *W2, int O2, const float *in, int Ci) {
     int o = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32;
-    if (o >= O + O2) return;
-    const float *row = o < O ? W + (size_t)o * Ci : W2 + (size_t)(o - O) * Ci;
+    const float *row = o < O ? W + (size_t)o * Ci : o < O + O2 ? W2 + (size_t)(o - O) * Ci : NULL;
+    if (row) prefetch_l2(row, Ci);
+    grid_dependency_wait();
+    grid_dependents_launch();
+    if (!row) return;
     float s = warp_dot(row, in, Ci);
     if (threadIdx.x % 32 == 0) *(o < O ? out + o : out2 + (o - O)) = s;
 }
 
 /* out [O] = W in, and where W2 is given (else NULL, O2 0) out2 [O2] = W2 in, in one launch */
 static void gpu_matvec(float *out, const float *W, int O, float *out2, const float *W2, int O2, const float *in, int Ci) {
-    matvec_kernel<<<mhc_blocks((size_t)O + O2, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(out, W, O, out2, W2, O2, in, Ci);
-    LAUNCH_CHECK();
+    cudaLaunchConfig_t config = overlapped_launch(mhc_blocks((size_t)O + O2, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS, 0);
+    CUDA_CHECK(cudaLaunchKernelEx(&config, matvec_kernel, out, W, O, out2, W2, O2, in, Ci));
 }
 
 /* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row; mhc.h matmul_forward); N = 1 by matvec_kernel */
@@ -1601,8 +1660,8 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    rmsnorm_forward_kernel makes it). A lone token's time is a chain of waits on memory, so every block
    issues all the loads it will need before it waits on the first: phi's rows, the merge's inputs, and
    by cp.async the parameters only the last block uses (alpha, b, g: into dynamic shared memory,
-   lone_params_floats). A template parameter, so that the many-token kernel carries none of its
-   registers. */
+   lone_params_floats). Launched overlapped (section 0): phi's first rows are loading before the wait.
+   A template parameter, so that the many-token kernel carries none of its registers. */
 typedef struct {
     const float *phi;
     int iters;
@@ -1644,7 +1703,9 @@ __device__ int lone_token_slice(float *h, float *h_shared, float *sumsq, float *
     int m = n * n + 2 * n, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     int c = blockIdx.x * MHC_LONE_SLICE + lane;
     float ph[MHC_LONE_OUTS][MHC_MAX_STREAMS], xc[MHC_MAX_STREAMS], f = 0;   /* xc: x[j][c], j < n */
-    lone_phi_round(ph, one->phi, warp, warps, m, n, C, c);
+    lone_phi_round(ph, one->phi, warp, warps, m, n, C, c);   /* phi, a weight: loading across the wait */
+    grid_dependency_wait();
+    grid_dependents_launch();
 #pragma unroll
     for (int j = 0; j < MHC_MAX_STREAMS; j++) {     /* merging: warp 0's inputs; else the streams themselves */
         const float *src = one->merged ? one->prev_X : x;
@@ -1817,9 +1878,10 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_
             exit(1);
         }
         one.lone = *lone;
-        mhc_coeffs_pre_forward_kernel<true><<<lone_blocks(C), MHC_TOKEN_THREADS, sizeof(float) * lone_params_floats(n, C)>>>(
-            y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
-        LAUNCH_CHECK();
+        size_t smem = sizeof(float) * lone_params_floats(n, C);
+        cudaLaunchConfig_t config = overlapped_launch(lone_blocks(C), MHC_TOKEN_THREADS, smem);
+        CUDA_CHECK(cudaLaunchKernelEx(&config, mhc_coeffs_pre_forward_kernel<true>, y, H, a, r, h, X, alpha, b, n, C,
+                                      (float)eps_rms, one));
         return;
     }
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, n * C, n * n + 2 * n);
@@ -2511,7 +2573,8 @@ __device__ float lane_dot_rows(const float *a, const float *__restrict__ row, in
    W_ukv. Shared: q_abs, olat, c_t [dc each], q_pe, k_pe,t [dr each], block_weighted_rows' part; the
    scores go to scores [H, max_len]; exact fp32. A warp has a whole key's loads in flight
    (lane_dot_rows), and a block has MHC_DECODE_ATT_THREADS threads: H blocks leave most SMs idle, so each
-   waits on memory, and more warps keep more rows loading at once. */
+   waits on memory, and more warps keep more rows loading at once. Launched overlapped (section 0):
+   W_ukv[h] heads for L2 before the wait. */
 #define MHC_DECODE_ATT_THREADS 1024
 static size_t decode_attention_smem_bytes(int dc, int dr) {
     return sizeof(float) * (3 * (size_t)dc + 2 * (size_t)dr + MHC_DECODE_ATT_THREADS / 32 * MHC_DECODE_COLS);
@@ -2524,8 +2587,12 @@ mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, f
                             float scale, float eps, double theta) {
     extern __shared__ float smem[];
     float *qa = smem, *ol = qa + dc, *ct = ol + dc, *qp = ct + dc, *kt = qp + dr, *part = kt + dr;
-    int h = blockIdx.x, lane = threadIdx.x % 32, warps = blockDim.x / 32, t = *pos, half = dr / 2;
+    int h = blockIdx.x, lane = threadIdx.x % 32, warps = blockDim.x / 32, half = dr / 2;
     const float *qn = q + (size_t)h * (dn + dr), *w = wukv + (size_t)h * (dn + dv) * dc;
+    for (int i = threadIdx.x / 32; i < dn + dv; i += warps) prefetch_l2(w + (size_t)i * dc, dc);
+    grid_dependency_wait();
+    grid_dependents_launch();
+    int t = *pos;
     float *sc = scores + (size_t)h * max_len, ss = 0;
     for (int k = threadIdx.x; k < dc; k += blockDim.x) {
         ct[k] = raw[k];
@@ -2596,6 +2663,8 @@ __global__ void __launch_bounds__(32 * MHC_ROUTE_WARPS) moe_route_kernel(int *se
     extern __shared__ double route_smem[];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + warp;
+    grid_dependency_wait();                         /* launched overlapped (section 0): z is the router's */
+    grid_dependents_launch();
     if (t >= (size_t)N) return;
     double *score = (double *)((char *)route_smem + warp * route_warp_bytes(E, G, K)), *gscore = score + E;
     int *picked = (int *)(gscore + G);
@@ -2655,9 +2724,9 @@ static void gpu_moe_route(int *sel, float *w, float *s, const float *bias, int N
     size_t per = route_warp_bytes(E, G, K);
     int warps = (int)(48 * 1024 / per);
     warps = warps < 1 ? 1 : warps > MHC_ROUTE_WARPS ? MHC_ROUTE_WARPS : warps;
-    moe_route_kernel<<<mhc_blocks((size_t)N, warps), 32 * warps, warps * per>>>(sel, w, s, bias, N, E, K, G, c->n_limited_groups,
-                                                                                 c->route_scale);
-    LAUNCH_CHECK();
+    cudaLaunchConfig_t config = overlapped_launch(mhc_blocks((size_t)N, warps), 32 * warps, warps * per);
+    CUDA_CHECK(cudaLaunchKernelEx(&config, moe_route_kernel, sel, w, s, bias, N, E, K, G, c->n_limited_groups,
+                                  c->route_scale));
 }
 
 __global__ void moe_count_kernel(int *count, const int *sel, int NK) {
@@ -2729,7 +2798,9 @@ __global__ void moe_combine_kernel(float *out, const float *src, const int *row,
    one launch each way:
      up:   h[k][i] = silu(W1_k[i] . u) (W3_k[i] . u),   i < rows, each set's slots   grid (K0 + K1, rows / 8)
      down: out[c] = sum over s0's slots, then s1's, of w_k (W2_k[c] . h[k]),  c < C  grid (C / 8)
-   Exact fp32 (warp_dot), the slots summed in order as moe_combine_kernel does. */
+   Exact fp32 (warp_dot), the slots summed in order as moe_combine_kernel does. Both are launched
+   overlapped (section 0): the rows of slots that need no selection (sel NULL: dense FFNs, the shared
+   experts) head for L2 before the wait. */
 typedef struct {
     const float *w1, *w3, *w2;
     const int *sel;
@@ -2743,6 +2814,12 @@ __global__ void ffn_decode_up_kernel(MhcFfnSlots s0, MhcFfnSlots s1, const float
     int k = blockIdx.x, i = blockIdx.y * 8 + threadIdx.x / 32;
     MhcFfnSlots s = k < s0.K ? s0 : s1;
     k = k < s0.K ? k : k - s0.K;
+    if (!s.sel && i < s.rows) {
+        prefetch_l2(s.w1 + (size_t)i * C, C);
+        prefetch_l2(s.w3 + (size_t)i * C, C);
+    }
+    grid_dependency_wait();
+    grid_dependents_launch();
     if (i >= s.rows) return;
     size_t at = (s.sel ? (size_t)s.sel[k] * s.w_stride : 0) + (size_t)i * C;
     float a = warp_dot(s.w1 + at, u, C), g = warp_dot(s.w3 + at, u, C);
@@ -2760,6 +2837,10 @@ __device__ float ffn_decode_down_sum(float acc, const MhcFfnSlots &s, int c) {
 
 __global__ void ffn_decode_down_kernel(float *out, MhcFfnSlots s0, MhcFfnSlots s1, int C) {
     int c = blockIdx.x * 8 + threadIdx.x / 32;
+    if (c < C && s0.K && !s0.sel) prefetch_l2(s0.w2 + (size_t)c * s0.rows, s0.rows);
+    if (c < C && s1.K && !s1.sel) prefetch_l2(s1.w2 + (size_t)c * s1.rows, s1.rows);
+    grid_dependency_wait();
+    grid_dependents_launch();
     if (c >= C) return;
     float acc = ffn_decode_down_sum(ffn_decode_down_sum(0.0f, s0, c), s1, c);
     if (threadIdx.x % 32 == 0) out[c] = acc;
@@ -3216,10 +3297,10 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank;
     float *ckv = cache->ckv + (size_t)l * cache->max_len * dc, *kpe = cache->kpe + (size_t)l * cache->max_len * dr;
     float *q = gpu_mla_query(g, &cache->acts, l, u, 1, cache->lat_raw), *o = cache->acts.a.o + (size_t)l * H * dv;
-    mla_decode_attention_kernel<<<H, MHC_DECODE_ATT_THREADS, decode_attention_smem_bytes(dc, dr)>>>(
-        o, cache->scores, ckv, kpe, q, cache->lat_raw, b->kv_norm, b->wukv, cache->pos, cache->max_len, dc, dr, dn, dv,
-        (float)(1.0 / sqrt((double)dqk)), (float)c->rms_eps, c->rope_theta);
-    LAUNCH_CHECK();
+    cudaLaunchConfig_t config = overlapped_launch(H, MHC_DECODE_ATT_THREADS, decode_attention_smem_bytes(dc, dr));
+    CUDA_CHECK(cudaLaunchKernelEx(&config, mla_decode_attention_kernel, o, cache->scores, ckv, kpe, q, cache->lat_raw,
+                                  b->kv_norm, b->wukv, cache->pos, cache->max_len, dc, dr, dn, dv,
+                                  (float)(1.0 / sqrt((double)dqk)), (float)c->rms_eps, c->rope_theta));
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, b->wo, 1, H * dv, C);
 }
 
@@ -3250,10 +3331,10 @@ static void gpu_ffn_decode(float *out, const float *u, const MhcFfnSlots *s0, co
     memset(&none, 0, sizeof none);
     if (!s1) s1 = &none;
     int rows = s0->rows > s1->rows ? s0->rows : s1->rows;
-    ffn_decode_up_kernel<<<dim3(s0->K + s1->K, mhc_blocks((size_t)rows, 8)), 256>>>(*s0, *s1, u, C);
-    LAUNCH_CHECK();
-    ffn_decode_down_kernel<<<mhc_blocks((size_t)C, 8), 256>>>(out, *s0, *s1, C);
-    LAUNCH_CHECK();
+    cudaLaunchConfig_t up = overlapped_launch(dim3(s0->K + s1->K, mhc_blocks((size_t)rows, 8)), 256, 0);
+    CUDA_CHECK(cudaLaunchKernelEx(&up, ffn_decode_up_kernel, *s0, *s1, u, C));
+    cudaLaunchConfig_t down = overlapped_launch(mhc_blocks((size_t)C, 8), 256, 0);
+    CUDA_CHECK(cudaLaunchKernelEx(&down, ffn_decode_down_kernel, out, *s0, *s1, C));
 }
 
 /* SPEC §11 forward of layer l: out [N,C] = Shared(u) + sum_Sel w_i Expert_i(u); its loads go to

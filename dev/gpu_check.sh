@@ -2,9 +2,10 @@
 # dev/gpu_check.sh - the checks one call on the GPU machine should make, logs under $OUT (default
 # runs/gpu_check): `make gpu`, the GPU test group, the mHC kernels' bandwidth (dev/bench_mhc), and where
 # a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers, where small's
-# batch-1 decode time goes, and what limits the mHC kernels (with NCU=1: ncu sections; the full report in
-# ncu_mhc.txt). About 3 minutes on an H100 (2026-11-23); the full benchmark table is dev/bench.sh. Needs the default
-# corpus. At most eight files under $OUT, the most one device call brings back.
+# batch-1 decode time goes (with overlapped launches and without: MHC_OVERLAPPED_LAUNCH), and what limits
+# the mHC kernels (with NCU=1: ncu sections; the full report in ncu_mhc.txt). About 3 minutes on an H100
+# (2026-11-23); the full benchmark table is dev/bench.sh. Needs the default corpus. At most eight files
+# under $OUT, the most one device call brings back.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export OUT=${OUT:-runs/gpu_check}
@@ -32,6 +33,16 @@ NAME=profile_3b timeout 200 bash dev/profile.sh --preset 3b --set n_layers=4 --b
 for graph in 1 0; do                   # each token one CUDA graph, then kernel by kernel
     ./infer_gpu runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 64 --temperature 0 \
         --graph $graph 2>&1 >/dev/null | tail -n 1
+done
+# the same with plain launches (MHC_OVERLAPPED_LAUNCH=0), twice each way, to tell what overlapped launches give
+nvcc -O3 -arch=sm_90 -std=c++17 -x cu --default-stream per-thread -Xcompiler -fopenmp -DMHC_OVERLAPPED_LAUNCH=0 infer.c \
+    -o runs/infer_gpu_plain -lcublas >>"$OUT/build.log" 2>&1 || echo "gpu_check: the plain-launch build failed"
+for bin in ./runs/infer_gpu_plain ./infer_gpu ./runs/infer_gpu_plain ./infer_gpu; do
+    for graph in 1 0; do
+        printf '%s --graph %s: ' "$bin" "$graph"
+        $bin runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 256 --temperature 0 \
+            --graph $graph 2>&1 >/dev/null | tail -n 1
+    done
 done
 # sampled (--temperature 0.8, top-k 40 on the GPU), then a step's parts: logits to the host, greedy, sampled
 ./infer_gpu runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 64 2>&1 >/dev/null | tail -n 1

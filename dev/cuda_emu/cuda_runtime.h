@@ -133,6 +133,23 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsig
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream);
 cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
 cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+/* cudaLaunchKernelEx: launch.py rewrites each call into emu_launch_config. Blocks and kernels run one
+   after another here, so a programmatic dependent launch (its attribute) changes nothing. */
+enum cudaLaunchAttributeID { cudaLaunchAttributeProgrammaticStreamSerialization = 6 };
+union cudaLaunchAttributeValue { int programmaticStreamSerializationAllowed; };
+struct cudaLaunchAttribute { cudaLaunchAttributeID id; cudaLaunchAttributeValue val; };
+struct cudaLaunchConfig_t {
+    dim3 gridDim, blockDim;
+    size_t dynamicSmemBytes;
+    cudaStream_t stream;
+    cudaLaunchAttribute *attrs;
+    unsigned numAttrs;
+};
+static inline cudaError_t emu_launch_config(const char *name, const void *func, const cudaLaunchConfig_t &config,
+                                            std::function<void()> body) {
+    emu_launch(name, func, config.gridDim, config.blockDim, config.dynamicSmemBytes, body);
+    return cudaSuccess;
+}
 static inline cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
 static inline cudaError_t cudaDeviceGetAttribute(int *v, int, int) { *v = EMU_SMEM_OPTIN; return cudaSuccess; }
 cudaError_t cudaFuncSetAttribute(const void *, int, int value);

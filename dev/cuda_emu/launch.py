@@ -4,8 +4,10 @@
   launch.py IN OUT [IN OUT ...]
 
 Every launch `kernel<<<grid, block[, smem]>>>(args);` becomes a call of emu_launch with a closure that
-calls the kernel with the same arguments (evaluated once, at the launch), and every
-`extern __shared__ T name[];` becomes a pointer into the launch's dynamic shared memory."""
+calls the kernel with the same arguments (evaluated once, at the launch), as does every
+`cudaLaunchKernelEx(&config, kernel, args)` (an expression: emu_launch_config, which takes grid, block
+and shared memory from the config), and every `extern __shared__ T name[];` becomes a pointer into the
+launch's dynamic shared memory."""
 import re
 import sys
 
@@ -53,7 +55,27 @@ def matching_paren(src, p):
     raise SystemExit("launch.py: unbalanced parentheses after a launch")
 
 
+def rewrite_launch_ex(src):
+    out, i = [], 0
+    while True:
+        j = src.find("cudaLaunchKernelEx(", i)
+        if j < 0:
+            out.append(src[i:])
+            return "".join(out)
+        p = j + len("cudaLaunchKernelEx")
+        q = matching_paren(src, p)
+        parts = split_top_level(src[p + 1:q])
+        config, kernel, args = parts[0].strip(), parts[1].strip(), ",".join(parts[2:])
+        if not config.startswith("&"):
+            raise SystemExit("launch.py: cudaLaunchKernelEx's config must be given as &name")
+        out.append(src[i:j])
+        out.append('emu_launch_config("%s", (const void *)%s, %s, [=, emu_args = std::make_tuple(%s)]() { std::apply(%s, emu_args); })'
+                   % (kernel.split("<")[0], kernel, config[1:], args, kernel))
+        i = q + 1
+
+
 def rewrite(src):
+    src = rewrite_launch_ex(src)
     src = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];", r"\1 *\2 = (\1 *)emu_dynamic_smem;", src)
     out, i = [], 0
     while True:
