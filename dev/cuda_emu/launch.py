@@ -55,50 +55,53 @@ def matching_paren(src, p):
     raise SystemExit("launch.py: unbalanced parentheses after a launch")
 
 
-def rewrite_launch_ex(src):
+def rewrite_each(src, marker, one):
+    """src with every launch that marker starts rewritten: one(src, j) gives (start, end, text) for the
+    one whose marker is at j, text replacing src[start:end]"""
     out, i = [], 0
     while True:
-        j = src.find("cudaLaunchKernelEx(", i)
+        j = src.find(marker, i)
         if j < 0:
             out.append(src[i:])
             return "".join(out)
-        p = j + len("cudaLaunchKernelEx")
-        q = matching_paren(src, p)
-        parts = split_top_level(src[p + 1:q])
-        config, kernel, args = parts[0].strip(), parts[1].strip(), ",".join(parts[2:])
-        if not config.startswith("&"):
-            raise SystemExit("launch.py: cudaLaunchKernelEx's config must be given as &name")
-        out.append(src[i:j])
-        out.append('emu_launch_config("%s", (const void *)%s, %s, [=, emu_args = std::make_tuple(%s)]() { std::apply(%s, emu_args); })'
-                   % (kernel.split("<")[0], kernel, config[1:], args, kernel))
-        i = q + 1
+        start, end, text = one(src, j)
+        out.append(src[i:start])
+        out.append(text)
+        i = end
+
+
+def launch_ex(src, j):
+    p = j + len("cudaLaunchKernelEx")
+    q = matching_paren(src, p)
+    parts = split_top_level(src[p + 1:q])
+    config, kernel, args = parts[0].strip(), parts[1].strip(), ",".join(parts[2:])
+    if not config.startswith("&"):
+        raise SystemExit("launch.py: cudaLaunchKernelEx's config must be given as &name")
+    return j, q + 1, ('emu_launch_config("%s", (const void *)%s, %s, [=, emu_args = std::make_tuple(%s)]() '
+                      '{ std::apply(%s, emu_args); })' % (kernel.split("<")[0], kernel, config[1:], args, kernel))
+
+
+def launch_chevrons(src, j):
+    start = kernel_name_start(src, j)
+    kernel = src[start:j]
+    e = src.find(">>>", j)
+    config = split_top_level(src[j + 3:e])
+    if len(config) == 2:
+        config.append("0")
+    p = e + 3
+    if src[p] != "(":
+        raise SystemExit("launch.py: expected '(' after >>> for " + kernel)
+    q = matching_paren(src, p)
+    args = src[p + 1:q]
+    return start, q + 1, ('do { auto emu_args = std::make_tuple(%s); emu_launch("%s", (const void *)%s, dim3(%s), dim3(%s), %s, '
+                          '[=]() { std::apply(%s, emu_args); }); } while (0)'
+                          % (args, kernel.split("<")[0], kernel, config[0], config[1], config[2], kernel))
 
 
 def rewrite(src):
-    src = rewrite_launch_ex(src)
+    src = rewrite_each(src, "cudaLaunchKernelEx(", launch_ex)
     src = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];", r"\1 *\2 = (\1 *)emu_dynamic_smem;", src)
-    out, i = [], 0
-    while True:
-        j = src.find("<<<", i)
-        if j < 0:
-            out.append(src[i:])
-            return "".join(out)
-        start = kernel_name_start(src, j)
-        kernel = src[start:j]
-        e = src.find(">>>", j)
-        config = split_top_level(src[j + 3:e])
-        if len(config) == 2:
-            config.append("0")
-        p = e + 3
-        if src[p] != "(":
-            raise SystemExit("launch.py: expected '(' after >>> for " + kernel)
-        q = matching_paren(src, p)
-        args = src[p + 1:q]
-        out.append(src[i:start])
-        out.append('do { auto emu_args = std::make_tuple(%s); emu_launch("%s", (const void *)%s, dim3(%s), dim3(%s), %s, '
-                   '[=]() { std::apply(%s, emu_args); }); } while (0)'
-                   % (args, kernel.split("<")[0], kernel, config[0], config[1], config[2], kernel))
-        i = q + 1
+    return rewrite_each(src, "<<<", launch_chevrons)
 
 
 for src_path, dst_path in zip(sys.argv[1::2], sys.argv[2::2]):
