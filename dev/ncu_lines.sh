@@ -1,25 +1,23 @@
 #!/usr/bin/env bash
-# dev/ncu_lines.sh - where a decode kernel's warps wait, line by line: infer_gpu built with -lineinfo,
-# one launch of each kernel named in KERNELS under Nsight Compute's warp-state sampling (SourceCounters,
+# dev/ncu_lines.sh - where a decode kernel's warps wait, instruction by instruction: one launch of each
+# kernel named in KERNELS under Nsight Compute's warp-state sampling (SourceCounters,
 # WarpStateStats), then the SASS instructions with the most stall samples and their stall reasons
 # (dev/ncu_lines_top.py). ncu's default sampling period leaves a 20 us kernel with about 100 samples
 # (H100, 2026-11-23): enough for the FFN kernels, too few for the pre-stage. Writes
-# $OUT/lines_<kernel>.txt (OUT defaults to runs/ncu_lines). Needs the default corpus; a GPU.
+# $OUT/lines_<kernel>.txt (OUT defaults to runs/ncu_lines). Needs `make gpu` done, the default corpus; a GPU.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-runs/ncu_lines}
 KERNELS=${KERNELS:-"mhc_coeffs_pre_forward_kernel mla_decode_attention_kernel ffn_decode_up_kernel ffn_decode_down_kernel matvec_kernel"}
 mkdir -p "$OUT" runs/ncu_lines_scratch
 ncu --version | tail -n 1
-NVCCFLAGS="-O3 -arch=sm_90 -lineinfo" make -B -j4 train_gpu infer_gpu >runs/ncu_lines_scratch/build.log 2>&1 ||
-    { tail -20 runs/ncu_lines_scratch/build.log; exit 1; }
 CK=runs/ncu_lines_scratch/ckpt
 [ -f $CK/model.safetensors ] || ./train_gpu --preset "${PRESET:-small}" --batch 1 --seq-len 256 --steps 1 --eval-every 1 \
     --eval-batches 1 --out $CK >/dev/null 2>&1 || { echo "ncu_lines: no checkpoint"; exit 1; }
 for k in $KERNELS; do
     rep=runs/ncu_lines_scratch/$k
     ncu -f -k "regex:$k" --launch-skip "${SKIP:-40}" -c 1 --section SourceCounters --section WarpStateStats \
-        --section SpeedOfLight --import-source yes -o "$rep" ./infer_gpu $CK/model.safetensors --prompt "The state of the Union" \
+        --section SpeedOfLight -o "$rep" ./infer_gpu $CK/model.safetensors --prompt "The state of the Union" \
         --max-tokens 16 --temperature 0 --graph 0 >"$rep.log" 2>&1
     [ -f "$rep.ncu-rep" ] || { tail -8 "$rep.log"; continue; }
     { ncu -i "$rep.ncu-rep" --page details --print-units base 2>&1 | grep -E "Duration|Warp Cycles Per Issued|Stall|Elapsed Cycles|Registers" | head -12
