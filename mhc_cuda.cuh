@@ -3197,18 +3197,33 @@ static void gpu_attention_forward(const MhcBlas *bl, float *o, float *lse, const
     }
 }
 
+/* the backward's two kernels (section 4), each launched on its own (dev/bench_attention times them apart) */
 template <int P>
-static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const MmaElem<P> *d_o,
-                                          const float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe,
-                                          int B, MhcAttShape sh) {
-    const int rows = att_query_rows(P);
+static void gpu_attention_backward_kv_launch(float *dkv, float *dkpe_h, const float *D, const MmaElem<P> *d_o, const float *lse,
+                                             const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, int B,
+                                             MhcAttShape sh) {
     size_t bytes = att_smem_optin((const void *)attention_backward_kv_kernel<P>, att_backward_kv_smem_bytes<P>(sh));
     attention_backward_kv_kernel<P><<<att_grid(B, sh, MHC_ATT_TILE), 32 * MHC_ATT_KV_WARPS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q,
                                                                                                   kv, kpe, sh);
     LAUNCH_CHECK();
-    bytes = att_smem_optin((const void *)attention_backward_q_kernel<P>, att_backward_q_smem_bytes<P>(sh));
+}
+
+template <int P>
+static void gpu_attention_backward_q_launch(float *dq, const float *D, const MmaElem<P> *d_o, const float *lse,
+                                            const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, int B,
+                                            MhcAttShape sh) {
+    const int rows = att_query_rows(P);
+    size_t bytes = att_smem_optin((const void *)attention_backward_q_kernel<P>, att_backward_q_smem_bytes<P>(sh));
     attention_backward_q_kernel<P><<<att_grid(B, sh, rows), 32 * (rows / 16), bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
     LAUNCH_CHECK();
+}
+
+template <int P>
+static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const MmaElem<P> *d_o,
+                                          const float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe,
+                                          int B, MhcAttShape sh) {
+    gpu_attention_backward_kv_launch<P>(dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
+    gpu_attention_backward_q_launch<P>(dq, D, d_o, lse, q, kv, kpe, B, sh);
 }
 
 /* SPEC §9 backward of the attention core given d_o [N, H*d_v]: dq, dkv (k_nope and v parts) and dkpe

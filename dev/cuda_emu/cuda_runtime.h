@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <algorithm>
 #include <functional>
 #include <tuple>
@@ -148,6 +149,30 @@ struct cudaLaunchConfig_t {
 static inline cudaError_t emu_launch_config(const char *name, const void *func, const cudaLaunchConfig_t &config,
                                             std::function<void()> body) {
     emu_launch(name, func, config.gridDim, config.blockDim, config.dynamicSmemBytes, body);
+    return cudaSuccess;
+}
+/* events hold the host's clock when recorded (kernels run at their launch here), so dev/'s benchmarks run
+   through the emulation as a check that they work; their times are the emulation's, not a GPU's */
+struct emu_event { double seconds; };
+typedef emu_event *cudaEvent_t;
+static inline cudaError_t cudaEventCreate(cudaEvent_t *e) {
+    *e = (cudaEvent_t)calloc(1, sizeof(emu_event));
+    return *e ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+static inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = 0) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    e->seconds = ts.tv_sec + 1e-9 * ts.tv_nsec;
+    return cudaSuccess;
+}
+static inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+static inline cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t stop) {
+    *ms = (float)(1e3 * (stop->seconds - start->seconds));
+    return cudaSuccess;
+}
+struct cudaDeviceProp { char name[256]; };
+static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
+    snprintf(p->name, sizeof p->name, "the CPU emulation (dev/cuda_emu)");
     return cudaSuccess;
 }
 static inline cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
