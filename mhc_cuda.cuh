@@ -729,6 +729,7 @@ __device__ void mma_row(float (&acc)[NF][4], const MmaFragA<P> &a, const typenam
 template <int P, bool NMajor, int NF>
 __device__ void mma_smem(float (&acc)[NF][4], const typename MmaOperand<P>::elem *A, int lda, int r0,
                          const typename MmaOperand<P>::elem *B, int ldb, int K, int n0, int nstep, int n) {
+#pragma unroll
     for (int k0 = 0; k0 < K; k0 += 16) mma_row<P, NMajor>(acc, mma_load_a<P, false>(A, lda, r0, k0), B, ldb, k0, n0, nstep, n);
 }
 
@@ -2067,6 +2068,18 @@ typedef struct {
 #define MHC_LOG2E 1.4426950408889634f
 
 static __host__ __device__ int att_width(int d) { return (d + 15) / 16 * 16; }   /* k steps of 16 */
+
+/* sh with its head dims d_n, d_r, d_v replaced by DN, DR, DV where those are not 0: the kernels are
+   instanced with the presets' dims fixed at compile time (gpu_attention_kernels), so that every loop over
+   a head's columns has a known trip count: the products unroll completely, whole accumulator tiles that
+   the dims leave unused drop out of the registers, and the tile loads index without divisions. 0 keeps
+   the dims read at run time (any shape). */
+template <int DN, int DR, int DV> __device__ MhcAttShape att_fixed_dims(MhcAttShape sh) {
+    if (DN) sh.dn = DN;
+    if (DR) sh.dr = DR;
+    if (DV) sh.dv = DV;
+    return sh;
+}
 static __host__ __device__ int att_ld(int d) { return att_width(d) + 8; }
 
 /* rows of the forward's and dQ's query tile, a warp per 16: 128 in bf16 (half the K, V traffic per query),
@@ -2271,10 +2284,11 @@ static size_t att_smem_most(MhcAttShape sh) {
    K and V have one buffer each and take turns (FlashAttention-2's pipeline): V of this tile arrives while
    S = Q K^T is computed, and K of the next tile while the softmax and O += P V are, so in BF16 (cp.async)
    a tile's loads overlap the other half's products instead of stalling the block. */
-template <int P>
+template <int P, int DN, int DR, int DV>
 __global__ void __launch_bounds__(32 * (att_query_rows(P) / 16))
-attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape sh) {
+attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape dims) {
     typedef typename MmaOperand<P>::elem elem;
+    const MhcAttShape sh = att_fixed_dims<DN, DR, DV>(dims);
     extern __shared__ __align__(32) float smem[];
     const int rows = att_query_rows(P);
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
@@ -2331,11 +2345,12 @@ __global__ void attention_rowdot_kernel(float *D, const float *d_o, const float 
    sum over the key tiles up to the diagonal of dS K, with P = exp(Sc - lse) and dS = scale P (dP - D)
    (SPEC §9's softmax backward, the score scale folded in). K and V take turns as in the forward: the next
    V arrives while S, dS and dS K are computed, the next K while dP = dO V^T is. */
-template <int P>
+template <int P, int DN, int DR, int DV>
 __global__ void __launch_bounds__(32 * (att_query_rows(P) / 16))
 attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, const float *D, const MmaElem<P> *q,
-                            const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape sh) {
+                            const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape dims) {
     typedef typename MmaOperand<P>::elem elem;
+    const MhcAttShape sh = att_fixed_dims<DN, DR, DV>(dims);
     extern __shared__ __align__(32) float smem[];
     const int rows = att_query_rows(P);
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
@@ -2396,11 +2411,12 @@ attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, 
    queries 32 (w / 4) .. +31 of the tile, for dK and dV the 8-column tiles of parity w / 4.
    Q and dO have one buffer each and take turns: the next dO (with its rows' lse and D) arrives while
    dK += dS^T Q is computed, the next Q while dP^T = V dO^T is. */
-template <int P>
+template <int P, int DN, int DR, int DV>
 __global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS)
 attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, const float *lse, const float *D,
-                             const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape sh) {
+                             const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape dims) {
     typedef typename MmaOperand<P>::elem elem;
+    const MhcAttShape sh = att_fixed_dims<DN, DR, DV>(dims);
     extern __shared__ __align__(32) float smem[];
     int dqk = sh.dn + sh.dr, dv = sh.dv, b = blockIdx.x / sh.H, h = blockIdx.x % sh.H, s0 = blockIdx.y * MHC_ATT_TILE;
     int warp = threadIdx.x / 32, kr0 = warp % (MHC_ATT_TILE / 16) * 16, half = warp / (MHC_ATT_TILE / 16);
@@ -3172,58 +3188,74 @@ static size_t att_smem_optin(const void *kernel, size_t bytes) {
    first */
 static dim3 att_grid(int B, MhcAttShape sh, int rows) { return dim3((unsigned)(B * sh.H), mhc_blocks((size_t)sh.T, rows)); }
 
-/* SPEC §9 causal attention with the shared k_pe: o [N, H*d_v] and the per-row lse [B,H,T] */
-template <int P>
-static void gpu_attention_forward_launch(float *o, float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe,
-                                         int B, MhcAttShape sh) {
-    const int rows = att_query_rows(P);
-    size_t bytes = att_smem_optin((const void *)attention_forward_kernel<P>, att_forward_smem_bytes<P>(sh));
-    attention_forward_kernel<P><<<att_grid(B, sh, rows), 32 * (rows / 16), bytes>>>(o, lse, q, kv, kpe, sh);
-    LAUNCH_CHECK();
-}
+/* One call of the attention kernels at precision P: which of them to launch (MHC_ATT_* bits: the forward
+   makes o [N, H*d_v] and lse [B,H,T]; the backward's dK/dV kernel dkv and dkpe_h, its dQ kernel dq; both
+   read lse and D [B,H,T]) and their buffers, the operands in P's element type. */
+enum { MHC_ATT_FORWARD = 1, MHC_ATT_BACKWARD_KV = 2, MHC_ATT_BACKWARD_Q = 4 };
+template <int P> struct MhcAttCall {
+    float *o, *lse_out, *dq, *dkv, *dkpe_h;
+    const float *lse, *D;
+    const MmaElem<P> *q, *kv, *kpe, *d_o;
+    int B;
+    MhcAttShape sh;
+};
 
-/* bl->precision: the operands of the tile products, bf16 or TF32 on tensor cores or exact fp32 (section 4);
-   BF16 also uses bl's scratch for the bf16 copies */
-static void gpu_attention_forward(const MhcBlas *bl, float *o, float *lse, const float *q, const float *kv, const float *kpe,
-                                  int B, int T, const MhcConfig *c) {
-    MhcAttShape sh = att_shape(c, T);
-    if (bl->precision == MHC_PREC_BF16) {
-        MhcAttBf16 x = att_bf16_copies(bl, q, kv, kpe, NULL, B * T, c);
-        gpu_attention_forward_launch<MHC_PREC_BF16>(o, lse, x.q, x.kv, x.kpe, B, sh);
-    } else if (bl->precision == MHC_PREC_TF32) {
-        gpu_attention_forward_launch<MHC_PREC_TF32>(o, lse, q, kv, kpe, B, sh);
-    } else {
-        gpu_attention_forward_launch<MHC_PREC_FP32>(o, lse, q, kv, kpe, B, sh);
+/* the kernels of x.which instanced for head dims DN, DR, DV (0: read at run time; att_fixed_dims) */
+template <int P, int DN, int DR, int DV> static void gpu_attention_kernels_at(int which, const MhcAttCall<P> &x) {
+    const int rows = att_query_rows(P);
+    size_t bytes;
+    if (which & MHC_ATT_FORWARD) {
+        bytes = att_smem_optin((const void *)attention_forward_kernel<P, DN, DR, DV>, att_forward_smem_bytes<P>(x.sh));
+        attention_forward_kernel<P, DN, DR, DV><<<att_grid(x.B, x.sh, rows), 32 * (rows / 16), bytes>>>(x.o, x.lse_out, x.q,
+                                                                                                     x.kv, x.kpe, x.sh);
+        LAUNCH_CHECK();
+    }
+    if (which & MHC_ATT_BACKWARD_KV) {
+        bytes = att_smem_optin((const void *)attention_backward_kv_kernel<P, DN, DR, DV>, att_backward_kv_smem_bytes<P>(x.sh));
+        attention_backward_kv_kernel<P, DN, DR, DV><<<att_grid(x.B, x.sh, MHC_ATT_TILE), 32 * MHC_ATT_KV_WARPS, bytes>>>(
+            x.dkv, x.dkpe_h, x.d_o, x.lse, x.D, x.q, x.kv, x.kpe, x.sh);
+        LAUNCH_CHECK();
+    }
+    if (which & MHC_ATT_BACKWARD_Q) {
+        bytes = att_smem_optin((const void *)attention_backward_q_kernel<P, DN, DR, DV>, att_backward_q_smem_bytes<P>(x.sh));
+        attention_backward_q_kernel<P, DN, DR, DV><<<att_grid(x.B, x.sh, rows), 32 * (rows / 16), bytes>>>(
+            x.dq, x.d_o, x.lse, x.D, x.q, x.kv, x.kpe, x.sh);
+        LAUNCH_CHECK();
     }
 }
 
-/* the backward's two kernels (section 4), each launched on its own (dev/bench_attention times them apart) */
-template <int P>
-static void gpu_attention_backward_kv_launch(float *dkv, float *dkpe_h, const float *D, const MmaElem<P> *d_o, const float *lse,
-                                             const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, int B,
-                                             MhcAttShape sh) {
-    size_t bytes = att_smem_optin((const void *)attention_backward_kv_kernel<P>, att_backward_kv_smem_bytes<P>(sh));
-    attention_backward_kv_kernel<P><<<att_grid(B, sh, MHC_ATT_TILE), 32 * MHC_ATT_KV_WARPS, bytes>>>(dkv, dkpe_h, d_o, lse, D, q,
-                                                                                                  kv, kpe, sh);
-    LAUNCH_CHECK();
+/* SPEC §9 causal attention with the shared k_pe: the kernels of `which` at precision P, on tensor cores
+   instanced for the presets' head dims where x's are those (small: d_n 64, d_r 32, d_v 64; 3b and up:
+   128, 64, 128), else reading them at run time (FP32, the tests' exact mode, always does) */
+template <int P> static void gpu_attention_kernels(int which, const MhcAttCall<P> &x) {
+    const MhcAttShape &sh = x.sh;
+    if constexpr (P != MHC_PREC_FP32) {
+        if (sh.dn == 128 && sh.dr == 64 && sh.dv == 128) return gpu_attention_kernels_at<P, 128, 64, 128>(which, x);
+        if (sh.dn == 64 && sh.dr == 32 && sh.dv == 64) return gpu_attention_kernels_at<P, 64, 32, 64>(which, x);
+    }
+    gpu_attention_kernels_at<P, 0, 0, 0>(which, x);
 }
 
-template <int P>
-static void gpu_attention_backward_q_launch(float *dq, const float *D, const MmaElem<P> *d_o, const float *lse,
-                                            const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, int B,
-                                            MhcAttShape sh) {
-    const int rows = att_query_rows(P);
-    size_t bytes = att_smem_optin((const void *)attention_backward_q_kernel<P>, att_backward_q_smem_bytes<P>(sh));
-    attention_backward_q_kernel<P><<<att_grid(B, sh, rows), 32 * (rows / 16), bytes>>>(dq, d_o, lse, D, q, kv, kpe, sh);
-    LAUNCH_CHECK();
+/* which of the kernels at bl->precision: the operands of the tile products, bf16 or TF32 on tensor cores or
+   exact fp32 (section 4). BF16 first makes bf16 copies of q, kv, kpe and (the backward) d_o in bl's scratch. */
+static void gpu_attention_launch(const MhcBlas *bl, int which, float *o, float *lse_out, float *dq, float *dkv, float *dkpe_h,
+                                 const float *lse, const float *D, const float *q, const float *kv, const float *kpe,
+                                 const float *d_o, int B, int T, const MhcConfig *c) {
+    MhcAttShape sh = att_shape(c, T);
+    if (bl->precision == MHC_PREC_BF16) {
+        MhcAttBf16 x = att_bf16_copies(bl, q, kv, kpe, d_o, B * T, c);
+        gpu_attention_kernels<MHC_PREC_BF16>(which, {o, lse_out, dq, dkv, dkpe_h, lse, D, x.q, x.kv, x.kpe, x.d_o, B, sh});
+    } else if (bl->precision == MHC_PREC_TF32) {
+        gpu_attention_kernels<MHC_PREC_TF32>(which, {o, lse_out, dq, dkv, dkpe_h, lse, D, q, kv, kpe, d_o, B, sh});
+    } else {
+        gpu_attention_kernels<MHC_PREC_FP32>(which, {o, lse_out, dq, dkv, dkpe_h, lse, D, q, kv, kpe, d_o, B, sh});
+    }
 }
 
-template <int P>
-static void gpu_attention_backward_launch(float *dq, float *dkv, float *dkpe_h, const float *D, const MmaElem<P> *d_o,
-                                          const float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe,
-                                          int B, MhcAttShape sh) {
-    gpu_attention_backward_kv_launch<P>(dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
-    gpu_attention_backward_q_launch<P>(dq, D, d_o, lse, q, kv, kpe, B, sh);
+/* o [N, H*d_v] = softmax(scores) V per row, lse [B,H,T] */
+static void gpu_attention_forward(const MhcBlas *bl, float *o, float *lse, const float *q, const float *kv, const float *kpe,
+                                  int B, int T, const MhcConfig *c) {
+    gpu_attention_launch(bl, MHC_ATT_FORWARD, o, lse, NULL, NULL, NULL, NULL, NULL, q, kv, kpe, NULL, B, T, c);
 }
 
 /* SPEC §9 backward of the attention core given d_o [N, H*d_v]: dq, dkv (k_nope and v parts) and dkpe
@@ -3235,14 +3267,8 @@ static void gpu_attention_backward(const MhcBlas *bl, float *dq, float *dkv, flo
     int rows = B * sh.H * T;
     attention_rowdot_kernel<<<mhc_blocks((size_t)rows, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(D, d_o, o, sh, rows);
     LAUNCH_CHECK();
-    if (bl->precision == MHC_PREC_BF16) {
-        MhcAttBf16 x = att_bf16_copies(bl, q, kv, kpe, d_o, B * T, c);
-        gpu_attention_backward_launch<MHC_PREC_BF16>(dq, dkv, dkpe_h, D, x.d_o, lse, x.q, x.kv, x.kpe, B, sh);
-    } else if (bl->precision == MHC_PREC_TF32) {
-        gpu_attention_backward_launch<MHC_PREC_TF32>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
-    } else {
-        gpu_attention_backward_launch<MHC_PREC_FP32>(dq, dkv, dkpe_h, D, d_o, lse, q, kv, kpe, B, sh);
-    }
+    gpu_attention_launch(bl, MHC_ATT_BACKWARD_KV | MHC_ATT_BACKWARD_Q, NULL, NULL, dq, dkv, dkpe_h, lse, D, q, kv, kpe, d_o, B,
+                         T, c);
     size_t count = (size_t)B * T * sh.dr;
     kpe_grad_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(dkpe, dkpe_h, B * T, sh.H, sh.dr);
     LAUNCH_CHECK();

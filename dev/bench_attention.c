@@ -46,30 +46,27 @@ static void bench_row(const char *kernel, const BenchAtt *x, const char *prec, d
            x->sh.dn + x->sh.dr, x->sh.dv, prec, ms, tflops, 100 * tflops / peak);
 }
 
-/* the three kernels at precision P on x's buffers (ops: P's operand copies), REPS launches each after one
-   untimed launch (which also loads the kernel: CUDA loads code at a kernel's first launch) */
+/* one kernel (which: an MHC_ATT_* bit) at precision P on x's buffers, REPS launches after one untimed
+   launch (which also loads the kernel: CUDA loads code at a kernel's first launch) */
+template <int P>
+static float bench_kernel(int which, const MhcAttCall<P> &call, BenchTimer *tm) {
+    gpu_attention_kernels<P>(which, call);
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_attention_kernels<P>(which, call);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    return bench_ms(tm);
+}
+
+/* the three kernels at precision P, its operands q, kv, kpe, d_o */
 template <int P>
 static void bench_kernels(BenchAtt *x, BenchTimer *tm, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe,
                           const MmaElem<P> *d_o, const char *prec, double peak) {
     MhcAttShape sh = x->sh;
     double pairs = (double)x->B * sh.H * sh.T * (sh.T + 1) / 2.0, dqk = sh.dn + sh.dr, dv = sh.dv;
-    gpu_attention_forward_launch<P>(x->o, x->lse, q, kv, kpe, x->B, sh);
-    CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_attention_forward_launch<P>(x->o, x->lse, q, kv, kpe, x->B, sh);
-    CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("forward", x, prec, 2 * pairs * (dqk + dv), bench_ms(tm), peak);
-
-    gpu_attention_backward_kv_launch<P>(x->dkv, x->dkpe_h, x->D, d_o, x->lse, q, kv, kpe, x->B, sh);
-    CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_attention_backward_kv_launch<P>(x->dkv, x->dkpe_h, x->D, d_o, x->lse, q, kv, kpe, x->B, sh);
-    CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("dK, dV", x, prec, 2 * pairs * (2 * dqk + 2 * dv), bench_ms(tm), peak);
-
-    gpu_attention_backward_q_launch<P>(x->dq, x->D, d_o, x->lse, q, kv, kpe, x->B, sh);
-    CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_attention_backward_q_launch<P>(x->dq, x->D, d_o, x->lse, q, kv, kpe, x->B, sh);
-    CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("dQ", x, prec, 2 * pairs * (2 * dqk + dv), bench_ms(tm), peak);
+    MhcAttCall<P> call = {x->o, x->lse, x->dq, x->dkv, x->dkpe_h, x->lse, x->D, q, kv, kpe, d_o, x->B, sh};
+    bench_row("forward", x, prec, 2 * pairs * (dqk + dv), bench_kernel<P>(MHC_ATT_FORWARD, call, tm), peak);
+    bench_row("dK, dV", x, prec, 2 * pairs * (2 * dqk + 2 * dv), bench_kernel<P>(MHC_ATT_BACKWARD_KV, call, tm), peak);
+    bench_row("dQ", x, prec, 2 * pairs * (2 * dqk + dv), bench_kernel<P>(MHC_ATT_BACKWARD_Q, call, tm), peak);
 }
 
 static int bench_shape(BenchTimer *tm, const char *preset, int B, int T) {
@@ -93,7 +90,8 @@ static int bench_shape(BenchTimer *tm, const char *preset, int B, int T) {
     x.dq = bench_buffer(N * H * dqk, 8, 0.0f);
     x.dkv = bench_buffer(N * H * (sh.dn + sh.dv), 9, 0.0f);
     x.dkpe_h = bench_buffer(N * H * sh.dr, 10, 0.0f);
-    gpu_attention_forward_launch<MHC_PREC_TF32>(x.o, x.lse, x.q, x.kv, x.kpe, B, sh);   /* lse, o, D as in training */
+    MhcAttCall<MHC_PREC_TF32> forward = {x.o, x.lse, NULL, NULL, NULL, NULL, NULL, x.q, x.kv, x.kpe, NULL, B, sh};
+    gpu_attention_kernels<MHC_PREC_TF32>(MHC_ATT_FORWARD, forward);   /* lse, o, D as in training */
     attention_rowdot_kernel<<<mhc_blocks(rows, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(x.D, x.d_o, x.o, sh, (int)rows);
     LAUNCH_CHECK();
 
