@@ -2087,8 +2087,15 @@ static __host__ __device__ int att_ld(int d) { return att_width(d) + 8; }
 static constexpr __host__ __device__ int att_query_rows(int P) { return P == MHC_PREC_BF16 ? 128 : 64; }
 
 /* key s is visible to query t: causal, and a real key (a padding query row t >= T still sees the real
-   keys, so its softmax stays finite) */
-__device__ bool att_visible(int t, int s, MhcAttShape sh) { return s <= t && s < sh.T; }
+   keys, so its softmax stays finite). MASKED false: the caller knows that it is (att_block_masked). */
+template <bool MASKED> __device__ bool att_visible(int t, int s, MhcAttShape sh) { return !MASKED || (s <= t && s < sh.T); }
+
+/* whether a block of queries t_first .. +t_count-1 and keys s_first .. +s_count-1 needs the mask: not
+   when every key precedes every query and every query is real (then so is every key). Most of a long
+   sequence's tiles are below the diagonal; the kernels run those with MASKED false, no test per score. */
+__device__ bool att_block_masked(int t_first, int t_count, int s_first, int s_count, MhcAttShape sh) {
+    return s_first + s_count - 1 > t_first || t_first + t_count > sh.T;
+}
 
 /* acc[j] += S B[0 .. 64, columns 8j .. 8j+7] with S a warp's [16, 64] register scores (P or dS) and B a
    key tile kept as rows of keys (V or K) */
@@ -2186,9 +2193,9 @@ __device__ int att_acc_row(int e) { return threadIdx.x % 32 / 4 + 8 * (e / 2); }
 __device__ int att_acc_col(int j, int e) { return 8 * j + 2 * (threadIdx.x % 4) + e % 2; }
 
 /* P = exp(scale s - lse) = exp2(scale_log2 s - lse log2 e) where key k is visible to a real query t,
-   else 0 */
-__device__ float att_prob(float s, float lse, int t, int k, MhcAttShape sh) {
-    return t < sh.T && att_visible(t, k, sh) ? exp2f(sh.scale_log2 * s - MHC_LOG2E * lse) : 0.0f;
+   else 0 (MASKED false: it is) */
+template <bool MASKED> __device__ float att_prob(float s, float lse, int t, int k, MhcAttShape sh) {
+    return !MASKED || (t < sh.T && att_visible<true>(t, k, sh)) ? exp2f(sh.scale_log2 * s - MHC_LOG2E * lse) : 0.0f;
 }
 
 /* One key tile of the online softmax on a warp's score rows S [16, 64] (queries t_0 + row, keys s0 +
@@ -2196,7 +2203,7 @@ __device__ float att_prob(float s, float lse, int t, int k, MhcAttShape sh) {
    m_new) row by row, and S becomes exp(scale S - m_new) (0 where not visible). m is in log2 units (the
    max of scale_log2 S), every exponential an exp2. m is finite from the first tile on: key 0 is visible
    to every row. The four lanes of a row (same g) combine with two shuffles. */
-template <int NF>
+template <bool MASKED, int NF>
 __device__ void att_online_softmax(float (&S)[MHC_ATT_KEY_FRAGS][4], float (&O)[NF][4], float (&m)[2], float (&l)[2],
                                    int t_0, int s0, MhcAttShape sh) {
 #pragma unroll
@@ -2206,7 +2213,8 @@ __device__ void att_online_softmax(float (&S)[MHC_ATT_KEY_FRAGS][4], float (&O)[
         for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
 #pragma unroll
             for (int e = 2 * r; e < 2 * r + 2; e++) {
-                S[j][e] = att_visible(t_0 + att_acc_row(e), s0 + att_acc_col(j, e), sh) ? sh.scale_log2 * S[j][e] : -INFINITY;
+                S[j][e] = att_visible<MASKED>(t_0 + att_acc_row(e), s0 + att_acc_col(j, e), sh) ? sh.scale_log2 * S[j][e]
+                                                                                                 : -INFINITY;
                 m_new = fmaxf(m_new, S[j][e]);
             }
         m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
@@ -2312,7 +2320,8 @@ attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaEle
         __syncthreads();                                    /* every warp is done with K */
         if (more) att_load_k<P>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, sh);
         cp_async_commit();                                  /* (empty on the last tile: the count stays) */
-        if (active) att_online_softmax(S, O, m, l, t0 + r0, s0, sh);
+        if (active && att_block_masked(t0 + r0, 16, s0, MHC_ATT_TILE, sh)) att_online_softmax<true>(S, O, m, l, t0 + r0, s0, sh);
+        else if (active) att_online_softmax<false>(S, O, m, l, t0 + r0, s0, sh);
         cp_async_wait<1>();                                 /* V of this tile is in (the next K may come) */
         __syncthreads();
         if (active) att_mma_scores<P>(O, S, Vs, att_ld(dv), att_width(dv) / 8);
@@ -2339,6 +2348,43 @@ __global__ void attention_rowdot_kernel(float *D, const float *d_o, const float 
     for (int c = lane; c < sh.dv; c += 32) sum += d_o[base + c] * o[base + c];
     sum = warp_reduce(sum, SumOp());
     if (lane == 0) D[row] = sum;
+}
+
+/* dS = scale P (dP - D) on a warp's [16, 64] tiles (queries t_0 + row, keys s0 + column): dS holds dP
+   = dO V^T and becomes dS; S holds the scores; lse_r, D_r are this lane's two rows' (SPEC §9's softmax
+   backward, the score scale folded in) */
+template <bool MASKED>
+__device__ void att_score_grads(float (&dS)[MHC_ATT_KEY_FRAGS][4], const float (&S)[MHC_ATT_KEY_FRAGS][4],
+                                const float (&lse_r)[2], const float (&D_r)[2], int t_0, int s0, MhcAttShape sh) {
+#pragma unroll
+    for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float p = att_prob<MASKED>(S[j][e], lse_r[e / 2], t_0 + att_acc_row(e), s0 + att_acc_col(j, e), sh);
+            dS[j][e] = sh.scale * p * (dS[j][e] - D_r[e / 2]);
+        }
+}
+
+/* The dK, dV kernel's P^T and dS^T of a warp's [16 keys, 32 queries] tiles (keys s0 + kr0 + row, queries
+   t0 + qc0 + column; St the transposed scores, dPt = V dO^T) into the shared tiles Pt, dSt [64 keys, 64
+   queries], rounded to the operand precision: a lane's two adjacent queries, one pair store each. lse_s,
+   D_s: the query tile's rows. */
+template <int P, bool MASKED>
+__device__ void att_store_score_grads_t(MmaElem<P> *Pt, MmaElem<P> *dSt, const float (&St)[MHC_ATT_KEY_FRAGS / 2][4],
+                                        const float (&dPt)[MHC_ATT_KEY_FRAGS / 2][4], const float *lse_s, const float *D_s,
+                                        int kr0, int qc0, int t0, int s0, MhcAttShape sh) {
+    typedef MmaOperand<P> Op;
+#pragma unroll
+    for (int j = 0; j < MHC_ATT_KEY_FRAGS / 2; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+            int i = kr0 + att_acc_row(e), c = qc0 + att_acc_col(j, e);
+            float p0 = att_prob<MASKED>(St[j][e], lse_s[c], t0 + c, s0 + i, sh);
+            float p1 = att_prob<MASKED>(St[j][e + 1], lse_s[c + 1], t0 + c + 1, s0 + i, sh);
+            float ds0 = sh.scale * p0 * (dPt[j][e] - D_s[c]), ds1 = sh.scale * p1 * (dPt[j][e + 1] - D_s[c + 1]);
+            *(typename Op::pair *)(Pt + i * MHC_ATT_PLD + c) = Op::make(Op::round(p0), Op::round(p1));
+            *(typename Op::pair *)(dSt + i * MHC_ATT_PLD + c) = Op::make(Op::round(ds0), Op::round(ds1));
+        }
 }
 
 /* grid (B*H, query tiles, last first as in the forward): dq [N,H,d_qk] of rows t0 .. t0+query_rows-1 =
@@ -2388,13 +2434,8 @@ attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, 
         __syncthreads();
         if (active) {
             mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
-#pragma unroll
-            for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float p = att_prob(S[j][e], lse_r[e / 2], t0 + r0 + att_acc_row(e), s0 + att_acc_col(j, e), sh);
-                    dS[j][e] = sh.scale * p * (dS[j][e] - D_r[e / 2]);
-                }
+            if (att_block_masked(t0 + r0, 16, s0, MHC_ATT_TILE, sh)) att_score_grads<true>(dS, S, lse_r, D_r, t0 + r0, s0, sh);
+            else att_score_grads<false>(dS, S, lse_r, D_r, t0 + r0, s0, sh);
             att_mma_scores<P>(dQ, dS, Ks, att_ld(dqk), att_width(dqk) / 8);
         }
         __syncthreads();                                    /* every warp is done with K */
@@ -2445,18 +2486,10 @@ attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, c
         cp_async_wait<0>();                                 /* Q of this tile is in */
         __syncthreads();
         mma_smem<P, true>(St, Ks, att_ld(dqk), kr0, Qs, att_ld(dqk), att_width(dqk), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
-#pragma unroll
-        for (int j = 0; j < MHC_ATT_KEY_FRAGS / 2; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e += 2) {              /* a lane's two adjacent queries, one pair store each */
-                int i = kr0 + att_acc_row(e), c = qc0 + att_acc_col(j, e);
-                float p0 = att_prob(St[j][e], lse_s[c], t0 + c, s0 + i, sh);
-                float p1 = att_prob(St[j][e + 1], lse_s[c + 1], t0 + c + 1, s0 + i, sh);
-                float ds0 = sh.scale * p0 * (dPt[j][e] - D_s[c]), ds1 = sh.scale * p1 * (dPt[j][e + 1] - D_s[c + 1]);
-                typedef MmaOperand<P> Op;
-                *(typename Op::pair *)(Pt + i * MHC_ATT_PLD + c) = Op::make(Op::round(p0), Op::round(p1));
-                *(typename Op::pair *)(dSt + i * MHC_ATT_PLD + c) = Op::make(Op::round(ds0), Op::round(ds1));
-            }
+        if (att_block_masked(t0 + qc0, MHC_ATT_TILE / 2, s0 + kr0, 16, sh))
+            att_store_score_grads_t<P, true>(Pt, dSt, St, dPt, lse_s, D_s, kr0, qc0, t0, s0, sh);
+        else
+            att_store_score_grads_t<P, false>(Pt, dSt, St, dPt, lse_s, D_s, kr0, qc0, t0, s0, sh);
         __syncthreads();                                    /* P^T, dS^T are complete */
         mma_smem<P, false>(dV, Pt, MHC_ATT_PLD, kr0, dOs, att_ld(dv), MHC_ATT_TILE, 8 * half, 16, nv);   /* P^T dO */
         __syncthreads();                                    /* every warp is done with dO, lse, D */
