@@ -1353,6 +1353,9 @@ __global__ void stream_pre_backward_kernel(float *dX, float *dH, const float *dy
 }
 
 #define MHC_MAX_STREAMS 16       /* hc_mult's upper bound (mhc.h checks 1..16) */
+#define MHC_SK_N 4               /* the n (every preset's hc_mult) that the Sinkhorn kernels and the merge's
+                                    forward (float4s) and backward (one pass) are compiled for; other n take
+                                    the generic ones */
 
 /* SPEC §3 merge, output stream i of one channel: H_post[i] f + sum_j H_res[i][j] x[j] over the n streams,
    x [MHC_MAX_STREAMS] the channel's inputs (in registers), H the token's coefficients [m] */
@@ -1364,49 +1367,120 @@ __device__ float stream_merge_one(const float *H, const float *x, float f, int n
     return xo;
 }
 
-/* The merge of one token's channel c: Xo[i][c] for the n streams. Xo, X: the token's streams [n, C]; H:
-   its coefficients [m]; f: its branch output [C]. The n inputs X[j][c] are read once, into registers
-   (loops over MHC_MAX_STREAMS unroll fully). */
-__device__ void stream_merge_channel(float *Xo, const float *H, const float *X, const float *f, int n, int C, int c) {
-    float x[MHC_MAX_STREAMS], ft = f[c];
+/* W consecutive floats at p into v, and v back to p: one 16-byte access where W = 4 (p 16-byte aligned) */
+template <int W> __device__ void load_floats(float (&v)[W], const float *p) {
+    if constexpr (W == 4) {
+        float4 q = *(const float4 *)p;
+        v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+    } else {
 #pragma unroll
-    for (int j = 0; j < MHC_MAX_STREAMS; j++) x[j] = j < n ? X[(size_t)j * C + c] : 0.0f;
-    for (int i = 0; i < n; i++) Xo[(size_t)i * C + c] = stream_merge_one(H, x, ft, n, i);
+        for (int w = 0; w < W; w++) v[w] = p[w];
+    }
+}
+template <int W> __device__ void store_floats(float *p, const float (&v)[W]) {
+    if constexpr (W == 4) {
+        *(float4 *)p = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int w = 0; w < W; w++) p[w] = v[w];
+    }
 }
 
-/* the merge of every token, one thread per (token, channel) for all n output streams */
+/* The merge of one token's channels c .. c+W-1: Xo[i][c ..] for the n streams. Xo, X: the token's streams
+   [n, C]; H: its coefficients [m]; f: its branch output [C]. The n W inputs are read once, into registers
+   (loops over NS or MHC_MAX_STREAMS unroll fully), and each coefficient once for the W channels: W = 4
+   moves 4 channels of a stream as one float4, a quarter of the load instructions of one channel at a
+   time. NS: n fixed at compile time (MHC_SK_N), so that the W n inputs fit in registers; 0: n as given. */
+template <int W, int NS>
+__device__ void stream_merge_channels(float *Xo, const float *H, const float *X, const float *f, int n, int C, int c) {
+    constexpr int NMAX = NS ? NS : MHC_MAX_STREAMS;
+    if (NS) n = NS;
+    float x[W][NMAX], ft[W];
+    load_floats<W>(ft, f + c);
+#pragma unroll
+    for (int j = 0; j < NMAX; j++) {
+        float v[W];
+#pragma unroll
+        for (int w = 0; w < W; w++) v[w] = 0.0f;
+        if (j < n) load_floats<W>(v, X + (size_t)j * C + c);
+#pragma unroll
+        for (int w = 0; w < W; w++) x[w][j] = v[w];
+    }
+    for (int i = 0; i < n; i++) {
+        float out[W];
+#pragma unroll
+        for (int w = 0; w < W; w++) out[w] = stream_merge_one(H, x[w], ft[w], n, i);
+        store_floats<W>(Xo + (size_t)i * C + c, out);
+    }
+}
+
+/* the merge of every token, one thread per (token, W channels) for all n output streams */
+template <int W, int NS>
 __global__ void stream_merge_forward_kernel(float *Xo, const float *H, const float *X, const float *f, int N, int n, int C, int m) {
+    int groups = C / W;
     size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)N * C) return;
-    size_t t = idx / C;
-    stream_merge_channel(Xo + t * n * C, H + t * m, X + t * n * C, f + t * C, n, C, (int)(idx - t * C));
+    if (idx >= (size_t)N * groups) return;
+    size_t t = idx / groups;
+    stream_merge_channels<W, NS>(Xo + t * n * C, H + t * m, X + t * n * C, f + t * C, n, C, (int)(idx - t * groups) * W);
 }
 
-/* SPEC §5.1, one block per token: df = H_post^T dX' and dX = H_res^T dX' (PATH 1, overwrite; threads over
-   c); dH_post[i] = dX'[i] . f and dH_res[i][j] = dX'[i] . X[j] (one warp per coefficient) */
+/* SPEC §5.1, one warp per token: df = H_post^T dX' and dX = H_res^T dX' (PATH 1, overwrite; lanes over
+   c), dH_post[i] = dX'[i] . f and dH_res[i][j] = dX'[i] . X[j]. NS = MHC_SK_N (n fixed at compile time):
+   one pass over the token's channels, the n + n^2 coefficients' dot products kept in registers as the
+   lane goes, then summed over the warp (a butterfly: a fixed order); every input is read once. NS = 0
+   (any n): a second pass makes the coefficients one after another, reading the streams again from cache. */
+template <int NS>
 __global__ void stream_merge_backward_kernel(float *dX, float *df, float *dH, const float *dXo, const float *H, const float *X,
-                                             const float *f, int n, int C, int m) {
-    size_t t = blockIdx.x;
+                                             const float *f, int N, int n, int C, int m) {
+    constexpr int NMAX = NS ? NS : MHC_MAX_STREAMS, NDOT = NS ? NS + NS * NS : 1;
+    if (NS) n = NS;
+    size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+    if (t >= (size_t)N) return;                     /* the warp's lanes leave together */
+    int lane = threadIdx.x % 32;
     const float *dXot = dXo + t * n * C, *Xt = X + t * n * C, *ft = f + t * C, *Ht = H + t * m;
-    float *dXt = dX + t * n * C;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float d = 0;
-        for (int i = 0; i < n; i++) d += Ht[n + i] * dXot[i * C + c];
-        df[t * C + c] = d;
+    float *dXt = dX + t * n * C, dot[NDOT];         /* dot[i]: dH_post[i]; dot[n + i n + j]: dH_res[i][j] */
+#pragma unroll
+    for (int q = 0; q < NDOT; q++) dot[q] = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float d[NMAX], fc = ft[c], dfc = 0;
+#pragma unroll
+        for (int i = 0; i < NMAX; i++) d[i] = i < n ? dXot[(size_t)i * C + c] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < NMAX; i++)
+            if (i < n) dfc += Ht[n + i] * d[i];
+        df[t * C + c] = dfc;
         for (int j = 0; j < n; j++) {
             float dx = 0;
-            for (int i = 0; i < n; i++) dx += Ht[2 * n + i * n + j] * dXot[i * C + c];
-            dXt[j * C + c] = dx;
+#pragma unroll
+            for (int i = 0; i < NMAX; i++)
+                if (i < n) dx += Ht[2 * n + i * n + j] * d[i];
+            dXt[(size_t)j * C + c] = dx;
+            if constexpr (NS != 0) {
+                float xj = Xt[(size_t)j * C + c];
+#pragma unroll
+                for (int i = 0; i < NS; i++) dot[NS + i * NS + j] += d[i] * xj;
+            }
+        }
+        if constexpr (NS != 0) {
+#pragma unroll
+            for (int i = 0; i < NS; i++) dot[i] += d[i] * fc;
         }
     }
-    int lane = threadIdx.x % 32;
-    for (int k = n + threadIdx.x / 32; k < m; k += blockDim.x / 32) {
-        int i = k < 2 * n ? k - n : (k - 2 * n) / n;
-        const float *other = k < 2 * n ? ft : Xt + (size_t)((k - 2 * n) % n) * C;
-        float d = 0;
-        for (int c = lane; c < C; c += 32) d += dXot[i * C + c] * other[c];
-        d = warp_reduce(d, SumOp());
-        if (lane == 0) dH[t * m + k] = d;
+    if constexpr (NS != 0) {
+#pragma unroll
+        for (int q = 0; q < NDOT; q++) {
+            float sum = warp_reduce(dot[q], SumOp());
+            if (lane == 0) dH[t * m + n + q] = sum;
+        }
+    } else {
+        for (int k = n; k < m; k++) {
+            int i = k < 2 * n ? k - n : (k - 2 * n) / n;
+            const float *other = k < 2 * n ? ft : Xt + (size_t)((k - 2 * n) % n) * C;
+            float sum = 0;
+            for (int c = lane; c < C; c += 32) sum += dXot[(size_t)i * C + c] * other[c];
+            sum = warp_reduce(sum, SumOp());
+            if (lane == 0) dH[t * m + k] = sum;
+        }
     }
 }
 
@@ -1426,13 +1500,19 @@ static void gpu_stream_pre_backward(float *dX, float *dH, const float *dy, const
     stream_pre_backward_kernel<<<N, 128>>>(dX, dH, dy, H, X, n, C, m);
     LAUNCH_CHECK();
 }
+/* float4 channels at n = MHC_SK_N where C and the buffers allow (every preset), else one at a time */
 static void gpu_stream_merge_forward(float *Xo, const float *H, const float *X, const float *f, int N, int n, int C, int m) {
-    stream_merge_forward_kernel<<<mhc_blocks((size_t)N * C, MHC_BLOCK), MHC_BLOCK>>>(Xo, H, X, f, N, n, C, m);
+    if (n == MHC_SK_N && C % 4 == 0 && ((uintptr_t)Xo | (uintptr_t)X | (uintptr_t)f) % 16 == 0)
+        stream_merge_forward_kernel<4, MHC_SK_N><<<mhc_blocks((size_t)N * C / 4, MHC_BLOCK), MHC_BLOCK>>>(Xo, H, X, f, N, n, C, m);
+    else
+        stream_merge_forward_kernel<1, 0><<<mhc_blocks((size_t)N * C, MHC_BLOCK), MHC_BLOCK>>>(Xo, H, X, f, N, n, C, m);
     LAUNCH_CHECK();
 }
 static void gpu_stream_merge_backward(float *dX, float *df, float *dH, const float *dXo, const float *H, const float *X,
                                       const float *f, int N, int n, int C, int m) {
-    stream_merge_backward_kernel<<<N, 128>>>(dX, df, dH, dXo, H, X, f, n, C, m);
+    unsigned blocks = mhc_blocks((size_t)N, MHC_ROW_WARPS);   /* a warp per token */
+    if (n == MHC_SK_N) stream_merge_backward_kernel<MHC_SK_N><<<blocks, 32 * MHC_ROW_WARPS>>>(dX, df, dH, dXo, H, X, f, N, n, C, m);
+    else stream_merge_backward_kernel<0><<<blocks, 32 * MHC_ROW_WARPS>>>(dX, df, dH, dXo, H, X, f, N, n, C, m);
     LAUNCH_CHECK();
 }
 
@@ -1453,7 +1533,6 @@ static void gpu_stream_merge_backward(float *dX, float *df, float *dH, const flo
    A team keeps its token's matrices in shared memory, entry (i, j) at [i n + j]. Scratch per token, in
    floats: M [n*n] forward (a step scales it in place); backward the tape Y [steps+1][n*n] (Y[0] = M_0,
    Y[k] after step k) and G [n*n], steps = 2 t_max. */
-#define MHC_SK_N 4               /* the n the Sinkhorn kernels are compiled for; other n take the generic ones */
 #define MHC_SK_WARPS 4           /* warps per Sinkhorn block, fewer where their scratch passes 48 KB */
 #define MHC_TOKEN_THREADS 256    /* threads of a streaming block (one token)                       */
 #define MHC_LONE_SLICE 32        /* channels of each stream per block of a lone token's pre-stage: a lane each */
@@ -1647,7 +1726,8 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    with the projection, a = alpha r (phi x) + b, so the norm's statistic |x|^2 needs no second GEMM: the
    block reads the token's streams once for it, makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), and
    reads the streams again (from L2) for the pre-mix y [N,C] = sum_j H_pre[j] X[j]. Writes h, a, H [N,m]
-   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]).
+   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]). W = 4 reads the streams and writes y as
+   float4s (C a multiple of 4: every preset), W = 1 a float at a time (other C, and LONE below).
    LONE (a lone token: decode), where a launch costs more than the work, has one launch do the rest as well
    (MhcPreToken), over ceil(C / MHC_LONE_SLICE) blocks. Block s takes channels [32 s, 32 s + 32) of every
    stream, a lane each (lone_token_slice): with merged given, first the previous sublayer's merge of those
@@ -1669,7 +1749,7 @@ typedef struct {
     float eps_sk;
     float *u, *u_rstd;
     const float *g;
-    float *merged;                           /* NULL, or X, made as stream_merge_channel(prev_H, prev_X, prev_f) */
+    float *merged;                           /* NULL, or X, made as stream_merge_channels(prev_H, prev_X, prev_f) */
     const float *prev_H, *prev_X, *prev_f;
     MhcLoneScratch lone;
 } MhcPreToken;
@@ -1786,7 +1866,7 @@ __device__ int lone_token_slice(float *h, float *h_shared, float *sumsq, float *
     return 1;
 }
 
-template <bool LONE>
+template <bool LONE, int W>
 __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
     float *y, float *H, float *a, float *r_out, float *h, const float *X, const float *alpha, const float *b, int n, int C,
     float eps_rms, MhcPreToken one) {
@@ -1807,8 +1887,13 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
         b = lone_params + 3;
         g = lone_params + 3 + m;
     } else {
-#pragma unroll 4
-        for (int q = threadIdx.x; q < nC; q += blockDim.x) ss += x[q] * x[q];
+#pragma unroll 2
+        for (int q = threadIdx.x * W; q < nC; q += blockDim.x * W) {
+            float v[W];
+            load_floats<W>(v, x + q);
+#pragma unroll
+            for (int w = 0; w < W; w++) ss += v[w] * v[w];
+        }
         ss = block_reduce(ss, SumOp());
     }
     float r = 1.0f / sqrtf(ss / nC + eps_rms);
@@ -1838,12 +1923,19 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
         first = threadIdx.x < 32 ? C : threadIdx.x - 32;
         stride = blockDim.x - 32;
     }
-    for (int c = first; c < C; c += stride) {
-        float sum = 0;
+    for (int c = first * W; c < C; c += stride * W) {   /* W channels of y from W channels of each stream */
+        float sum[W], v[W];
 #pragma unroll
-        for (int j = 0; j < MHC_MAX_STREAMS; j++)
-            if (j < n) sum += hp[j] * (LONE ? __ldcg(x + (size_t)j * C + c) : x[(size_t)j * C + c]);
-        y[t * C + c] = sum;
+        for (int w = 0; w < W; w++) sum[w] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MHC_MAX_STREAMS; j++) {
+            if (j >= n) continue;
+            if constexpr (LONE) v[0] = __ldcg(x + (size_t)j * C + c);
+            else load_floats<W>(v, x + (size_t)j * C + c);
+#pragma unroll
+            for (int w = 0; w < W; w++) sum[w] += hp[j] * v[w];
+        }
+        store_floats<W>(y + t * C + c, sum);
     }
     if (!LONE || !one.u) return;
     float yy = 0;                                   /* each thread reads back the y it wrote */
@@ -1881,12 +1973,15 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_
         one.lone = *lone;
         size_t smem = sizeof(float) * lone_params_floats(n, C);
         cudaLaunchConfig_t config = overlapped_launch(lone_blocks(C), MHC_TOKEN_THREADS, smem);
-        CUDA_CHECK(cudaLaunchKernelEx(&config, mhc_coeffs_pre_forward_kernel<true>, y, H, a, r, h, X, alpha, b, n, C,
+        CUDA_CHECK(cudaLaunchKernelEx(&config, mhc_coeffs_pre_forward_kernel<true, 1>, y, H, a, r, h, X, alpha, b, n, C,
                                       (float)eps_rms, one));
         return;
     }
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, n * C, n * n + 2 * n);
-    mhc_coeffs_pre_forward_kernel<false><<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
+    if (C % 4 == 0 && ((uintptr_t)X | (uintptr_t)y) % 16 == 0)   /* float4s of the streams (every preset) */
+        mhc_coeffs_pre_forward_kernel<false, 4><<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
+    else
+        mhc_coeffs_pre_forward_kernel<false, 1><<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
     LAUNCH_CHECK();
     gpu_sinkhorn_forward(H, a, N, n, iters, eps_sk);
     if (u) gpu_rmsnorm_forward(u, u_rstd, y, norm_g, N, C, eps_rms);
@@ -2068,6 +2163,7 @@ typedef struct {
 #define MHC_LOG2E 1.4426950408889634f
 
 static __host__ __device__ int att_width(int d) { return (d + 15) / 16 * 16; }   /* k steps of 16 */
+static __host__ __device__ int att_ld(int d) { return att_width(d) + 8; }
 
 /* sh with its head dims d_n, d_r, d_v replaced by DN, DR, DV where those are not 0: the kernels are
    instanced with the presets' dims fixed at compile time (gpu_attention_kernels), so that every loop over
@@ -2080,7 +2176,6 @@ template <int DN, int DR, int DV> __device__ MhcAttShape att_fixed_dims(MhcAttSh
     if (DV) sh.dv = DV;
     return sh;
 }
-static __host__ __device__ int att_ld(int d) { return att_width(d) + 8; }
 
 /* rows of the forward's and dQ's query tile, a warp per 16: 128 in bf16 (half the K, V traffic per query),
    64 in fp32 words (at 3b's heads dQ's 128-row tile would not fit in shared memory) */
@@ -2320,8 +2415,10 @@ attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaEle
         __syncthreads();                                    /* every warp is done with K */
         if (more) att_load_k<P>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, sh);
         cp_async_commit();                                  /* (empty on the last tile: the count stays) */
-        if (active && att_block_masked(t0 + r0, 16, s0, MHC_ATT_TILE, sh)) att_online_softmax<true>(S, O, m, l, t0 + r0, s0, sh);
-        else if (active) att_online_softmax<false>(S, O, m, l, t0 + r0, s0, sh);
+        if (active) {
+            if (att_block_masked(t0 + r0, 16, s0, MHC_ATT_TILE, sh)) att_online_softmax<true>(S, O, m, l, t0 + r0, s0, sh);
+            else att_online_softmax<false>(S, O, m, l, t0 + r0, s0, sh);
+        }
         cp_async_wait<1>();                                 /* V of this tile is in (the next K may come) */
         __syncthreads();
         if (active) att_mma_scores<P>(O, S, Vs, att_ld(dv), att_width(dv) / 8);

@@ -2598,7 +2598,8 @@ static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     gpu_test_mhc_coeffs_case(handle, 4, 1, 40);
     gpu_test_mhc_coeffs_case(handle, 4, 1, 200);
     gpu_test_mhc_coeffs_case(handle, 4, 1, 1100);
-    gpu_test_mhc_coeffs_case(handle, 4, 130, 40);
+    gpu_test_mhc_coeffs_case(handle, 4, 130, 40);   /* C a multiple of 4: the streams as float4s; 42: not */
+    gpu_test_mhc_coeffs_case(handle, 4, 7, 42);
     gpu_test_mhc_coeffs_case(handle, 6, 41, 40);
     gpu_test_mhc_coeffs_case(handle, 16, 5, 40);
     gpu_test_mhc_coeffs_case(handle, 16, 1, 40);
@@ -2606,8 +2607,8 @@ static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
 
 /* SPEC §3, §5.1, §5.3: pre and merge, forward and backward (merge backward overwrites dX, pre adds), for
    n streams: 1 (plain), 3, and 16 (the most mhc.h allows, every register of the merge's unrolled loops) */
-static void gpu_test_streams_case(int n) {
-    int N = 6, C = 40, m = n * n + 2 * n;
+static void gpu_test_streams_case(int n, int C) {
+    int N = 6, m = n * n + 2 * n;
     size_t XC = (size_t)N * n * C;
     float *X = gt_randn(XC, 1), *H = gt_randn((size_t)N * m, 1), *f = gt_randn((size_t)N * C, 1);
     float *dXo = gt_randn(XC, 1), *dy = gt_randn((size_t)N * C, 1);
@@ -2626,14 +2627,17 @@ static void gpu_test_streams_case(int n) {
     double e3 = rel_err(gt_fetch(d_dX, XC), dX, XC), e4 = rel_err(gt_fetch(d_df, (size_t)N * C), df, (size_t)N * C);
     double e5 = rel_err(gt_fetch(d_dH, (size_t)N * m), dH, (size_t)N * m);
     check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5 && e4 <= 1e-5 && e5 <= 1e-5,
-          "gpu stream pre/merge, n = %d: y %.1e, X' %.1e, dX %.1e, df %.1e, dH %.1e (tol 1e-5)", n, e1, e2, e3, e4, e5);
+          "gpu stream pre/merge, n = %d, C = %d: y %.1e, X' %.1e, dX %.1e, df %.1e, dH %.1e (tol 1e-5)", n, C, e1, e2, e3, e4, e5);
     gt_release();
 }
 
+/* n 4 and C 40: the merge moves float4s of channels; C 42 and the other n: one at a time */
 static void gpu_test_streams(void) {
-    gpu_test_streams_case(1);
-    gpu_test_streams_case(3);
-    gpu_test_streams_case(16);
+    gpu_test_streams_case(1, 40);
+    gpu_test_streams_case(3, 40);
+    gpu_test_streams_case(16, 40);
+    gpu_test_streams_case(4, 40);
+    gpu_test_streams_case(4, 42);
 }
 
 /* flash attention (SPEC §9) against attention_forward/backward: o, the row log-sum-exp (against a double

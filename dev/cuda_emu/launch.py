@@ -74,7 +74,10 @@ def launch_ex(src, j):
     p = j + len("cudaLaunchKernelEx")
     q = matching_paren(src, p)
     parts = split_top_level(src[p + 1:q])
-    config, kernel, args = parts[0].strip(), parts[1].strip(), ",".join(parts[2:])
+    k = 2                                       # the kernel's template arguments may hold commas too
+    while ",".join(parts[1:k]).count("<") > ",".join(parts[1:k]).count(">"):
+        k += 1
+    config, kernel, args = parts[0].strip(), ",".join(parts[1:k]).strip(), ",".join(parts[k:])
     if not config.startswith("&"):
         raise SystemExit("launch.py: cudaLaunchKernelEx's config must be given as &name")
     return j, q + 1, ('emu_launch_config("%s", (const void *)%s, %s, [=, emu_args = std::make_tuple(%s)]() '
