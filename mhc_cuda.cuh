@@ -140,7 +140,11 @@ typedef struct {
     int *step_load;                    /* [L,E] summed by each backward since zero_grad: bias update's  */
     int step;                          /* optimizer steps taken                                        */
     double ce, aux;                    /* of the last forward                                          */
-    int has_targets;                   /* the last forward had targets (its logits hold dlogits)      */
+    int has_targets;                   /* the last forward had targets and left its dlogits for the
+                                          backward                                                     */
+    int dlogits16;                     /* the last cross-entropy wrote its rows' dlogits rounded to bf16
+                                          into blas.scratch[0] (BF16: the head backward's A operand),
+                                          not over the logits                                          */
     int recompute;                     /* mhc_gpu_set_recompute                                        */
     double *reduce_part, *reduce_out;  /* [MHC_REDUCE_BLOCKS], [2] scratch of the loss and norm sums   */
     MhcBlas blas;
@@ -444,7 +448,7 @@ static const __nv_bfloat16 *gemm_bf16_operand(const MhcBlas *bl, int which, cons
    mantissas), BF16 tensor cores (A and B in bf16: weights from the bf16 twin, everything else rounded
    into scratch here; fp32 accumulate, C stays fp32). MHC_GEMM_FP32 GEMMs are always exact fp32.
    a_in_scratch = 1 (BF16 only): scratch[0] holds A's rounded copy already, from the caller's previous
-   gemm with the same A and span (gpu_matmul_backward's dout).                                           */
+   gemm with the same A and span (gpu_matmul_backward's dout) or from the cross-entropy (dlogits16).      */
 static void gemm_core(const MhcBlas *bl, int prec, int a_in_scratch, int transA, int transB, int M, int N, int K, float alpha,
                       const float *A, long long strideA, const float *B, long long strideB, float beta, float *C,
                       long long strideC, int batch) {
@@ -500,12 +504,17 @@ static void gpu_matmul_forward(const MhcBlas *bl, int prec, float *out, const fl
 }
 
 /* din[N,Ci] += dout[N,O] @ W[O,Ci] (din may be NULL);  dW[O,Ci] += dout^T @ in (dW may be NULL).
-   In BF16 both GEMMs read dout [N,O] as their A, the same span: it is rounded once (for the head's
-   dlogits that is [N, V], the largest conversion of a step). */
+   In BF16 both GEMMs read dout [N,O] as their A, the same span: it is rounded once, or not at all where
+   dout_rounded says scratch[0] holds it rounded already (the head's dlogits, from the cross-entropy). */
+static void gpu_matmul_backward_core(const MhcBlas *bl, int prec, int dout_rounded, float *din, float *dW, const float *dout,
+                                     const float *in, const float *W, int N, int Ci, int O) {
+    if (din) gemm_core(bl, prec, dout_rounded, 0, 0, N, Ci, O, 1.0f, dout, 0, W, 0, 1.0f, din, 0, 1);
+    if (dW) gemm_core(bl, prec, dout_rounded || din != NULL, 1, 0, O, Ci, N, 1.0f, dout, 0, in, 0, 1.0f, dW, 0, 1);
+}
+
 static void gpu_matmul_backward(const MhcBlas *bl, int prec, float *din, float *dW, const float *dout, const float *in,
                                 const float *W, int N, int Ci, int O) {
-    if (din) gemm(bl, prec, 0, 0, N, Ci, O, 1.0f, dout, 0, W, 0, 1.0f, din, 0, 1);
-    if (dW) gemm_core(bl, prec, din != NULL, 1, 0, O, Ci, N, 1.0f, dout, 0, in, 0, 1.0f, dW, 0, 1);
+    gpu_matmul_backward_core(bl, prec, 0, din, dW, dout, in, W, N, Ci, O);
 }
 
 /* Tensor-core fragments, for our own kernels (the routed-expert GEMMs below, attention in section 4).
@@ -1261,9 +1270,13 @@ static void gpu_swiglu_backward(float *da, float *dg, const float *dh, const flo
 /* SPEC §8 cross-entropy fused with its backward, one block per row: losses[t] = log sum exp - logit[tgt]
    (max-subtracted), and the row becomes dlogits = (softmax - onehot(tgt)) * scale, scale = 1/N_tok.
    Two passes over the row (it is too long to stay in cache): the first keeps each thread's running max
-   and its sum of exp rescaled to it (online softmax), the block combines those; the second writes.     */
-__global__ void crossentropy_kernel(float *losses, float *logits, const int *targets, int V, float scale) {
+   and its sum of exp rescaled to it (online softmax), the block combines those; the second writes. With
+   d16 given the dlogits go there instead, rounded to bf16 (the same bits as rounding them afterwards), and
+   the logits stay: the BF16 head backward reads them so, without a pass of its own that reads 4 bytes a
+   logit to write 2 (over V = 129280 logits a row, the largest conversion of a step). */
+__global__ void crossentropy_kernel(float *losses, float *logits, __nv_bfloat16 *d16, const int *targets, int V, float scale) {
     float *x = logits + (size_t)blockIdx.x * V;
+    __nv_bfloat16 *x16 = d16 ? d16 + (size_t)blockIdx.x * V : NULL;
     int tgt = targets[blockIdx.x];
     float x_tgt = x[tgt], m = -INFINITY, s = 0;
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
@@ -1277,14 +1290,16 @@ __global__ void crossentropy_kernel(float *losses, float *logits, const int *tar
     if (threadIdx.x == 0) losses[blockIdx.x] = logf(sum) - (x_tgt - mx);
     for (int v = threadIdx.x; v < V; v += blockDim.x) {
         float d = expf(x[v] - mx) / sum * scale;
-        x[v] = v == tgt ? d - scale : d;
+        if (v == tgt) d -= scale;
+        if (x16) x16[v] = __float2bfloat16(d);
+        else x[v] = d;
     }
 }
 
-/* rows of logits [rows, V]; scale is 1 / (the number of tokens the loss averages over) */
-static void gpu_crossentropy(float *losses, float *logits, const int *targets, int rows, int V, float scale) {
+/* rows of logits [rows, V]; scale is 1 / (the number of tokens the loss averages over); d16 NULL or [rows, V] */
+static void gpu_crossentropy(float *losses, float *logits, __nv_bfloat16 *d16, const int *targets, int rows, int V, float scale) {
     if (rows <= 0) return;
-    crossentropy_kernel<<<rows, 1024>>>(losses, logits, targets, V, scale);
+    crossentropy_kernel<<<rows, 1024>>>(losses, logits, d16, targets, V, scale);
     LAUNCH_CHECK();
 }
 
@@ -3664,12 +3679,20 @@ static void gpu_sublayer_backward(MhcGpu *g, MhcGpuActs *A, int s, const float *
 }
 
 /* Rows [r0, r0 + rows) of the head (SPEC §2) into the logits buffer, whose row 0 is row r0, and with
-   targets the fused cross-entropy (§8): their losses, and the rows become dlogits of the mean over all N */
+   targets the fused cross-entropy (§8): their losses, and the rows' dlogits of the mean over all N, over
+   the logits or, in BF16, rounded into the GEMM scratch where the head backward takes them (dlogits16) */
 static void gpu_head_forward(MhcGpu *g, MhcGpuActs *A, int r0, int rows, int has_targets) {
     const MhcConfig *c = &g->cfg;
     int C = c->d_model, V = c->vocab_size;
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, A->a.logits, A->a.hf + (size_t)r0 * C, g->p.head, rows, C, V);
-    if (has_targets) gpu_crossentropy(A->a.losses + r0, A->a.logits, A->targets + r0, rows, V, 1.0f / (A->B * A->T));
+    if (!has_targets) return;
+    __nv_bfloat16 *d16 = g->blas.precision == MHC_PREC_BF16 ? g->blas.scratch[0] : NULL;
+    if (d16 && g->blas.scratch_count < (size_t)rows * V) {
+        fprintf(stderr, "mhc_cuda: the bf16 dlogits of %d rows do not fit the scratch of %zu (a bug)\n", rows, g->blas.scratch_count);
+        exit(1);
+    }
+    gpu_crossentropy(A->a.losses + r0, A->a.logits, d16, A->targets + r0, rows, V, 1.0f / (A->B * A->T));
+    g->dlogits16 = d16 != NULL;
 }
 
 /* SPEC §2: embed, expand once, the S sublayers, reduce once, norm, head, and (with targets) the fused
@@ -3679,6 +3702,7 @@ static double gpu_model_forward(MhcGpu *g, MhcGpuActs *A, int B, int T, int has_
     const MhcConfig *c = &g->cfg;
     int N = B * T, n = c->hc_mult, C = c->d_model, S = 2 * c->n_layers;
     MhcActs *a = &A->a;
+    if (cache && g->dlogits16) g->has_targets = 0;  /* decoding's GEMMs take the scratch where those dlogits wait */
     gpu_stream_expand(a->X, g->p.embed, A->tokens, N, n, C);
     if (!cache) CUDA_CHECK(cudaMemset(A->moe_bal, 0, sizeof(double) * (size_t)c->n_layers * B * c->n_routed_experts));
     for (int s = 0; s < S; s++) gpu_sublayer_forward(g, A, s, B, T, cache);
@@ -3949,7 +3973,7 @@ void mhc_gpu_backward(MhcGpu *g) {
     const MhcBlas *bl = &g->blas;
     int N = A->B * A->T, n = c->hc_mult, C = c->d_model, V = c->vocab_size, S = 2 * c->n_layers;
     if (!g->has_targets) {
-        fprintf(stderr, "mhc_gpu_backward: the last forward had no targets\n");
+        fprintf(stderr, "mhc_gpu_backward: the last forward had no targets (or decoding has run since it)\n");
         exit(1);
     }
     CUDA_CHECK(cudaMemset(a->dy, 0, sizeof(float) * (size_t)N * C));
@@ -3957,8 +3981,8 @@ void mhc_gpu_backward(MhcGpu *g) {
     for (int r0 = last; r0 >= 0; r0 -= A->logit_rows) {
         int rows = min(A->logit_rows, N - r0);
         if (r0 != last) gpu_head_forward(g, A, r0, rows, 1);
-        gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dy + (size_t)r0 * C, g->g.head, a->logits, a->hf + (size_t)r0 * C, g->p.head,
-                            rows, C, V);
+        gpu_matmul_backward_core(bl, MHC_GEMM_FAST, g->dlogits16, a->dy + (size_t)r0 * C, g->g.head, a->logits,
+                                 a->hf + (size_t)r0 * C, g->p.head, rows, C, V);
     }
     CUDA_CHECK(cudaMemset(a->du, 0, sizeof(float) * (size_t)N * C));
     gpu_rmsnorm_backward(a->du, g->g.norm_final, a->dy, a->z, g->p.norm_final, a->hf_rstd, N, C, A->colsum_part);

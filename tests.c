@@ -2483,9 +2483,26 @@ static void gpu_test_crossentropy(void) {
     crossentropy_forward(losses, probs, targets, N, V);
     crossentropy_backward(probs, targets, N, V, (mhc_real)(1.0 / N));
     float *d_logits = gt_upload(logits, (size_t)N * V), *d_losses = gt_nan(N);
-    gpu_crossentropy(d_losses, d_logits, gt_upload_int(targets, N), N, V, 1.0f / N);
-    double e1 = rel_err(gt_fetch(d_losses, N), losses, N), e2 = rel_err(gt_fetch(d_logits, (size_t)N * V), probs, (size_t)N * V);
+    gpu_crossentropy(d_losses, d_logits, NULL, gt_upload_int(targets, N), N, V, 1.0f / N);
+    float *dlogits = gt_fetch(d_logits, (size_t)N * V);
+    double e1 = rel_err(gt_fetch(d_losses, N), losses, N), e2 = rel_err(dlogits, probs, (size_t)N * V);
     check(e1 <= 1e-5 && e2 <= 1e-5, "gpu cross-entropy: losses %.1e, dlogits %.1e (tol 1e-5)", e1, e2);
+    /* bf16 dlogits (the BF16 head backward's operand): the fp32 ones rounded to nearest even, bit for bit,
+       and the logits left as they were */
+    float *d_logits2 = gt_upload(logits, (size_t)N * V), *d16 = gt_nan(((size_t)N * V + 1) / 2);
+    gpu_crossentropy(gt_nan(N), d_logits2, (__nv_bfloat16 *)d16, gt_upload_int(targets, N), N, V, 1.0f / N);
+    float *bits = gt_fetch(d16, ((size_t)N * V + 1) / 2), *kept = gt_fetch(d_logits2, (size_t)N * V);
+    size_t wrong = 0, moved = 0;
+    for (size_t i = 0; i < (size_t)N * V; i++) {
+        uint32_t u;
+        memcpy(&u, &dlogits[i], sizeof u);
+        uint16_t rounded = (uint16_t)((u + 0x7fffu + (u >> 16 & 1u)) >> 16), got;
+        memcpy(&got, (const char *)bits + 2 * i, sizeof got);
+        wrong += got != rounded;
+        moved += kept[i] != logits[i];
+    }
+    check(!wrong && !moved, "gpu cross-entropy to bf16: %zu of %zu dlogits differ from the fp32 ones rounded, %zu logits moved",
+          wrong, (size_t)N * V, moved);
     gt_release();
 }
 
