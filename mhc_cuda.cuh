@@ -1373,7 +1373,7 @@ __global__ void stream_pre_backward_kernel(float *dX, float *dH, const float *dy
                                     the generic ones */
 
 /* SPEC §3 merge, output stream i of one channel: H_post[i] f + sum_j H_res[i][j] x[j] over the n streams,
-   x [MHC_MAX_STREAMS] the channel's inputs (in registers), H the token's coefficients [m] */
+   x [n] the channel's inputs (in registers), H the token's coefficients [m] */
 __device__ float stream_merge_one(const float *H, const float *x, float f, int n, int i) {
     float xo = H[n + i] * f;
 #pragma unroll
