@@ -402,15 +402,30 @@ __device__ float mhc_sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
    1. GEMMs                                                                                      */
 enum { MHC_GEMM_FAST, MHC_GEMM_FP32 };   /* FAST follows MhcBlas.precision; FP32 always exact (coefficients, router) */
 
-/* fp32 -> bf16, round to nearest even (__float2bfloat16; NaN stays NaN) */
-__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t count) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i < count) dst[i] = __float2bfloat16(src[i]);
+/* two floats as two bf16s in one word, rounded to nearest even (__float2bfloat16; NaN stays NaN), lo at
+   the lower address */
+__device__ unsigned bf16_pair(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) | (unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16;
+}
+
+/* fp32 -> bf16, MHC_BF16_PER_THREAD elements a thread. Moving 6 bytes an element, it is bound by memory:
+   where both pointers are 16-byte aligned (vec) a thread's 8 elements are two 16-byte loads and one
+   16-byte store, else (and in the last, partial group) it converts them one at a time. */
+#define MHC_BF16_PER_THREAD 8
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, size_t count, int vec) {
+    size_t i = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) * MHC_BF16_PER_THREAD;
+    if (vec && i + MHC_BF16_PER_THREAD <= count) {
+        float4 a = *(const float4 *)(src + i), b = *(const float4 *)(src + i + 4);
+        *(uint4 *)(dst + i) = make_uint4(bf16_pair(a.x, a.y), bf16_pair(a.z, a.w), bf16_pair(b.x, b.y), bf16_pair(b.z, b.w));
+        return;
+    }
+    for (size_t j = i; j < i + MHC_BF16_PER_THREAD && j < count; j++) dst[j] = __float2bfloat16(src[j]);
 }
 
 static void gpu_to_bf16(__nv_bfloat16 *dst, const float *src, size_t count) {
     if (count == 0) return;
-    to_bf16_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(dst, src, count);
+    int vec = (uintptr_t)dst % 16 == 0 && (uintptr_t)src % 16 == 0;
+    to_bf16_kernel<<<mhc_blocks(mhc_blocks(count, MHC_BF16_PER_THREAD), MHC_BLOCK), MHC_BLOCK>>>(dst, src, count, vec);
     LAUNCH_CHECK();
 }
 
