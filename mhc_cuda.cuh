@@ -462,9 +462,11 @@ static const __nv_bfloat16 *gemm_bf16_operand(const MhcBlas *bl, int which, cons
    Precision of the MHC_GEMM_FAST class: FP32 exact, TF32 tensor cores (operands rounded to 10-bit
    mantissas), BF16 tensor cores (A and B in bf16: weights from the bf16 twin, everything else rounded
    into scratch here; fp32 accumulate, C stays fp32). MHC_GEMM_FP32 GEMMs are always exact fp32.
-   a_in_scratch = 1 (BF16 only): scratch[0] holds A's rounded copy already, from the caller's previous
-   gemm with the same A and span (gpu_matmul_backward's dout) or from the cross-entropy (dlogits16).      */
-static void gemm_core(const MhcBlas *bl, int prec, int a_in_scratch, int transA, int transB, int M, int N, int K, float alpha,
+   rounded (BF16 only; MHC_A_ROUNDED | MHC_B_ROUNDED, or 0): scratch[0] holds A's rounded copy already,
+   scratch[1] B's, from the caller's previous gemm with the same operand in the same place and span (an
+   input shared by two products, gpu_matmul_backward's dout) or from the cross-entropy (dlogits16).      */
+enum { MHC_A_ROUNDED = 1, MHC_B_ROUNDED = 2 };
+static void gemm_core(const MhcBlas *bl, int prec, int rounded, int transA, int transB, int M, int N, int K, float alpha,
                       const float *A, long long strideA, const float *B, long long strideB, float beta, float *C,
                       long long strideC, int batch) {
     int lda = transA ? M : K, ldb = transB ? K : N;
@@ -474,8 +476,8 @@ static void gemm_core(const MhcBlas *bl, int prec, int a_in_scratch, int transA,
     const void *a = A, *b = B;
     if (fast && bl->precision == MHC_PREC_BF16) {
         type = CUDA_R_16BF;
-        a = a_in_scratch ? bl->scratch[0] : gemm_bf16_operand(bl, 0, A, transA ? K : M, transA ? M : K, lda, strideA, batch);
-        b = gemm_bf16_operand(bl, 1, B, transB ? N : K, transB ? K : N, ldb, strideB, batch);
+        a = rounded & MHC_A_ROUNDED ? bl->scratch[0] : gemm_bf16_operand(bl, 0, A, transA ? K : M, transA ? M : K, lda, strideA, batch);
+        b = rounded & MHC_B_ROUNDED ? bl->scratch[1] : gemm_bf16_operand(bl, 1, B, transB ? N : K, transB ? K : N, ldb, strideB, batch);
     }
     CUBLAS_CHECK(cublasGemmStridedBatchedEx(bl->handle, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
                                             N, M, K, &alpha, b, type, ldb, strideB, a, type, lda, strideA,
@@ -509,27 +511,38 @@ static void gpu_matvec(float *out, const float *W, int O, float *out2, const flo
     CUDA_CHECK(cudaLaunchKernelEx(&config, matvec_kernel, out, W, O, out2, W2, O2, in, Ci));
 }
 
-/* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row; mhc.h matmul_forward); N = 1 by matvec_kernel */
-static void gpu_matmul_forward(const MhcBlas *bl, int prec, float *out, const float *in, const float *W, int N, int Ci, int O) {
+/* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row; mhc.h matmul_forward); N = 1 by matvec_kernel.
+   In BF16 `in` is A, rounded into scratch[0]; in_rounded = 1 says it is there already, from the previous
+   product of the same `in` (two weights over one input: the FFN's W1 and W3, MLA's down-projections). */
+static void gpu_matmul_forward_core(const MhcBlas *bl, int prec, int in_rounded, float *out, const float *in, const float *W,
+                                    int N, int Ci, int O) {
     if (N == 1) {
         gpu_matvec(out, W, O, NULL, NULL, 0, in, Ci);
         return;
     }
-    gemm(bl, prec, 0, 1, N, O, Ci, 1.0f, in, 0, W, 0, 0.0f, out, 0, 1);
+    gemm_core(bl, prec, in_rounded ? MHC_A_ROUNDED : 0, 0, 1, N, O, Ci, 1.0f, in, 0, W, 0, 0.0f, out, 0, 1);
+}
+
+static void gpu_matmul_forward(const MhcBlas *bl, int prec, float *out, const float *in, const float *W, int N, int Ci, int O) {
+    gpu_matmul_forward_core(bl, prec, 0, out, in, W, N, Ci, O);
 }
 
 /* din[N,Ci] += dout[N,O] @ W[O,Ci] (din may be NULL);  dW[O,Ci] += dout^T @ in (dW may be NULL).
    In BF16 both GEMMs read dout [N,O] as their A, the same span: it is rounded once, or not at all where
-   dout_rounded says scratch[0] holds it rounded already (the head's dlogits, from the cross-entropy). */
-static void gpu_matmul_backward_core(const MhcBlas *bl, int prec, int dout_rounded, float *din, float *dW, const float *dout,
-                                     const float *in, const float *W, int N, int Ci, int O) {
-    if (din) gemm_core(bl, prec, dout_rounded, 0, 0, N, Ci, O, 1.0f, dout, 0, W, 0, 1.0f, din, 0, 1);
-    if (dW) gemm_core(bl, prec, dout_rounded || din != NULL, 1, 0, O, Ci, N, 1.0f, dout, 0, in, 0, 1.0f, dW, 0, 1);
+   dout_rounded says scratch[0] holds it rounded already (the head's dlogits, from the cross-entropy).
+   `in` is dW's B, rounded into scratch[1]; in_rounded says it is there already, from the previous
+   backward of a product of the same `in`. */
+static void gpu_matmul_backward_core(const MhcBlas *bl, int prec, int dout_rounded, int in_rounded, float *din, float *dW,
+                                     const float *dout, const float *in, const float *W, int N, int Ci, int O) {
+    if (din) gemm_core(bl, prec, dout_rounded ? MHC_A_ROUNDED : 0, 0, 0, N, Ci, O, 1.0f, dout, 0, W, 0, 1.0f, din, 0, 1);
+    if (dW)
+        gemm_core(bl, prec, (dout_rounded || din != NULL ? MHC_A_ROUNDED : 0) | (in_rounded ? MHC_B_ROUNDED : 0), 1, 0, O, Ci, N,
+                  1.0f, dout, 0, in, 0, 1.0f, dW, 0, 1);
 }
 
 static void gpu_matmul_backward(const MhcBlas *bl, int prec, float *din, float *dW, const float *dout, const float *in,
                                 const float *W, int N, int Ci, int O) {
-    gpu_matmul_backward_core(bl, prec, 0, din, dW, dout, in, W, N, Ci, O);
+    gpu_matmul_backward_core(bl, prec, 0, 0, din, dW, dout, in, W, N, Ci, O);
 }
 
 /* Tensor-core fragments, for our own kernels (the routed-expert GEMMs below, attention in section 4).
@@ -3271,11 +3284,12 @@ static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const fl
     }
 }
 
-/* SPEC §8 SwiGLU FFN of width W over N rows (mhc.h swiglu_ffn_forward / _backward) */
+/* SPEC §8 SwiGLU FFN of width W over N rows (mhc.h swiglu_ffn_forward / _backward). W1 and W3 read the same
+   u, which BF16 rounds once for both (in_rounded), forward and backward. */
 static void gpu_swiglu_ffn_forward(const MhcBlas *bl, float *out, float *a, float *gt, float *h, const float *u, const float *w1,
                                    const float *w3, const float *w2, int N, int C, int W) {
     gpu_matmul_forward(bl, MHC_GEMM_FAST, a, u, w1, N, C, W);
-    gpu_matmul_forward(bl, MHC_GEMM_FAST, gt, u, w3, N, C, W);
+    gpu_matmul_forward_core(bl, MHC_GEMM_FAST, 1, gt, u, w3, N, C, W);
     gpu_swiglu_forward(h, a, gt, (size_t)N * W);
     gpu_matmul_forward(bl, MHC_GEMM_FAST, out, h, w2, N, W, C);
 }
@@ -3287,13 +3301,14 @@ static void gpu_swiglu_ffn_backward(const MhcBlas *bl, float *du, float *dw1, fl
     gpu_matmul_backward(bl, MHC_GEMM_FAST, dh, dw2, dout, h, w2, N, W, C);
     gpu_swiglu_backward(da, dg, dh, a, gt, (size_t)N * W);
     gpu_matmul_backward(bl, MHC_GEMM_FAST, du, dw1, da, u, w1, N, C, W);
-    gpu_matmul_backward(bl, MHC_GEMM_FAST, du, dw3, dg, u, w3, N, C, W);
+    gpu_matmul_backward_core(bl, MHC_GEMM_FAST, 0, 1, du, dw3, dg, u, w3, N, C, W);
 }
 
 /* SPEC §9 queries of layer l for N tokens, before RoPE: q [N, H dqk] = W_q u, or through the q latent
    W_uq RMSNorm(W_dq u). Returns q (the layer's slot of a.q). lat_raw: NULL, or (decode, N = 1) where
-   W_dkv u [d_c + d_r] goes, made in the same launch as u's product here. */
-static float *gpu_mla_query(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, float *lat_raw) {
+   W_dkv u [d_c + d_r] goes, made in the same launch as u's product here. u_rounded: BF16's rounded u waits
+   in the GEMM scratch already (gpu_matmul_forward_core). */
+static float *gpu_mla_query(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int u_rounded, int N, float *lat_raw) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     const MhcBlas *bl = &g->blas;
@@ -3304,7 +3319,7 @@ static float *gpu_mla_query(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
     const float *W = dq == 0 ? b->wq : b->wdq;
     int O = dq == 0 ? H * dqk : dq;
     if (lat_raw) gpu_matvec(first, W, O, lat_raw, b->wdkv, c->kv_lora_rank + c->qk_rope_head_dim, u, C);
-    else gpu_matmul_forward(bl, MHC_GEMM_FAST, first, u, W, N, C, O);
+    else gpu_matmul_forward_core(bl, MHC_GEMM_FAST, u_rounded, first, u, W, N, C, O);
     if (dq > 0) {
         float *cq = A->a.cq + (size_t)ls * N * dq;
         gpu_rmsnorm_forward(cq, A->a.cq_rstd + (size_t)ls * N, cq_raw, b->q_norm, N, dq, c->rms_eps);
@@ -3314,17 +3329,18 @@ static float *gpu_mla_query(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
 }
 
 /* SPEC §9 projections of layer l for N tokens at positions pos0 + (t mod T): q, the KV latent c with its
-   RMSNorm, k_pe, kv = W_ukv c, and RoPE (mhc.h mla_project). Decode has its own (gpu_mla_decode_forward). */
+   RMSNorm, k_pe, kv = W_ukv c, and RoPE (mhc.h mla_project). Decode has its own (gpu_mla_decode_forward).
+   The three products of u come first, so that BF16 rounds u once for them. */
 static void gpu_mla_project(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int N, int T, int pos0) {
     const MhcConfig *c = &g->cfg;
     const MhcBlock *b = &g->p.blk[l];
     const MhcBlas *bl = &g->blas;
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dqk = dn + dr, dc = c->kv_lora_rank, dv = c->v_head_dim, ls = gpu_layer_slot(A, l);
-    float *q = gpu_mla_query(g, A, l, u, N, NULL);
     float *c_raw = A->a.c_raw + (size_t)ls * N * dc, *lat = A->a.c + (size_t)ls * N * dc, *kpe = A->a.kpe + (size_t)ls * N * dr;
-    gpu_matmul_forward(bl, MHC_GEMM_FAST, c_raw, u, b->wdkv, N, C, dc);                  /* rows [0, d_c) of W_dkv  */
-    gpu_matmul_forward(bl, MHC_GEMM_FAST, kpe, u, b->wdkv + (size_t)dc * C, N, C, dr);   /* rows [d_c, d_c+d_r)     */
+    gpu_matmul_forward(bl, MHC_GEMM_FAST, c_raw, u, b->wdkv, N, C, dc);                        /* rows [0, d_c) of W_dkv */
+    gpu_matmul_forward_core(bl, MHC_GEMM_FAST, 1, kpe, u, b->wdkv + (size_t)dc * C, N, C, dr); /* rows [d_c, d_c+d_r)    */
+    float *q = gpu_mla_query(g, A, l, u, 1, N, NULL);
     gpu_rmsnorm_forward(lat, A->a.c_rstd + (size_t)ls * N, c_raw, b->kv_norm, N, dc, c->rms_eps);
     gpu_matmul_forward(bl, MHC_GEMM_FAST, A->a.kv + (size_t)ls * N * H * (dn + dv), lat, b->wukv, N, dc, H * (dn + dv));
     gpu_rope(q, N, T, pos0, H, H * dqk, dn, dqk, dr, c->rope_theta, 0);
@@ -3472,19 +3488,22 @@ static void gpu_mla_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dlat, gb->wukv, a->dkv, lat, b->wukv, N, dc, H * (dn + dv));
     gpu_rmsnorm_backward(a->dlat_raw, gb->kv_norm, a->dlat, a->c_raw + (size_t)ls * N * dc, b->kv_norm,
                          a->c_rstd + (size_t)ls * N, N, dc, A->colsum_part);
-    gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdkv, a->dlat_raw, u, b->wdkv, N, C, dc);
-    gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdkv + (size_t)dc * C, a->dkpe, u, b->wdkv + (size_t)dc * C, N, C, dr);
-    if (dq == 0) {
-        gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wq, a->dq, u, b->wq, N, C, H * dqk);
-    } else {
+    const float *dfirst = a->dq, *wfirst = b->wq;   /* the gradient of u's product on the query side, and its weight */
+    float *gwfirst = gb->wq;
+    int ofirst = H * dqk;
+    if (dq > 0) {
         const float *cq_raw = a->cq_raw + (size_t)ls * N * dq, *cq = a->cq + (size_t)ls * N * dq;
         CUDA_CHECK(cudaMemset(a->dcq, 0, sizeof(float) * (size_t)N * dq));
         CUDA_CHECK(cudaMemset(a->dcq_raw, 0, sizeof(float) * (size_t)N * dq));
         gpu_matmul_backward(bl, MHC_GEMM_FAST, a->dcq, gb->wuq, a->dq, cq, b->wuq, N, dq, H * dqk);
         gpu_rmsnorm_backward(a->dcq_raw, gb->q_norm, a->dcq, cq_raw, b->q_norm, a->cq_rstd + (size_t)ls * N, N, dq,
                              A->colsum_part);
-        gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdq, a->dcq_raw, u, b->wdq, N, C, dq);
+        dfirst = a->dcq_raw, wfirst = b->wdq, gwfirst = gb->wdq, ofirst = dq;
     }
+    /* the three products of u last and together, so that BF16 rounds u for their weight gradients once */
+    gpu_matmul_backward(bl, MHC_GEMM_FAST, du, gb->wdkv, a->dlat_raw, u, b->wdkv, N, C, dc);
+    gpu_matmul_backward_core(bl, MHC_GEMM_FAST, 0, 1, du, gb->wdkv + (size_t)dc * C, a->dkpe, u, b->wdkv + (size_t)dc * C, N, C, dr);
+    gpu_matmul_backward_core(bl, MHC_GEMM_FAST, 0, 1, du, gwfirst, dfirst, u, wfirst, N, C, ofirst);
 }
 
 /* one token through MLA_l, absorbed, at the position in cache->pos: q, and raw = W_dkv u (c and k_pe in
@@ -3497,7 +3516,7 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     int C = c->d_model, H = c->n_heads, dn = c->qk_nope_head_dim, dr = c->qk_rope_head_dim;
     int dqk = dn + dr, dv = c->v_head_dim, dc = c->kv_lora_rank;
     float *ckv = cache->ckv + (size_t)l * cache->max_len * dc, *kpe = cache->kpe + (size_t)l * cache->max_len * dr;
-    float *q = gpu_mla_query(g, &cache->acts, l, u, 1, cache->lat_raw), *o = cache->acts.a.o + (size_t)l * H * dv;
+    float *q = gpu_mla_query(g, &cache->acts, l, u, 0, 1, cache->lat_raw), *o = cache->acts.a.o + (size_t)l * H * dv;
     cudaLaunchConfig_t config = overlapped_launch(H, MHC_DECODE_ATT_THREADS, decode_attention_smem_bytes(dc, dr));
     CUDA_CHECK(cudaLaunchKernelEx(&config, mla_decode_attention_kernel, o, cache->scores, ckv, kpe, q, cache->lat_raw,
                                   b->kv_norm, b->wukv, cache->pos, cache->max_len, dc, dr, dn, dv,
@@ -3996,7 +4015,7 @@ void mhc_gpu_backward(MhcGpu *g) {
     for (int r0 = last; r0 >= 0; r0 -= A->logit_rows) {
         int rows = min(A->logit_rows, N - r0);
         if (r0 != last) gpu_head_forward(g, A, r0, rows, 1);
-        gpu_matmul_backward_core(bl, MHC_GEMM_FAST, g->dlogits16, a->dy + (size_t)r0 * C, g->g.head, a->logits,
+        gpu_matmul_backward_core(bl, MHC_GEMM_FAST, g->dlogits16, 0, a->dy + (size_t)r0 * C, g->g.head, a->logits,
                                  a->hf + (size_t)r0 * C, g->p.head, rows, C, V);
     }
     CUDA_CHECK(cudaMemset(a->du, 0, sizeof(float) * (size_t)N * C));
