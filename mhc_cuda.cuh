@@ -2194,6 +2194,17 @@ __global__ void hc_coeffs_backward_kernel(float *dproj, float *dalpha_t, const f
 #define MHC_ATT_MAX_DV 128                             /* preset's heads (3b..27b: 192 and 128)        */
 #define MHC_ATT_PLD (MHC_ATT_TILE + 8)                 /* row stride of the P^T, dS^T tiles            */
 
+/* Blocks of a training attention kernel that must fit on an SM at once (__launch_bounds__' second
+   argument). 0, the default, asks for no minimum (no .minnctapersm in the PTX), and ptxas takes the
+   registers it likes: at 3b's head dims the bf16 kernels then hold one block of 256 threads per SM.
+   1 is not the same as 0: ptxas then allocates differently (nvcc 13.0: bf16 dK/dV at small's dims 126 ->
+   174 registers, too many for two blocks). 2 caps the kernels at 128 registers, for twice the warps to
+   hide latency with; at 3b's dims the bf16 forward fits without spilling, dK/dV spills 40 bytes and dQ
+   808. dev/gpu_check.sh times 0 and 2 with dev/bench_attention. */
+#ifndef MHC_ATT_MIN_BLOCKS
+#define MHC_ATT_MIN_BLOCKS 0
+#endif
+
 /* The kernels' exponentials are base 2, exp(x) = exp2(x log2 e), as in FlashAttention-2: exp2f is one
    hardware instruction where expf is several, on every score. The scores are scaled by scale_log2, the
    running max is kept in those units, and lse stays in natural-log units in memory. */
@@ -2431,7 +2442,7 @@ static size_t att_smem_most(MhcAttShape sh) {
    S = Q K^T is computed, and K of the next tile while the softmax and O += P V are, so in BF16 (cp.async)
    a tile's loads overlap the other half's products instead of stalling the block. */
 template <int P, int DN, int DR, int DV>
-__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16))
+__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16), MHC_ATT_MIN_BLOCKS)
 attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape dims) {
     typedef typename MmaOperand<P>::elem elem;
     const MhcAttShape sh = att_fixed_dims<DN, DR, DV>(dims);
@@ -2532,7 +2543,7 @@ __device__ void att_store_score_grads_t(MmaElem<P> *Pt, MmaElem<P> *dSt, const f
    (SPEC §9's softmax backward, the score scale folded in). K and V take turns as in the forward: the next
    V arrives while S, dS and dS K are computed, the next K while dP = dO V^T is. */
 template <int P, int DN, int DR, int DV>
-__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16))
+__global__ void __launch_bounds__(32 * (att_query_rows(P) / 16), MHC_ATT_MIN_BLOCKS)
 attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, const float *D, const MmaElem<P> *q,
                             const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape dims) {
     typedef typename MmaOperand<P>::elem elem;
@@ -2593,7 +2604,7 @@ attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, 
    Q and dO have one buffer each and take turns: the next dO (with its rows' lse and D) arrives while
    dK += dS^T Q is computed, the next Q while dP^T = V dO^T is. */
 template <int P, int DN, int DR, int DV>
-__global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS)
+__global__ void __launch_bounds__(32 * MHC_ATT_KV_WARPS, MHC_ATT_MIN_BLOCKS)
 attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, const float *lse, const float *D,
                              const MmaElem<P> *q, const MmaElem<P> *kv, const MmaElem<P> *kpe, MhcAttShape dims) {
     typedef typename MmaOperand<P>::elem elem;

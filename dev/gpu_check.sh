@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dev/gpu_check.sh - the checks one call on the GPU machine should make, logs under $OUT (default
 # runs/gpu_check): `make gpu`, the GPU test group, the mHC kernels' bandwidth (dev/bench_mhc) and the
-# training attention kernels' FLOP rates (dev/bench_attention), and where
+# training attention kernels' FLOP rates (dev/bench_attention, also with MHC_ATT_MIN_BLOCKS=2), and where
 # a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers, where small's
 # batch-1 decode time goes (with overlapped launches and without: MHC_OVERLAPPED_LAUNCH), and what limits
 # the mHC kernels (with NCU=1: ncu sections; the full report in ncu_mhc.txt). About 3 minutes on an H100
@@ -17,6 +17,11 @@ make -j8 gpu >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 grep FAIL "$OUT/tests_gpu.log"
 tail -n 1 "$OUT/tests_gpu.log"
 { timeout 120 ./dev/bench_mhc; echo; timeout 120 ./dev/bench_attention; } >"$OUT/bench_kernels.md" 2>&1
+# the attention kernels again with two blocks per SM asked of ptxas (MHC_ATT_MIN_BLOCKS=2: 128 registers)
+nvcc -O3 -arch=sm_90 -std=c++17 -x cu --default-stream per-thread -Xcompiler -fopenmp -DMHC_ATT_MIN_BLOCKS=2 -I. \
+    dev/bench_attention.c -o runs/bench_attention_mb2 -lcublas >>"$OUT/build.log" 2>&1 \
+    && { echo; echo "MHC_ATT_MIN_BLOCKS=2:"; timeout 120 ./runs/bench_attention_mb2; } >>"$OUT/bench_kernels.md" 2>&1 \
+    || echo "gpu_check: the MHC_ATT_MIN_BLOCKS=2 build failed"
 cat "$OUT/bench_kernels.md"
 # step times without the profiler, to set the kernel sums against; recompute's cost and memory
 for run in "mhc" "plain" "mhc --recompute"; do
