@@ -27,6 +27,7 @@
 #                                    with it (about 4 more minutes: raise BUDGET_S or drop MODES to fit)
 #   DECODE_TOKENS=256 DECODE_SEQ=512 decode: tokens generated; seq_len of the short run that makes the checkpoint
 #   PEAK_TFLOPS                      MFU denominator; default 989 (dense BF16) on H100 / H200, else MFU is n/a
+#   PREBUILT=0                       1: no build step; the binaries are there already (dev/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -322,7 +323,11 @@ declare -A DRY_PARAMS=() DRY_FPT=()
 # ---- 1. build ---------------------------------------------------------------------------------
 if [ "$CPU" = 1 ]; then BUILD=(make train infer); else BUILD=(make -j3 gpu); fi
 t_build=$(date +%s)
-run_sub build 420 "${BUILD[@]}"
+if [ "${PREBUILT:-0}" = 1 ]; then            # dev/gpu_check.sh has the binaries already (built or unpacked)
+    BUILD=(prebuilt) RC=0
+else
+    run_sub build 420 "${BUILD[@]}"
+fi
 BUILD_S=$(($(date +%s) - t_build))
 if [ "$RC" != 0 ] || [ ! -x "$TRAIN" ] || [ ! -x "$INFER" ]; then
     tail -n 30 "$LOGDIR/build.log" >&2

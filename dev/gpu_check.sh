@@ -1,67 +1,143 @@
 #!/usr/bin/env bash
-# dev/gpu_check.sh - the checks one call on the GPU machine should make, logs under $OUT (default
-# runs/gpu_check): `make gpu`, the GPU test group, the mHC kernels' bandwidth (dev/bench_mhc) and the
-# training attention kernels' FLOP rates (dev/bench_attention, also with MHC_ATT_MIN_BLOCKS=2), and where
-# a training step's time goes (dev/profile.sh) for small and the 3b preset cut to 4 layers, where small's
-# batch-1 decode time goes (with overlapped launches and without: MHC_OVERLAPPED_LAUNCH), and what limits
-# the mHC kernels (with NCU=1: ncu sections; the full report in ncu_mhc.txt). About 3 minutes on an H100
-# (2026-11-23); the full benchmark table is dev/bench.sh. Needs the default corpus. At most eight files
-# under $OUT, the most one device call brings back.
+# dev/gpu_check.sh - everything one GPU session checks and times, in one call that fits the lease (15
+# minutes of device time a session, the machine's start included; 10 minutes a command). In order of
+# what matters most, each step under a time limit, so that what did not fit is the least important:
+#   1. the GPU test group (./tests_gpu gpu): every kernel against the CPU reference;
+#   2. the training attention kernels one by one (dev/bench_attention), as built and with
+#      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas);
+#   3. the benchmark table (dev/bench.sh: ours against PyTorch, mHC overhead, decode against its bound,
+#      the mHC stream kernels), with what time is left but the last two steps' share;
+#   4. decode of small at batch 1 with overlapped launches and without (MHC_OVERLAPPED_LAUNCH=0);
+#   5. where a bf16 training step of the 3b cut spends its kernel time (dev/profile.sh under ncu).
+#
+#   bash dev/gpu_check.sh --pack   here, without a GPU: builds the GPU binaries and the two variants into
+#                                  runs/gpu_carry/ (about 4 minutes on 2 cores), so the GPU machine
+#                                  spends none of its time compiling
+#   bash dev/gpu_check.sh          on the GPU machine; device call:
+#       carry: runs/gpu_carry data/sotu_train.bin data/sotu_val.bin data/gpt2.tok;  timeout_s 600
+#
+# The packed binaries are used when their stamp (a checksum of the sources they were built from) matches
+# the tree and they start there; else everything is built on the GPU machine (make -j16). BUDGET_S
+# (default 530) is the whole run. At most eight files under $OUT (default runs/gpu_check), the most one
+# device call brings back: summary.txt (each step's status and time, also printed last), build.log,
+# tests_gpu.log, attention.md, bench.md, bench_logs.tar.gz, decode.txt, profile_3b_bf16.md.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PATH="$PATH:/usr/local/cuda/bin"
+CARRY=runs/gpu_carry
+SOURCES=(Makefile mhc.h mhc_cuda.cuh train.c infer.c tests.c data/tokenizer.h dev/bench_mhc.c dev/bench_decode.c
+         dev/bench_attention.c dev/bench_util.cuh)
+BINARIES=(train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention)
+NVCC_ONE=(nvcc -O3 -arch=sm_90 -std=c++17 -x cu --default-stream per-thread -Xcompiler -fopenmp -I.)
+
+stamp() { sha256sum "${SOURCES[@]}" | sha256sum | cut -c1-16; }
+
+# --build JOBS: the binaries of `make gpu` and the two variants the steps compare (attention with two
+# blocks per SM, decode with plain launches), the three at once
+if [ "${1:-}" = --build ]; then
+    mkdir -p runs/variants
+    make -j"${2:-2}" gpu &
+    "${NVCC_ONE[@]}" -DMHC_ATT_MIN_BLOCKS=2 dev/bench_attention.c -o runs/variants/bench_attention_mb2 -lcublas &
+    "${NVCC_ONE[@]}" -DMHC_OVERLAPPED_LAUNCH=0 infer.c -o runs/variants/infer_gpu_plain -lcublas &
+    failed=0
+    for job in 1 2 3; do wait -n || failed=1; done
+    exit $failed
+fi
+
+if [ "${1:-}" = --pack ]; then
+    rm -rf "$CARRY"
+    mkdir -p "$CARRY"
+    bash "$0" --build 2 || { echo "gpu_check --pack: the build failed" >&2; exit 1; }
+    tar czf "$CARRY/bin.tar.gz" "${BINARIES[@]}" runs/variants
+    stamp >"$CARRY/stamp"
+    echo "packed $(du -h "$CARRY/bin.tar.gz" | cut -f1) of binaries, stamp $(cat "$CARRY/stamp"); carry: $CARRY" \
+         "data/sotu_train.bin data/sotu_val.bin data/gpt2.tok"
+    exit 0
+fi
+
 export OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
-nvidia-smi -L
-make -j8 gpu >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-./tests_gpu gpu >"$OUT/tests_gpu.log" 2>&1
-grep FAIL "$OUT/tests_gpu.log"
-tail -n 1 "$OUT/tests_gpu.log"
-{ timeout 120 ./dev/bench_mhc; echo; timeout 120 ./dev/bench_attention; } >"$OUT/bench_kernels.md" 2>&1
-# the attention kernels again with two blocks per SM asked of ptxas (MHC_ATT_MIN_BLOCKS=2: 128 registers)
-nvcc -O3 -arch=sm_90 -std=c++17 -x cu --default-stream per-thread -Xcompiler -fopenmp -DMHC_ATT_MIN_BLOCKS=2 -I. \
-    dev/bench_attention.c -o runs/bench_attention_mb2 -lcublas >>"$OUT/build.log" 2>&1 \
-    && { echo; echo "MHC_ATT_MIN_BLOCKS=2:"; timeout 120 ./runs/bench_attention_mb2; } >>"$OUT/bench_kernels.md" 2>&1 \
-    || echo "gpu_check: the MHC_ATT_MIN_BLOCKS=2 build failed"
-cat "$OUT/bench_kernels.md"
-# step times without the profiler, to set the kernel sums against; recompute's cost and memory
-for run in "mhc" "plain" "mhc --recompute"; do
-    echo "== $run" | tee -a "$OUT/train_small.log"
-    ./train_gpu --preset small --batch 32 --seq-len 1024 --residual $run --steps 8 --bench --out runs/gpu_check \
-        >"$OUT/train.log" 2>&1
-    grep -E "^step +[5-8]|^gpu memory" "$OUT/train.log" | tail -4 | tee -a "$OUT/train_small.log"
-done
-rm -f "$OUT/train.log"
-NAME=profile_small timeout 200 bash dev/profile.sh --preset small --batch 32 --seq-len 1024 | head -18
-NAME=profile_3b timeout 200 bash dev/profile.sh --preset 3b --set n_layers=4 --batch 2 --seq-len 4096 | head -18
-# decode of small at batch 1: its time per token, then its kernels per token (is it kernels or launches?)
-./train_gpu --preset small --batch 1 --seq-len 256 --steps 1 --eval-every 1 --eval-batches 1 --out runs/gpu_check_ckpt \
-    >/dev/null 2>&1 || echo "gpu_check: the decode checkpoint failed"
-for graph in 1 0; do                   # each token one CUDA graph, then kernel by kernel
-    ./infer_gpu runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 64 --temperature 0 \
-        --graph $graph 2>&1 >/dev/null | tail -n 1
-done
-# the same with plain launches (MHC_OVERLAPPED_LAUNCH=0), twice each way, to tell what overlapped launches give
-nvcc -O3 -arch=sm_90 -std=c++17 -x cu --default-stream per-thread -Xcompiler -fopenmp -DMHC_OVERLAPPED_LAUNCH=0 infer.c \
-    -o runs/infer_gpu_plain -lcublas >>"$OUT/build.log" 2>&1 || echo "gpu_check: the plain-launch build failed"
-for bin in ./runs/infer_gpu_plain ./infer_gpu ./runs/infer_gpu_plain ./infer_gpu; do
-    for graph in 1 0; do
-        printf '%s --graph %s: ' "$bin" "$graph"
-        $bin runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 256 --temperature 0 \
-            --graph $graph 2>&1 >/dev/null | tail -n 1
+T0=$(date +%s)
+DEADLINE=$((T0 + ${BUDGET_S:-530}))
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+exec 3>&1                                   # the notes go to the call's output whatever a step's output is
+note() { printf '[%4ss] %s\n' "$(($(date +%s) - T0))" "$*" | tee -a "$SUMMARY" >&3; }
+left() { echo $((DEADLINE - $(date +%s))); }
+
+# step NAME CAP RESERVE CMD...: CMD under a timeout of CAP seconds, or less so that RESERVE seconds stay for
+# the steps after it; skipped when under 20 seconds would be left for it
+step() {
+    local name=$1 cap=$2 reserve=$3 limit rc t
+    shift 3
+    limit=$(($(left) - reserve))
+    [ "$limit" -lt "$cap" ] || limit=$cap
+    if [ "$limit" -lt 20 ]; then note "$name: skipped ($(left) s left)"; return 1; fi
+    t=$(date +%s)
+    timeout -k 5 "$limit" "$@"
+    rc=$?
+    note "$name: exit $rc in $(($(date +%s) - t)) s (limit $limit s)"
+    return $rc
+}
+
+note "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)"
+note "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo ' + local changes')"
+
+# ---- 0. binaries: the packed ones where they match the tree and start, else built here --------------
+packed=0
+if [ -f "$CARRY/bin.tar.gz" ] && [ "$(cat "$CARRY/stamp" 2>/dev/null)" = "$(stamp)" ]; then
+    tar xzf "$CARRY/bin.tar.gz" && ./train_gpu --help >/dev/null 2>"$OUT/build.log" && packed=1
+    [ "$packed" = 1 ] && note "binaries: packed ones (stamp $(stamp))" || note "binaries: the packed ones do not start here"
+elif [ -f "$CARRY/bin.tar.gz" ]; then
+    note "binaries: the packed ones are of other sources (stamp $(cat "$CARRY/stamp" 2>/dev/null), tree $(stamp))"
+fi
+if [ "$packed" = 0 ]; then
+    step build 300 200 bash "$0" --build 16 >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+fi
+
+# ---- 1. the GPU tests -------------------------------------------------------------------------
+step tests_gpu 150 200 ./tests_gpu gpu >"$OUT/tests_gpu.log" 2>&1
+note "tests_gpu: $(tail -n 1 "$OUT/tests_gpu.log")"
+grep FAIL "$OUT/tests_gpu.log" | head -20 | tee -a "$SUMMARY"
+
+# ---- 2. the training attention kernels, as built and with two blocks per SM ---------------------
+{
+    step bench_attention 45 180 ./dev/bench_attention
+    echo
+    echo "MHC_ATT_MIN_BLOCKS=2:"
+    step bench_attention_mb2 45 150 ./runs/variants/bench_attention_mb2
+} >"$OUT/attention.md" 2>&1
+cat "$OUT/attention.md"
+
+# ---- 3. the benchmark table ---------------------------------------------------------------------
+BENCH_OUT=runs/gpu_check_bench
+rm -rf "$BENCH_OUT"
+mkdir -p "$BENCH_OUT"
+step bench 480 110 env OUT="$BENCH_OUT" PREBUILT=1 STEPS=14 SKIP=4 TORCH_STEPS=8 MODES=plain \
+    BUDGET_S=$(($(left) - 115)) bash dev/bench.sh >/dev/null 2>"$BENCH_OUT/progress.txt" ||
+    tail -n 5 "$BENCH_OUT/progress.txt"
+cp "$BENCH_OUT/bench.md" "$OUT/bench.md" 2>/dev/null && cat "$OUT/bench.md"
+tar czf "$OUT/bench_logs.tar.gz" -C "$BENCH_OUT" . 2>/dev/null
+
+# ---- 4. decode with overlapped launches and without ---------------------------------------------
+CK=runs/gpu_check_ckpt
+{
+    step decode_ckpt 40 80 ./train_gpu --preset small --batch 1 --seq-len 256 --steps 1 --eval-every 1 --eval-batches 1 \
+        --out $CK >/dev/null 2>&1
+    for bin in ./runs/variants/infer_gpu_plain ./infer_gpu ./runs/variants/infer_gpu_plain ./infer_gpu; do
+        [ -f $CK/model.safetensors ] && [ "$(left)" -gt 90 ] || break
+        printf '%s: ' "$bin"
+        timeout 30 $bin $CK/model.safetensors --prompt "The state of the Union" --max-tokens 256 --temperature 0 \
+            2>&1 >/dev/null | tail -n 1
     done
-done
-# sampled (--temperature 0.8, top-k 40 on the GPU), then a step's parts: logits to the host, greedy, sampled
-./infer_gpu runs/gpu_check_ckpt/model.safetensors --prompt "The state of the Union" --max-tokens 64 2>&1 >/dev/null | tail -n 1
-timeout 120 ./dev/bench_decode small
-NAME=profile_decode timeout 200 bash dev/profile.sh --infer runs/gpu_check_ckpt/model.safetensors \
-    --prompt "The state of the Union" | head -24
-# what limits the mHC kernels (NCU=1): one launch of each under Nsight Compute's throughput, occupancy and stall sections
-[ "${NCU:-0}" = 1 ] || exit 0
-for k in mhc_coeffs_pre_forward_kernel mhc_coeffs_pre_backward_kernel sinkhorn_backward_kernel stream_merge_backward_kernel; do
-    timeout 120 ncu -k "$k" -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section SchedulerStats --section MemoryWorkloadAnalysis ./dev/bench_mhc >"$OUT/ncu.txt" 2>&1
-    cat "$OUT/ncu.txt" >>"$OUT/ncu_mhc.txt"
-    grep -E "Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Block Limit|Registers Per|Warp Cycles|Issued Warp|No Eligible|L1/TEX Hit|L2 Hit" \
-        "$OUT/ncu.txt" | head -18
-done
-rm -f "$OUT/ncu.txt"
+} >"$OUT/decode.txt" 2>&1
+cat "$OUT/decode.txt"
+
+# ---- 5. a bf16 training step of the 3b cut under ncu ----------------------------------------------
+step profile_3b_bf16 200 5 env NAME=profile_3b_bf16 bash dev/profile.sh --preset 3b --set n_layers=4 --batch 2 \
+    --seq-len 4096 --precision bf16 >/dev/null 2>&1
+head -n 24 "$OUT/profile_3b_bf16.md" 2>/dev/null
+
+note "done in $(($(date +%s) - T0)) s"
+echo
+cat "$SUMMARY"
