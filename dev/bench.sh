@@ -23,6 +23,9 @@
 #   TORCH_STEPS=10 TORCH_WARMUP=3    PyTorch: timed steps after untimed warm-up steps (compilation)
 #   TORCH_DTYPE=bf16                 bf16 (fp32 weights + bf16 autocast) or fp32
 #   MODES="plain hc"                 residual modes timed against mhc for the overhead rows
+#   ACCUM=                           K: also the 3b cut in bf16 with each step K micro-batches of BIG_BATCH
+#                                    (gradients accumulated, one AdamW step per K: how the preset, batch 320,
+#                                    trains; AdamW alone moves 34 bytes a parameter, 12 ms a step on the cut)
 #   RECOMPUTE=0                      1: also mhc with --recompute per preset, and the whole 3b preset (12 layers)
 #                                    with it (about 4 more minutes: raise BUDGET_S or drop MODES to fit)
 #   DECODE_TOKENS=256 DECODE_SEQ=512 decode: tokens generated; seq_len of the short run that makes the checkpoint
@@ -161,6 +164,11 @@ ours() {
     case $variant in
         bf16) flags+=(--precision bf16) vlabel=", bf16 GEMMs" ;;
         recompute) flags+=(--recompute) vlabel=", recompute" ;;
+        accum)                                 # ACCUM micro-batches of the slot's batch per step, bf16
+            local k b=1
+            for ((k = 0; k + 1 < ${#flags[@]}; k++)); do [ "${flags[k]}" != --batch ] || b=${flags[k + 1]}; done
+            flags+=(--precision bf16 --batch $((b * ACCUM)) --grad-accum "$ACCUM")
+            vlabel=", bf16 GEMMs, $ACCUM micro-batches of $b per step" ;;
     esac
     dry=$("$TRAIN" --preset "${PRESET[$slot]}" "${flags[@]}" --residual "$mode" --dry-run)
     params=$(sed -n 's/^parameters: total \([0-9]*\) .*/\1/p' <<<"$dry")
@@ -369,6 +377,7 @@ fi
 for slot in "${SLOTS[@]}"; do
     ours "$slot" mhc
     [ "$CPU" = 1 ] || ours "$slot" mhc bf16
+    [ "$CPU" = 1 ] || [ -z "${ACCUM:-}" ] || [ "$slot" != big ] || ours "$slot" mhc accum
     [ "$CPU" = 1 ] || [ "${RECOMPUTE:-0}" != 1 ] || ours "$slot" mhc recompute
     torchrun "$slot" eager
     torchrun "$slot" compile

@@ -5,8 +5,9 @@
 #   1. the GPU test group (./tests_gpu gpu): every kernel against the CPU reference;
 #   2. the training attention kernels one by one (dev/bench_attention), as built and with
 #      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas);
-#   3. the benchmark table (dev/bench.sh: ours against PyTorch, mHC overhead, decode against its bound,
-#      the mHC stream kernels), with what time is left but the last two steps' share;
+#   3. the benchmark table (dev/bench.sh: ours against PyTorch, mHC overhead, the 3b cut with 8 micro-batches
+#      a step (ACCUM=8), decode against its bound, the mHC stream kernels), with what time is left but the
+#      last two steps' share;
 #   4. decode of small at batch 1 with overlapped launches and without (MHC_OVERLAPPED_LAUNCH=0);
 #   5. where a bf16 training step of the 3b cut spends its kernel time (dev/profile.sh under ncu).
 #
@@ -113,7 +114,7 @@ cat "$OUT/attention.md"
 BENCH_OUT=runs/gpu_check_bench
 rm -rf "$BENCH_OUT"
 mkdir -p "$BENCH_OUT"
-step bench 480 110 env OUT="$BENCH_OUT" PREBUILT=1 STEPS=14 SKIP=4 TORCH_STEPS=8 MODES=plain \
+step bench 480 110 env OUT="$BENCH_OUT" PREBUILT=1 STEPS=14 SKIP=4 TORCH_STEPS=8 MODES=plain ACCUM=8 \
     BUDGET_S=$(($(left) - 115)) bash dev/bench.sh >/dev/null 2>"$BENCH_OUT/progress.txt" ||
     tail -n 5 "$BENCH_OUT/progress.txt"
 cp "$BENCH_OUT/bench.md" "$OUT/bench.md" 2>/dev/null && cat "$OUT/bench.md"
