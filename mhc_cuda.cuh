@@ -770,291 +770,9 @@ __device__ void mma_smem(float (&acc)[NF][4], const typename MmaOperand<P>::elem
     for (int k0 = 0; k0 < K; k0 += 16) mma_row<P, NMajor>(acc, mma_load_a<P, false>(A, lda, r0, k0), B, ldb, k0, n0, nstep, n);
 }
 
-/* Routed-expert GEMMs (SPEC §11) over token rows grouped by expert: rows seg[e] .. seg[e+1]-1 belong to
-   expert e, whose weight is W_e = W + e * w_stride. The row counts live on the GPU (no host round trip),
-   so these are our own tiled kernels rather than cuBLAS. Row-major, fixed summation order.
-     kseg = 0:  C[rows] = A[rows] @ op(W_e) + beta * C[rows]     (B = W, op = ^T when transB; M = rows of e)
-     kseg = 1:  W_e    += A[rows]^T @ B[rows]                   (C = W; K = rows of e, M and N fixed; no transB)
-   One block computes a 128 x 128 tile of one expert's output with 256 threads. For kseg = 0 the row tiles
-   of all experts are packed into gridDim.x (expert e's tiles follow expert e-1's, and eg_tile finds its
-   expert by walking seg), so no block is launched for rows an expert does not have.
-   K goes in 32-deep slabs through two shared-memory stages: while the block multiplies one slab, each
-   thread holds its share of the next one in registers, so the global loads are in flight during the
-   multiply. Each operand is copied in its own memory order (no transpose on the way in), rounded to the
-   precision P as it is stored; the fragment loads read it in that order (ldmatrix's Trans where k is the
-   line). The multiply is mma.sync (tensor-core fragments above): 8 warps, each a 64 x 32 part of the
-   tile as 4 x 4 m16n8 accumulators, stored from registers straight to C.
-   kseg = 1 has only E x (M/128) x (N/128) tiles, too few blocks to fill the GPU on small models, so there
-   each expert's rows are split into S parts (eg_splits: from the shapes alone); split s writes its partial
-   product to scratch [S][E][M][N] and expert_gemm_reduce_kernel adds the partials to W_e in split order,
-   so the result does not depend on timing.                                                             */
-#define EG_TILE 128
-#define EG_K 32                            /* K slab per shared-memory stage                            */
-#define EG_THREADS 256
-#define EG_LD_I (EG_K + 8)                 /* line stride of an i-major slab [128][32]                   */
-#define EG_OPERAND (EG_TILE * EG_LD_I)     /* elements of one operand slab, the larger of the two orders  */
-static_assert(EG_OPERAND >= EG_K * (EG_TILE + 8), "a k-major slab [32][eg_ld_k] fits EG_OPERAND");
-#define EG_TARGET_BLOCKS 512               /* kseg = 1: split rows until about this many blocks          */
-#define EG_MAX_SPLITS 8
-#define EG_MIN_SPLIT_ROWS 256              /* ... keeping at least this many rows per split on average   */
-
-typedef struct {
-    float *C;
-    const float *A, *B;
-    int ldc, lda, ldb, transB, kseg;
-    size_t w_stride;
-    const int *seg;
-    int E, Mfix, N, Kfix;
-    float beta;
-    int splits;                            /* kseg = 1: S; partial [S][E][M][N] when S > 1               */
-    float *partial;
-} MhcExpertGemm;
-
-/* this block's problem: expert e, output tile (i0, j0), M x K, into C (row stride ldc, C = tile + beta C);
-   M = 0 when the block has no tile */
-typedef struct {
-    int M, K, i0, j0, ldc;
-    float beta;
-    const float *A, *B;
-    float *C;
-} MhcExpertTile;
-
-__device__ MhcExpertTile eg_tile(const MhcExpertGemm &g) {
-    MhcExpertTile t = {0, 0, 0, (int)blockIdx.y * EG_TILE, g.ldc, g.beta, NULL, NULL, NULL};
-    int e = g.kseg ? blockIdx.z / g.splits : 0, split = g.kseg ? blockIdx.z % g.splits : 0, tile = blockIdx.x;
-    if (!g.kseg)                                   /* walk the experts' packed row tiles */
-        for (e = 0; e < g.E; e++) {
-            int tiles = (g.seg[e + 1] - g.seg[e] + EG_TILE - 1) / EG_TILE;
-            if (tile < tiles) break;
-            tile -= tiles;
-        }
-    if (e >= g.E) return t;
-    int r0 = g.seg[e], rows = g.seg[e + 1] - r0;
-    if (g.kseg && g.splits > 1) {                  /* this split's share of the rows (maybe none: then zeros) */
-        int per = (rows + g.splits - 1) / g.splits, lo = min(rows, split * per);
-        r0 += lo;
-        rows = min(rows - lo, per);
-    }
-    t.M = g.kseg ? g.Mfix : rows;
-    t.K = g.kseg ? rows : g.Kfix;
-    t.i0 = tile * EG_TILE;
-    if (t.i0 >= t.M) t.M = 0;
-    t.A = g.A + (size_t)r0 * g.lda;
-    t.B = g.kseg ? g.B + (size_t)r0 * g.ldb : g.B + e * g.w_stride;
-    t.C = g.kseg ? g.C + e * g.w_stride : g.C + (size_t)r0 * g.ldc;
-    if (g.kseg && g.splits > 1) {
-        t.C = g.partial + ((size_t)split * g.E + e) * g.Mfix * g.N;
-        t.ldc = g.N;
-        t.beta = 0.0f;
-    }
-    return t;
-}
-
-/* One operand slab in its memory order: `outer` lines of `inner` contiguous elements, line o at src + o ld;
-   elements past (outer_n, inner_n) read as zero. i-major (rows of the tile outer, k inner): [128][32];
-   k-major: [32][128]. Each thread fetches 4 runs of 4 elements (one float4 where aligned). */
-typedef struct {
-    const float *src;
-    int ld, inner, outer_n, inner_n;
-} MhcEgSlab;
-
-__device__ MhcEgSlab eg_slab(const float *base, int ld, int kmajor, int r0, int rows, int k0, int K) {
-    MhcEgSlab s;
-    s.ld = ld;
-    if (kmajor) { s.src = base + (size_t)k0 * ld + r0; s.inner = EG_TILE; s.outer_n = K - k0; s.inner_n = rows - r0; }
-    else        { s.src = base + (size_t)r0 * ld + k0; s.inner = EG_K;    s.outer_n = rows - r0; s.inner_n = K - k0; }
-    return s;
-}
-
-__device__ void eg_fetch(float reg[16], MhcEgSlab s) {
-    for (int q = 0; q < 4; q++) {
-        int g = threadIdx.x + q * EG_THREADS, o = g / (s.inner / 4), c = g % (s.inner / 4) * 4;
-        const float *p = s.src + (size_t)o * s.ld + c;
-        if (o < s.outer_n && c + 4 <= s.inner_n && (uintptr_t)p % 16 == 0) {
-            float4 v = *(const float4 *)p;
-            reg[4 * q] = v.x; reg[4 * q + 1] = v.y; reg[4 * q + 2] = v.z; reg[4 * q + 3] = v.w;
-        } else {
-            for (int x = 0; x < 4; x++) reg[4 * q + x] = o < s.outer_n && c + x < s.inner_n ? p[x] : 0.0f;
-        }
-    }
-}
-
-/* Line stride of a k-major slab [32][128]. A fragment's 8 rows x 4 pairs fall in distinct banks: fp32
-   words read a pair as two loads ld apart (132: 8t + g), bf16 rows go to ldmatrix and must start on 16
-   bytes (136: rows 4 words apart). The i-major stride EG_LD_I serves both. */
-static constexpr __host__ __device__ int eg_ld_k(int P) { return P == MHC_PREC_BF16 ? EG_TILE + 8 : EG_TILE + 4; }
-
-/* the fetched elements into shared memory at line stride ld, rounded to the operand precision */
-template <int P> __device__ void eg_stash(typename MmaOperand<P>::elem *dst, const float reg[16], int inner, int ld) {
-    typedef MmaOperand<P> Op;
-    for (int q = 0; q < 4; q++) {
-        int g = threadIdx.x + q * EG_THREADS, o = g / (inner / 4), c = g % (inner / 4) * 4;
-        typename Op::pair *pairs = (typename Op::pair *)(dst + o * ld + c);
-        pairs[0] = Op::make(Op::round(reg[4 * q]), Op::round(reg[4 * q + 1]));
-        pairs[1] = Op::make(Op::round(reg[4 * q + 2]), Op::round(reg[4 * q + 3]));
-    }
-}
-
-/* acc += this slab's product for the warp's 64 x 32 part of the tile (rows wi + 16x, columns wj + 8y) */
-template <int P, bool A_KMAJOR, bool B_KMAJOR>
-__device__ void eg_multiply(float (&acc)[4][4][4], const typename MmaOperand<P>::elem *As, const typename MmaOperand<P>::elem *Bs) {
-    int warp = threadIdx.x / 32, wi = warp / 4 * 64, wj = warp % 4 * 32;
-    int lda = A_KMAJOR ? eg_ld_k(P) : EG_LD_I, ldb = B_KMAJOR ? eg_ld_k(P) : EG_LD_I;
-#pragma unroll
-    for (int k = 0; k < EG_K; k += 16) {
-        MmaFragA<P> a[4];
-        MmaFragB<P> b[4];
-#pragma unroll
-        for (int x = 0; x < 4; x++) a[x] = mma_load_a<P, A_KMAJOR>(As, lda, wi + 16 * x, k);
-#pragma unroll
-        for (int y = 0; y < 4; y++) b[y] = mma_load_b<P, !B_KMAJOR>(Bs, ldb, k, wj + 8 * y);
-#pragma unroll
-        for (int x = 0; x < 4; x++)
-#pragma unroll
-            for (int y = 0; y < 4; y++) mma_tile<P>(acc[x][y], a[x], b[y]);
-    }
-}
-
-/* A_KMAJOR = kseg (op(A) = A^T), B_KMAJOR = !transB; P: the operand precision */
-template <int P, bool A_KMAJOR, bool B_KMAJOR>
-__global__ void __launch_bounds__(EG_THREADS) expert_gemm_kernel(MhcExpertGemm g) {
-    typedef typename MmaOperand<P>::elem elem;
-    extern __shared__ __align__(32) float smem[];
-    MhcExpertTile t = eg_tile(g);
-    if (!t.M) return;
-    float acc[4][4][4];
-    for (int x = 0; x < 4; x++) mma_zero(acc[x]);
-    int a_inner = A_KMAJOR ? EG_TILE : EG_K, b_inner = B_KMAJOR ? EG_TILE : EG_K;
-    int a_ld = A_KMAJOR ? eg_ld_k(P) : EG_LD_I, b_ld = B_KMAJOR ? eg_ld_k(P) : EG_LD_I;
-    elem *stages = (elem *)smem;                   /* [2 stages][A, B][EG_OPERAND] */
-    float ra[16], rb[16];
-    eg_fetch(ra, eg_slab(t.A, g.lda, A_KMAJOR, t.i0, t.M, 0, t.K));
-    eg_fetch(rb, eg_slab(t.B, g.ldb, B_KMAJOR, t.j0, g.N, 0, t.K));
-    eg_stash<P>(stages, ra, a_inner, a_ld);
-    eg_stash<P>(stages + EG_OPERAND, rb, b_inner, b_ld);
-    __syncthreads();
-    for (int k0 = 0, stage = 0; k0 < t.K; k0 += EG_K, stage ^= 1) {
-        const elem *As = stages + stage * 2 * EG_OPERAND, *Bs = As + EG_OPERAND;
-        int more = k0 + EG_K < t.K;
-        if (more) {                                /* the next slab's loads, in flight during the multiply */
-            eg_fetch(ra, eg_slab(t.A, g.lda, A_KMAJOR, t.i0, t.M, k0 + EG_K, t.K));
-            eg_fetch(rb, eg_slab(t.B, g.ldb, B_KMAJOR, t.j0, g.N, k0 + EG_K, t.K));
-        }
-        eg_multiply<P, A_KMAJOR, B_KMAJOR>(acc, As, Bs);
-        if (more) {                                /* into the other stage, last read one slab ago */
-            elem *next = stages + (stage ^ 1) * 2 * EG_OPERAND;
-            eg_stash<P>(next, ra, a_inner, a_ld);
-            eg_stash<P>(next + EG_OPERAND, rb, b_inner, b_ld);
-        }
-        __syncthreads();
-    }
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    int i_0 = t.i0 + warp / 4 * 64 + lane / 4, j_0 = t.j0 + warp % 4 * 32 + 2 * (lane % 4);
-    for (int x = 0; x < 4; x++)                    /* C = tile (+ beta C), inside the problem */
-        for (int y = 0; y < 4; y++)
-            for (int e = 0; e < 4; e++) {
-                int gi = i_0 + 16 * x + 8 * (e / 2), gj = j_0 + 8 * y + e % 2;
-                if (gi >= t.M || gj >= g.N) continue;
-                float *c = t.C + (size_t)gi * t.ldc + gj;
-                *c = t.beta == 0.0f ? acc[x][y][e] : acc[x][y][e] + t.beta * *c;
-            }
-}
-
-/* W_e (contiguous [M][N] at e * w_stride) = sum_s partial[s][e] + beta W_e, the splits added in order */
-__global__ void expert_gemm_reduce_kernel(float *C, const float *partial, int splits, int E, size_t MN, size_t w_stride,
-                                          float beta) {
-    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (idx >= (size_t)E * MN) return;
-    float v = 0;
-    for (int s = 0; s < splits; s++) v += partial[(size_t)s * E * MN + idx];
-    float *c = C + idx / MN * w_stride + idx % MN;
-    *c = beta == 0.0f ? v : v + beta * *c;
-}
-
-/* S for kseg = 1 over rows_total rows (all experts): enough splits to reach about EG_TARGET_BLOCKS
-   blocks, at most EG_MAX_SPLITS and no more than the rows allow; 1 means no split */
-static int eg_splits(int E, int M, int N, int rows_total) {
-    int blocks = E * (int)mhc_blocks((size_t)M, EG_TILE) * (int)mhc_blocks((size_t)N, EG_TILE);
-    int s = (EG_TARGET_BLOCKS + blocks - 1) / blocks, by_rows = rows_total / E / EG_MIN_SPLIT_ROWS;
-    s = s < by_rows ? s : by_rows;
-    s = s < EG_MAX_SPLITS ? s : EG_MAX_SPLITS;
-    return s > 1 ? s : 1;
-}
-
-template <int P, bool A_KMAJOR, bool B_KMAJOR> static void eg_launch(dim3 grid, const MhcExpertGemm &g) {
-    size_t bytes = 4 * EG_OPERAND * sizeof(typename MmaOperand<P>::elem);   /* two stages of A and B */
-    CUDA_CHECK(cudaFuncSetAttribute((const void *)expert_gemm_kernel<P, A_KMAJOR, B_KMAJOR>,
-                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    expert_gemm_kernel<P, A_KMAJOR, B_KMAJOR><<<grid, EG_THREADS, bytes>>>(g);
-    LAUNCH_CHECK();
-}
-
-template <int P> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &g) {
-    if (g.kseg) eg_launch<P, true, true>(grid, g);
-    else if (g.transB) eg_launch<P, false, false>(grid, g);
-    else eg_launch<P, false, true>(grid, g);
-}
-
-/* Few rows (decode: one token's K experts): there a tile kernel spends its time in one block's K loop,
-   so each warp makes one output, C[r][j] = A[r] . W_e[j] (+ beta C) by warp_dot (exact fp32, a fixed
-   order). The forward's layout only (transB, W_e [N][K]); 8 outputs of one row per block. */
-#define EG_GEMV_ROWS 16
-
-__global__ void expert_gemv_kernel(MhcExpertGemm g) {
-    int r = blockIdx.x, j = blockIdx.y * 8 + threadIdx.x / 32, e = 0;
-    if (j >= g.N) return;
-    while (e < g.E && g.seg[e + 1] <= r) e++;      /* row r belongs to expert e */
-    if (e >= g.E) return;
-    const float *a = g.A + (size_t)r * g.lda, *w = g.B + e * g.w_stride + (size_t)j * g.ldb;
-    float s = warp_dot(a, w, g.Kfix);
-    if (threadIdx.x % 32 == 0) {
-        float *c = g.C + (size_t)r * g.ldc + j;
-        *c = g.beta == 0.0f ? s : s + g.beta * *c;
-    }
-}
-
-/* floats of the split scratch gpu_expert_gemm needs for kseg = 1 at (E, M, N, rows_total); 0: no split */
-static size_t gpu_expert_split_floats(int E, int M, int N, int rows_total) {
-    int S = eg_splits(E, M, N, rows_total);
-    return S > 1 ? (size_t)S * E * M * N : 0;
-}
-
-/* M (kseg = 0): the rows of all experts together, seg[E]; kseg = 1: M = the rows of W_e, K = the rows of
-   all experts together, W_e contiguous (ldc = N, w_stride = M N), no transB; scratch: NULL, or
-   gpu_expert_split_floats floats for the row splits. precision: the tile kernel's operands (MHC_PREC_*:
-   exact fp32, TF32 or bf16); the few-row forward (M <= EG_GEMV_ROWS) is always exact. */
-static void gpu_expert_gemm(int precision, float *C, int ldc, const float *A, int lda, const float *B, int ldb, int transB,
-                            size_t w_stride, const int *seg, int E, int M, int N, int K, int kseg, float beta, float *scratch) {
-    if (M <= 0 || N <= 0 || E <= 0) return;
-    if (kseg && (transB || ldc != N || w_stride != (size_t)M * N)) {
-        fprintf(stderr, "mhc_cuda gpu_expert_gemm: kseg = 1 takes no transB and a contiguous W (a bug)\n");
-        exit(1);
-    }
-    int splits = kseg && scratch ? eg_splits(E, M, N, K) : 1;
-    MhcExpertGemm g = {C, A, B, ldc, lda, ldb, transB, kseg, w_stride, seg, E, M, N, K, beta, splits, scratch};
-    if (!kseg && transB && M <= EG_GEMV_ROWS) {
-        expert_gemv_kernel<<<dim3(M, mhc_blocks((size_t)N, 8)), 256>>>(g);
-        LAUNCH_CHECK();
-        return;
-    }
-    /* kseg = 0: every expert's row tiles, at most ceil(M / 128) + E of them, packed along x */
-    dim3 grid(kseg ? mhc_blocks((size_t)M, EG_TILE) : mhc_blocks((size_t)M, EG_TILE) + E, mhc_blocks((size_t)N, EG_TILE),
-              kseg ? E * splits : 1);
-    if (precision == MHC_PREC_BF16) eg_launch_layout<MHC_PREC_BF16>(grid, g);
-    else if (precision == MHC_PREC_TF32) eg_launch_layout<MHC_PREC_TF32>(grid, g);
-    else eg_launch_layout<MHC_PREC_FP32>(grid, g);
-    if (splits > 1) {
-        size_t count = (size_t)E * M * N;
-        expert_gemm_reduce_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(C, scratch, splits, E, (size_t)M * N, w_stride, beta);
-        LAUNCH_CHECK();
-    }
-}
-
-/* ---------------------------------------------------------------------------------------------
-   2. Primitives                                                                                 */
 /* cp.async (sm_80 on): BYTES (4 or 16) from global to shared memory without passing through registers,
-   so the loads are in flight while the thread goes on (attention: a tile's while the warps compute on
-   the previous one; a lone token's pre-stage: parameters only one block will use). With real = false the
+   so the loads are in flight while the thread goes on (the expert GEMMs and attention: a tile's while the
+   warps compute on another; a lone token's pre-stage: parameters only one block will use). With real = false the
    bytes are zero (source size 0: nothing is read). The copies a thread issues between two commits form
    a group; cp_async_wait<N>() returns once at most the N groups committed last are still in flight, and
    a __syncthreads after it makes every thread's arrived copies visible to the block.
@@ -1117,6 +835,336 @@ template <int N> __device__ void cp_async_wait() {
 #endif
 }
 
+/* Routed-expert GEMMs (SPEC §11) over token rows grouped by expert: rows seg[e] .. seg[e+1]-1 belong to
+   expert e, whose weight is W_e = W + e * w_stride. The row counts live on the GPU (no host round trip),
+   so these are our own tiled kernels rather than cuBLAS. Row-major, fixed summation order.
+     kseg = 0:  C[rows] = A[rows] @ op(W_e) + beta * C[rows]     (B = W, op = ^T when transB; M = rows of e)
+     kseg = 1:  W_e    += A[rows]^T @ B[rows]                   (C = W; K = rows of e, M and N fixed; no transB)
+   One block computes a 128 x 128 tile of one expert's output with 256 threads. For kseg = 0 the row tiles
+   of all experts are packed into gridDim.x (expert e's tiles follow expert e-1's, and eg_tile finds its
+   expert by walking seg), so no block is launched for rows an expert does not have.
+   The operands are in memory as the precision P multiplies them (MmaElem<P>: fp32 words, or in BF16 the
+   bf16 copies gpu_expert_gemm makes), so K goes in 32-deep slabs straight from memory into shared memory
+   by cp.async, through eg_stages(P) stages: the next stages' slabs are in flight while the block
+   multiplies one, as in CUTLASS's multistage GEMMs. Each operand is copied in its own memory order (no
+   transpose on the way in); the fragment loads read it in that order (ldmatrix's Trans where k is the
+   line), TF32's rounding the words as they load. The multiply is mma.sync (tensor-core fragments above):
+   8 warps, each a 64 x 32 part of the tile as 4 x 4 m16n8 accumulators, stored from registers straight
+   to C.
+   kseg = 1 has only E x (M/128) x (N/128) tiles, too few blocks to fill the GPU on small models, so there
+   each expert's rows are split into S parts (eg_splits: from the shapes alone); split s writes its partial
+   product to scratch [S][E][M][N] and expert_gemm_reduce_kernel adds the partials to W_e in split order,
+   so the result does not depend on timing.                                                             */
+#define EG_TILE 128
+#define EG_K 32                            /* K slab per shared-memory stage                            */
+#define EG_THREADS 256
+#define EG_LD_I (EG_K + 8)                 /* line stride of an i-major slab [128][32]                   */
+#define EG_OPERAND (EG_TILE * EG_LD_I)     /* elements of one operand slab, the larger of the two orders  */
+static_assert(EG_OPERAND >= EG_K * (EG_TILE + 8), "a k-major slab [32][eg_ld_k] fits EG_OPERAND");
+#define EG_TARGET_BLOCKS 512               /* kseg = 1: split rows until about this many blocks          */
+#define EG_MAX_SPLITS 8
+#define EG_MIN_SPLIT_ROWS 256              /* ... keeping at least this many rows per split on average   */
+
+/* shared-memory stages of the pipeline: 4 of 20 KB in BF16, 3 of 40 KB in fp32 words */
+static constexpr __host__ __device__ int eg_stages(int P) { return P == MHC_PREC_BF16 ? 4 : 3; }
+
+/* blocks of 256 threads an SM should hold at once (__launch_bounds__): in BF16 two, which caps the
+   kernel at 128 registers (ptxas, nvcc 13.0: 124-130 without the cap, no spills with it) and doubles the
+   warps that hide the loads' latency; its 80 KB of stages fit twice in an SM's shared memory. fp32 words'
+   120 KB of stages fit once: 0, no minimum asked */
+static constexpr __host__ __device__ int eg_min_blocks(int P) { return P == MHC_PREC_BF16 ? 2 : 0; }
+
+/* A and B hold MmaElem<P> of the launch's precision P (fp32 words, or bf16 copies); C is fp32 */
+typedef struct {
+    float *C;
+    const void *A, *B;
+    int ldc, lda, ldb, transB, kseg;
+    size_t w_stride;
+    const int *seg;
+    int E, Mfix, N, Kfix;
+    float beta;
+    int splits;                            /* kseg = 1: S; partial [S][E][M][N] when S > 1               */
+    float *partial;
+} MhcExpertGemm;
+
+/* this block's problem: expert e, output tile (i0, j0), M x K, into C (row stride ldc, C = tile + beta C);
+   M = 0 when the block has no tile */
+template <int P> struct MhcExpertTile {
+    int M, K, i0, j0, ldc;
+    float beta;
+    const MmaElem<P> *A, *B;
+    float *C;
+};
+
+template <int P> __device__ MhcExpertTile<P> eg_tile(const MhcExpertGemm &g) {
+    MhcExpertTile<P> t = {0, 0, 0, (int)blockIdx.y * EG_TILE, g.ldc, g.beta, NULL, NULL, NULL};
+    int e = g.kseg ? blockIdx.z / g.splits : 0, split = g.kseg ? blockIdx.z % g.splits : 0, tile = blockIdx.x;
+    if (!g.kseg)                                   /* walk the experts' packed row tiles */
+        for (e = 0; e < g.E; e++) {
+            int tiles = (g.seg[e + 1] - g.seg[e] + EG_TILE - 1) / EG_TILE;
+            if (tile < tiles) break;
+            tile -= tiles;
+        }
+    if (e >= g.E) return t;
+    int r0 = g.seg[e], rows = g.seg[e + 1] - r0;
+    if (g.kseg && g.splits > 1) {                  /* this split's share of the rows (maybe none: then zeros) */
+        int per = (rows + g.splits - 1) / g.splits, lo = min(rows, split * per);
+        r0 += lo;
+        rows = min(rows - lo, per);
+    }
+    const MmaElem<P> *A = (const MmaElem<P> *)g.A, *B = (const MmaElem<P> *)g.B;
+    t.M = g.kseg ? g.Mfix : rows;
+    t.K = g.kseg ? rows : g.Kfix;
+    t.i0 = tile * EG_TILE;
+    if (t.i0 >= t.M) t.M = 0;
+    t.A = A + (size_t)r0 * g.lda;
+    t.B = g.kseg ? B + (size_t)r0 * g.ldb : B + e * g.w_stride;
+    t.C = g.kseg ? g.C + e * g.w_stride : g.C + (size_t)r0 * g.ldc;
+    if (g.kseg && g.splits > 1) {
+        t.C = g.partial + ((size_t)split * g.E + e) * g.Mfix * g.N;
+        t.ldc = g.N;
+        t.beta = 0.0f;
+    }
+    return t;
+}
+
+/* One operand slab in its memory order: `outer` lines of `inner` contiguous elements, line o at src + o ld;
+   elements past (outer_n, inner_n) read as zero. i-major (rows of the tile outer, k inner): [128][32];
+   k-major: [32][128]. */
+template <int P> struct MhcEgSlab {
+    const MmaElem<P> *src;
+    int ld, inner, outer_n, inner_n;
+};
+
+template <int P> __device__ MhcEgSlab<P> eg_slab(const MmaElem<P> *base, int ld, int kmajor, int r0, int rows, int k0, int K) {
+    MhcEgSlab<P> s;
+    s.ld = ld;
+    if (kmajor) { s.src = base + (size_t)k0 * ld + r0; s.inner = EG_TILE; s.outer_n = K - k0; s.inner_n = rows - r0; }
+    else        { s.src = base + (size_t)r0 * ld + k0; s.inner = EG_K;    s.outer_n = rows - r0; s.inner_n = K - k0; }
+    return s;
+}
+
+/* Line stride of a k-major slab [32][128]. A fragment's 8 rows x 4 pairs fall in distinct banks: fp32
+   words read a pair as two loads ld apart (132: 8t + g), bf16 rows go to ldmatrix and must start on 16
+   bytes (136: rows 4 words apart). The i-major stride EG_LD_I serves both. */
+static constexpr __host__ __device__ int eg_ld_k(int P) { return P == MHC_PREC_BF16 ? EG_TILE + 8 : EG_TILE + 4; }
+
+/* The 16-byte chunks of a slab (4 fp32 words or 8 bf16), EG_THREADS apart: chunk q of this thread is
+   line o, elements c .. c + w - 1 */
+template <int P> __device__ void eg_chunk(int q, int inner, int *o, int *c) {
+    const int w = 16 / sizeof(MmaElem<P>), at = threadIdx.x + q * EG_THREADS;
+    *o = at / (inner / w);
+    *c = at % (inner / w) * w;
+}
+template <int P> static constexpr __host__ __device__ int eg_chunks_per_thread() {
+    return EG_TILE * EG_K * (int)sizeof(MmaElem<P>) / 16 / EG_THREADS;
+}
+
+/* slab s into shared memory at line stride ld: each of this thread's chunks by one cp.async (zeros where
+   it lies past the slab's lines or elements) when the rows are 16-byte aligned and the chunk whole or
+   empty, else element by element at once (the tests' odd shapes; a partial last chunk). The copies land
+   at the caller's cp_async_wait that covers this group. */
+template <int P> __device__ void eg_load(MmaElem<P> *dst, MhcEgSlab<P> s, int ld) {
+    const int w = 16 / sizeof(MmaElem<P>);
+    bool aligned = (uintptr_t)s.src % 16 == 0 && s.ld % w == 0;
+#pragma unroll
+    for (int q = 0; q < eg_chunks_per_thread<P>(); q++) {
+        int o, c;
+        eg_chunk<P>(q, s.inner, &o, &c);
+        const MmaElem<P> *p = s.src + (size_t)o * s.ld + c;
+        MmaElem<P> *out = dst + o * ld + c;
+        int have = o < s.outer_n ? min(max(s.inner_n - c, 0), w) : 0;     /* real elements of the chunk */
+        if (aligned && (have == w || have == 0)) {
+            cp_async<16>(out, have ? p : s.src, have == w);
+        } else {
+            for (int x = 0; x < w; x++) out[x] = x < have ? p[x] : (MmaElem<P>)0;
+        }
+    }
+}
+
+/* TF32: a fragment's fp32 words rounded as the tensor cores take them. The expert GEMM's stages hold the
+   words as cp.async brought them, so it rounds in registers, once per fragment load: rounding in shared
+   memory would read and write every element once more. FP32 and BF16 fragments stay as they are. */
+template <int P, int N> __device__ void mma_round_pairs(typename MmaOperand<P>::pair (&x)[N]) {
+    if constexpr (P == MHC_PREC_TF32) {
+#pragma unroll
+        for (int i = 0; i < N; i++) x[i] = MmaOperand<P>::make(MmaOperand<P>::round(x[i].x), MmaOperand<P>::round(x[i].y));
+    }
+}
+
+/* acc += this slab's product for the warp's 64 x 32 part of the tile (rows wi + 16x, columns wj + 8y) */
+template <int P, bool A_KMAJOR, bool B_KMAJOR>
+__device__ void eg_multiply(float (&acc)[4][4][4], const typename MmaOperand<P>::elem *As, const typename MmaOperand<P>::elem *Bs) {
+    int warp = threadIdx.x / 32, wi = warp / 4 * 64, wj = warp % 4 * 32;
+    int lda = A_KMAJOR ? eg_ld_k(P) : EG_LD_I, ldb = B_KMAJOR ? eg_ld_k(P) : EG_LD_I;
+#pragma unroll
+    for (int k = 0; k < EG_K; k += 16) {
+        MmaFragA<P> a[4];
+        MmaFragB<P> b[4];
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            a[x] = mma_load_a<P, A_KMAJOR>(As, lda, wi + 16 * x, k);
+            mma_round_pairs<P>(a[x].x);
+        }
+#pragma unroll
+        for (int y = 0; y < 4; y++) {
+            b[y] = mma_load_b<P, !B_KMAJOR>(Bs, ldb, k, wj + 8 * y);
+            mma_round_pairs<P>(b[y].x);
+        }
+#pragma unroll
+        for (int x = 0; x < 4; x++)
+#pragma unroll
+            for (int y = 0; y < 4; y++) mma_tile<P>(acc[x][y], a[x], b[y]);
+    }
+}
+
+/* slab `slab` of both operands (K from slab * EG_K) into its stage, slab mod S of the ring */
+template <int P, bool A_KMAJOR, bool B_KMAJOR>
+__device__ void eg_load_slab(MmaElem<P> *stages, const MhcExpertTile<P> &t, const MhcExpertGemm &g, int slab) {
+    MmaElem<P> *As = stages + slab % eg_stages(P) * 2 * EG_OPERAND, *Bs = As + EG_OPERAND;
+    eg_load<P>(As, eg_slab<P>(t.A, g.lda, A_KMAJOR, t.i0, t.M, slab * EG_K, t.K), A_KMAJOR ? eg_ld_k(P) : EG_LD_I);
+    eg_load<P>(Bs, eg_slab<P>(t.B, g.ldb, B_KMAJOR, t.j0, g.N, slab * EG_K, t.K), B_KMAJOR ? eg_ld_k(P) : EG_LD_I);
+}
+
+/* A_KMAJOR = kseg (op(A) = A^T), B_KMAJOR = !transB; P: the operand precision. The first S - 1 slabs go
+   in flight, then at each step the block waits for slab kt, issues slab kt + S - 1 into the stage that
+   slab kt - 1 left (every warp being past it), and multiplies slab kt. */
+template <int P, bool A_KMAJOR, bool B_KMAJOR>
+__global__ void __launch_bounds__(EG_THREADS, eg_min_blocks(P)) expert_gemm_kernel(MhcExpertGemm g) {
+    constexpr int S = eg_stages(P);
+    extern __shared__ __align__(32) float smem[];
+    MhcExpertTile<P> t = eg_tile<P>(g);
+    if (!t.M) return;
+    float acc[4][4][4];
+    for (int x = 0; x < 4; x++) mma_zero(acc[x]);
+    int slabs = (t.K + EG_K - 1) / EG_K;
+    MmaElem<P> *stages = (MmaElem<P> *)smem;       /* [S stages][A, B][EG_OPERAND] */
+    for (int s = 0; s < S - 1; s++) {
+        if (s < slabs) eg_load_slab<P, A_KMAJOR, B_KMAJOR>(stages, t, g, s);
+        cp_async_commit();                         /* (empty past the last slab: the count stays) */
+    }
+    for (int kt = 0; kt < slabs; kt++) {
+        cp_async_wait<S - 2>();                    /* this thread's copies of slab kt have landed */
+        __syncthreads();                           /* everyone's; and every warp is past slab kt - 1 */
+        if (kt + S - 1 < slabs) eg_load_slab<P, A_KMAJOR, B_KMAJOR>(stages, t, g, kt + S - 1);
+        cp_async_commit();
+        const MmaElem<P> *As = stages + kt % S * 2 * EG_OPERAND;
+        eg_multiply<P, A_KMAJOR, B_KMAJOR>(acc, As, As + EG_OPERAND);
+    }
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int i_0 = t.i0 + warp / 4 * 64 + lane / 4, j_0 = t.j0 + warp % 4 * 32 + 2 * (lane % 4);
+    for (int x = 0; x < 4; x++)                    /* C = tile (+ beta C), inside the problem */
+        for (int y = 0; y < 4; y++)
+            for (int e = 0; e < 4; e++) {
+                int gi = i_0 + 16 * x + 8 * (e / 2), gj = j_0 + 8 * y + e % 2;
+                if (gi >= t.M || gj >= g.N) continue;
+                float *c = t.C + (size_t)gi * t.ldc + gj;
+                *c = t.beta == 0.0f ? acc[x][y][e] : acc[x][y][e] + t.beta * *c;
+            }
+}
+
+/* W_e (contiguous [M][N] at e * w_stride) = sum_s partial[s][e] + beta W_e, the splits added in order */
+__global__ void expert_gemm_reduce_kernel(float *C, const float *partial, int splits, int E, size_t MN, size_t w_stride,
+                                          float beta) {
+    size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= (size_t)E * MN) return;
+    float v = 0;
+    for (int s = 0; s < splits; s++) v += partial[(size_t)s * E * MN + idx];
+    float *c = C + idx / MN * w_stride + idx % MN;
+    *c = beta == 0.0f ? v : v + beta * *c;
+}
+
+/* S for kseg = 1 over rows_total rows (all experts): enough splits to reach about EG_TARGET_BLOCKS
+   blocks, at most EG_MAX_SPLITS and no more than the rows allow; 1 means no split */
+static int eg_splits(int E, int M, int N, int rows_total) {
+    int blocks = E * (int)mhc_blocks((size_t)M, EG_TILE) * (int)mhc_blocks((size_t)N, EG_TILE);
+    int s = (EG_TARGET_BLOCKS + blocks - 1) / blocks, by_rows = rows_total / E / EG_MIN_SPLIT_ROWS;
+    s = s < by_rows ? s : by_rows;
+    s = s < EG_MAX_SPLITS ? s : EG_MAX_SPLITS;
+    return s > 1 ? s : 1;
+}
+
+template <int P, bool A_KMAJOR, bool B_KMAJOR> static void eg_launch(dim3 grid, const MhcExpertGemm &g) {
+    size_t bytes = (size_t)eg_stages(P) * 2 * EG_OPERAND * sizeof(MmaElem<P>);   /* the stages of A and B */
+    CUDA_CHECK(cudaFuncSetAttribute((const void *)expert_gemm_kernel<P, A_KMAJOR, B_KMAJOR>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    expert_gemm_kernel<P, A_KMAJOR, B_KMAJOR><<<grid, EG_THREADS, bytes>>>(g);
+    LAUNCH_CHECK();
+}
+
+template <int P> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &g) {
+    if (g.kseg) eg_launch<P, true, true>(grid, g);
+    else if (g.transB) eg_launch<P, false, false>(grid, g);
+    else eg_launch<P, false, true>(grid, g);
+}
+
+/* Few rows (decode: one token's K experts): there a tile kernel spends its time in one block's K loop,
+   so each warp makes one output, C[r][j] = A[r] . W_e[j] (+ beta C) by warp_dot (exact fp32, a fixed
+   order). The forward's layout only (transB, W_e [N][K]); 8 outputs of one row per block. */
+#define EG_GEMV_ROWS 16
+
+__global__ void expert_gemv_kernel(MhcExpertGemm g) {
+    int r = blockIdx.x, j = blockIdx.y * 8 + threadIdx.x / 32, e = 0;
+    if (j >= g.N) return;
+    while (e < g.E && g.seg[e + 1] <= r) e++;      /* row r belongs to expert e */
+    if (e >= g.E) return;
+    const float *a = (const float *)g.A + (size_t)r * g.lda, *w = (const float *)g.B + e * g.w_stride + (size_t)j * g.ldb;
+    float s = warp_dot(a, w, g.Kfix);
+    if (threadIdx.x % 32 == 0) {
+        float *c = g.C + (size_t)r * g.ldc + j;
+        *c = g.beta == 0.0f ? s : s + g.beta * *c;
+    }
+}
+
+/* floats of the split scratch gpu_expert_gemm needs for kseg = 1 at (E, M, N, rows_total); 0: no split */
+static size_t gpu_expert_split_floats(int E, int M, int N, int rows_total) {
+    int S = eg_splits(E, M, N, rows_total);
+    return S > 1 ? (size_t)S * E * M * N : 0;
+}
+
+/* M (kseg = 0): the rows of all experts together, seg[E]; kseg = 1: M = the rows of W_e, K = the rows of
+   all experts together, W_e contiguous (ldc = N, w_stride = M N), no transB; scratch: NULL, or
+   gpu_expert_split_floats floats for the row splits. bl->precision is the tile kernel's (MHC_PREC_*: exact
+   fp32, TF32 or bf16); the few-row forward (M <= EG_GEMV_ROWS) is always exact. In BF16 the kernel reads
+   bf16 copies: a weight's twin, anything else rounded into bl->scratch (A into [0], B into [1]) unless
+   rounded says that the caller's previous product left it there (MHC_A_ROUNDED, MHC_B_ROUNDED: the
+   same operand at the same place). */
+static void gpu_expert_gemm(const MhcBlas *bl, int rounded, float *C, int ldc, const float *A, int lda, const float *B, int ldb,
+                            int transB, size_t w_stride, const int *seg, int E, int M, int N, int K, int kseg, float beta,
+                            float *scratch) {
+    if (M <= 0 || N <= 0 || E <= 0) return;
+    if (kseg && (transB || ldc != N || w_stride != (size_t)M * N)) {
+        fprintf(stderr, "mhc_cuda gpu_expert_gemm: kseg = 1 takes no transB and a contiguous W (a bug)\n");
+        exit(1);
+    }
+    int splits = kseg && scratch ? eg_splits(E, M, N, K) : 1;
+    MhcExpertGemm g = {C, A, B, ldc, lda, ldb, transB, kseg, w_stride, seg, E, M, N, K, beta, splits, scratch};
+    if (!kseg && transB && M <= EG_GEMV_ROWS) {
+        expert_gemv_kernel<<<dim3(M, mhc_blocks((size_t)N, 8)), 256>>>(g);
+        LAUNCH_CHECK();
+        return;
+    }
+    if (bl->precision == MHC_PREC_BF16) {         /* A [M][K] (kseg: [K][M]); B per expert or [K][N] rows */
+        g.A = rounded & MHC_A_ROUNDED ? bl->scratch[0] : gemm_bf16_operand(bl, 0, A, kseg ? K : M, kseg ? M : K, lda, 0, 1);
+        if (rounded & MHC_B_ROUNDED) g.B = bl->scratch[1];
+        else if (kseg) g.B = gemm_bf16_operand(bl, 1, B, K, N, ldb, 0, 1);
+        else g.B = gemm_bf16_operand(bl, 1, B, transB ? N : K, transB ? K : N, ldb, (long long)w_stride, E);
+    }
+    /* kseg = 0: every expert's row tiles, at most ceil(M / 128) + E of them, packed along x */
+    dim3 grid(kseg ? mhc_blocks((size_t)M, EG_TILE) : mhc_blocks((size_t)M, EG_TILE) + E, mhc_blocks((size_t)N, EG_TILE),
+              kseg ? E * splits : 1);
+    if (bl->precision == MHC_PREC_BF16) eg_launch_layout<MHC_PREC_BF16>(grid, g);
+    else if (bl->precision == MHC_PREC_TF32) eg_launch_layout<MHC_PREC_TF32>(grid, g);
+    else eg_launch_layout<MHC_PREC_FP32>(grid, g);
+    if (splits > 1) {
+        size_t count = (size_t)E * M * N;
+        expert_gemm_reduce_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(C, scratch, splits, E, (size_t)M * N, w_stride, beta);
+        LAUNCH_CHECK();
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+   2. Primitives                                                                                 */
 __global__ void fill_kernel(float *x, float value, size_t count) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (i < count) x[i] = value;
@@ -3135,13 +3183,14 @@ static void gpu_acts_free(MhcGpuActs *A) {
     memset(A, 0, sizeof *A);
 }
 
-/* The largest non-weight operand of an MHC_GEMM_FAST GEMM, in elements (gemm_bf16_operand checks it):
-   N rows of an activation or its gradient (u, dy: C; FFN: F; q: H d_qk; c_q: d_q; latent + k_pe: d_c + d_r;
-   kv: H (d_nope + d_v); o: H d_v), or logit_rows rows of dlogits (V). */
+/* The largest non-weight operand of an MHC_GEMM_FAST GEMM or a routed-expert GEMM, in elements
+   (gemm_bf16_operand checks it): N rows of an activation or its gradient (u, dy: C; FFN: F; q: H d_qk;
+   c_q: d_q; latent + k_pe: d_c + d_r; kv: H (d_nope + d_v); o: H d_v; the experts' K slots a token: K C
+   and K I), or logit_rows rows of dlogits (V). */
 static size_t gpu_bf16_scratch_count(const MhcConfig *c, size_t N, size_t logit_rows) {
-    size_t H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, w = c->d_model, x[] = {
+    size_t H = c->n_heads, dqk = c->qk_nope_head_dim + c->qk_rope_head_dim, w = c->d_model, K = c->n_activated_experts, x[] = {
         (size_t)mhc_ffn_width(c), H * dqk, (size_t)c->q_lora_rank, (size_t)c->kv_lora_rank + c->qk_rope_head_dim,
-        H * (c->qk_nope_head_dim + c->v_head_dim), H * c->v_head_dim};
+        H * (c->qk_nope_head_dim + c->v_head_dim), H * c->v_head_dim, K * c->d_model, K * c->moe_inter_dim};
     for (size_t k = 0; k < sizeof x / sizeof x[0]; k++) w = w > x[k] ? w : x[k];
     size_t count = N * w, logits = logit_rows * c->vocab_size, att = att_bf16_scratch_count(c, N);
     count = count > logits ? count : logits;
@@ -3598,10 +3647,11 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_moe_group(A, sel, NK, E, g->expert_load + (size_t)l * E);
     gpu_moe_gather(A, u, NK, K, C);
     const int *seg = a->expert_start;
-    gpu_expert_gemm(g->blas.precision, ha, I, A->a.moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL);   /* a = W1_e x */
-    gpu_expert_gemm(g->blas.precision, hg, I, A->a.moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL);   /* g = W3_e x */
+    const MhcBlas *bl = &g->blas;
+    gpu_expert_gemm(bl, 0, ha, I, A->a.moe_x, C, b->w1, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL);             /* a = W1_e x */
+    gpu_expert_gemm(bl, MHC_A_ROUNDED, hg, I, A->a.moe_x, C, b->w3, C, 1, (size_t)I * C, seg, E, NK, I, C, 0, 0.0f, NULL); /* g = W3_e x */
     gpu_swiglu_forward(hh, ha, hg, (size_t)NK * I);
-    gpu_expert_gemm(g->blas.precision, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, NK, C, I, 0, 0.0f, NULL);       /* W2_e h    */
+    gpu_expert_gemm(bl, 0, eo, C, hh, I, b->w2, I, 1, (size_t)C * I, seg, E, NK, C, I, 0, 0.0f, NULL);                     /* W2_e h    */
     gpu_moe_combine(out, eo, A->a.expert_row, w, N, K, C);
     if (c->seq_aux_alpha > 0) {
         gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);
@@ -3631,13 +3681,17 @@ static void gpu_moe_backward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, co
     moe_uncombine_kernel<<<mhc_blocks((size_t)NK, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(dYp, a->dgw, dout, eo, w,
                                                                                        a->expert_order, NK, K, C);
     LAUNCH_CHECK();
-    gpu_expert_gemm(g->blas.precision, dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, NK, I, C, 0, 0.0f, NULL);      /* dh = W2_e^T dy   */
-    gpu_expert_gemm(g->blas.precision, gb->w2, I, dYp, C, hh, I, 0, (size_t)C * I, seg, E, C, I, NK, 1, 1.0f, A->expert_split);   /* dW2_e += dy (x) h */
+    /* in this order a bf16 copy serves both products of one input: dy, then da, then dg (with x for both
+       weight gradients) */
+    float *dx = A->a.moe_dx, *split = A->expert_split;
+    gpu_expert_gemm(bl, 0, dh, I, dYp, C, b->w2, I, 0, (size_t)C * I, seg, E, NK, I, C, 0, 0.0f, NULL);                   /* dh = W2_e^T dy   */
+    gpu_expert_gemm(bl, MHC_A_ROUNDED, gb->w2, I, dYp, C, hh, I, 0, (size_t)C * I, seg, E, C, I, NK, 1, 1.0f, split);    /* dW2_e += dy (x) h */
     gpu_swiglu_backward(da, dg, dh, ha, hg, (size_t)NK * I);
-    gpu_expert_gemm(g->blas.precision, A->a.moe_dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 0.0f, NULL);   /* dx = W1_e^T da  */
-    gpu_expert_gemm(g->blas.precision, A->a.moe_dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 1.0f, NULL);   /*   + W3_e^T dg   */
-    gpu_expert_gemm(g->blas.precision, gb->w1, C, da, I, A->a.moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1, 1.0f, A->expert_split);   /* dW1_e += da (x) x */
-    gpu_expert_gemm(g->blas.precision, gb->w3, C, dg, I, A->a.moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1, 1.0f, A->expert_split);   /* dW3_e += dg (x) x */
+    gpu_expert_gemm(bl, 0, dx, C, da, I, b->w1, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 0.0f, NULL);                    /* dx = W1_e^T da  */
+    gpu_expert_gemm(bl, MHC_A_ROUNDED, gb->w1, C, da, I, A->a.moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1, 1.0f, split);   /* dW1_e += da (x) x */
+    gpu_expert_gemm(bl, 0, dx, C, dg, I, b->w3, C, 0, (size_t)I * C, seg, E, NK, C, I, 0, 1.0f, NULL);                    /*   + W3_e^T dg   */
+    gpu_expert_gemm(bl, MHC_A_ROUNDED | MHC_B_ROUNDED, gb->w3, C, dg, I, A->a.moe_x, C, 0, (size_t)I * C, seg, E, I, C, NK, 1,
+                    1.0f, split);                                                                                           /* dW3_e += dg (x) x */
     gpu_moe_combine(du, A->a.moe_dx, A->a.expert_row, NULL, N, K, C);                                    /* slots -> tokens */
     if (c->seq_aux_alpha > 0) {                     /* f of each sequence (the forward's values again) */
         gpu_moe_balance(A->moe_bal + (size_t)l * B * E, A->moe_f, A->moe_ssum, s, sel, B, T, E, K, c->seq_aux_alpha);

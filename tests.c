@@ -2105,6 +2105,19 @@ static float *gt_bf16_round(const float *src, size_t count) {     /* a host copy
     return p;
 }
 
+/* a host copy with every value rounded to TF32 as cvt.rna.tf32.f32 does (10 mantissa bits kept, to nearest,
+   ties away from zero: add half of the dropped part to the magnitude, truncate); finite values only */
+static float *gt_tf32_round(const float *src, size_t count) {
+    float *p = gt_host(count);
+    for (size_t i = 0; i < count; i++) {
+        uint32_t u;
+        memcpy(&u, &src[i], 4);
+        u = (u + 0x1000u) & 0xffffe000u;
+        memcpy(&p[i], &u, 4);
+    }
+    return p;
+}
+
 /* a small config with every feature: dense block 0, MoE blocks 1-2 with a shared expert, odd sizes */
 static MhcConfig gt_config(int residual, int q_lora, int groups) {
     MhcConfig c;
@@ -2401,18 +2414,23 @@ static void ref_expert_gemms(float *Y, float *dX, float *dW, const float *X, con
             }
 }
 
-/* the three grouped expert GEMMs in each precision against double loops; expert 1 has no rows. bf16 is
-   also checked against the double loops on bf16-rounded X, W and dY (tol 1e-5): products of rounded
-   operands are exact, so only the fp32 accumulation differs, and the check pins down that the kernel
-   rounds each operand once, to nearest even, as the CPU does. */
+/* the three grouped expert GEMMs in each precision against double loops; expert 1 has no rows. TF32 and
+   bf16 are also checked against the double loops on X, W and dY rounded as each rounds them (tol 1e-5):
+   products of rounded operands are exact, so only the fp32 accumulation differs, and the check pins down
+   that the kernel rounds each operand once, as the CPU's reference rounding does (bf16 to nearest even,
+   TF32 to nearest with ties away). */
 static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
     int E = 3, seg[4] = {0, rows0, rows0, rows};
     size_t nX = (size_t)rows * Kin, nW = (size_t)E * Nout * Kin, nY = (size_t)rows * Nout;
     float *X = gt_randn(nX, 1), *W = gt_randn(nW, 1), *dY = gt_randn(nY, 1), *dX0 = gt_randn(nX, 1), *dW0 = gt_randn(nW, 1);
     float *Y = gt_host(nY), *dX = gt_copy(dX0, nX), *dW = gt_copy(dW0, nW);
-    float *Y16 = gt_host(nY), *dX16 = gt_copy(dX0, nX), *dW16 = gt_copy(dW0, nW);
+    float *Yr[3] = {NULL, gt_host(nY), gt_host(nY)}, *dXr[3] = {NULL, gt_copy(dX0, nX), gt_copy(dX0, nX)};
+    float *dWr[3] = {NULL, gt_copy(dW0, nW), gt_copy(dW0, nW)};     /* [precision]: on rounded operands */
     ref_expert_gemms(Y, dX, dW, X, W, dY, seg, E, Kin, Nout);
-    ref_expert_gemms(Y16, dX16, dW16, gt_bf16_round(X, nX), gt_bf16_round(W, nW), gt_bf16_round(dY, nY), seg, E, Kin, Nout);
+    ref_expert_gemms(Yr[1], dXr[1], dWr[1], gt_tf32_round(X, nX), gt_tf32_round(W, nW), gt_tf32_round(dY, nY), seg, E, Kin,
+                     Nout);
+    ref_expert_gemms(Yr[2], dXr[2], dWr[2], gt_bf16_round(X, nX), gt_bf16_round(W, nW), gt_bf16_round(dY, nY), seg, E, Kin,
+                     Nout);
     int *d_seg = gt_upload_int(seg, 4);
     float *d_X = gt_upload(X, nX), *d_W = gt_upload(W, nW), *d_dY = gt_upload(dY, nY);
     size_t ws = (size_t)Nout * Kin;
@@ -2421,23 +2439,26 @@ static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
     const double tols[3] = {1e-5, 5e-3, 2e-2};     /* exact; TF32 and bf16 as for cuBLAS */
     for (int k = 0; k < 3; k++) {
         int prec = precs[k];
+        MhcBlas bl = gt_blas(NULL, prec);          /* bf16: no weight twin, so W is rounded into the scratch too */
+        if (prec == MHC_PREC_BF16) gt_blas_scratch(&bl, nX > nW ? (nX > nY ? nX : nY) : (nW > nY ? nW : nY));
         float *d_Y = gt_nan(nY), *d_dX = gt_upload(dX0, nX), *d_dW = gt_upload(dW0, nW);
         size_t split = gpu_expert_split_floats(E, Nout, Kin, rows);      /* poisoned: every partial must be written */
         float *d_split = split ? gt_nan(split) : NULL;
-        gpu_expert_gemm(prec, d_Y, Nout, d_X, Kin, d_W, Kin, 1, ws, d_seg, E, rows, Nout, Kin, 0, 0.0f, NULL);   /* Y = X W_e^T    */
-        gpu_expert_gemm(prec, d_dX, Kin, d_dY, Nout, d_W, Kin, 0, ws, d_seg, E, rows, Kin, Nout, 0, 1.0f, NULL); /* dX += dY W_e   */
-        gpu_expert_gemm(prec, d_dW, Kin, d_dY, Nout, d_X, Kin, 0, ws, d_seg, E, Nout, Kin, rows, 1, 1.0f, d_split); /* dW_e += dY^T X */
+        gpu_expert_gemm(&bl, 0, d_Y, Nout, d_X, Kin, d_W, Kin, 1, ws, d_seg, E, rows, Nout, Kin, 0, 0.0f, NULL);   /* Y = X W_e^T    */
+        gpu_expert_gemm(&bl, 0, d_dX, Kin, d_dY, Nout, d_W, Kin, 0, ws, d_seg, E, rows, Kin, Nout, 0, 1.0f, NULL); /* dX += dY W_e   */
+        gpu_expert_gemm(&bl, MHC_A_ROUNDED, d_dW, Kin, d_dY, Nout, d_X, Kin, 0, ws, d_seg, E, Nout, Kin, rows, 1, 1.0f,
+                        d_split);                                                                                   /* dW_e += dY^T X */
         float *g_Y = gt_fetch(d_Y, nY), *g_dX = gt_fetch(d_dX, nX), *g_dW = gt_fetch(d_dW, nW);
         double e1 = rel_err(g_Y, Y, nY), e2 = rel_err(g_dX, dX, nX), e3 = rel_err(g_dW, dW, nW);
         check(e1 <= tols[k] && e2 <= tols[k] && e3 <= tols[k],
               "gpu expert gemm %s, %d rows x %d -> %d: forward %.1e, input grad %.1e, weight grad %.1e (%d row splits) (tol %.0e)",
               names[k], rows, Kin, Nout, e1, e2, e3, eg_splits(E, Nout, Kin, rows), tols[k]);
-        if (prec != MHC_PREC_BF16) continue;
+        if (prec == MHC_PREC_FP32) continue;
         int gemv = rows <= EG_GEMV_ROWS;               /* the few-row forward is exact fp32 in every precision */
-        e1 = rel_err(g_Y, gemv ? Y : Y16, nY), e2 = rel_err(g_dX, dX16, nX), e3 = rel_err(g_dW, dW16, nW);
+        e1 = rel_err(g_Y, gemv ? Y : Yr[k], nY), e2 = rel_err(g_dX, dXr[k], nX), e3 = rel_err(g_dW, dWr[k], nW);
         check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5,
-              "gpu expert gemm bf16 vs double on rounded operands, %d rows: forward %.1e%s, input grad %.1e, weight grad %.1e (tol 1e-5)",
-              rows, e1, gemv ? " (few rows: exact fp32, against unrounded)" : "", e2, e3);
+              "gpu expert gemm %s vs double on rounded operands, %d rows: forward %.1e%s, input grad %.1e, weight grad %.1e (tol 1e-5)",
+              k == 1 ? "tf32" : "bf16", rows, e1, gemv ? " (few rows: exact fp32, against unrounded)" : "", e2, e3);
     }
     gt_release();
 }
