@@ -39,7 +39,7 @@ tests64: tests.c mhc.h
 data/prepare: data/prepare.c data/tokenizer.h
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-gpu: train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention
+gpu: train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert
 train_gpu: train.c mhc.h mhc_cuda.cuh
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 infer_gpu: infer.c mhc.h mhc_cuda.cuh data/tokenizer.h
@@ -51,6 +51,8 @@ dev/bench_mhc: dev/bench_mhc.c mhc.h mhc_cuda.cuh dev/bench_util.cuh
 dev/bench_decode: dev/bench_decode.c mhc.h mhc_cuda.cuh
 	$(NVCC) $(NVCCFLAGS) -I. $< -o $@ -lcublas
 dev/bench_attention: dev/bench_attention.c mhc.h mhc_cuda.cuh dev/bench_util.cuh
+	$(NVCC) $(NVCCFLAGS) -I. $< -o $@ -lcublas
+dev/bench_expert: dev/bench_expert.c mhc.h mhc_cuda.cuh dev/bench_util.cuh
 	$(NVCC) $(NVCCFLAGS) -I. $< -o $@ -lcublas
 
 # the GPU tests without a GPU: tests.c's `gpu` group and mhc_cuda.cuh built for dev/cuda_emu, a CPU
@@ -94,5 +96,5 @@ compare: data/sotu_train.bin train $(if $(HAVE_GPU),train_gpu)
 	./train --loss-gap runs/loss_gap.png runs/plain runs/hc runs/mhc
 
 clean:
-	rm -f train infer tests tests64 train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention data/prepare
+	rm -f train infer tests tests64 train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert data/prepare
 	rm -rf $(EMU)/build
