@@ -3,13 +3,15 @@
 # minutes of device time a session, the machine's start included; 10 minutes a command). In order of
 # what matters most, each step under a time limit, so that what did not fit is the least important:
 #   1. the GPU test group (./tests_gpu gpu): every kernel against the CPU reference;
-#   2. the training attention kernels one by one (dev/bench_attention), as built and with
-#      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas);
-#   3. the benchmark table (dev/bench.sh: ours against PyTorch, mHC overhead, the 3b cut with 8 micro-batches
+#   2. train_gpu against its build of commit BASE (below) on small and the 3b cut in bf16: the losses, which
+#      should agree bit for bit, and the step times;
+#   3. the training attention kernels one by one (dev/bench_attention), as built and with
+#      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas), and the routed-expert GEMMs (bench_expert);
+#   4. the benchmark table (dev/bench.sh: ours against PyTorch, mHC overhead, the 3b cut with 8 micro-batches
 #      a step (ACCUM=8), decode against its bound, the mHC stream kernels), with what time is left but the
 #      last two steps' share;
-#   4. decode of small at batch 1 with overlapped launches and without (MHC_OVERLAPPED_LAUNCH=0);
-#   5. where a bf16 training step of the 3b cut spends its kernel time (dev/profile.sh under ncu).
+#   5. decode of small at batch 1 with overlapped launches and without (MHC_OVERLAPPED_LAUNCH=0);
+#   6. where a bf16 training step of the 3b cut spends its kernel time (dev/profile.sh under ncu).
 #
 #   bash dev/gpu_check.sh --pack   here, without a GPU: builds the GPU binaries and the two variants into
 #                                  runs/gpu_carry/ (about 4 minutes on 2 cores), so the GPU machine
@@ -19,29 +21,40 @@
 #
 # The packed binaries are used when their stamp (a checksum of the sources they were built from) matches
 # the tree and they start there; else everything is built on the GPU machine (make -j16). BUDGET_S
-# (default 530) is the whole run. At most eight files under $OUT (default runs/gpu_check), the most one
+# (default 560) is the whole run. At most eight files under $OUT (default runs/gpu_check), the most one
 # device call brings back: summary.txt (each step's status and time, also printed last), build.log,
-# tests_gpu.log, attention.md, bench.md, bench_logs.tar.gz, decode.txt, profile_3b_bf16.md.
+# (only where it built) tests_gpu.log, ab.md (steps 2 and 5), kernels.md, bench.md, bench_logs.tar.gz,
+# profile_3b_bf16.md.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH="$PATH:/usr/local/cuda/bin"
 CARRY=runs/gpu_carry
 SOURCES=(Makefile mhc.h mhc_cuda.cuh train.c infer.c tests.c data/tokenizer.h dev/bench_mhc.c dev/bench_decode.c
-         dev/bench_attention.c dev/bench_util.cuh)
-BINARIES=(train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention)
+         dev/bench_attention.c dev/bench_expert.c dev/bench_util.cuh)
+BINARIES=(train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert)
 NVCC_ONE=(nvcc -O3 -arch=sm_90 -std=c++17 -x cu --default-stream per-thread -Xcompiler -fopenmp -I.)
 
 stamp() { sha256sum "${SOURCES[@]}" | sha256sum | cut -c1-16; }
 
-# --build JOBS: the binaries of `make gpu` and the two variants the steps compare (attention with two
-# blocks per SM, decode with plain launches), the three at once
+# --build JOBS: the binaries of `make gpu` and the variants the steps compare (attention with two blocks
+# per SM, decode with plain launches, and train_gpu as of commit BASE), all at once. BASE is the commit
+# before the routed-expert GEMMs' cp.async pipeline, the change step 2 measures; its tree comes from git.
+BASE=${BASE:-c627ff5}
 if [ "${1:-}" = --build ]; then
     mkdir -p runs/variants
     make -j"${2:-2}" gpu &
     "${NVCC_ONE[@]}" -DMHC_ATT_MIN_BLOCKS=2 dev/bench_attention.c -o runs/variants/bench_attention_mb2 -lcublas &
     "${NVCC_ONE[@]}" -DMHC_OVERLAPPED_LAUNCH=0 infer.c -o runs/variants/infer_gpu_plain -lcublas &
+    jobs=3
+    rm -rf runs/base_src
+    if mkdir -p runs/base_src && git archive "$BASE" | tar -x -C runs/base_src; then
+        (cd runs/base_src && "${NVCC_ONE[@]}" train.c -o ../variants/train_gpu_base -lcublas) &
+        jobs=4
+    else
+        echo "gpu_check --build: no tree of commit $BASE (git); no base build" >&2
+    fi
     failed=0
-    for job in 1 2 3; do wait -n || failed=1; done
+    for job in $(seq $jobs); do wait -n || failed=1; done
     exit $failed
 fi
 
@@ -59,7 +72,7 @@ fi
 export OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 T0=$(date +%s)
-DEADLINE=$((T0 + ${BUDGET_S:-530}))
+DEADLINE=$((T0 + ${BUDGET_S:-560}))
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 exec 3>&1                                   # the notes go to the call's output whatever a step's output is
@@ -87,8 +100,9 @@ note "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git stat
 # ---- 0. binaries: the packed ones where they match the tree and start, else built here --------------
 packed=0
 if [ -f "$CARRY/bin.tar.gz" ] && [ "$(cat "$CARRY/stamp" 2>/dev/null)" = "$(stamp)" ]; then
-    tar xzf "$CARRY/bin.tar.gz" && ./train_gpu --help >/dev/null 2>"$OUT/build.log" && packed=1
-    [ "$packed" = 1 ] && note "binaries: packed ones (stamp $(stamp))" || note "binaries: the packed ones do not start here"
+    tar xzf "$CARRY/bin.tar.gz" && ./train_gpu --help >/dev/null 2>runs/gpu_check_probe.log && packed=1
+    [ "$packed" = 1 ] && note "binaries: packed ones (stamp $(stamp))" ||
+        note "binaries: the packed ones do not start here: $(tail -n 1 runs/gpu_check_probe.log)"
 elif [ -f "$CARRY/bin.tar.gz" ]; then
     note "binaries: the packed ones are of other sources (stamp $(cat "$CARRY/stamp" 2>/dev/null), tree $(stamp))"
 fi
@@ -101,16 +115,49 @@ step tests_gpu 150 200 ./tests_gpu gpu >"$OUT/tests_gpu.log" 2>&1
 note "tests_gpu: $(tail -n 1 "$OUT/tests_gpu.log")"
 grep FAIL "$OUT/tests_gpu.log" | head -20 | tee -a "$SUMMARY"
 
-# ---- 2. the training attention kernels, as built and with two blocks per SM ---------------------
+# ---- 2. train_gpu against its build of commit BASE: the same losses, and the step times -------------
+# ab_run BIN PRESET FLAGS...: one line of 12 steps: median tokens/s of steps 5-12, the last step's loss
+ab_run() {
+    local bin=$1 preset=$2 dir=runs/gpu_check_ab
+    shift 2
+    rm -rf $dir
+    if ! timeout 60 "$bin" --preset "$preset" "$@" --steps 12 --bench --out $dir >$dir.log 2>&1; then
+        echo "| $bin | $preset $* | failed: $(tail -n 1 $dir.log) |"
+        return
+    fi
+    local median loss
+    median=$(awk -F, 'NR > 5 { print $NF }' $dir/log.csv | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+    loss=$(tail -n 1 $dir/log.csv | cut -d, -f2)
+    echo "| $bin | $preset $* | $median tokens/s | loss $loss |"
+}
+: >"$OUT/ab.md"
+if [ -x runs/variants/train_gpu_base ]; then
+    {
+        echo "train_gpu now and as of commit $BASE (12 steps; median tokens/s of steps 5-12; the losses should agree"
+        echo "bit for bit: the change computes the same sums)"
+        echo
+        for run in "small --batch 32 --seq-len 1024 --precision bf16" "3b --set n_layers=4 --batch 2 --seq-len 4096 --precision bf16"; do
+            [ "$(left)" -gt 200 ] || { echo "(skipped: $(left) s left)"; break; }
+            ab_run runs/variants/train_gpu_base $run
+            ab_run ./train_gpu $run
+        done
+    } >"$OUT/ab.md" 2>&1
+    note "train_gpu against commit $BASE: done"
+    cat "$OUT/ab.md"
+fi
+
+# ---- 3. the training attention and routed-expert kernels one by one ------------------------------
 {
     step bench_attention 45 180 ./dev/bench_attention
     echo
     echo "MHC_ATT_MIN_BLOCKS=2:"
     step bench_attention_mb2 45 150 ./runs/variants/bench_attention_mb2
-} >"$OUT/attention.md" 2>&1
-cat "$OUT/attention.md"
+    echo
+    step bench_expert 45 150 ./dev/bench_expert
+} >"$OUT/kernels.md" 2>&1
+cat "$OUT/kernels.md"
 
-# ---- 3. the benchmark table ---------------------------------------------------------------------
+# ---- 4. the benchmark table ---------------------------------------------------------------------
 BENCH_OUT=runs/gpu_check_bench
 rm -rf "$BENCH_OUT"
 mkdir -p "$BENCH_OUT"
@@ -120,9 +167,11 @@ step bench 480 110 env OUT="$BENCH_OUT" PREBUILT=1 STEPS=14 SKIP=4 TORCH_STEPS=8
 cp "$BENCH_OUT/bench.md" "$OUT/bench.md" 2>/dev/null && cat "$OUT/bench.md"
 tar czf "$OUT/bench_logs.tar.gz" -C "$BENCH_OUT" . 2>/dev/null
 
-# ---- 4. decode with overlapped launches and without ---------------------------------------------
+# ---- 5. decode with overlapped launches and without ---------------------------------------------
 CK=runs/gpu_check_ckpt
 {
+    echo
+    echo "decode of small, greedy, 256 tokens, with plain launches (infer_gpu_plain) and overlapped:"
     step decode_ckpt 40 80 ./train_gpu --preset small --batch 1 --seq-len 256 --steps 1 --eval-every 1 --eval-batches 1 \
         --out $CK >/dev/null 2>&1
     for bin in ./runs/variants/infer_gpu_plain ./infer_gpu ./runs/variants/infer_gpu_plain ./infer_gpu; do
@@ -131,10 +180,10 @@ CK=runs/gpu_check_ckpt
         timeout 30 $bin $CK/model.safetensors --prompt "The state of the Union" --max-tokens 256 --temperature 0 \
             2>&1 >/dev/null | tail -n 1
     done
-} >"$OUT/decode.txt" 2>&1
-cat "$OUT/decode.txt"
+} >>"$OUT/ab.md" 2>&1
+tail -n 6 "$OUT/ab.md"
 
-# ---- 5. a bf16 training step of the 3b cut under ncu ----------------------------------------------
+# ---- 6. a bf16 training step of the 3b cut under ncu ----------------------------------------------
 step profile_3b_bf16 200 5 env NAME=profile_3b_bf16 bash dev/profile.sh --preset 3b --set n_layers=4 --batch 2 \
     --seq-len 4096 --precision bf16 >/dev/null 2>&1
 head -n 24 "$OUT/profile_3b_bf16.md" 2>/dev/null
