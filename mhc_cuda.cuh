@@ -868,10 +868,10 @@ static_assert(EG_OPERAND >= EG_K * (EG_TILE + 8), "a k-major slab [32][eg_ld_k] 
 /* shared-memory stages of the pipeline: 4 of 20 KB in BF16, 3 of 40 KB in fp32 words */
 static constexpr __host__ __device__ int eg_stages(int P) { return P == MHC_PREC_BF16 ? 4 : 3; }
 
-/* blocks of 256 threads an SM should hold at once (__launch_bounds__): in BF16 two, which caps the
-   kernel at 128 registers (ptxas, nvcc 13.0: 124-130 without the cap, no spills with it) and doubles the
-   warps that hide the loads' latency; its 80 KB of stages fit twice in an SM's shared memory. fp32 words'
-   120 KB of stages fit once: 0, no minimum asked */
+/* blocks of 256 threads an SM should hold at once (__launch_bounds__): in BF16 two, for twice the warps
+   to hide the loads' latency; its 80 KB of stages fit twice in an SM's shared memory, and the bound holds
+   the kernel to 128 registers (ptxas, nvcc 13.0, takes 122-128 unbounded; one more and only one block
+   would fit). fp32 words' 120 KB of stages fit once: 0, no minimum asked */
 static constexpr __host__ __device__ int eg_min_blocks(int P) { return P == MHC_PREC_BF16 ? 2 : 0; }
 
 /* A and B hold MmaElem<P> of the launch's precision P (fp32 words, or bf16 copies); C is fp32 */
