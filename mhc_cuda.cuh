@@ -771,9 +771,9 @@ __device__ void mma_smem(float (&acc)[NF][4], const typename MmaOperand<P>::elem
 }
 
 /* cp.async (sm_80 on): BYTES (4 or 16) from global to shared memory without passing through registers,
-   so the loads are in flight while the thread goes on (the expert GEMMs and attention: a tile's while the
-   warps compute on another; a lone token's pre-stage: parameters only one block will use). With real = false the
-   bytes are zero (source size 0: nothing is read). The copies a thread issues between two commits form
+   so the loads are in flight while the thread goes on (the expert GEMMs and attention: a tile's while
+   the warps compute on another; a lone token's pre-stage: parameters only one block will use). With
+   real = false the bytes are zero (source size 0: nothing is read). The copies a thread issues between two commits form
    a group; cp_async_wait<N>() returns once at most the N groups committed last are still in flight, and
    a __syncthreads after it makes every thread's arrived copies visible to the block.
    The host pass (dev/cuda_emu) keeps each thread's copies queued until its wait lets them land, so a
@@ -949,28 +949,17 @@ template <int P> __device__ MhcEgSlab<P> eg_slab(const MmaElem<P> *base, int ld,
    bytes (136: rows 4 words apart). The i-major stride EG_LD_I serves both. */
 static constexpr __host__ __device__ int eg_ld_k(int P) { return P == MHC_PREC_BF16 ? EG_TILE + 8 : EG_TILE + 4; }
 
-/* The 16-byte chunks of a slab (4 fp32 words or 8 bf16), EG_THREADS apart: chunk q of this thread is
-   line o, elements c .. c + w - 1 */
-template <int P> __device__ void eg_chunk(int q, int inner, int *o, int *c) {
-    const int w = 16 / sizeof(MmaElem<P>), at = threadIdx.x + q * EG_THREADS;
-    *o = at / (inner / w);
-    *c = at % (inner / w) * w;
-}
-template <int P> static constexpr __host__ __device__ int eg_chunks_per_thread() {
-    return EG_TILE * EG_K * (int)sizeof(MmaElem<P>) / 16 / EG_THREADS;
-}
-
-/* slab s into shared memory at line stride ld: each of this thread's chunks by one cp.async (zeros where
-   it lies past the slab's lines or elements) when the rows are 16-byte aligned and the chunk whole or
-   empty, else element by element at once (the tests' odd shapes; a partial last chunk). The copies land
-   at the caller's cp_async_wait that covers this group. */
+/* slab s into shared memory at line stride ld, as 16-byte chunks (4 fp32 words or 8 bf16) EG_THREADS
+   apart: each of this thread's chunks by one cp.async (zeros where it lies past the slab's lines or
+   elements) when the rows are 16-byte aligned and the chunk whole or empty, else element by element at
+   once (the tests' odd shapes; a partial last chunk). The copies land at the caller's cp_async_wait that
+   covers this group. */
 template <int P> __device__ void eg_load(MmaElem<P> *dst, MhcEgSlab<P> s, int ld) {
-    const int w = 16 / sizeof(MmaElem<P>);
+    constexpr int w = 16 / sizeof(MmaElem<P>), chunks = EG_TILE * EG_K / w / EG_THREADS;
     bool aligned = (uintptr_t)s.src % 16 == 0 && s.ld % w == 0;
 #pragma unroll
-    for (int q = 0; q < eg_chunks_per_thread<P>(); q++) {
-        int o, c;
-        eg_chunk<P>(q, s.inner, &o, &c);
+    for (int q = 0; q < chunks; q++) {
+        int at = threadIdx.x + q * EG_THREADS, o = at / (s.inner / w), c = at % (s.inner / w) * w;
         const MmaElem<P> *p = s.src + (size_t)o * s.ld + c;
         MmaElem<P> *out = dst + o * ld + c;
         int have = o < s.outer_n ? min(max(s.inner_n - c, 0), w) : 0;     /* real elements of the chunk */
