@@ -773,9 +773,9 @@ __device__ void mma_smem(float (&acc)[NF][4], const typename MmaOperand<P>::elem
 /* cp.async (sm_80 on): BYTES (4 or 16) from global to shared memory without passing through registers,
    so the loads are in flight while the thread goes on (the expert GEMMs and attention: a tile's while
    the warps compute on another; a lone token's pre-stage: parameters only one block will use). With
-   real = false the bytes are zero (source size 0: nothing is read). The copies a thread issues between two commits form
-   a group; cp_async_wait<N>() returns once at most the N groups committed last are still in flight, and
-   a __syncthreads after it makes every thread's arrived copies visible to the block.
+   real = false the bytes are zero (source size 0: nothing is read). The copies a thread issues between
+   two commits form a group; cp_async_wait<N>() returns once at most the N groups committed last are
+   still in flight, and a __syncthreads after it makes every thread's arrived copies visible to the block.
    The host pass (dev/cuda_emu) keeps each thread's copies queued until its wait lets them land, so a
    read of a tile that no wait covered sees the old contents and a test fails. */
 #if !defined(__CUDA_ARCH__)

@@ -25,7 +25,8 @@
 #   MODES="plain hc"                 residual modes timed against mhc for the overhead rows
 #   ACCUM=                           K: also the 3b cut in bf16 with each step K micro-batches of BIG_BATCH
 #                                    (gradients accumulated, one AdamW step per K: how the preset, batch 320,
-#                                    trains; AdamW alone moves 34 bytes a parameter, 12 ms a step on the cut)
+#                                    trains; AdamW, the clip and zero_grad move 38 bytes a parameter, 13.6 ms
+#                                    a step on the cut at the copy bandwidth, computed in dev/NOTES.md)
 #   RECOMPUTE=0                      1: also mhc with --recompute per preset, and the whole 3b preset (12 layers)
 #                                    with it (about 4 more minutes: raise BUDGET_S or drop MODES to fit)
 #   DECODE_TOKENS=256 DECODE_SEQ=512 decode: tokens generated; seq_len of the short run that makes the checkpoint
