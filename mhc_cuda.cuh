@@ -100,6 +100,12 @@ typedef struct {
     unsigned *done;                  /* blocks finished; 0 between launches (the last block resets it)  */
 } MhcLoneScratch;
 
+/* Scratch of the many-token mhc pre-stage backward at n = MHC_SK_N (gpu_mhc_pre_backward) */
+typedef struct {
+    float *dS2;                      /* [N] 2 dS: the gradient of each token's |x|^2, twice            */
+    float *dphi_part;                /* [MHC_PG_SPLITS, m, n C] dphi of each token split                */
+} MhcPreGradScratch;
+
 /* Everything one forward (and backward) of B x T tokens needs: the CPU's activation buffers plus
    GPU-only scratch. */
 typedef struct {
@@ -122,6 +128,7 @@ typedef struct {
     int *emb_rows, *emb_start, *emb_order;   /* embedding-gradient groups: [U], [U+1], [N] (backward)   */
     int n_emb_rows;                  /* U, distinct tokens of the last forward                         */
     MhcLoneScratch lone;             /* the lone-token pre-stage's (B*T = 1: decode)                    */
+    MhcPreGradScratch pre_grad;      /* the mhc pre-stage backward's at n = MHC_SK_N (backward)          */
     MhcGpuArena arena;
 } MhcGpuActs;
 
@@ -2072,11 +2079,12 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_
    sinkhorn_backward_kernel puts da_res in da first. The block makes dH_pre[j] = dy . X[j] (all j in one
    pass over the streams); its first warp takes da through the sigmoids and writes da [N,m] (the b
    gradient's column sums), dh = da alpha[grp] r over dH, dalpha_t [N,3] = sum_{k in grp} da r h and dS,
-   the gradient of |x|^2 through r; then the block adds dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS. The
-   GEMMs dX += dh phi and dphi += dh^T X follow in cuBLAS (fp32).                                        */
+   the gradient of |x|^2 through r. With dS2_out given, 2 dS goes there, [N], for mhc_pre_grad_streams_kernel
+   to apply; else the block adds dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS itself, and the GEMMs dX += dh phi
+   and dphi += dh^T X follow in cuBLAS (fp32).                                                            */
 __global__ void __launch_bounds__(MHC_TOKEN_THREADS, 6) mhc_coeffs_pre_backward_kernel(   /* 6 blocks: 40 registers */
-    float *dX, float *dH, float *da, float *dalpha_t, const float *dy, const float *X, const float *H, const float *h,
-    const float *r_in, const float *alpha, int n, int C) {
+    float *dX, float *dS2_out, float *dH, float *da, float *dalpha_t, const float *dy, const float *X, const float *H,
+    const float *h, const float *r_in, const float *alpha, int n, int C) {
     __shared__ float dpre_part[MHC_TOKEN_THREADS / 32][MHC_MAX_STREAMS];   /* per warp */
     __shared__ float dS2_shared;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, m = n * n + 2 * n, nC = n * C;
@@ -2128,8 +2136,10 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS, 6) mhc_coeffs_pre_backward_
             dalpha_t[t * 3 + 1] = ga1;
             dalpha_t[t * 3 + 2] = ga2;
             dS2_shared = 2 * dr * (-r * r * r / (2.0f * nC));   /* 2 dS: |x|^2 -> r = (|x|^2/nC + eps)^(-1/2) */
+            if (dS2_out) dS2_out[t] = dS2_shared;
         }
     }
+    if (dS2_out) return;
     __syncthreads();
     float dS2 = dS2_shared, *dXt = dX + t * nC;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
@@ -2150,13 +2160,99 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS, 6) mhc_coeffs_pre_backward_
     }
 }
 
-static void gpu_mhc_pre_backward(const MhcBlas *bl, float *dX, float *dphi, float *dH, float *da, float *dalpha_t,
-                                 const float *dy, const float *X, const float *H, const float *a, const float *h, const float *r,
-                                 const float *phi, const float *alpha, int N, int n, int C, int iters, double eps_sk) {
-    gpu_sinkhorn_backward(da, dH, a, N, n, iters, eps_sk);
-    mhc_coeffs_pre_backward_kernel<<<N, MHC_TOKEN_THREADS>>>(dX, dH, da, dalpha_t, dy, X, H, h, r, alpha, n, C);
+/* The rest of the pre-stage backward at n = NS, in one pass over the streams of N tokens, after
+   mhc_coeffs_pre_backward_kernel has made dh (in dH) and 2 dS [N] (SPEC §5.3 PATH 2, §5.4 PATH 3):
+     dX[t][j][c] += H_pre[t][j] dy[t][c] + 2 dS[t] X[t][j][c] + sum_q dh[t][q] phi[q][j C + c]
+     dphi[q][j C + c] += sum_t dh[t][q] X[t][j][c]
+   Block (g, p) owns channels 64 g .. 64 g + 63 of every stream (thread (j, c), j = the warp pair) over the
+   tokens of split p. A thread keeps its column of phi and its column of dphi (m floats each) in registers
+   as it walks the tokens, so the two products that cuBLAS made (each one more pass over the streams, and
+   dX's twice) ride on the pass that reads X and dX once. The split's dphi goes to dphi_part [splits, m, nC]
+   and colsum_final_kernel adds the splits in order (no atomics: the same bits every run). The tokens' dh,
+   H_pre and 2 dS wait in shared memory, MHC_PG_TILE tokens at a time.                                    */
+#define MHC_PG_CHANNELS 64          /* channels of a block, for each of the NS streams                  */
+#define MHC_PG_TILE 16              /* tokens whose coefficients wait in shared memory at once          */
+#define MHC_PG_SPLITS 64            /* token splits: the grid's second dimension, dphi_part's first     */
+template <int NS>
+__global__ void __launch_bounds__(NS * MHC_PG_CHANNELS) mhc_pre_grad_streams_kernel(
+    float *__restrict__ dX, float *__restrict__ dphi_part, const float *__restrict__ dy, const float *__restrict__ X,
+    const float *__restrict__ H, const float *__restrict__ dh, const float *__restrict__ dS2, const float *__restrict__ phi,
+    int N, int C, int per_split) {
+    constexpr int M = NS * NS + 2 * NS;
+    __shared__ float tile_dh[MHC_PG_TILE][M], tile_pre[MHC_PG_TILE][NS], tile_ds[MHC_PG_TILE];
+    int j = threadIdx.x / MHC_PG_CHANNELS, c = blockIdx.x * MHC_PG_CHANNELS + threadIdx.x % MHC_PG_CHANNELS;
+    int nC = NS * C, t_end = min(N, (int)(blockIdx.y + 1) * per_split);
+    bool real = c < C;                              /* the last group's threads past C only help load */
+    size_t k = (size_t)j * C + c;
+    float phi_k[M], dphi[M];
+#pragma unroll
+    for (int q = 0; q < M; q++) {
+        phi_k[q] = real ? phi[(size_t)q * nC + k] : 0.0f;
+        dphi[q] = 0.0f;
+    }
+    for (int t0 = blockIdx.y * per_split; t0 < t_end; t0 += MHC_PG_TILE) {
+        int tokens = min(MHC_PG_TILE, t_end - t0);
+        __syncthreads();                            /* the previous tile's coefficients are used */
+        for (int e = threadIdx.x; e < tokens * M; e += blockDim.x) tile_dh[e / M][e % M] = dh[(size_t)t0 * M + e];
+        for (int e = threadIdx.x; e < tokens * NS; e += blockDim.x)
+            tile_pre[e / NS][e % NS] = H[(size_t)(t0 + e / NS) * M + e % NS];
+        if (threadIdx.x < tokens) tile_ds[threadIdx.x] = dS2[t0 + threadIdx.x];
+        __syncthreads();
+        if (!real) continue;
+#pragma unroll 2
+        for (int u = 0; u < tokens; u++) {
+            size_t t = (size_t)t0 + u;
+            float x = X[t * nC + k], acc = dX[t * nC + k] + tile_pre[u][j] * dy[t * C + c] + tile_ds[u] * x;
+#pragma unroll
+            for (int q = 0; q < M; q++) {
+                acc += tile_dh[u][q] * phi_k[q];
+                dphi[q] += tile_dh[u][q] * x;
+            }
+            dX[t * nC + k] = acc;
+        }
+    }
+    if (!real) return;
+#pragma unroll
+    for (int q = 0; q < M; q++) dphi_part[((size_t)blockIdx.y * M + q) * nC + k] = dphi[q];
+}
+
+/* mhc_pre_grad_streams_kernel's token splits for N tokens, and the tokens of each */
+static int mhc_pre_grad_per_split(int N) { return (N + MHC_PG_SPLITS - 1) / MHC_PG_SPLITS; }
+static int mhc_pre_grad_splits(int N) { return (N + mhc_pre_grad_per_split(N) - 1) / mhc_pre_grad_per_split(N); }
+
+/* mhc_pre_grad_streams_kernel at n = MHC_SK_N, then its splits' dphi added into dphi */
+static void gpu_mhc_pre_grad_streams(float *dX, float *dphi, const MhcPreGradScratch *scratch, const float *dy, const float *X,
+                                     const float *H, const float *dh, const float *phi, int N, int C) {
+    int per_split = mhc_pre_grad_per_split(N), splits = mhc_pre_grad_splits(N), D = (MHC_SK_N * MHC_SK_N + 2 * MHC_SK_N) * MHC_SK_N * C;
+    dim3 grid((C + MHC_PG_CHANNELS - 1) / MHC_PG_CHANNELS, splits);
+    mhc_pre_grad_streams_kernel<MHC_SK_N><<<grid, MHC_SK_N * MHC_PG_CHANNELS>>>(dX, scratch->dphi_part, dy, X, H, dh,
+                                                                                scratch->dS2, phi, N, C, per_split);
     LAUNCH_CHECK();
-    gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, n * C, n * n + 2 * n);   /* dH holds dh */
+    colsum_final_kernel<<<mhc_blocks((size_t)D, 128), 128>>>(dphi, scratch->dphi_part, splits, D);
+    LAUNCH_CHECK();
+}
+
+/* The pre-stage backward of N tokens. At n = MHC_SK_N it needs scratch (dS2 [N], dphi_part
+   [MHC_PG_SPLITS, m, nC]) for the one-pass stream kernel above; other n take the block's own dX update and
+   cuBLAS's two GEMMs (scratch may be NULL). */
+static void gpu_mhc_pre_backward(const MhcBlas *bl, float *dX, float *dphi, float *dH, float *da, float *dalpha_t,
+                                 const MhcPreGradScratch *scratch, const float *dy, const float *X, const float *H,
+                                 const float *a, const float *h, const float *r, const float *phi, const float *alpha, int N,
+                                 int n, int C, int iters, double eps_sk) {
+    int m = n * n + 2 * n, one_pass = n == MHC_SK_N;
+    if (one_pass && (!scratch || !scratch->dS2 || !scratch->dphi_part)) {
+        fprintf(stderr, "gpu_mhc_pre_backward: n = %d needs its scratch (a bug)\n", n);
+        exit(1);
+    }
+    float *dS2 = one_pass ? scratch->dS2 : NULL;    /* NULL: the coefficient kernel updates dX itself */
+    gpu_sinkhorn_backward(da, dH, a, N, n, iters, eps_sk);
+    mhc_coeffs_pre_backward_kernel<<<N, MHC_TOKEN_THREADS>>>(dX, dS2, dH, da, dalpha_t, dy, X, H, h, r, alpha, n, C);
+    LAUNCH_CHECK();
+    if (!one_pass) {
+        gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, n * C, m);   /* dH holds dh */
+        return;
+    }
+    gpu_mhc_pre_grad_streams(dX, dphi, scratch, dy, X, H, dH, phi, N, C);   /* dH holds dh */
 }
 
 /* SPEC §6 HC, one thread per token: tv [N, n, n+2] = theta @ Xt per stream j (pre, post, res_0..res_{n-1})
@@ -3249,6 +3345,10 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
         size_t split = gpu_expert_split_floats((int)E, c->moe_inter_dim, (int)C, (int)(N * K));
         if (split) A->expert_split = arena_new<float>(ar, split);
         A->colsum_part = arena_new<float>(ar, MHC_COLSUM_CHUNKS * wide);
+        if (c->residual == MHC_RESIDUAL_MHC && c->hc_mult == MHC_SK_N) {
+            A->pre_grad.dS2 = arena_new<float>(ar, N);
+            A->pre_grad.dphi_part = arena_new<float>(ar, (size_t)MHC_PG_SPLITS * mhc_m(c) * c->hc_mult * C);
+        }
         A->emb_rows = arena_new<int>(ar, N);
         A->emb_start = arena_new<int>(ar, N + 1);
         A->emb_order = arena_new<int>(ar, N);
@@ -3312,8 +3412,8 @@ static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const fl
     const MhcStreamParams *q = &g->p.sub[s];
     MhcStreamParams *gq = &g->g.sub[s];
     if (c->residual == MHC_RESIDUAL_MHC) {            /* the Sinkhorn, one block per token, the GEMMs, then the reductions */
-        gpu_mhc_pre_backward(&g->blas, dX, gq->phi, dH, A->a.dcoef, A->coef_alpha, dy, X, H, a, h, r, q->phi, q->alpha, N, n,
-                             C, c->sinkhorn_iters, c->sinkhorn_eps);
+        gpu_mhc_pre_backward(&g->blas, dX, gq->phi, dH, A->a.dcoef, A->coef_alpha, &A->pre_grad, dy, X, H, a, h, r, q->phi,
+                             q->alpha, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps);
         gpu_colsum(gq->b, A->a.dcoef, m, NULL, 0, NULL, N, m, A->colsum_part);
         gpu_colsum(gq->alpha, A->coef_alpha, 3, NULL, 0, NULL, N, 3, A->colsum_part);
         return;

@@ -2644,7 +2644,8 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N, int C)
     matmul_backward(dx, dphi, dh, X, phi, N, nC, m);                      /* the phi part of PATH 3 */
     float *d_da = gt_nan((size_t)N * m), *d_dalpha = gt_nan((size_t)N * 3), *d_dx = gt_upload(dX0, (size_t)N * nC);
     float *d_dphi = gt_upload(dphi0, (size_t)m * nC);
-    gpu_mhc_pre_backward(&bl, d_dx, d_dphi, d_dH, d_da, d_dalpha, gt_upload(dy, (size_t)N * C), d_X, gt_upload(H, (size_t)N * m),
+    MhcPreGradScratch pre_grad = {gt_nan(N), gt_nan((size_t)MHC_PG_SPLITS * m * nC)};   /* n = 4 only */
+    gpu_mhc_pre_backward(&bl, d_dx, d_dphi, d_dH, d_da, d_dalpha, &pre_grad, gt_upload(dy, (size_t)N * C), d_X, gt_upload(H, (size_t)N * m),
                          gt_upload(a, (size_t)N * m), gt_upload(h, (size_t)N * m), gt_upload(r, (size_t)N * n),
                          gt_upload(phi, (size_t)m * nC), d_alpha, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps);
     e1 = rel_err(gt_fetch(d_da, (size_t)N * m), da, (size_t)N * m);
@@ -2662,13 +2663,17 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N, int C)
    block's sums take two blocks' parts per lane) and over
    130, more than one Sinkhorn block forward and backward (8 tokens, a warp each); n = 6 has more than 32
    matrix entries (a lane makes two of each step); n = 16, the most mhc.h allows, makes one token per
-   backward block (its tape is 43 KB), and alone fills the lone-token forward's 16 x 16 Sinkhorn scratch */
+   backward block (its tape is 43 KB), and alone fills the lone-token forward's 16 x 16 Sinkhorn scratch.
+   At n = 4 the backward's one-pass stream kernel owns 64 channels a block over token splits of N / 64:
+   C 40 and 42 leave most of a block's threads past C, C 200 and 72 a part-filled last group, and N 2100
+   splits of 33 tokens, two full tiles of 16 and one token (N 130: splits of 3, the last of one). */
 static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     gpu_test_mhc_coeffs_case(handle, 4, 1, 40);
     gpu_test_mhc_coeffs_case(handle, 4, 1, 200);
     gpu_test_mhc_coeffs_case(handle, 4, 1, 1100);
     gpu_test_mhc_coeffs_case(handle, 4, 130, 40);   /* C a multiple of 4: the streams as float4s; 42: not */
     gpu_test_mhc_coeffs_case(handle, 4, 7, 42);
+    gpu_test_mhc_coeffs_case(handle, 4, 2100, 72);
     gpu_test_mhc_coeffs_case(handle, 6, 41, 40);
     gpu_test_mhc_coeffs_case(handle, 16, 5, 40);
     gpu_test_mhc_coeffs_case(handle, 16, 1, 40);

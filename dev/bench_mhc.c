@@ -53,6 +53,7 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     float *da = bench_buffer((size_t)N * m, 17, 0), *dalpha = bench_buffer((size_t)N * 3, 18, 0);
     float *dphi = bench_buffer((size_t)m * nC, 19, 0);
     MhcLoneScratch lone = {bench_buffer((size_t)lone_blocks(C) * (m + 1), 20, 0), NULL};
+    MhcPreGradScratch pre_grad = {bench_buffer(N, 21, 0), bench_buffer((size_t)MHC_PG_SPLITS * m * nC, 22, 0)};
     CUDA_CHECK(cudaMalloc((void **)&lone.done, sizeof(unsigned)));
     CUDA_CHECK(cudaMemset(lone.done, 0, sizeof(unsigned)));
 
@@ -97,12 +98,19 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     bench_row("merge backward", C, N, f * N * (3.0 * nC + 2.0 * C + 2.0 * m), bench_ms(tm), copy_gbs);
 
     /* dH is rewritten with dh by each run: the repetitions see other values, the same work */
-    gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
+    gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, &pre_grad, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
+    for (int k = 0; k < REPS; k++)
+        gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, &pre_grad, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("pre-stage backward (Sinkhorn + streaming kernel + dX, dphi GEMMs)", C, N, f * N * (3.0 * nC + C + 7.0 * m + n + 3),
-              bench_ms(tm), copy_gbs);
+    bench_row("pre-stage backward (Sinkhorn + coefficient kernel + one-pass stream kernel)", C, N,
+              f * N * (3.0 * nC + C + 7.0 * m + n + 3), bench_ms(tm), copy_gbs);
+
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_grad_streams(dX, dphi, &pre_grad, dy, X, H, dH, phi, N, C);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("for scale: its stream kernel alone (dX, dphi; with the splits' sum)", C, N,
+              f * N * (3.0 * nC + C + m + n + 1) + f * MHC_PG_SPLITS * m * nC * 2, bench_ms(tm), copy_gbs);
 
     CUDA_CHECK(cudaEventRecord(tm->start));
     for (int k = 0; k < REPS; k++) gpu_sinkhorn_backward(da, dH, a, N, n, iters, 1e-6);
@@ -113,9 +121,11 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     CUDA_CHECK(cudaEventRecord(tm->start));
     for (int k = 0; k < REPS; k++) gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, nC, m);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("for scale: its two GEMMs alone", C, N, f * N * (3.0 * nC + m), bench_ms(tm), copy_gbs);
+    bench_row("for scale: cuBLAS's dX += dh phi, dphi += dh^T X (what the stream kernel took over)", C, N,
+              f * N * (3.0 * nC + m), bench_ms(tm), copy_gbs);
 
-    float *all[] = {X, phi, alpha, b, fo, dXo, dy, y, H, a, h, r, Xo, dX, df, dH, da, dalpha, dphi, lone.part};
+    float *all[] = {X, phi, alpha, b, fo, dXo, dy, y, H, a, h, r, Xo, dX, df, dH, da, dalpha, dphi, lone.part,
+                    pre_grad.dS2, pre_grad.dphi_part};
     CUDA_CHECK(cudaFree(lone.done));
     for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) CUDA_CHECK(cudaFree(all[k]));
 }
