@@ -1515,7 +1515,8 @@ __global__ void stream_merge_forward_kernel(float *Xo, const float *H, const flo
    c), dH_post[i] = dX'[i] . f and dH_res[i][j] = dX'[i] . X[j]. NS = MHC_SK_N (n fixed at compile time):
    one pass over the token's channels, the n + n^2 coefficients' dot products kept in registers as the
    lane goes, then summed over the warp (a butterfly: a fixed order); every input is read once. NS = 0
-   (any n): a second pass makes the coefficients one after another, reading the streams again from cache. */
+   (any n): a second pass makes the coefficients one after another, reading the streams again from cache.
+   dX NULL: no dX (the one-pass pre-stage backward makes H_res^T dX' itself, mhc_pre_grad_streams_kernel). */
 template <int NS>
 __global__ void stream_merge_backward_kernel(float *dX, float *df, float *dH, const float *dXo, const float *H, const float *X,
                                              const float *f, int N, int n, int C, int m) {
@@ -1525,7 +1526,7 @@ __global__ void stream_merge_backward_kernel(float *dX, float *df, float *dH, co
     if (t >= (size_t)N) return;                     /* the warp's lanes leave together */
     int lane = threadIdx.x % 32;
     const float *dXot = dXo + t * n * C, *Xt = X + t * n * C, *ft = f + t * C, *Ht = H + t * m;
-    float *dXt = dX + t * n * C, dot[NDOT];         /* dot[i]: dH_post[i]; dot[n + i n + j]: dH_res[i][j] */
+    float *dXt = dX ? dX + t * n * C : NULL, dot[NDOT];   /* dot[i]: dH_post[i]; dot[n + i n + j]: dH_res[i][j] */
 #pragma unroll
     for (int q = 0; q < NDOT; q++) dot[q] = 0.0f;
     for (int c = lane; c < C; c += 32) {
@@ -1537,11 +1538,13 @@ __global__ void stream_merge_backward_kernel(float *dX, float *df, float *dH, co
             if (i < n) dfc += Ht[n + i] * d[i];
         df[t * C + c] = dfc;
         for (int j = 0; j < n; j++) {
-            float dx = 0;
+            if (dXt) {
+                float dx = 0;
 #pragma unroll
-            for (int i = 0; i < NMAX; i++)
-                if (i < n) dx += Ht[2 * n + i * n + j] * d[i];
-            dXt[(size_t)j * C + c] = dx;
+                for (int i = 0; i < NMAX; i++)
+                    if (i < n) dx += Ht[2 * n + i * n + j] * d[i];
+                dXt[(size_t)j * C + c] = dx;
+            }
             if constexpr (NS != 0) {
                 float xj = Xt[(size_t)j * C + c];
 #pragma unroll
@@ -2164,22 +2167,27 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS, 6) mhc_coeffs_pre_backward_
    mhc_coeffs_pre_backward_kernel has made dh (in dH) and 2 dS [N] (SPEC §5.3 PATH 2, §5.4 PATH 3):
      dX[t][j][c] += H_pre[t][j] dy[t][c] + 2 dS[t] X[t][j][c] + sum_q dh[t][q] phi[q][j C + c]
      dphi[q][j C + c] += sum_t dh[t][q] X[t][j][c]
+   With dXo (the sublayer's dX') given, dX's old value is not read: PATH 1, sum_i H_res[t][i][j] dX'[t][i][c],
+   takes its place, so the merge backward need not write dX for this pass to read back.
    Block (g, p) owns channels 64 g .. 64 g + 63 of every stream (thread (j, c), j = the warp pair) over the
    tokens of split p. A thread keeps its column of phi and its column of dphi (m floats each) in registers
    as it walks the tokens, so the two products that cuBLAS made (each one more pass over the streams, and
    dX's twice) ride on the pass that reads X and dX once. The split's dphi goes to dphi_part [splits, m, nC]
    and colsum_final_kernel adds the splits in order (no atomics: the same bits every run). The tokens' dh,
-   H_pre and 2 dS wait in shared memory, MHC_PG_TILE tokens at a time.                                    */
+   H_pre, 2 dS (and H_res) wait in shared memory, MHC_PG_TILE tokens at a time. A channel's NS values of dX'
+   are loads of the block's NS warp pairs, so three of a thread's four come from L1.                      */
 #define MHC_PG_CHANNELS 64          /* channels of a block, for each of the NS streams                  */
 #define MHC_PG_TILE 16              /* tokens whose coefficients wait in shared memory at once          */
 #define MHC_PG_SPLITS 64            /* token splits: the grid's second dimension, dphi_part's first     */
-template <int NS>
-__global__ void __launch_bounds__(NS * MHC_PG_CHANNELS) mhc_pre_grad_streams_kernel(
-    float *__restrict__ dX, float *__restrict__ dphi_part, const float *__restrict__ dy, const float *__restrict__ X,
-    const float *__restrict__ H, const float *__restrict__ dh, const float *__restrict__ dS2, const float *__restrict__ phi,
-    int N, int C, int per_split) {
+template <int NS>                                  /* 3 blocks, 24 warps an SM: 80 registers (ptxas, sm_90), a token
+                                                      at a time (two at a time spill) */
+__global__ void __launch_bounds__(NS * MHC_PG_CHANNELS, 3) mhc_pre_grad_streams_kernel(
+    float *__restrict__ dX, float *__restrict__ dphi_part, const float *__restrict__ dXo, const float *__restrict__ dy,
+    const float *__restrict__ X, const float *__restrict__ H, const float *__restrict__ dh, const float *__restrict__ dS2,
+    const float *__restrict__ phi, int N, int C, int per_split) {
     constexpr int M = NS * NS + 2 * NS;
-    __shared__ float tile_dh[MHC_PG_TILE][M], tile_pre[MHC_PG_TILE][NS], tile_ds[MHC_PG_TILE];
+    __shared__ float tile_dh[MHC_PG_TILE][M], tile_pre[MHC_PG_TILE][NS], tile_res[MHC_PG_TILE][NS * NS];
+    __shared__ float tile_ds[MHC_PG_TILE];
     int j = threadIdx.x / MHC_PG_CHANNELS, c = blockIdx.x * MHC_PG_CHANNELS + threadIdx.x % MHC_PG_CHANNELS;
     int nC = NS * C, t_end = min(N, (int)(blockIdx.y + 1) * per_split);
     bool real = c < C;                              /* the last group's threads past C only help load */
@@ -2196,13 +2204,23 @@ __global__ void __launch_bounds__(NS * MHC_PG_CHANNELS) mhc_pre_grad_streams_ker
         for (int e = threadIdx.x; e < tokens * M; e += blockDim.x) tile_dh[e / M][e % M] = dh[(size_t)t0 * M + e];
         for (int e = threadIdx.x; e < tokens * NS; e += blockDim.x)
             tile_pre[e / NS][e % NS] = H[(size_t)(t0 + e / NS) * M + e % NS];
+        if (dXo)
+            for (int e = threadIdx.x; e < tokens * NS * NS; e += blockDim.x)
+                tile_res[e / (NS * NS)][e % (NS * NS)] = H[(size_t)(t0 + e / (NS * NS)) * M + 2 * NS + e % (NS * NS)];
         if (threadIdx.x < tokens) tile_ds[threadIdx.x] = dS2[t0 + threadIdx.x];
         __syncthreads();
         if (!real) continue;
-#pragma unroll 2
+#pragma unroll 1
         for (int u = 0; u < tokens; u++) {
             size_t t = (size_t)t0 + u;
-            float x = X[t * nC + k], acc = dX[t * nC + k] + tile_pre[u][j] * dy[t * C + c] + tile_ds[u] * x;
+            float x = X[t * nC + k], acc = 0.0f;
+            if (dXo) {
+#pragma unroll
+                for (int i = 0; i < NS; i++) acc += tile_res[u][i * NS + j] * dXo[t * nC + (size_t)i * C + c];
+            } else {
+                acc = dX[t * nC + k];
+            }
+            acc += tile_pre[u][j] * dy[t * C + c] + tile_ds[u] * x;
 #pragma unroll
             for (int q = 0; q < M; q++) {
                 acc += tile_dh[u][q] * phi_k[q];
@@ -2216,32 +2234,36 @@ __global__ void __launch_bounds__(NS * MHC_PG_CHANNELS) mhc_pre_grad_streams_ker
     for (int q = 0; q < M; q++) dphi_part[((size_t)blockIdx.y * M + q) * nC + k] = dphi[q];
 }
 
+/* whether the pre-stage backward of n streams runs mhc_pre_grad_streams_kernel (gpu_mhc_pre_backward) */
+static int mhc_pre_grad_one_pass(int n) { return n == MHC_SK_N; }
+
 /* mhc_pre_grad_streams_kernel's token splits for N tokens, and the tokens of each */
 static int mhc_pre_grad_per_split(int N) { return (N + MHC_PG_SPLITS - 1) / MHC_PG_SPLITS; }
 static int mhc_pre_grad_splits(int N) { return (N + mhc_pre_grad_per_split(N) - 1) / mhc_pre_grad_per_split(N); }
 
 /* mhc_pre_grad_streams_kernel at n = MHC_SK_N, then its splits' dphi added into dphi */
-static void gpu_mhc_pre_grad_streams(float *dX, float *dphi, const MhcPreGradScratch *scratch, const float *dy, const float *X,
-                                     const float *H, const float *dh, const float *phi, int N, int C) {
+static void gpu_mhc_pre_grad_streams(float *dX, float *dphi, const MhcPreGradScratch *scratch, const float *dXo, const float *dy,
+                                     const float *X, const float *H, const float *dh, const float *phi, int N, int C) {
     int per_split = mhc_pre_grad_per_split(N), splits = mhc_pre_grad_splits(N), D = (MHC_SK_N * MHC_SK_N + 2 * MHC_SK_N) * MHC_SK_N * C;
     dim3 grid((C + MHC_PG_CHANNELS - 1) / MHC_PG_CHANNELS, splits);
-    mhc_pre_grad_streams_kernel<MHC_SK_N><<<grid, MHC_SK_N * MHC_PG_CHANNELS>>>(dX, scratch->dphi_part, dy, X, H, dh,
+    mhc_pre_grad_streams_kernel<MHC_SK_N><<<grid, MHC_SK_N * MHC_PG_CHANNELS>>>(dX, scratch->dphi_part, dXo, dy, X, H, dh,
                                                                                 scratch->dS2, phi, N, C, per_split);
     LAUNCH_CHECK();
     colsum_final_kernel<<<mhc_blocks((size_t)D, 128), 128>>>(dphi, scratch->dphi_part, splits, D);
     LAUNCH_CHECK();
 }
 
-/* The pre-stage backward of N tokens. At n = MHC_SK_N it needs scratch (dS2 [N], dphi_part
-   [MHC_PG_SPLITS, m, nC]) for the one-pass stream kernel above; other n take the block's own dX update and
-   cuBLAS's two GEMMs (scratch may be NULL). */
+/* The pre-stage backward of N tokens. At n = MHC_SK_N (mhc_pre_grad_one_pass) it needs scratch (dS2 [N],
+   dphi_part [MHC_PG_SPLITS, m, nC]) for the one-pass stream kernel above, and with dXo given makes dX from
+   it (PATH 1 too) instead of adding to dX; other n take the block's own dX update and cuBLAS's two GEMMs
+   (scratch may be NULL; dXo must be). */
 static void gpu_mhc_pre_backward(const MhcBlas *bl, float *dX, float *dphi, float *dH, float *da, float *dalpha_t,
-                                 const MhcPreGradScratch *scratch, const float *dy, const float *X, const float *H,
+                                 const MhcPreGradScratch *scratch, const float *dXo, const float *dy, const float *X, const float *H,
                                  const float *a, const float *h, const float *r, const float *phi, const float *alpha, int N,
                                  int n, int C, int iters, double eps_sk) {
-    int m = n * n + 2 * n, one_pass = n == MHC_SK_N;
-    if (one_pass && (!scratch || !scratch->dS2 || !scratch->dphi_part)) {
-        fprintf(stderr, "gpu_mhc_pre_backward: n = %d needs its scratch (a bug)\n", n);
+    int m = n * n + 2 * n, one_pass = mhc_pre_grad_one_pass(n);
+    if ((one_pass && (!scratch || !scratch->dS2 || !scratch->dphi_part)) || (!one_pass && dXo)) {
+        fprintf(stderr, "gpu_mhc_pre_backward: n = %d needs its scratch, or takes no dX' (a bug)\n", n);
         exit(1);
     }
     float *dS2 = one_pass ? scratch->dS2 : NULL;    /* NULL: the coefficient kernel updates dX itself */
@@ -2252,7 +2274,7 @@ static void gpu_mhc_pre_backward(const MhcBlas *bl, float *dX, float *dphi, floa
         gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, n * C, m);   /* dH holds dh */
         return;
     }
-    gpu_mhc_pre_grad_streams(dX, dphi, scratch, dy, X, H, dH, phi, N, C);   /* dH holds dh */
+    gpu_mhc_pre_grad_streams(dX, dphi, scratch, dXo, dy, X, H, dH, phi, N, C);   /* dH holds dh */
 }
 
 /* SPEC §6 HC, one thread per token: tv [N, n, n+2] = theta @ Xt per stream j (pre, post, res_0..res_{n-1})
@@ -3345,7 +3367,7 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
         size_t split = gpu_expert_split_floats((int)E, c->moe_inter_dim, (int)C, (int)(N * K));
         if (split) A->expert_split = arena_new<float>(ar, split);
         A->colsum_part = arena_new<float>(ar, MHC_COLSUM_CHUNKS * wide);
-        if (c->residual == MHC_RESIDUAL_MHC && c->hc_mult == MHC_SK_N) {
+        if (c->residual == MHC_RESIDUAL_MHC && mhc_pre_grad_one_pass(c->hc_mult)) {
             A->pre_grad.dS2 = arena_new<float>(ar, N);
             A->pre_grad.dphi_part = arena_new<float>(ar, (size_t)MHC_PG_SPLITS * mhc_m(c) * c->hc_mult * C);
         }
@@ -3402,8 +3424,10 @@ static void gpu_stream_pre(MhcGpu *g, MhcGpuActs *A, int s, int N, float *y, flo
 
 /* The backward of gpu_stream_pre (SPEC §5.3 PATH 2, §5.4 mhc / §6 hc PATH 3): from dy [N,C] and dH [N,m]
    (post and res parts set by the merge backward; consumed) into dX, and the coefficient parameters'
-   gradients */
-static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const float *dy, float *dH, float *dX) {
+   gradients. dXo (else NULL; mhc with gpu_merge_leaves_dX only): the sublayer's dX', from which PATH 1
+   goes into dX here, where the merge backward left it out. */
+static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const float *dy, float *dH, const float *dXo,
+                                float *dX) {
     const MhcConfig *c = &g->cfg;
     int n = c->hc_mult, C = c->d_model, m = mhc_m(c), ss = gpu_sub_slot(A, s);
     const float *X = A->a.X + (size_t)s * N * n * C, *h = A->a.coef_h + (size_t)ss * N * m;
@@ -3412,8 +3436,8 @@ static void gpu_stream_pre_grad(MhcGpu *g, MhcGpuActs *A, int s, int N, const fl
     const MhcStreamParams *q = &g->p.sub[s];
     MhcStreamParams *gq = &g->g.sub[s];
     if (c->residual == MHC_RESIDUAL_MHC) {            /* the Sinkhorn, one block per token, the GEMMs, then the reductions */
-        gpu_mhc_pre_backward(&g->blas, dX, gq->phi, dH, A->a.dcoef, A->coef_alpha, &A->pre_grad, dy, X, H, a, h, r, q->phi,
-                             q->alpha, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps);
+        gpu_mhc_pre_backward(&g->blas, dX, gq->phi, dH, A->a.dcoef, A->coef_alpha, &A->pre_grad, dXo, dy, X, H, a, h, r,
+                             q->phi, q->alpha, N, n, C, c->sinkhorn_iters, c->sinkhorn_eps);
         gpu_colsum(gq->b, A->a.dcoef, m, NULL, 0, NULL, N, m, A->colsum_part);
         gpu_colsum(gq->alpha, A->coef_alpha, 3, NULL, 0, NULL, N, 3, A->colsum_part);
         return;
@@ -3838,6 +3862,12 @@ static void gpu_sublayer_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, int T, 
                              a->f + (size_t)ss * N * C, N, n, C, m);
 }
 
+/* whether the merge backward leaves dX = H_res^T dX' (PATH 1) to the one-pass pre-stage backward, which
+   then writes dX once with all three paths, instead of adding to what the merge wrote */
+static int gpu_merge_leaves_dX(const MhcConfig *c) {
+    return c->residual == MHC_RESIDUAL_MHC && mhc_pre_grad_one_pass(c->hc_mult);
+}
+
 /* Backward of one sublayer (SPEC §5, mhc.h sublayer_backward): from dX' (dXo) to dX = PATH 1 (residual)
    + PATH 2 (pre) + PATH 3 (coefficients), accumulating every parameter gradient of the sublayer */
 static void gpu_sublayer_backward(MhcGpu *g, MhcGpuActs *A, int s, const float *dXo, float *dX) {
@@ -3849,7 +3879,8 @@ static void gpu_sublayer_backward(MhcGpu *g, MhcGpuActs *A, int s, const float *
     MhcBlock *gb = &g->g.blk[l];
     const float *X = a->X + (size_t)s * N * n * C, *H = a->coef_H + (size_t)ss * N * m;
     const float *y = a->y + (size_t)ss * N * C, *u = a->u + (size_t)ss * N * C, *f = a->f + (size_t)ss * N * C;
-    gpu_stream_merge_backward(dX, a->df, a->dH, dXo, H, X, f, N, n, C, m);          /* §5.1, PATH 1 */
+    int leave_dX = gpu_merge_leaves_dX(c);          /* PATH 1 then goes into dX with PATHs 2 and 3 */
+    gpu_stream_merge_backward(leave_dX ? NULL : dX, a->df, a->dH, dXo, H, X, f, N, n, C, m);   /* §5.1, PATH 1 */
     CUDA_CHECK(cudaMemset(a->du, 0, sizeof(float) * (size_t)N * C));
     if (s % 2 == 0) {
         gpu_mla_backward(g, A, l, u, a->df, a->du, B, T);                             /* §5.2 */
@@ -3863,7 +3894,7 @@ static void gpu_sublayer_backward(MhcGpu *g, MhcGpuActs *A, int s, const float *
     CUDA_CHECK(cudaMemset(a->dy, 0, sizeof(float) * (size_t)N * C));
     gpu_rmsnorm_backward(a->dy, s % 2 == 0 ? gb->attn_norm : gb->ffn_norm, a->du, y, s % 2 == 0 ? b->attn_norm : b->ffn_norm,
                          a->u_rstd + (size_t)ss * N, N, C, A->colsum_part);
-    gpu_stream_pre_grad(g, A, s, N, a->dy, a->dH, dX);                                 /* §5.3-§5.4, PATHs 2, 3 */
+    gpu_stream_pre_grad(g, A, s, N, a->dy, a->dH, leave_dX ? dXo : NULL, dX);          /* §5.3-§5.4, PATHs 2, 3 */
 }
 
 /* Rows [r0, r0 + rows) of the head (SPEC §2) into the logits buffer, whose row 0 is row r0, and with

@@ -2625,37 +2625,46 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N, int C)
           N == 1 ? (same ? "; a second run the same bits" : "; a SECOND RUN DIFFERS") : "");
 
     /* backward: dX and dphi start random (they accumulate), dH's H_pre part is NaN on the GPU (the kernel
-       makes it) */
+       makes it). At n = 4 a second pass gives the kernel dX' instead: it makes dX = H_res^T dX' itself (the
+       merge backward leaves it out), over a poisoned dX, against the CPU's merge backward of that dX'. */
     float *dH = gt_randn((size_t)N * m, 1), *dy = gt_randn((size_t)N * C, 1), *dX0 = gt_randn((size_t)N * nC, 1);
-    float *dphi0 = gt_randn((size_t)m * nC, 1), *dphi = gt_copy(dphi0, (size_t)m * nC);
-    float *da = gt_host((size_t)N * m), *dx = gt_copy(dX0, (size_t)N * nC), *dh = gt_host((size_t)N * m);
-    float *dalpha = gt_host((size_t)N * 3), *d_dH = gt_upload(dH, (size_t)N * m);
-    for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_dH + (size_t)t * m, 0xFF, sizeof(float) * n));
-    stream_pre_backward(dx, dH, dy, H, X, N, n, C, m);                     /* PATH 2, and dH_pre */
-    for (int t = 0; t < N; t++) {
-        mhc_coeffs_backward(da + (size_t)t * m, dx + (size_t)t * nC, dH + (size_t)t * m, H + (size_t)t * m, a + (size_t)t * m,
-                            h + (size_t)t * m, r[(size_t)t * n], X + (size_t)t * nC, &q, &c);
-        for (int k = 0; k < m; k++) {
-            int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
-            dh[(size_t)t * m + k] = da[(size_t)t * m + k] * (alpha[grp] * r[(size_t)t * n]);
-            dalpha[(size_t)t * 3 + grp] += da[(size_t)t * m + k] * r[(size_t)t * n] * h[(size_t)t * m + k];
+    float *dXo = gt_randn((size_t)N * nC, 1), *dXres = gt_host((size_t)N * nC), *f = gt_randn((size_t)N * C, 1);
+    float *df = gt_host((size_t)N * C), *dH_merge = gt_host((size_t)N * m);
+    stream_merge_backward(dXres, df, dH_merge, dXo, H, X, f, N, n, C, m);  /* dXres = H_res^T dX' */
+    float *dphi0 = gt_randn((size_t)m * nC, 1);
+    for (int from_dXo = 0; from_dXo <= (n == MHC_SK_N); from_dXo++) {
+        float *dphi = gt_copy(dphi0, (size_t)m * nC), *dx = gt_copy(from_dXo ? dXres : dX0, (size_t)N * nC);
+        float *da = gt_host((size_t)N * m), *dh = gt_host((size_t)N * m), *dalpha = gt_host((size_t)N * 3);
+        float *d_dH = gt_upload(dH, (size_t)N * m);
+        for (int t = 0; t < N; t++) CUDA_CHECK(cudaMemset(d_dH + (size_t)t * m, 0xFF, sizeof(float) * n));
+        stream_pre_backward(dx, dH, dy, H, X, N, n, C, m);                 /* PATH 2, and dH_pre */
+        for (int t = 0; t < N; t++) {
+            mhc_coeffs_backward(da + (size_t)t * m, dx + (size_t)t * nC, dH + (size_t)t * m, H + (size_t)t * m,
+                                a + (size_t)t * m, h + (size_t)t * m, r[(size_t)t * n], X + (size_t)t * nC, &q, &c);
+            for (int k = 0; k < m; k++) {
+                int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+                dh[(size_t)t * m + k] = da[(size_t)t * m + k] * (alpha[grp] * r[(size_t)t * n]);
+                dalpha[(size_t)t * 3 + grp] += da[(size_t)t * m + k] * r[(size_t)t * n] * h[(size_t)t * m + k];
+            }
         }
+        matmul_backward(dx, dphi, dh, X, phi, N, nC, m);                  /* the phi part of PATH 3 */
+        float *d_da = gt_nan((size_t)N * m), *d_dalpha = gt_nan((size_t)N * 3);
+        float *d_dx = from_dXo ? gt_nan((size_t)N * nC) : gt_upload(dX0, (size_t)N * nC);
+        float *d_dphi = gt_upload(dphi0, (size_t)m * nC);
+        MhcPreGradScratch pre_grad = {gt_nan(N), gt_nan((size_t)MHC_PG_SPLITS * m * nC)};   /* n = 4 only */
+        gpu_mhc_pre_backward(&bl, d_dx, d_dphi, d_dH, d_da, d_dalpha, &pre_grad, from_dXo ? gt_upload(dXo, (size_t)N * nC) : NULL,
+                             gt_upload(dy, (size_t)N * C), d_X, gt_upload(H, (size_t)N * m), gt_upload(a, (size_t)N * m),
+                             gt_upload(h, (size_t)N * m), gt_upload(r, (size_t)N * n), gt_upload(phi, (size_t)m * nC), d_alpha, N,
+                             n, C, c.sinkhorn_iters, c.sinkhorn_eps);
+        e1 = rel_err(gt_fetch(d_da, (size_t)N * m), da, (size_t)N * m);
+        e2 = rel_err(gt_fetch(d_dH, (size_t)N * m), dh, (size_t)N * m);
+        e3 = rel_err(gt_fetch(d_dalpha, (size_t)N * 3), dalpha, (size_t)N * 3);
+        double e4 = rel_err(gt_fetch(d_dx, (size_t)N * nC), dx, (size_t)N * nC);
+        e5 = rel_err(gt_fetch(d_dphi, (size_t)m * nC), dphi, (size_t)m * nC);
+        check(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4 && e4 <= 1e-4 && e5 <= 1e-4,
+              "gpu mhc pre-stage backward (Sinkhorn replayed), n = %d, N = %d%s: da %.1e, dh %.1e, dalpha %.1e, dX %.1e, "
+              "dphi %.1e (tol 1e-4)", n, N, from_dXo ? ", dX from H_res^T dX'" : "", e1, e2, e3, e4, e5);
     }
-    matmul_backward(dx, dphi, dh, X, phi, N, nC, m);                      /* the phi part of PATH 3 */
-    float *d_da = gt_nan((size_t)N * m), *d_dalpha = gt_nan((size_t)N * 3), *d_dx = gt_upload(dX0, (size_t)N * nC);
-    float *d_dphi = gt_upload(dphi0, (size_t)m * nC);
-    MhcPreGradScratch pre_grad = {gt_nan(N), gt_nan((size_t)MHC_PG_SPLITS * m * nC)};   /* n = 4 only */
-    gpu_mhc_pre_backward(&bl, d_dx, d_dphi, d_dH, d_da, d_dalpha, &pre_grad, gt_upload(dy, (size_t)N * C), d_X, gt_upload(H, (size_t)N * m),
-                         gt_upload(a, (size_t)N * m), gt_upload(h, (size_t)N * m), gt_upload(r, (size_t)N * n),
-                         gt_upload(phi, (size_t)m * nC), d_alpha, N, n, C, c.sinkhorn_iters, c.sinkhorn_eps);
-    e1 = rel_err(gt_fetch(d_da, (size_t)N * m), da, (size_t)N * m);
-    e2 = rel_err(gt_fetch(d_dH, (size_t)N * m), dh, (size_t)N * m);
-    e3 = rel_err(gt_fetch(d_dalpha, (size_t)N * 3), dalpha, (size_t)N * 3);
-    double e4 = rel_err(gt_fetch(d_dx, (size_t)N * nC), dx, (size_t)N * nC);
-    e5 = rel_err(gt_fetch(d_dphi, (size_t)m * nC), dphi, (size_t)m * nC);
-    check(e1 <= 1e-4 && e2 <= 1e-4 && e3 <= 1e-4 && e4 <= 1e-4 && e5 <= 1e-4,
-          "gpu mhc pre-stage backward (Sinkhorn replayed), n = %d, N = %d: da %.1e, dh %.1e, dalpha %.1e, dX %.1e, dphi %.1e "
-          "(tol 1e-4)", n, N, e1, e2, e3, e4, e5);
     gt_release();
 }
 

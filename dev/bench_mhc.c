@@ -97,19 +97,25 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     CUDA_CHECK(cudaEventRecord(tm->stop));
     bench_row("merge backward", C, N, f * N * (3.0 * nC + 2.0 * C + 2.0 * m), bench_ms(tm), copy_gbs);
 
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_stream_merge_backward(NULL, df, dH, dXo, H, X, fo, N, n, C, m);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("merge backward without dX (training's at n = 4: the pre-stage backward makes it)", C, N,
+              f * N * (2.0 * nC + 2.0 * C + 2.0 * m), bench_ms(tm), copy_gbs);
+
     /* dH is rewritten with dh by each run: the repetitions see other values, the same work */
-    gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, &pre_grad, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
+    gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, &pre_grad, dXo, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->start));
     for (int k = 0; k < REPS; k++)
-        gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, &pre_grad, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
+        gpu_mhc_pre_backward(bl, dX, dphi, dH, da, dalpha, &pre_grad, dXo, dy, X, H, a, h, r, phi, alpha, N, n, C, iters, 1e-6);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("pre-stage backward (Sinkhorn + coefficient kernel + one-pass stream kernel)", C, N,
+    bench_row("pre-stage backward (Sinkhorn + coefficient kernel + one-pass stream kernel, dX from dX')", C, N,
               f * N * (3.0 * nC + C + 7.0 * m + n + 3), bench_ms(tm), copy_gbs);
 
     CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++) gpu_mhc_pre_grad_streams(dX, dphi, &pre_grad, dy, X, H, dH, phi, N, C);
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_grad_streams(dX, dphi, &pre_grad, dXo, dy, X, H, dH, phi, N, C);
     CUDA_CHECK(cudaEventRecord(tm->stop));
-    bench_row("for scale: its stream kernel alone (dX, dphi; with the splits' sum)", C, N,
+    bench_row("for scale: its stream kernel alone (dX from dX', dphi; with the splits' sum)", C, N,
               f * N * (3.0 * nC + C + m + n + 1) + f * MHC_PG_SPLITS * m * nC * 2, bench_ms(tm), copy_gbs);
 
     CUDA_CHECK(cudaEventRecord(tm->start));
