@@ -1970,6 +1970,7 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
     float *at = a + t * m, *Ht = H + t * m, ss = 0;
     const float *ht = LONE ? lone_h : h + t * m;
     const float *g = one.g;
+    float h_first = 0.0f, b_first = 0.0f, alpha_first = 0.0f;   /* many tokens: k = threadIdx.x's h, b, alpha[grp] */
     if constexpr (LONE) {
         if (!lone_token_slice(h, lone_h, &lone_sumsq, lone_params, alpha, b, x, n, C, &one)) return;
         ss = lone_sumsq;
@@ -1977,6 +1978,12 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
         b = lone_params + 3;
         g = lone_params + 3 + m;
     } else {
+        if ((int)threadIdx.x < m) {                 /* loaded first, so that they wait beside the stream loads,
+                                                       not after the reduction that needs them */
+            h_first = ht[threadIdx.x];
+            b_first = b[threadIdx.x];
+            alpha_first = alpha[threadIdx.x < n ? 0 : threadIdx.x < 2 * n ? 1 : 2];
+        }
 #pragma unroll 2
         for (int q = threadIdx.x * W; q < nC; q += blockDim.x * W) {
             float v[W];
@@ -1987,16 +1994,15 @@ __global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kern
         ss = block_reduce(ss, SumOp());
     }
     float r = 1.0f / sqrtf(ss / nC + eps_rms);
-    for (int k = threadIdx.x; k < 2 * n; k += blockDim.x) {
-        int grp = k < n ? 0 : 1;
-        float ak = alpha[grp] * r * ht[k] + b[k];
+    for (int k = threadIdx.x; k < m; k += blockDim.x) {
+        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
+        int first = !LONE && k == (int)threadIdx.x;   /* its h, b, alpha came before the pass */
+        float hk = first ? h_first : ht[k], bk = first ? b_first : b[k], alk = first ? alpha_first : alpha[grp];
+        float ak = alk * r * hk + bk;
         at[k] = ak;
         if (k < n) Ht[k] = h_pre[k] = mhc_sigmoidf(ak);
-        else Ht[k] = 2 * mhc_sigmoidf(ak);
-    }
-    for (int k = 2 * n + threadIdx.x; k < m; k += blockDim.x) {
-        at[k] = alpha[2] * r * ht[k] + b[k];
-        if (LONE) lone_a[k] = at[k];
+        else if (k < 2 * n) Ht[k] = 2 * mhc_sigmoidf(ak);
+        else if (LONE) lone_a[k] = ak;
     }
     if (threadIdx.x == 0) r_out[t * n] = r;
     __syncthreads();                                /* h_pre and a are complete */
