@@ -2,7 +2,10 @@
    product an MoE layer's forward and backward make, timed alone at a preset's experts with the rows
    spread evenly over them, in TF32 and in bf16, with the tensor-core FLOP rate each reaches. bf16 is timed
    twice: with the call's own rounding of its activation operands into the scratch (as training runs it),
-   and the kernel alone on copies made beforehand. Built by `make gpu` as dev/bench_expert; run on the GPU
+   and the kernel alone on copies made beforehand. Each product is timed again in cuBLAS (strided-batched,
+   one GEMM per expert of its even share; the same FLOPs), the rate our mma.sync kernel is set against:
+   where cuBLAS's Hopper kernels are well ahead, a grouped cuBLAS call (one host read of the expert counts
+   per layer) or wgmma tiles are the next step. Built by `make gpu` as dev/bench_expert; run on the GPU
    machine:
 
        ./dev/bench_expert                     small (B 32, T 1024) and 3b (B 2, T 4096), as dev/bench.sh
@@ -44,14 +47,29 @@ typedef struct {
     float beta;
 } BenchProduct;
 
-static float bench_product(const MhcBlas *bl, int rounded, const BenchMoe *x, const BenchProduct *p, BenchTimer *tm) {
-    float *split = p->kseg ? x->split : NULL;
-    gpu_expert_gemm(bl, 0, p->C, p->ldc, p->A, p->lda, p->B, p->ldb, p->transB, p->w_stride, x->seg, x->E, p->M, p->N, p->K,
-                    p->kseg, p->beta, split);     /* untimed: loads the kernel, and leaves the bf16 copies in the scratch */
-    CUDA_CHECK(cudaEventRecord(tm->start));
-    for (int k = 0; k < REPS; k++)
+/* One call of product p: our kernel over seg (cublas 0), or (cublas 1) cuBLAS's strided-batched GEMM over the
+   E experts' equal shares, R rows each, through gemm_core at the same precision: the bar the kernel is set
+   against, E products of one shape (the rows spread evenly make them so; a grouped GEMM of uneven shares
+   would do the same work). kseg products have R as their depth. */
+static void run_product(const MhcBlas *bl, int rounded, const BenchMoe *x, const BenchProduct *p, int cublas) {
+    if (!cublas) {
         gpu_expert_gemm(bl, rounded, p->C, p->ldc, p->A, p->lda, p->B, p->ldb, p->transB, p->w_stride, x->seg, x->E, p->M, p->N,
-                        p->K, p->kseg, p->beta, split);
+                        p->K, p->kseg, p->beta, p->kseg ? x->split : NULL);
+        return;
+    }
+    long long R = x->NK / x->E;
+    if (p->kseg)                                    /* C_e [M,N] += A_e^T B_e, A_e [R,M], B_e [R,N] */
+        gemm_core(bl, MHC_GEMM_FAST, rounded, 1, 0, p->M, p->N, (int)R, 1.0f, p->A, R * p->lda, p->B, R * p->ldb, p->beta, p->C,
+                  (long long)p->w_stride, x->E);
+    else                                            /* C_e [R,N] = A_e [R,K] op(W_e) */
+        gemm_core(bl, MHC_GEMM_FAST, rounded, 0, p->transB, (int)R, p->N, p->K, 1.0f, p->A, R * p->lda, p->B,
+                  (long long)p->w_stride, p->beta, p->C, R * p->ldc, x->E);
+}
+
+static float bench_product(const MhcBlas *bl, int rounded, const BenchMoe *x, const BenchProduct *p, int cublas, BenchTimer *tm) {
+    run_product(bl, 0, x, p, cublas);               /* untimed: loads the kernel, and leaves the bf16 copies in the scratch */
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) run_product(bl, rounded, x, p, cublas);
     CUDA_CHECK(cudaEventRecord(tm->stop));
     return bench_ms(tm);
 }
@@ -102,15 +120,21 @@ static int bench_preset(BenchTimer *tm, const char *preset, int N) {
     size_t count = rows_c > rows_i ? rows_c : rows_i;
     for (int k = 0; k < 2; k++) CUDA_CHECK(cudaMalloc((void **)&bl.scratch[k], count * sizeof(__nv_bfloat16)));
     bl.scratch_count = count;
+    int even = NK % E == 0;                         /* cuBLAS's rows need equal shares */
     for (int p = 0; p < 6; p++) {
-        bl.precision = MHC_PREC_TF32;
-        bench_row(preset, &products[p], "TF32", bench_product(&bl, 0, &x, &products[p], tm), PEAK_TF32_TFLOPS);
-        bl.precision = MHC_PREC_BF16;
-        bench_row(preset, &products[p], "bf16, rounding its operands", bench_product(&bl, 0, &x, &products[p], tm),
-                  PEAK_BF16_TFLOPS);
         int rounded = products[p].kseg ? MHC_A_ROUNDED | MHC_B_ROUNDED : MHC_A_ROUNDED;
-        bench_row(preset, &products[p], "bf16, kernel alone", bench_product(&bl, rounded, &x, &products[p], tm),
-                  PEAK_BF16_TFLOPS);
+        for (int cublas = 0; cublas <= even; cublas++) {
+            const char *who = cublas ? "cuBLAS batched, " : "";
+            char label[96];
+            bl.precision = MHC_PREC_TF32;
+            snprintf(label, sizeof label, "%sTF32", who);
+            bench_row(preset, &products[p], label, bench_product(&bl, 0, &x, &products[p], cublas, tm), PEAK_TF32_TFLOPS);
+            bl.precision = MHC_PREC_BF16;
+            snprintf(label, sizeof label, "%sbf16, rounding its operands", who);
+            bench_row(preset, &products[p], label, bench_product(&bl, 0, &x, &products[p], cublas, tm), PEAK_BF16_TFLOPS);
+            snprintf(label, sizeof label, "%sbf16, kernel alone", who);
+            bench_row(preset, &products[p], label, bench_product(&bl, rounded, &x, &products[p], cublas, tm), PEAK_BF16_TFLOPS);
+        }
     }
     float *all[] = {x.slab, x.X, x.dY, x.out_c, x.H, x.dA, x.out_i, x.dW1, x.dW2, x.split};
     for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
