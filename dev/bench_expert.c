@@ -3,9 +3,10 @@
    spread evenly over them, in TF32 and in bf16, with the tensor-core FLOP rate each reaches. bf16 is timed
    twice: with the call's own rounding of its activation operands into the scratch (as training runs it),
    and the kernel alone on copies made beforehand. Each product is timed again in cuBLAS (strided-batched,
-   one GEMM per expert of its even share; the same FLOPs), the rate our mma.sync kernel is set against:
-   where cuBLAS's Hopper kernels are well ahead, a grouped cuBLAS call (one host read of the expert counts
-   per layer) or wgmma tiles are the next step. Built by `make gpu` as dev/bench_expert; run on the GPU
+   one GEMM per expert of its even share; the same FLOPs), the rate our mma.sync kernel is set against.
+   Where cuBLAS is well ahead in bf16, the way there is wgmma tiles of our own: cuBLAS's grouped GEMM
+   (uneven shares) takes bf16 A and B only with a bf16 C, and these outputs and weight gradients are fp32
+   (in TF32 it would serve, at one host read of the expert counts a layer). Built by `make gpu` as dev/bench_expert; run on the GPU
    machine:
 
        ./dev/bench_expert                     small (B 32, T 1024) and 3b (B 2, T 4096), as dev/bench.sh
