@@ -39,7 +39,7 @@ tests64: tests.c mhc.h
 data/prepare: data/prepare.c data/tokenizer.h
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-gpu: train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert
+gpu: train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert dev/wgmma_probe
 train_gpu: train.c mhc.h mhc_cuda.cuh
 	$(NVCC) $(NVCCFLAGS) $< -o $@ -lcublas
 infer_gpu: infer.c mhc.h mhc_cuda.cuh data/tokenizer.h
@@ -54,6 +54,9 @@ dev/bench_attention: dev/bench_attention.c mhc.h mhc_cuda.cuh dev/bench_util.cuh
 	$(NVCC) $(NVCCFLAGS) -I. $< -o $@ -lcublas
 dev/bench_expert: dev/bench_expert.c mhc.h mhc_cuda.cuh dev/bench_util.cuh
 	$(NVCC) $(NVCCFLAGS) -I. $< -o $@ -lcublas
+# sm_90a, not sm_90: wgmma is in no plain sm_90 build
+dev/wgmma_probe: dev/wgmma_probe.cu
+	$(NVCC) -O3 -gencode=arch=compute_90a,code=sm_90a -std=c++17 -Xcompiler -Wall,-Wextra $< -o $@
 
 # the GPU tests without a GPU: tests.c's `gpu` group and mhc_cuda.cuh built for dev/cuda_emu, a CPU
 # emulation of the CUDA calls they make (launches rewritten by launch.py). -w: the real builds carry the
@@ -96,5 +99,5 @@ compare: data/sotu_train.bin train $(if $(HAVE_GPU),train_gpu)
 	./train --loss-gap runs/loss_gap.png runs/plain runs/hc runs/mhc
 
 clean:
-	rm -f train infer tests tests64 train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert data/prepare
+	rm -f train infer tests tests64 train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert dev/wgmma_probe data/prepare
 	rm -rf $(EMU)/build

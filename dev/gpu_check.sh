@@ -5,8 +5,10 @@
 #   1. the GPU test group (./tests_gpu gpu): every kernel against the CPU reference;
 #   2. train_gpu against its build of commit BASE (below) on small and the 3b cut in bf16: the losses, which
 #      should agree to about 4 decimals, and the step times;
-#   3. the training attention kernels one by one (dev/bench_attention), as built and with
-#      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas), and the routed-expert GEMMs (bench_expert);
+#   3. which shared-memory layouts wgmma reads as a kernel of ours would lay them out (dev/wgmma_probe, a
+#      second); the training attention kernels one by one (dev/bench_attention), as built and with
+#      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas), and the routed-expert GEMMs, ours and
+#      cuBLAS's (bench_expert);
 #   4. the benchmark table (dev/bench.sh: ours against PyTorch, mHC overhead, the 3b cut with 8 micro-batches
 #      a step (ACCUM=8), decode against its bound, the mHC stream kernels), with what time is left but the
 #      last two steps' share;
@@ -30,8 +32,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PATH="$PATH:/usr/local/cuda/bin"
 CARRY=runs/gpu_carry
 SOURCES=(Makefile mhc.h mhc_cuda.cuh train.c infer.c tests.c data/tokenizer.h dev/bench_mhc.c dev/bench_decode.c
-         dev/bench_attention.c dev/bench_expert.c dev/bench_util.cuh)
-BINARIES=(train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert)
+         dev/bench_attention.c dev/bench_expert.c dev/bench_util.cuh dev/wgmma_probe.cu)
+BINARIES=(train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert dev/wgmma_probe)
 NVCC_ONE=(nvcc -O3 -arch=sm_90 -std=c++17 -x cu --default-stream per-thread -Xcompiler -fopenmp -I.)
 
 stamp() { sha256sum "${SOURCES[@]}" | sha256sum | cut -c1-16; }
@@ -149,6 +151,8 @@ fi
 
 # ---- 3. the training attention and routed-expert kernels one by one ------------------------------
 {
+    step wgmma_probe 20 190 ./dev/wgmma_probe
+    echo
     step bench_attention 45 180 ./dev/bench_attention
     echo
     echo "MHC_ATT_MIN_BLOCKS=2:"
