@@ -6,8 +6,8 @@
    one GEMM per expert of its even share; the same FLOPs), the rate our mma.sync kernel is set against.
    Where cuBLAS is well ahead in bf16, the way there is wgmma tiles of our own: cuBLAS's grouped GEMM
    (uneven shares) takes bf16 A and B only with a bf16 C, and these outputs and weight gradients are fp32
-   (in TF32 it would serve, at one host read of the expert counts a layer). Built by `make gpu` as dev/bench_expert; run on the GPU
-   machine:
+   (in TF32 it would serve, at one host read of the expert counts a layer). Built by `make gpu` as
+   dev/bench_expert; run on the GPU machine:
 
        ./dev/bench_expert                     small (B 32, T 1024) and 3b (B 2, T 4096), as dev/bench.sh
        ./dev/bench_expert preset N [...]      other presets and token counts
