@@ -16,8 +16,10 @@ CFLAGS += -Wno-unknown-pragmas
 endif
 
 NVCC ?= nvcc
-GPU_ARCH ?= sm_90
-NVCCFLAGS ?= -O3 -arch=$(GPU_ARCH)
+# sm_90a: Hopper with its own instructions (wgmma, for mhc_gpu_set_expert_wgmma); a build for another GPU
+# (e.g. GPU_ARCH_FLAGS=-arch=sm_80) runs everything else
+GPU_ARCH_FLAGS ?= -gencode=arch=compute_90a,code=sm_90a
+NVCCFLAGS ?= -O3 $(GPU_ARCH_FLAGS)
 NVCCFLAGS += -std=c++17 -x cu --default-stream per-thread -Xcompiler -Wall,-Wextra$(if $(OPENMP),$(comma)-fopenmp)
 comma := ,
 
@@ -54,9 +56,8 @@ dev/bench_attention: dev/bench_attention.c mhc.h mhc_cuda.cuh dev/bench_util.cuh
 	$(NVCC) $(NVCCFLAGS) -I. $< -o $@ -lcublas
 dev/bench_expert: dev/bench_expert.c mhc.h mhc_cuda.cuh dev/bench_util.cuh
 	$(NVCC) $(NVCCFLAGS) -I. $< -o $@ -lcublas
-# sm_90a, not sm_90: wgmma is in no plain sm_90 build
-dev/wgmma_probe: dev/wgmma_probe.cu
-	$(NVCC) -O3 -gencode=arch=compute_90a,code=sm_90a -std=c++17 -Xcompiler -Wall,-Wextra $< -o $@
+dev/wgmma_probe: dev/wgmma_probe.cu mhc.h mhc_cuda.cuh
+	$(NVCC) $(NVCCFLAGS) -I. $< -o $@ -lcublas
 
 # the GPU tests without a GPU: tests.c's `gpu` group and mhc_cuda.cuh built for dev/cuda_emu, a CPU
 # emulation of the CUDA calls they make (launches rewritten by launch.py). -w: the real builds carry the

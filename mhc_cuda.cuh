@@ -92,6 +92,7 @@ typedef struct {
     size_t n_params;
     __nv_bfloat16 *scratch[2];            /* BF16: converted A and B operands, scratch_count each        */
     size_t scratch_count;
+    int expert_wgmma;                     /* BF16: routed-expert GEMMs on wgmma (mhc_gpu_set_expert_wgmma) */
 } MhcBlas;
 
 /* what the blocks of a lone token's pre-stage leave for the last of them (mhc_coeffs_pre_forward_kernel) */
@@ -222,6 +223,12 @@ void mhc_gpu_set_tf32(MhcGpu *g, int enable);        /* 1: MHC_PREC_TF32, 0: MHC
    forward without targets keeps logits only when B*T <= MHC_LOGIT_CHUNK_ROWS. Call it between steps,
    like mhc_gpu_set_precision. */
 void mhc_gpu_set_recompute(MhcGpu *g, int enable);
+/* 1: with MHC_PREC_BF16, the routed-expert GEMMs on Hopper's wgmma (expert_wgmma_kernel; needs the sm_90a
+   build) in place of mma.sync; the same sums in another order. 0 (default): mma.sync. Returns -1 (with a
+   message) when asked for on a GPU that is not a Hopper (compute capability 9.x), and changes nothing. */
+int mhc_gpu_set_expert_wgmma(MhcGpu *g, int enable);
+/* 1 when the current GPU runs wgmma (compute capability 9.x) */
+int mhc_gpu_has_wgmma(void);
 /* device bytes of the activation buffers of a B x T training forward with that precision and recompute
    setting (what the first forward allocates); touches no GPU */
 size_t mhc_gpu_acts_bytes(const MhcConfig *c, int B, int T, int precision, int recompute);
@@ -842,6 +849,102 @@ template <int N> __device__ void cp_async_wait() {
 #endif
 }
 
+/* Hopper's warpgroup products (wgmma, sm_90a only: the Makefile builds for it). A warpgroup, 4 warps from
+   a warp index divisible by 4, makes D[64 x 128] += A[64 x 16] B[16 x 128]^T-as-stored, both operands read
+   from shared memory through descriptors while the threads go on. Operand tiles are bf16 in the 128-byte
+   swizzle: every line of 64 elements in 128 bytes, its eight 16-byte chunks XORed with the line's index
+   mod 8, tiles 1024-byte aligned (wg_offset, in elements):
+     K-major (lines are rows of the operand, k along them: A [M][K], B [N][K]): element (r, k) at
+        64 r + 8 ((k / 8) ^ (r % 8)) + k % 8; the stride between groups of 8 rows (SBO) is 1024 bytes,
+        and a K step of 16 starts 32 bytes further along the lines;
+     MN-major (lines of k, r along them: an operand stored [K][M] or [K][N], read with trans-a / trans-b):
+        atoms of 64 r x 64 k, 4096 elements, one after another along r (LBO 8192 bytes); element (r, k) at
+        4096 (r / 64) + 64 k + 8 ((r % 64 / 8) ^ (k % 8)) + r % 8; SBO 1024 bytes between groups of 8
+        lines, and a K step of 16 starts 16 lines further.
+   The accumulator: thread l of warp w of the warpgroup holds D[16 w + l / 4 + 8 h][8 j + 2 (l % 4) + b] in
+   d[4 j + 2 h + b]. dev/wgmma_probe checks these readings on a GPU against exact sums; the host pass
+   (dev/cuda_emu) makes each thread's sums from the tiles through wg_offset, in k order, so it checks
+   everything around the instruction but not the readings themselves. */
+__host__ __device__ int wg_offset(bool mn_major, int r, int k) {
+    if (mn_major) return 4096 * (r / 64) + 64 * k + 8 * ((r % 64 / 8) ^ (k % 8)) + r % 8;
+    return 64 * r + 8 * ((k / 8) ^ (r % 8)) + k % 8;
+}
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+/* the descriptor of a tile's K step from k0: start address, LBO and SBO (each in 16 bytes) at bits 0, 16
+   and 32, the 128-byte swizzle (1) at bit 62; K-major tiles leave LBO unused (1 by convention) */
+__device__ uint64_t wg_descriptor(const unsigned short *tile, bool mn_major, int k0) {
+    uint32_t start = (uint32_t)__cvta_generic_to_shared(tile + (mn_major ? 64 * k0 : k0));
+    uint64_t lbo = mn_major ? 8192 : 16, sbo = 1024;
+    return (uint64_t)((start & 0x3FFFF) >> 4) | (lbo >> 4) << 16 | (sbo >> 4) << 32 | 1ull << 62;
+}
+#endif
+
+/* d (+)= A[64 rows from A, k0 .. k0+15] B[128 rows, k0 .. k0+15]^T, issued (not yet complete: wg_wait).
+   A_MN, B_MN: the tiles' orders (MN-major: trans-a, trans-b). */
+template <bool A_MN, bool B_MN>
+__device__ void wg_product(float (&d)[64], const unsigned short *A, const unsigned short *B, int k0) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    uint64_t da = wg_descriptor(A, A_MN, k0), db = wg_descriptor(B, B_MN, k0);
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "%64, %65, p, 1, 1, %67, %68;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(1), "n"(A_MN ? 1 : 0), "n"(B_MN ? 1 : 0));
+#elif defined(__CUDA_ARCH__)
+    (void)d, (void)A, (void)B, (void)k0;
+    printf("mhc_cuda: the wgmma expert kernel needs an sm_90a build (make gpu builds one)\n");
+    __trap();
+#else
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % 4;
+    for (int v = 0; v < 64; v++) {
+        int r = 16 * warp + lane / 4 + 8 * (v / 2 % 2), c = 8 * (v / 4) + 2 * (lane % 4) + v % 2;
+        float s = d[v];
+        for (int k = k0; k < k0 + 16; k++)
+            s += __uint_as_float((unsigned)A[wg_offset(A_MN, r, k)] << 16) * __uint_as_float((unsigned)B[wg_offset(B_MN, c, k)] << 16);
+        d[v] = s;
+    }
+#endif
+}
+
+/* the warpgroup's ordering around its products: wg_fence before the first of a batch (the accumulators'
+   registers, and shared memory that cp.async or ordinary stores wrote, become the tensor cores' to read),
+   wg_commit after the batch, wg_wait until it has completed (its shared memory may then be rewritten).
+   The host pass runs the products at once: there they are empty. */
+__device__ void wg_fence() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ void wg_commit() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ void wg_wait() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+/* shared memory written by the threads (cp.async included) and read next by the tensor cores through a
+   descriptor: each writer's fence, then the block's barrier */
+__device__ void wg_fence_shared() {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 /* Routed-expert GEMMs (SPEC §11) over token rows grouped by expert: rows seg[e] .. seg[e+1]-1 belong to
    expert e, whose weight is W_e = W + e * w_stride. The row counts live on the GPU (no host round trip),
    so these are our own tiled kernels rather than cuBLAS. Row-major, fixed summation order.
@@ -935,19 +1038,21 @@ template <int P> __device__ MhcExpertTile<P> eg_tile(const MhcExpertGemm &g) {
     return t;
 }
 
-/* One operand slab in its memory order: `outer` lines of `inner` contiguous elements, line o at src + o ld;
-   elements past (outer_n, inner_n) read as zero. i-major (rows of the tile outer, k inner): [128][32];
-   k-major: [32][128]. */
+/* One operand slab of depth KD in its memory order: `outer` lines of `inner` contiguous elements, line o
+   at src + o ld; elements past (outer_n, inner_n) read as zero. i-major (rows of the tile outer, k inner):
+   [128][KD]; k-major: [KD][128]. */
 template <int P> struct MhcEgSlab {
     const MmaElem<P> *src;
-    int ld, inner, outer_n, inner_n;
+    int ld, kmajor, inner, outer_n, inner_n;
 };
 
-template <int P> __device__ MhcEgSlab<P> eg_slab(const MmaElem<P> *base, int ld, int kmajor, int r0, int rows, int k0, int K) {
+template <int P, int KD>
+__device__ MhcEgSlab<P> eg_slab(const MmaElem<P> *base, int ld, int kmajor, int r0, int rows, int k0, int K) {
     MhcEgSlab<P> s;
     s.ld = ld;
+    s.kmajor = kmajor;
     if (kmajor) { s.src = base + (size_t)k0 * ld + r0; s.inner = EG_TILE; s.outer_n = K - k0; s.inner_n = rows - r0; }
-    else        { s.src = base + (size_t)r0 * ld + k0; s.inner = EG_K;    s.outer_n = rows - r0; s.inner_n = K - k0; }
+    else        { s.src = base + (size_t)r0 * ld + k0; s.inner = KD;      s.outer_n = rows - r0; s.inner_n = K - k0; }
     return s;
 }
 
@@ -956,19 +1061,20 @@ template <int P> __device__ MhcEgSlab<P> eg_slab(const MmaElem<P> *base, int ld,
    bytes (136: rows 4 words apart). The i-major stride EG_LD_I serves both. */
 static constexpr __host__ __device__ int eg_ld_k(int P) { return P == MHC_PREC_BF16 ? EG_TILE + 8 : EG_TILE + 4; }
 
-/* slab s into shared memory at line stride ld, as 16-byte chunks (4 fp32 words or 8 bf16) EG_THREADS
-   apart: each of this thread's chunks by one cp.async (zeros where it lies past the slab's lines or
-   elements) when the rows are 16-byte aligned and the chunk whole or empty, else element by element at
-   once (the tests' odd shapes; a partial last chunk). The copies land at the caller's cp_async_wait that
-   covers this group. */
-template <int P> __device__ void eg_load(MmaElem<P> *dst, MhcEgSlab<P> s, int ld) {
-    constexpr int w = 16 / sizeof(MmaElem<P>), chunks = EG_TILE * EG_K / w / EG_THREADS;
+/* slab s (depth KD) into shared memory at line stride ld, or with SWIZZLED in the layout wgmma reads
+   (wg_offset: a chunk stays 8 contiguous elements), as 16-byte chunks (4 fp32 words or 8 bf16)
+   EG_THREADS apart: each of this thread's chunks by one cp.async (zeros where it lies past the slab's
+   lines or elements) when the rows are 16-byte aligned and the chunk whole or empty, else element by
+   element at once (the tests' odd shapes; a partial last chunk). The copies land at the caller's
+   cp_async_wait that covers this group. */
+template <int P, int KD, bool SWIZZLED> __device__ void eg_load(MmaElem<P> *dst, MhcEgSlab<P> s, int ld) {
+    constexpr int w = 16 / sizeof(MmaElem<P>), chunks = EG_TILE * KD / w / EG_THREADS;
     bool aligned = (uintptr_t)s.src % 16 == 0 && s.ld % w == 0;
 #pragma unroll
     for (int q = 0; q < chunks; q++) {
         int at = threadIdx.x + q * EG_THREADS, o = at / (s.inner / w), c = at % (s.inner / w) * w;
         const MmaElem<P> *p = s.src + (size_t)o * s.ld + c;
-        MmaElem<P> *out = dst + o * ld + c;
+        MmaElem<P> *out = dst + (!SWIZZLED ? o * ld + c : s.kmajor ? wg_offset(true, c, o) : wg_offset(false, o, c));
         int have = o < s.outer_n ? min(max(s.inner_n - c, 0), w) : 0;     /* real elements of the chunk */
         if (aligned && (have == w || have == 0)) {
             cp_async<16>(out, have ? p : s.src, have == w);
@@ -1018,8 +1124,17 @@ __device__ void eg_multiply(float (&acc)[4][4][4], const typename MmaOperand<P>:
 template <int P, bool A_KMAJOR, bool B_KMAJOR>
 __device__ void eg_load_slab(MmaElem<P> *stages, const MhcExpertTile<P> &t, const MhcExpertGemm &g, int slab) {
     MmaElem<P> *As = stages + slab % eg_stages(P) * 2 * EG_OPERAND, *Bs = As + EG_OPERAND;
-    eg_load<P>(As, eg_slab<P>(t.A, g.lda, A_KMAJOR, t.i0, t.M, slab * EG_K, t.K), A_KMAJOR ? eg_ld_k(P) : EG_LD_I);
-    eg_load<P>(Bs, eg_slab<P>(t.B, g.ldb, B_KMAJOR, t.j0, g.N, slab * EG_K, t.K), B_KMAJOR ? eg_ld_k(P) : EG_LD_I);
+    eg_load<P, EG_K, false>(As, eg_slab<P, EG_K>(t.A, g.lda, A_KMAJOR, t.i0, t.M, slab * EG_K, t.K),
+                            A_KMAJOR ? eg_ld_k(P) : EG_LD_I);
+    eg_load<P, EG_K, false>(Bs, eg_slab<P, EG_K>(t.B, g.ldb, B_KMAJOR, t.j0, g.N, slab * EG_K, t.K),
+                            B_KMAJOR ? eg_ld_k(P) : EG_LD_I);
+}
+
+/* C[i][j] = v (+ beta C) for an element (i, j) of the tile's problem; outside it, nothing */
+template <int P> __device__ void eg_store(const MhcExpertTile<P> &t, int N, int i, int j, float v) {
+    if (i >= t.M || j >= N) return;
+    float *c = t.C + (size_t)i * t.ldc + j;
+    *c = t.beta == 0.0f ? v : v + t.beta * *c;
 }
 
 /* A_KMAJOR = kseg (op(A) = A^T), B_KMAJOR = !transB; P: the operand precision. The first S - 1 slabs go
@@ -1049,14 +1164,64 @@ __global__ void __launch_bounds__(EG_THREADS, eg_min_blocks(P)) expert_gemm_kern
     }
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     int i_0 = t.i0 + warp / 4 * 64 + lane / 4, j_0 = t.j0 + warp % 4 * 32 + 2 * (lane % 4);
-    for (int x = 0; x < 4; x++)                    /* C = tile (+ beta C), inside the problem */
+    for (int x = 0; x < 4; x++)
         for (int y = 0; y < 4; y++)
-            for (int e = 0; e < 4; e++) {
-                int gi = i_0 + 16 * x + 8 * (e / 2), gj = j_0 + 8 * y + e % 2;
-                if (gi >= t.M || gj >= g.N) continue;
-                float *c = t.C + (size_t)gi * t.ldc + gj;
-                *c = t.beta == 0.0f ? acc[x][y][e] : acc[x][y][e] + t.beta * *c;
-            }
+            for (int e = 0; e < 4; e++) eg_store<P>(t, g.N, i_0 + 16 * x + 8 * (e / 2), j_0 + 8 * y + e % 2, acc[x][y][e]);
+}
+
+/* The BF16 tile kernel on wgmma (mhc_gpu_set_expert_wgmma): the same problems, tiles and cp.async ring,
+   with slabs 64 deep laid out as wgmma reads them (wg_offset) and each warpgroup's 64 x 128 half of the
+   tile made by four m64n128k16 products a slab, 64 accumulators a thread in place of mma.sync's 4 x 4
+   tiles. A stage is refilled only once the products that read it are complete (wg_wait before the next
+   barrier); the loads of the next EGW_STAGES - 1 slabs are in flight meanwhile. */
+#define EGW_K 64                           /* K slab: one 128-byte line of bf16 per row             */
+#define EGW_STAGES 3                       /* of 32 KB: two blocks fit an SM's shared memory        */
+#define EGW_OPERAND (EG_TILE * EGW_K)      /* bf16 elements of one operand's slab                  */
+#define EGW_SMEM_BYTES (EGW_STAGES * 2 * EGW_OPERAND * 2 + 1024)   /* the stages, and room to align them */
+
+template <bool A_KMAJOR, bool B_KMAJOR>
+__device__ void egw_load_slab(unsigned short *stages, const MhcExpertTile<MHC_PREC_BF16> &t, const MhcExpertGemm &g, int slab) {
+    unsigned short *As = stages + slab % EGW_STAGES * 2 * EGW_OPERAND, *Bs = As + EGW_OPERAND;
+    eg_load<MHC_PREC_BF16, EGW_K, true>(As, eg_slab<MHC_PREC_BF16, EGW_K>(t.A, g.lda, A_KMAJOR, t.i0, t.M, slab * EGW_K, t.K), 0);
+    eg_load<MHC_PREC_BF16, EGW_K, true>(Bs, eg_slab<MHC_PREC_BF16, EGW_K>(t.B, g.ldb, B_KMAJOR, t.j0, g.N, slab * EGW_K, t.K), 0);
+}
+
+template <bool A_KMAJOR, bool B_KMAJOR>
+__global__ void __launch_bounds__(EG_THREADS, 2) expert_wgmma_kernel(MhcExpertGemm g) {
+    extern __shared__ uint8_t egw_smem[];
+    MhcExpertTile<MHC_PREC_BF16> t = eg_tile<MHC_PREC_BF16>(g);
+    if (!t.M) return;
+#if defined(__CUDA_ARCH__)
+    unsigned misalign = (unsigned)__cvta_generic_to_shared(egw_smem) % 1024;
+#else
+    unsigned misalign = (unsigned)((uintptr_t)egw_smem % 1024);
+#endif
+    unsigned short *stages = (unsigned short *)(egw_smem + (1024 - misalign) % 1024);   /* [S][A, B][EGW_OPERAND] */
+    int wg = threadIdx.x / 128;                    /* this warpgroup's rows of the tile: 64 wg .. 64 wg + 63 */
+    float acc[64];
+#pragma unroll
+    for (int v = 0; v < 64; v++) acc[v] = 0.0f;
+    int slabs = (t.K + EGW_K - 1) / EGW_K;
+    for (int s = 0; s < EGW_STAGES - 1; s++) {
+        if (s < slabs) egw_load_slab<A_KMAJOR, B_KMAJOR>(stages, t, g, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < slabs; kt++) {
+        cp_async_wait<EGW_STAGES - 2>();
+        wg_fence_shared();                         /* the landed copies, for the tensor cores */
+        __syncthreads();                           /* everyone's; every warpgroup's products of slab kt - 1 are done */
+        if (kt + EGW_STAGES - 1 < slabs) egw_load_slab<A_KMAJOR, B_KMAJOR>(stages, t, g, kt + EGW_STAGES - 1);
+        cp_async_commit();
+        const unsigned short *As = stages + kt % EGW_STAGES * 2 * EGW_OPERAND, *Bs = As + EGW_OPERAND;
+        wg_fence();
+#pragma unroll
+        for (int k0 = 0; k0 < EGW_K; k0 += 16) wg_product<A_KMAJOR, B_KMAJOR>(acc, As + 4096 * wg, Bs, k0);
+        wg_commit();
+        wg_wait();
+    }
+    int lane = threadIdx.x % 32, i_0 = t.i0 + 64 * wg + 16 * (threadIdx.x / 32 % 4) + lane / 4, j_0 = t.j0 + 2 * (lane % 4);
+#pragma unroll
+    for (int v = 0; v < 64; v++) eg_store<MHC_PREC_BF16>(t, g.N, i_0 + 8 * (v / 2 % 2), j_0 + 8 * (v / 4) + v % 2, acc[v]);
 }
 
 /* W_e (contiguous [M][N] at e * w_stride) = sum_s partial[s][e] + beta W_e, the splits added in order */
@@ -1088,8 +1253,19 @@ template <int P, bool A_KMAJOR, bool B_KMAJOR> static void eg_launch(dim3 grid, 
     LAUNCH_CHECK();
 }
 
-template <int P> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &g) {
-    if (g.kseg) eg_launch<P, true, true>(grid, g);
+template <bool A_KMAJOR, bool B_KMAJOR> static void egw_launch(dim3 grid, const MhcExpertGemm &g) {
+    CUDA_CHECK(cudaFuncSetAttribute((const void *)expert_wgmma_kernel<A_KMAJOR, B_KMAJOR>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, EGW_SMEM_BYTES));
+    expert_wgmma_kernel<A_KMAJOR, B_KMAJOR><<<grid, EG_THREADS, EGW_SMEM_BYTES>>>(g);
+    LAUNCH_CHECK();
+}
+
+/* P: the tile kernel's precision; wgmma (BF16 only): the wgmma kernel */
+template <int P> static void eg_launch_layout(dim3 grid, const MhcExpertGemm &g, int wgmma) {
+    if (wgmma && g.kseg) egw_launch<true, true>(grid, g);
+    else if (wgmma && g.transB) egw_launch<false, false>(grid, g);
+    else if (wgmma) egw_launch<false, true>(grid, g);
+    else if (g.kseg) eg_launch<P, true, true>(grid, g);
     else if (g.transB) eg_launch<P, false, false>(grid, g);
     else eg_launch<P, false, true>(grid, g);
 }
@@ -1149,9 +1325,9 @@ static void gpu_expert_gemm(const MhcBlas *bl, int rounded, float *C, int ldc, c
     /* kseg = 0: every expert's row tiles, at most ceil(M / 128) + E of them, packed along x */
     dim3 grid(kseg ? mhc_blocks((size_t)M, EG_TILE) : mhc_blocks((size_t)M, EG_TILE) + E, mhc_blocks((size_t)N, EG_TILE),
               kseg ? E * splits : 1);
-    if (bl->precision == MHC_PREC_BF16) eg_launch_layout<MHC_PREC_BF16>(grid, g);
-    else if (bl->precision == MHC_PREC_TF32) eg_launch_layout<MHC_PREC_TF32>(grid, g);
-    else eg_launch_layout<MHC_PREC_FP32>(grid, g);
+    if (bl->precision == MHC_PREC_BF16) eg_launch_layout<MHC_PREC_BF16>(grid, g, bl->expert_wgmma);
+    else if (bl->precision == MHC_PREC_TF32) eg_launch_layout<MHC_PREC_TF32>(grid, g, 0);
+    else eg_launch_layout<MHC_PREC_FP32>(grid, g, 0);
     if (splits > 1) {
         size_t count = (size_t)E * M * N;
         expert_gemm_reduce_kernel<<<mhc_blocks(count, MHC_BLOCK), MHC_BLOCK>>>(C, scratch, splits, E, (size_t)M * N, w_stride, beta);
@@ -4009,6 +4185,21 @@ void mhc_gpu_set_precision(MhcGpu *g, int precision) {
 }
 
 void mhc_gpu_set_recompute(MhcGpu *g, int enable) { g->recompute = enable != 0; }
+int mhc_gpu_has_wgmma(void) {
+    int dev, major;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    return major == 9;
+}
+
+int mhc_gpu_set_expert_wgmma(MhcGpu *g, int enable) {
+    if (enable && !mhc_gpu_has_wgmma()) {
+        fprintf(stderr, "mhc_gpu_set_expert_wgmma: wgmma needs a Hopper GPU (compute capability 9.x)\n");
+        return -1;
+    }
+    g->blas.expert_wgmma = enable != 0;
+    return 0;
+}
 
 /* the buffers of a training forward: with the bf16 operand scratch, with recompute's one-layer slots */
 static int gpu_training_acts_flags(int bf16, int recompute) {

@@ -2434,12 +2434,17 @@ static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
     int *d_seg = gt_upload_int(seg, 4);
     float *d_X = gt_upload(X, nX), *d_W = gt_upload(W, nW), *d_dY = gt_upload(dY, nY);
     size_t ws = (size_t)Nout * Kin;
-    const int precs[3] = {MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16};
-    const char *names[3] = {"fp32", "tf32 tensor cores", "bf16 tensor cores"};
-    const double tols[3] = {1e-5, 5e-3, 2e-2};     /* exact; TF32 and bf16 as for cuBLAS */
-    for (int k = 0; k < 3; k++) {
-        int prec = precs[k];
+    const int precs[4] = {MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16, MHC_PREC_BF16};   /* the last on wgmma */
+    const char *names[4] = {"fp32", "tf32 tensor cores", "bf16 tensor cores", "bf16 wgmma"};
+    const double tols[4] = {1e-5, 5e-3, 2e-2, 2e-2};   /* exact; TF32 and bf16 as for cuBLAS */
+    for (int k = 0; k < 4; k++) {
+        int prec = precs[k], rk = k < 3 ? k : 2;   /* rk: the rounded references' precision */
+        if (k == 3 && !mhc_gpu_has_wgmma()) {
+            printf("---- gpu expert gemm bf16 wgmma, %d rows: skipped (needs a Hopper GPU)\n", rows);
+            continue;
+        }
         MhcBlas bl = gt_blas(NULL, prec);          /* bf16: no weight twin, so W is rounded into the scratch too */
+        bl.expert_wgmma = k == 3;
         if (prec == MHC_PREC_BF16) gt_blas_scratch(&bl, nX > nW ? (nX > nY ? nX : nY) : (nW > nY ? nW : nY));
         float *d_Y = gt_nan(nY), *d_dX = gt_upload(dX0, nX), *d_dW = gt_upload(dW0, nW);
         size_t split = gpu_expert_split_floats(E, Nout, Kin, rows);      /* poisoned: every partial must be written */
@@ -2455,24 +2460,25 @@ static void gpu_test_expert_gemm_case(int rows, int Kin, int Nout, int rows0) {
               names[k], rows, Kin, Nout, e1, e2, e3, eg_splits(E, Nout, Kin, rows), tols[k]);
         if (prec == MHC_PREC_FP32) continue;
         int gemv = rows <= EG_GEMV_ROWS;               /* the few-row forward is exact fp32 in every precision */
-        e1 = rel_err(g_Y, gemv ? Y : Yr[k], nY), e2 = rel_err(g_dX, dXr[k], nX), e3 = rel_err(g_dW, dWr[k], nW);
+        e1 = rel_err(g_Y, gemv ? Y : Yr[rk], nY), e2 = rel_err(g_dX, dXr[rk], nX), e3 = rel_err(g_dW, dWr[rk], nW);
         check(e1 <= 1e-5 && e2 <= 1e-5 && e3 <= 1e-5,
               "gpu expert gemm %s vs double on rounded operands, %d rows: forward %.1e%s, input grad %.1e, weight grad %.1e (tol 1e-5)",
-              k == 1 ? "tf32" : "bf16", rows, e1, gemv ? " (few rows: exact fp32, against unrounded)" : "", e2, e3);
+              names[k], rows, e1, gemv ? " (few rows: exact fp32, against unrounded)" : "", e2, e3);
     }
     gt_release();
 }
 
-/* five problems: one partial 128x128 tile per expert (one expert empty, rows and N_out not multiples of 4,
+/* six problems: one partial 128x128 tile per expert (one expert empty, rows and N_out not multiples of 4,
    so the loads take the scalar path); two tiles of rows per expert, several of N_out and K over several
    32-deep slabs, with a partial last one, as float4 loads; expert 0 one row into its second row tile;
    enough rows for the weight gradient to split each expert's rows in 3 (the empty expert's splits too);
    few rows (<= EG_GEMV_ROWS), whose forward runs a warp per output, K_in past one 32-lane stride and
-   N_out no multiple of the 8 outputs of a block */
+   N_out no multiple of the 8 outputs of a block; K over four 64-deep slabs both ways (the wgmma kernel's
+   three-stage ring goes round), with a second row tile whose rows all fall to the first warpgroup */
 static void gpu_test_expert_gemm(void) {
-    const int sizes[5][4] = {{21, 20, 17, 5}, {300, 72, 260, 140}, {277, 76, 132, 129}, {2400, 24, 40, 1000},   /* rows, K_in, */
-                             {7, 70, 19, 3}};                                                                 /* N_out, rows of expert 0 */
-    for (int p = 0; p < 5; p++) gpu_test_expert_gemm_case(sizes[p][0], sizes[p][1], sizes[p][2], sizes[p][3]);
+    const int sizes[6][4] = {{21, 20, 17, 5}, {300, 72, 260, 140}, {277, 76, 132, 129}, {2400, 24, 40, 1000},   /* rows, K_in, */
+                             {7, 70, 19, 3}, {400, 232, 200, 190}};                                           /* N_out, rows of expert 0 */
+    for (int p = 0; p < 6; p++) gpu_test_expert_gemm_case(sizes[p][0], sizes[p][1], sizes[p][2], sizes[p][3]);
 }
 
 static void gpu_test_rmsnorm(void) {
@@ -3051,6 +3057,54 @@ static void gpu_test_determinism(const MhcConfig *cfg) {
      both runs sat 1e-3 to 6e-3 of its own size from the CPU's. A wrong chunk offset or order is an O(1)
      error at the head's scale.
    Both shapes: the activation arena shrinks, and mhc_gpu_acts_bytes predicts both arenas. */
+/* The bf16 model with its routed-expert GEMMs on wgmma (mhc_gpu_set_expert_wgmma) against the same model on
+   mma.sync: the same bf16 operands, fp32 sums in another order, so the loss and every gradient agree to
+   fp32 rounding (~1e-6 relative). The tolerance, 1e-4 of the loss and 1e-3 of the largest gradient,
+   leaves room for an activation that the two orders put on either side of a bf16 rounding boundary
+   downstream (2^-8 of that one element); a misread tile or fragment is off by order 1. */
+static void gpu_test_expert_wgmma_model(const MhcConfig *cfg) {
+    if (!mhc_gpu_has_wgmma()) {
+        printf("---- gpu model bf16 with wgmma expert GEMMs: skipped (needs a Hopper GPU)\n");
+        return;
+    }
+    MhcModel m;
+    gt_model(&m, cfg, 23);
+    int B = cfg->batch_size, T = cfg->seq_len, N = B * T;
+    int *tokens = (int *)mhc_calloc((size_t)N, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N, sizeof(int));
+    gt_tokens(tokens, targets, N, cfg->vocab_size);
+    float *grads[2];
+    double loss[2];
+    for (int r = 0; r < 2; r++) {
+        MhcGpu g;
+        if (mhc_gpu_init(&g, &m, B, T) || mhc_gpu_set_expert_wgmma(&g, r)) { check(0, "gpu model wgmma: init failed"); return; }
+        mhc_gpu_set_precision(&g, MHC_PREC_BF16);
+        mhc_gpu_zero_grad(&g);
+        loss[r] = mhc_gpu_forward(&g, tokens, targets, B, T);
+        mhc_gpu_backward(&g);
+        grads[r] = gt_host(m.n_params);
+        CUDA_CHECK(cudaMemcpy(grads[r], g.grads, sizeof(float) * m.n_params, cudaMemcpyDeviceToHost));
+        mhc_gpu_free(&g);
+    }
+    double scale = 0, worst = 0;
+    for (size_t i = 0; i < m.n_params; i++) scale = fmax(scale, fabs((double)grads[0][i]));
+    const char *worst_name = "(none)";
+    for (int k = 0; k < m.n_tensors; k++) {
+        const MhcTensor *t = &m.tensors[k];
+        for (size_t i = t->offset; i < t->offset + t->size; i++) {
+            double d = fabs((double)grads[1][i] - grads[0][i]) / scale;
+            if (!(d <= worst)) { worst = d; worst_name = t->name; }   /* NaN propagates as a failure */
+        }
+    }
+    double loss_diff = fabs(loss[1] - loss[0]) / fabs(loss[0]);
+    check(loss_diff <= 1e-4 && worst <= 1e-3,
+          "gpu model bf16, expert GEMMs on wgmma vs mma.sync: loss %.8f vs %.8f (rel %.1e, tol 1e-4), worst gradient %.1e of the "
+          "largest in %s (tol 1e-3)", loss[1], loss[0], loss_diff, worst, worst_name);
+    free(tokens);
+    free(targets);
+    mhc_model_free(&m);
+    gt_release();
+}
+
 static void gpu_test_recompute(const char *name, const MhcConfig *cfg, int precision) {
     MhcModel m;
     gt_model(&m, cfg, 17);
@@ -3268,6 +3322,7 @@ void gpu_tests(void) {
     gpu_test_model("mhc", &mhc, MHC_PREC_FP32);
     gpu_test_model("mhc", &mhc, MHC_PREC_TF32);
     gpu_test_model("mhc", &mhc, MHC_PREC_BF16);
+    gpu_test_expert_wgmma_model(&mhc);
     MhcConfig hc = gt_config(MHC_RESIDUAL_HC, 0, 0), plain = gt_config(MHC_RESIDUAL_PLAIN, 0, 0);
     MhcConfig qg = gt_config(MHC_RESIDUAL_MHC, 1, 1);
     gpu_test_model("hc", &hc, MHC_PREC_FP32);

@@ -34,7 +34,7 @@ CARRY=runs/gpu_carry
 SOURCES=(Makefile mhc.h mhc_cuda.cuh train.c infer.c tests.c data/tokenizer.h dev/bench_mhc.c dev/bench_decode.c
          dev/bench_attention.c dev/bench_expert.c dev/bench_util.cuh dev/wgmma_probe.cu)
 BINARIES=(train_gpu infer_gpu tests_gpu dev/bench_mhc dev/bench_decode dev/bench_attention dev/bench_expert dev/wgmma_probe)
-NVCC_ONE=(nvcc -O3 -arch=sm_90 -std=c++17 -x cu --default-stream per-thread -Xcompiler -fopenmp -I.)
+NVCC_ONE=(nvcc -O3 -gencode=arch=compute_90a,code=sm_90a -std=c++17 -x cu --default-stream per-thread -Xcompiler -fopenmp -I.)
 
 stamp() { sha256sum "${SOURCES[@]}" | sha256sum | cut -c1-16; }
 

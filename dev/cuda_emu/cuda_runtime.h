@@ -103,7 +103,7 @@ void emu_not_capturing(const char *call);
 typedef int cudaError_t;
 enum { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
-enum { cudaFuncAttributeMaxDynamicSharedMemorySize, cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum { cudaFuncAttributeMaxDynamicSharedMemorySize, cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrComputeCapabilityMajor };
 enum { EMU_SMEM_OPTIN = 227 * 1024 };     /* an H100's opt-in shared memory per block */
 static inline const char *cudaGetErrorString(cudaError_t) { return "emulated CUDA error"; }
 static inline cudaError_t cudaGetLastError() { return cudaSuccess; }
@@ -176,5 +176,8 @@ static inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int) {
     return cudaSuccess;
 }
 static inline cudaError_t cudaGetDevice(int *d) { *d = 0; return cudaSuccess; }
-static inline cudaError_t cudaDeviceGetAttribute(int *v, int, int) { *v = EMU_SMEM_OPTIN; return cudaSuccess; }
+static inline cudaError_t cudaDeviceGetAttribute(int *v, int attr, int) {       /* an H100's */
+    *v = attr == cudaDevAttrComputeCapabilityMajor ? 9 : EMU_SMEM_OPTIN;
+    return cudaSuccess;
+}
 cudaError_t cudaFuncSetAttribute(const void *, int, int value);
