@@ -662,6 +662,7 @@ typedef struct {
     int grad_accum;           /* micro-batches per step: forward + backward of batch/grad_accum sequences each */
     int precision;            /* index into precision_names: GEMM precision (GPU build)               */
     int recompute;            /* GPU build: --recompute (mhc_gpu_set_recompute)                       */
+    int expert_wgmma;         /* GPU build, bf16: --expert-wgmma (mhc_gpu_set_expert_wgmma)            */
     uint64_t seed;
 } Options;
 
@@ -707,6 +708,8 @@ static void usage(void) {
            "  --recompute            GPU: keep the residual streams and attention outputs, recompute the rest\n"
            "                         (the logits in chunks) in the backward: the forward's FLOPs again, less\n"
            "                         attention, for far less activation memory (see --dry-run)\n"
+           "  --expert-wgmma         GPU, --precision bf16, Hopper: the routed-expert GEMMs on wgmma tiles in\n"
+           "                         place of mma.sync (the same sums in another order; not yet run on a GPU)\n"
            "  --loss-gap PNG DIR...  plot CE(run) - CE(first run) from finished runs' log.csv\n"
            "  --help\n");
 }
@@ -759,6 +762,13 @@ static void parse_args(Options *o, int argc, char **argv) {
             die("--recompute needs the GPU build (make gpu)%s%s", "", "");
 #endif
             o->recompute = 1;
+            continue;
+        }
+        if (!strcmp(a, "--expert-wgmma")) {
+#ifndef __CUDACC__
+            die("--expert-wgmma needs the GPU build (make gpu)%s%s", "", "");
+#endif
+            o->expert_wgmma = 1;
             continue;
         }
         int known = !strcmp(a, "--preset") || !strcmp(a, "--set") || !strcmp(a, "--train") || !strcmp(a, "--val") ||
@@ -828,6 +838,7 @@ static void parse_args(Options *o, int argc, char **argv) {
         snprintf(msg, sizeof msg, "--grad-accum %d does not divide the batch size %d", o->grad_accum, o->cfg.batch_size);
         die("%s%s", msg, "");
     }
+    if (o->expert_wgmma && strcmp(precision_names[o->precision], "bf16")) die("--expert-wgmma needs --precision bf16%s%s", "", "");
 }
 
 /* =============================================================================================
@@ -874,6 +885,7 @@ typedef struct {
     MhcActs probe;            /* B = 1 forward over the diagnostics probe (CPU) */
     int precision;            /* MHC_PREC_* of the GPU GEMMs (Options.precision) */
     int recompute;            /* Options.recompute */
+    int expert_wgmma;         /* Options.expert_wgmma */
 #ifdef __CUDACC__
     MhcGpu gpu;
 #endif
@@ -885,6 +897,7 @@ static void trainer_start(Trainer *tr, int grad_accum) {
     if (mhc_gpu_init(&tr->gpu, &tr->m, tr->micro, tr->m.cfg.seq_len)) exit(1);
     mhc_gpu_set_precision(&tr->gpu, tr->precision);       /* precision_names is in MHC_PREC_* order */
     mhc_gpu_set_recompute(&tr->gpu, tr->recompute);
+    if (mhc_gpu_set_expert_wgmma(&tr->gpu, tr->expert_wgmma)) exit(1);
 #endif
     mhc_acts_create(&tr->probe, &tr->m.cfg, 1, tr->m.cfg.seq_len);
 }
@@ -1343,9 +1356,11 @@ int main(int argc, char **argv) {
     for (int t = 0; t < T; t++) probe[t] = (int)val.tokens[t];    /* SPEC §14: the first T validation tokens */
     tr.precision = o.precision;
     tr.recompute = o.recompute;
+    tr.expert_wgmma = o.expert_wgmma;
     trainer_start(&tr, o.grad_accum);
 #ifdef __CUDACC__
-    printf("GPU GEMM precision: %s%s\n", precision_names[o.precision], o.recompute ? ", recompute" : "");
+    printf("GPU GEMM precision: %s%s%s\n", precision_names[o.precision], o.recompute ? ", recompute" : "",
+           o.expert_wgmma ? ", routed-expert GEMMs on wgmma" : "");
 #endif
     double t_start = now_seconds();
     int first_step = tr.m.step;

@@ -39,6 +39,7 @@ expect_error "train: unknown preset" 2 "unknown preset" -- ./train --preset huge
 expect_error "train: unknown --set field" 2 "unknown config field" -- ./train --set nonsense=1
 expect_error "train: bad --precision" 2 "bad value 'fp8' for --precision" -- ./train --precision fp8
 expect_error "train: --recompute on the CPU build" 2 "needs the GPU build" -- ./train --recompute
+expect_error "train: --expert-wgmma on the CPU build" 2 "needs the GPU build" -- ./train --expert-wgmma
 expect_error "infer: unknown flag" 2 "unknown flag" -- ./infer x.safetensors --frobnicate 1
 expect_error "infer: no checkpoint" 2 "no checkpoint" -- ./infer
 expect_error "infer: --graph out of range" 2 "bad value for --graph" -- ./infer x.safetensors --graph 2
@@ -51,6 +52,7 @@ if [ -x ./train_gpu ]; then      # the CUDA build's --dry-run sizes its buffers 
     less=$(./train_gpu --preset 3b --batch 2 --recompute --dry-run | gib)
     awk "BEGIN { exit !($less > 0 && $less < $full / 2) }"
     check "train_gpu --dry-run: --recompute needs under half the activation memory (3b, 2 x 4096: $full -> $less GiB)" $?
+    expect_error "train_gpu: --expert-wgmma without bf16" 2 "needs --precision bf16" -- ./train_gpu --expert-wgmma --dry-run
 fi
 
 # --- shards ----------------------------------------------------------------------------------------
