@@ -2,11 +2,12 @@
    product an MoE layer's forward and backward make, timed alone at a preset's experts with the rows
    spread evenly over them, in TF32 and in bf16, with the tensor-core FLOP rate each reaches. bf16 is timed
    twice: with the call's own rounding of its activation operands into the scratch (as training runs it),
-   and the kernel alone on copies made beforehand. Each product is timed again in cuBLAS (strided-batched,
-   one GEMM per expert of its even share; the same FLOPs), the rate our mma.sync kernel is set against.
-   Where cuBLAS is well ahead in bf16, the way there is wgmma tiles of our own: cuBLAS's grouped GEMM
-   (uneven shares) takes bf16 A and B only with a bf16 C, and these outputs and weight gradients are fp32
-   (in TF32 it would serve, at one host read of the expert counts a layer). Built by `make gpu` as
+   and the kernel alone on copies made beforehand; on a Hopper, both again with the wgmma kernel
+   (mhc_gpu_set_expert_wgmma). Each product is timed again in cuBLAS (strided-batched, one GEMM per
+   expert of its even share; the same FLOPs), the rate our kernels are set against. wgmma tiles of our
+   own are the way to cuBLAS's rate in bf16: cuBLAS's grouped GEMM (uneven shares) takes bf16 A and B
+   only with a bf16 C, and these outputs and weight gradients are fp32 (in TF32 it would serve, at one
+   host read of the expert counts a layer). Built by `make gpu` as
    dev/bench_expert; run on the GPU machine:
 
        ./dev/bench_expert                     small (B 32, T 1024) and 3b (B 2, T 4096), as dev/bench.sh
@@ -122,6 +123,7 @@ static int bench_preset(BenchTimer *tm, const char *preset, int N) {
     for (int k = 0; k < 2; k++) CUDA_CHECK(cudaMalloc((void **)&bl.scratch[k], count * sizeof(__nv_bfloat16)));
     bl.scratch_count = count;
     int even = NK % E == 0;                         /* cuBLAS's rows need equal shares */
+    int wgmma = mhc_gpu_has_wgmma();                /* the wgmma rows: on a Hopper only */
     for (int p = 0; p < 6; p++) {
         int rounded = products[p].kseg ? MHC_A_ROUNDED | MHC_B_ROUNDED : MHC_A_ROUNDED;
         for (int cublas = 0; cublas <= even; cublas++) {
@@ -135,6 +137,13 @@ static int bench_preset(BenchTimer *tm, const char *preset, int N) {
             bench_row(preset, &products[p], label, bench_product(&bl, 0, &x, &products[p], cublas, tm), PEAK_BF16_TFLOPS);
             snprintf(label, sizeof label, "%sbf16, kernel alone", who);
             bench_row(preset, &products[p], label, bench_product(&bl, rounded, &x, &products[p], cublas, tm), PEAK_BF16_TFLOPS);
+            if (cublas || !wgmma) continue;
+            bl.expert_wgmma = 1;
+            bench_row(preset, &products[p], "bf16 wgmma, rounding its operands", bench_product(&bl, 0, &x, &products[p], 0, tm),
+                      PEAK_BF16_TFLOPS);
+            bench_row(preset, &products[p], "bf16 wgmma, kernel alone", bench_product(&bl, rounded, &x, &products[p], 0, tm),
+                      PEAK_BF16_TFLOPS);
+            bl.expert_wgmma = 0;
         }
     }
     float *all[] = {x.slab, x.X, x.dY, x.out_c, x.H, x.dA, x.out_i, x.dW1, x.dW2, x.split};

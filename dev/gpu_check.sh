@@ -3,8 +3,8 @@
 # minutes of device time a session, the machine's start included; 10 minutes a command). In order of
 # what matters most, each step under a time limit, so that what did not fit is the least important:
 #   1. the GPU test group (./tests_gpu gpu): every kernel against the CPU reference;
-#   2. train_gpu against its build of commit BASE (below) on small and the 3b cut in bf16: the losses, which
-#      should agree to about 4 decimals, and the step times;
+#   2. train_gpu against its build of commit BASE (below) on small and the 3b cut in bf16, and with
+#      --expert-wgmma: the losses, which should agree to about 4 decimals, and the step times;
 #   3. which shared-memory layouts wgmma reads as a kernel of ours would lay them out (dev/wgmma_probe, a
 #      second); the training attention kernels one by one (dev/bench_attention), as built and with
 #      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas), and the routed-expert GEMMs, ours and
@@ -143,6 +143,7 @@ if [ -x runs/variants/train_gpu_base ]; then
             [ "$(left)" -gt 200 ] || { echo "(skipped: $(left) s left)"; break; }
             ab_run runs/variants/train_gpu_base $run
             ab_run ./train_gpu $run
+            ab_run ./train_gpu $run --expert-wgmma
         done
     } >"$OUT/ab.md" 2>&1
     note "train_gpu against commit $BASE: done"
