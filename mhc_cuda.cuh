@@ -95,7 +95,7 @@ typedef struct {
     int expert_wgmma;                     /* BF16: routed-expert GEMMs on wgmma (mhc_gpu_set_expert_wgmma) */
 } MhcBlas;
 
-/* what the blocks of a lone token's pre-stage leave for the last of them (mhc_coeffs_pre_forward_kernel) */
+/* what the blocks of a lone token's pre-stage leave for the last of them (mhc_pre_lone_kernel) */
 typedef struct {
     float *part;                     /* [ceil(C / 32)][m + 1]: each block's part of h [m], then of |x|^2 */
     unsigned *done;                  /* blocks finished; 0 between launches (the last block resets it)  */
@@ -1990,25 +1990,24 @@ static void gpu_sinkhorn_backward(float *da, const float *dH, const float *a, in
    h [N,m] = X phi^T is a skinny GEMM (m = n^2 + 2n outputs over nC inputs) that cuBLAS runs near the
    copy bandwidth in exact fp32 (h feeds the Sinkhorn exponent, so it stays exact). RMSNorm commutes
    with the projection, a = alpha r (phi x) + b, so the norm's statistic |x|^2 needs no second GEMM: the
-   block reads the token's streams once for it, makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), and
-   reads the streams again (from L2) for the pre-mix y [N,C] = sum_j H_pre[j] X[j]. Writes h, a, H [N,m]
-   (H_res by sinkhorn_forward_kernel) and r [N,n] (in [0]). W = 4 reads the streams and writes y as
-   float4s (C a multiple of 4: every preset), W = 1 a float at a time (other C, and LONE below).
-   LONE (a lone token: decode), where a launch costs more than the work, has one launch do the rest as well
-   (MhcPreToken), over ceil(C / MHC_LONE_SLICE) blocks. Block s takes channels [32 s, 32 s + 32) of every
-   stream, a lane each (lone_token_slice): with merged given, first the previous sublayer's merge of those
-   channels into X (merged is X: the token's streams are made here, then read), then its part of
-   h = X phi^T (a warp per output, MHC_LONE_OUTS outputs' loads at once) and of |x|^2 into lone.part. The
-   block that finishes last (a count of finished blocks: the classic last-block reduction) sums the
-   parts, a warp per sum in a fixed order (the same bits on every run), and goes on as the many-token
-   kernel does, reading the other blocks' streams from L2 (__ldcg: its L1 may hold lines of them from
-   before they were merged). Then the Sinkhorn by n lanes of warp 0 while the other warps make y, and
-   with u given the sublayer's norm u [N,C] = RMSNorm(y) with gain g, u_rstd [N] (as
-   rmsnorm_forward_kernel makes it). A lone token's time is a chain of waits on memory, so every block
-   issues all the loads it will need before it waits on the first: phi's rows, the merge's inputs, and
-   by cp.async the parameters only the last block uses (alpha, b, g: into dynamic shared memory,
-   lone_params_floats). Launched overlapped (section 0): phi's first rows are loading before the wait.
-   A template parameter, so that the many-token kernel carries none of its registers. */
+   block (mhc_pre_tokens_kernel, below) reads the token's streams once for it, keeping them in registers,
+   makes r, a, H_pre = sigma(a), H_post = 2 sigma(a), the pre-mix y [N,C] = sum_j H_pre[j] X[j] from the
+   registers, and the sublayer's norm u = RMSNorm(y). Writes h, a, H [N,m] (H_res by
+   sinkhorn_forward_kernel) and r [N,n] (in [0]).
+   A lone token (decode), where a launch costs more than the work, has one launch do the rest as well
+   (MhcPreToken, mhc_pre_lone_kernel), over ceil(C / MHC_LONE_SLICE) blocks. Block s takes channels
+   [32 s, 32 s + 32) of every stream, a lane each (lone_token_slice): with merged given, first the previous
+   sublayer's merge of those channels into X (merged is X: the token's streams are made here, then read),
+   then its part of h = X phi^T (a warp per output, MHC_LONE_OUTS outputs' loads at once) and of |x|^2 into
+   lone.part. The block that finishes last (a count of finished blocks: the classic last-block reduction)
+   sums the parts, a warp per sum in a fixed order (the same bits on every run), and goes on as the
+   many-token kernel does, reading the other blocks' streams from L2 (__ldcg: its L1 may hold lines of them
+   from before they were merged). Then the Sinkhorn by n lanes of warp 0 while the other warps make y, and
+   with u given the sublayer's norm u [N,C] = RMSNorm(y) with gain g, u_rstd [N]. A lone token's time is a
+   chain of waits on memory, so every block issues all the loads it will need before it waits on the first:
+   phi's rows, the merge's inputs, and by cp.async the parameters only the last block uses (alpha, b, g: into
+   dynamic shared memory, lone_params_floats). Launched overlapped (section 0): phi's first rows are loading
+   before the wait. */
 typedef struct {
     const float *phi;
     int iters;
@@ -2132,131 +2131,199 @@ __device__ int lone_token_slice(float *h, float *h_shared, float *sumsq, float *
     return 1;
 }
 
-template <bool LONE, int W>
-__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_forward_kernel(
-    float *y, float *H, float *a, float *r_out, float *h, const float *X, const float *alpha, const float *b, int n, int C,
-    float eps_rms, MhcPreToken one) {
+/* The rest of a lone token's pre-stage, in the block that lone_token_slice found finished last: the
+   coefficients from h and |x|^2, the Sinkhorn by n lanes of warp 0 while the other warps make y (the
+   streams by __ldcg: they were merged by other blocks), then with one.u given u = RMSNorm(y), gain one.g. */
+__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_pre_lone_kernel(float *y, float *H, float *a, float *r_out, float *h,
+                                                                         const float *X, const float *alpha, const float *b,
+                                                                         int n, int C, float eps_rms, MhcPreToken one) {
     constexpr int MMAX = MHC_MAX_STREAMS * MHC_MAX_STREAMS + 2 * MHC_MAX_STREAMS;
-    extern __shared__ float lone_params[];          /* LONE: alpha, b, g (lone_params_floats) */
-    __shared__ float h_pre[MHC_MAX_STREAMS], sk_scratch[MHC_MAX_STREAMS * MHC_MAX_STREAMS], lone_sumsq;
-    __shared__ float lone_h[LONE ? MMAX : 1], lone_a[LONE ? MMAX : 1];   /* LONE: h and a, kept at hand */
+    extern __shared__ float lone_params[];          /* alpha, b, g (lone_params_floats) */
+    __shared__ float h_pre[MHC_MAX_STREAMS], sk_scratch[MHC_MAX_STREAMS * MHC_MAX_STREAMS], sumsq;
+    __shared__ float h_kept[MMAX], a_kept[MMAX];    /* h and a, kept at hand */
+    if (!lone_token_slice(h, h_kept, &sumsq, lone_params, alpha, b, X, n, C, &one)) return;
     int m = n * n + 2 * n, nC = n * C;
-    size_t t = LONE ? 0 : blockIdx.x;
-    const float *x = X + t * nC;
-    float *at = a + t * m, *Ht = H + t * m, ss = 0;
-    const float *ht = LONE ? lone_h : h + t * m;
-    const float *g = one.g;
-    float h_first = 0.0f, b_first = 0.0f, alpha_first = 0.0f;   /* many tokens: k = threadIdx.x's h, b, alpha[grp] */
-    if constexpr (LONE) {
-        if (!lone_token_slice(h, lone_h, &lone_sumsq, lone_params, alpha, b, x, n, C, &one)) return;
-        ss = lone_sumsq;
-        alpha = lone_params;                        /* the same values, at hand */
-        b = lone_params + 3;
-        g = lone_params + 3 + m;
-    } else {
-        if ((int)threadIdx.x < m) {                 /* loaded first, so that they wait beside the stream loads,
-                                                       not after the reduction that needs them */
-            h_first = ht[threadIdx.x];
-            b_first = b[threadIdx.x];
-            alpha_first = alpha[threadIdx.x < n ? 0 : threadIdx.x < 2 * n ? 1 : 2];
-        }
-#pragma unroll 2
-        for (int q = threadIdx.x * W; q < nC; q += blockDim.x * W) {
-            float v[W];
-            load_floats<W>(v, x + q);
-#pragma unroll
-            for (int w = 0; w < W; w++) ss += v[w] * v[w];
-        }
-        ss = block_reduce(ss, SumOp());
-    }
-    float r = 1.0f / sqrtf(ss / nC + eps_rms);
+    const float *p_alpha = lone_params, *p_b = lone_params + 3, *g = lone_params + 3 + m;   /* the same values, at hand */
+    float r = 1.0f / sqrtf(sumsq / nC + eps_rms);
     for (int k = threadIdx.x; k < m; k += blockDim.x) {
-        int grp = k < n ? 0 : k < 2 * n ? 1 : 2;
-        int first = !LONE && k == (int)threadIdx.x;   /* its h, b, alpha came before the pass */
-        float hk = first ? h_first : ht[k], bk = first ? b_first : b[k], alk = first ? alpha_first : alpha[grp];
-        float ak = alk * r * hk + bk;
-        at[k] = ak;
-        if (k < n) Ht[k] = h_pre[k] = mhc_sigmoidf(ak);
-        else if (k < 2 * n) Ht[k] = 2 * mhc_sigmoidf(ak);
-        else if (LONE) lone_a[k] = ak;
+        float ak = p_alpha[k < n ? 0 : k < 2 * n ? 1 : 2] * r * h_kept[k] + p_b[k];
+        a[k] = ak;
+        if (k < n) H[k] = h_pre[k] = mhc_sigmoidf(ak);
+        else if (k < 2 * n) H[k] = 2 * mhc_sigmoidf(ak);
+        else a_kept[k] = ak;
+    }
+    if (threadIdx.x == 0) r_out[0] = r;
+    __syncthreads();                                /* h_pre and a are complete */
+    if (threadIdx.x < 32) {                         /* a team of n lanes of warp 0 */
+        int line = threadIdx.x < n ? (int)threadIdx.x : -1;
+        if (n == MHC_SK_N) sinkhorn_forward_token<MHC_SK_N>(H + 2 * n, sk_scratch, a_kept + 2 * n, line, n, one.iters, one.eps_sk);
+        else sinkhorn_forward_token<0>(H + 2 * n, sk_scratch, a_kept + 2 * n, line, n, one.iters, one.eps_sk);
+    }
+    int first = threadIdx.x < 32 ? C : threadIdx.x - 32, stride = blockDim.x - 32;   /* the warps beside the Sinkhorn's */
+    for (int c = first; c < C; c += stride) {
+        float sum = 0.0f;
+        for (int j = 0; j < n; j++) sum += h_pre[j] * __ldcg(X + (size_t)j * C + c);
+        y[c] = sum;
+    }
+    if (!one.u) return;
+    float yy = 0;                                   /* each thread reads back the y it wrote */
+    for (int c = first; c < C; c += stride) yy += y[c] * y[c];
+    float ur = 1.0f / sqrtf(block_reduce(yy, SumOp()) / C + eps_rms);
+    for (int c = first; c < C; c += stride) one.u[c] = g[c] * y[c] * ur;
+    if (threadIdx.x == 0) one.u_rstd[0] = ur;
+}
+
+/* The streaming kernel of many tokens: a block per token, thread i owning channel groups i, i + T, ...
+   (T = blockDim.x, mhc_pre_threads; a group is W channels of every stream, float4s where W = 4), so
+   that each thread has at most MHC_PRE_GROUPS of them a stream. Thread k < m loads its h, b and alpha
+   first, so that they wait beside the stream loads, not after the reduction that needs them. The block
+   sums |x|^2, makes r, a [m], H_pre = sigma(a), H_post = 2 sigma(a) (H_res: sinkhorn_forward_kernel,
+   next), and y = sum_j H_pre[j] X[j]; with u given also u = RMSNorm(y), gain g (NULL: 1), and u_rstd.
+   With NS (the presets' n) a thread's stream values stay in registers from the |x|^2 pass to the pre-mix
+   (n W MHC_PRE_GROUPS = 64 floats at n = 4, W = 4), and its y for the norm: the token's streams are read
+   once and y is not read back, with no barrier but the two reductions' and one for H_pre. NS = 0 (any
+   n; the tests' others) reads the streams again for y (from L1 or L2) and loops over as many groups as C
+   needs. */
+#define MHC_PRE_GROUPS 4
+static unsigned mhc_pre_threads(int groups) {
+    unsigned warps = mhc_blocks((size_t)groups, 32 * MHC_PRE_GROUPS);
+    return 32 * (warps < MHC_TOKEN_THREADS / 32 ? warps : MHC_TOKEN_THREADS / 32);
+}
+
+template <int NS, int W>
+__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_pre_tokens_kernel(
+    float *y, float *u, float *u_rstd, float *H, float *a, float *r_out, const float *h, const float *X, const float *alpha,
+    const float *b, const float *g, int n, int C, float eps_rms) {
+    constexpr int KEPT = NS ? NS : 1, GMAX = NS ? MHC_PRE_GROUPS : 1;   /* the register arrays' extents */
+    __shared__ float h_pre[MHC_MAX_STREAMS];
+    if (NS) n = NS;
+    int m = n * n + 2 * n, nC = n * C, T = blockDim.x;
+    int groups = NS ? MHC_PRE_GROUPS : (C / W + T - 1) / T;   /* a thread's groups a stream, at most */
+    size_t t = blockIdx.x;
+    const float *x = X + t * nC;
+    float h_first = 0.0f, b_first = 0.0f, alpha_first = 0.0f;   /* k = threadIdx.x's h, b, alpha */
+    if ((int)threadIdx.x < m) {
+        h_first = h[t * m + threadIdx.x];
+        b_first = b[threadIdx.x];
+        alpha_first = alpha[threadIdx.x < n ? 0 : threadIdx.x < 2 * n ? 1 : 2];
+    }
+    float xv[KEPT][GMAX][W] = {}, ss = 0;           /* NS: x[j][c .. c+W-1] of the thread's groups */
+#pragma unroll
+    for (int q = 0; q < groups; q++) {
+        int c = (threadIdx.x + q * T) * W;
+        if (c >= C) continue;
+        if constexpr (NS > 0) {
+#pragma unroll
+            for (int j = 0; j < NS; j++) load_floats<W>(xv[j][q], x + (size_t)j * C + c);
+#pragma unroll
+            for (int j = 0; j < NS; j++)
+#pragma unroll
+                for (int w = 0; w < W; w++) ss += xv[j][q][w] * xv[j][q][w];
+        } else {
+            for (int j = 0; j < n; j++) {
+                float v[W];
+                load_floats<W>(v, x + (size_t)j * C + c);
+#pragma unroll
+                for (int w = 0; w < W; w++) ss += v[w] * v[w];
+            }
+        }
+    }
+    float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / nC + eps_rms);
+    for (int k = threadIdx.x; k < m; k += T) {
+        int grp = k < n ? 0 : k < 2 * n ? 1 : 2, first = k == (int)threadIdx.x;   /* its h, b, alpha came first */
+        float ak = (first ? alpha_first : alpha[grp]) * r * (first ? h_first : h[t * m + k]) + (first ? b_first : b[k]);
+        a[t * m + k] = ak;
+        if (k < n) H[t * m + k] = h_pre[k] = mhc_sigmoidf(ak);
+        else if (k < 2 * n) H[t * m + k] = 2 * mhc_sigmoidf(ak);
     }
     if (threadIdx.x == 0) r_out[t * n] = r;
-    __syncthreads();                                /* h_pre and a are complete */
-    if (LONE && threadIdx.x < 32) {                 /* a team of n lanes of warp 0 */
-        int line = threadIdx.x < n ? (int)threadIdx.x : -1;
-        if (n == MHC_SK_N) sinkhorn_forward_token<MHC_SK_N>(Ht + 2 * n, sk_scratch, lone_a + 2 * n, line, n, one.iters, one.eps_sk);
-        else sinkhorn_forward_token<0>(Ht + 2 * n, sk_scratch, lone_a + 2 * n, line, n, one.iters, one.eps_sk);
-    }
-    float hp[MHC_MAX_STREAMS];
+    __syncthreads();                                /* h_pre is complete */
+    float yv[GMAX][W] = {}, yy = 0;                 /* NS: the thread's y, for the norm */
 #pragma unroll
-    for (int j = 0; j < MHC_MAX_STREAMS; j++) hp[j] = j < n ? h_pre[j] : 0.0f;
-    int first = threadIdx.x, stride = blockDim.x;  /* the channels of this thread's y and u */
-    if (LONE) {                                     /* the warps beside the Sinkhorn's */
-        first = threadIdx.x < 32 ? C : threadIdx.x - 32;
-        stride = blockDim.x - 32;
-    }
-    for (int c = first * W; c < C; c += stride * W) {   /* W channels of y from W channels of each stream */
-        float sum[W], v[W];
+    for (int q = 0; q < groups; q++) {
+        int c = (threadIdx.x + q * T) * W;
+        if (c >= C) continue;
+        float sum[W] = {};
+        for (int j = 0; j < (NS ? NS : n); j++) {
+            float v[W];
+            if constexpr (NS > 0) {
 #pragma unroll
-        for (int w = 0; w < W; w++) sum[w] = 0.0f;
+                for (int w = 0; w < W; w++) v[w] = xv[j][q][w];
+            } else {
+                load_floats<W>(v, x + (size_t)j * C + c);
+            }
 #pragma unroll
-        for (int j = 0; j < MHC_MAX_STREAMS; j++) {
-            if (j >= n) continue;
-            if constexpr (LONE) v[0] = __ldcg(x + (size_t)j * C + c);
-            else load_floats<W>(v, x + (size_t)j * C + c);
-#pragma unroll
-            for (int w = 0; w < W; w++) sum[w] += hp[j] * v[w];
+            for (int w = 0; w < W; w++) sum[w] += h_pre[j] * v[w];
         }
         store_floats<W>(y + t * C + c, sum);
+#pragma unroll
+        for (int w = 0; w < W; w++) {
+            yy += sum[w] * sum[w];
+            if constexpr (NS > 0) yv[q][w] = sum[w];
+        }
     }
-    if (!LONE || !one.u) return;
-    float yy = 0;                                   /* each thread reads back the y it wrote */
-    for (int c = first; c < C; c += stride) yy += y[t * C + c] * y[t * C + c];
+    if (!u) return;
     float ur = 1.0f / sqrtf(block_reduce(yy, SumOp()) / C + eps_rms);
-    for (int c = first; c < C; c += stride) one.u[t * C + c] = g[c] * y[t * C + c] * ur;
-    if (threadIdx.x == 0) one.u_rstd[t] = ur;
+#pragma unroll
+    for (int q = 0; q < groups; q++) {
+        int c = (threadIdx.x + q * T) * W;
+        if (c >= C) continue;
+        float yc[W], gc[W], out[W];
+        if constexpr (NS > 0) {
+#pragma unroll
+            for (int w = 0; w < W; w++) yc[w] = yv[q][w];
+        } else {
+            load_floats<W>(yc, y + t * C + c);      /* this thread's own stores */
+        }
+        if (g) load_floats<W>(gc, g + c);
+#pragma unroll
+        for (int w = 0; w < W; w++) out[w] = (g ? gc[w] * yc[w] : yc[w]) * ur;
+        store_floats<W>(u + t * C + c, out);
+    }
+    if (threadIdx.x == 0) u_rstd[t] = ur;
 }
 
 /* The pre-stage of N tokens: h = X phi^T (cuBLAS), the streaming kernel, the Sinkhorn kernel; with u
-   given (may be NULL) also the sublayer's norm u [N,C] = RMSNorm(y), gain norm_g, u_rstd [N]. A lone
-   token has all of it done by one launch of the streaming kernel, in lone (its scratch; NULL for N > 1),
-   and with prev (else NULL: prev[0..2] = the previous sublayer's H, X and f) first that sublayer's merge
-   into X. */
+   given (may be NULL) the streaming kernel also makes the sublayer's norm u [N,C] = RMSNorm(y), gain
+   norm_g, u_rstd [N]. A lone token has all of it done by one launch of lone_blocks(C) blocks, in lone (its
+   scratch; NULL for N > 1), and with prev (else NULL: prev[0..2] = the previous sublayer's H, X and f)
+   first that sublayer's merge into X. */
 static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_rstd, float *H, float *a, float *h, float *r,
                                 float *X, const float *phi, const float *alpha, const float *b, const float *norm_g,
                                 const float *const *prev, const MhcLoneScratch *lone, int N, int n, int C, int iters,
                                 double eps_sk, double eps_rms) {
-    MhcPreToken one = {phi, iters, (float)eps_sk, u, u_rstd, norm_g, NULL, NULL, NULL, NULL, {NULL, NULL}};
-    if (prev) {
-        if (N != 1) {
-            fprintf(stderr, "gpu_mhc_pre_forward: the merge goes first for a lone token only (a bug)\n");
-            exit(1);
-        }
-        one.merged = X;
-        one.prev_H = prev[0];
-        one.prev_X = prev[1];
-        one.prev_f = prev[2];
+    if (prev && N != 1) {
+        fprintf(stderr, "gpu_mhc_pre_forward: the merge goes first for a lone token only (a bug)\n");
+        exit(1);
     }
     if (N == 1) {
         if (!lone) {
             fprintf(stderr, "gpu_mhc_pre_forward: a lone token needs its scratch (a bug)\n");
             exit(1);
         }
-        one.lone = *lone;
+        MhcPreToken one = {phi, iters, (float)eps_sk, u, u_rstd, norm_g, NULL, NULL, NULL, NULL, *lone};
+        if (prev) {
+            one.merged = X;
+            one.prev_H = prev[0];
+            one.prev_X = prev[1];
+            one.prev_f = prev[2];
+        }
         size_t smem = sizeof(float) * lone_params_floats(n, C);
         cudaLaunchConfig_t config = overlapped_launch(lone_blocks(C), MHC_TOKEN_THREADS, smem);
-        CUDA_CHECK(cudaLaunchKernelEx(&config, mhc_coeffs_pre_forward_kernel<true, 1>, y, H, a, r, h, X, alpha, b, n, C,
-                                      (float)eps_rms, one));
+        CUDA_CHECK(cudaLaunchKernelEx(&config, mhc_pre_lone_kernel, y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one));
         return;
     }
     gpu_matmul_forward(bl, MHC_GEMM_FP32, h, X, phi, N, n * C, n * n + 2 * n);
-    if (C % 4 == 0 && ((uintptr_t)X | (uintptr_t)y) % 16 == 0)   /* float4s of the streams (every preset) */
-        mhc_coeffs_pre_forward_kernel<false, 4><<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
-    else
-        mhc_coeffs_pre_forward_kernel<false, 1><<<N, MHC_TOKEN_THREADS>>>(y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one);
+    int W = C % 4 == 0 && ((uintptr_t)X | (uintptr_t)y | (uintptr_t)u | (uintptr_t)norm_g) % 16 == 0 ? 4 : 1;
+    unsigned threads = mhc_pre_threads(C / W);
+    int kept = n == MHC_SK_N && (size_t)threads * MHC_PRE_GROUPS * W >= (size_t)C;   /* every group in registers */
+    void (*kernel)(float *, float *, float *, float *, float *, float *, const float *, const float *, const float *,
+                   const float *, const float *, int, int, float) =
+        W == 4 ? (kept ? mhc_pre_tokens_kernel<MHC_SK_N, 4> : mhc_pre_tokens_kernel<0, 4>)
+               : (kept ? mhc_pre_tokens_kernel<MHC_SK_N, 1> : mhc_pre_tokens_kernel<0, 1>);
+    kernel<<<N, threads>>>(y, u, u_rstd, H, a, r, h, X, alpha, b, norm_g, n, C, (float)eps_rms);
     LAUNCH_CHECK();
     gpu_sinkhorn_forward(H, a, N, n, iters, eps_sk);
-    if (u) gpu_rmsnorm_forward(u, u_rstd, y, norm_g, N, C, eps_rms);
 }
 
 /* Its backward (SPEC §5.3 PATH 2, §5.4 + §5.6 PATH 3): the Sinkhorn, one block per token, then cuBLAS.
@@ -2266,25 +2333,37 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_
    gradient's column sums), dh = da alpha[grp] r over dH, dalpha_t [N,3] = sum_{k in grp} da r h and dS,
    the gradient of |x|^2 through r. With dS2_out given, 2 dS goes there, [N], for mhc_pre_grad_streams_kernel
    to apply; else the block adds dX[j][c] += H_pre[j] dy[c] + 2 x[j][c] dS itself, and the GEMMs dX += dh phi
-   and dphi += dh^T X follow in cuBLAS (fp32).                                                            */
-__global__ void __launch_bounds__(MHC_TOKEN_THREADS, 6) mhc_coeffs_pre_backward_kernel(   /* 6 blocks: 40 registers */
+   and dphi += dh^T X follow in cuBLAS (fp32). Blocks are sized as the forward's (mhc_pre_threads: 32
+   threads for every 512 channels at W = 4), a thread's channels read W at a time (float4s at W = 4), n
+   compiled in as NS where it is the presets' (0: any n, the loops to MHC_MAX_STREAMS, guarded).        */
+template <int NS, int W>
+__global__ void __launch_bounds__(MHC_TOKEN_THREADS) mhc_coeffs_pre_backward_kernel(
     float *dX, float *dS2_out, float *dH, float *da, float *dalpha_t, const float *dy, const float *X, const float *H,
     const float *h, const float *r_in, const float *alpha, int n, int C) {
+    constexpr int JMAX = NS ? NS : MHC_MAX_STREAMS;
     __shared__ float dpre_part[MHC_TOKEN_THREADS / 32][MHC_MAX_STREAMS];   /* per warp */
     __shared__ float dS2_shared;
+    if (NS) n = NS;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, m = n * n + 2 * n, nC = n * C;
     size_t t = blockIdx.x;
     const float *x = X + t * nC, *dyt = dy + t * C, *Ht = H + t * m, *ht = h + t * m;
     float *dHt = dH + t * m, *dat = da + t * m, r = r_in[t * n];
-    float dpre[MHC_MAX_STREAMS] = {0};
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {     /* §5.3: dH_pre[j] = dy . X[j] */
-        float d = dyt[c];
+    float dpre[JMAX] = {0};
+#pragma unroll 4
+    for (int c = threadIdx.x * W; c < C; c += blockDim.x * W) {   /* §5.3: dH_pre[j] = dy . X[j] */
+        float d[W];
+        load_floats<W>(d, dyt + c);
 #pragma unroll
-        for (int j = 0; j < MHC_MAX_STREAMS; j++)
-            if (j < n) dpre[j] += d * x[(size_t)j * C + c];
+        for (int j = 0; j < JMAX; j++)
+            if (j < n) {
+                float v[W];
+                load_floats<W>(v, x + (size_t)j * C + c);
+#pragma unroll
+                for (int w = 0; w < W; w++) dpre[j] += d[w] * v[w];
+            }
     }
 #pragma unroll
-    for (int j = 0; j < MHC_MAX_STREAMS; j++)
+    for (int j = 0; j < JMAX; j++)
         if (j < n) {
             float d = warp_reduce(dpre[j], SumOp());
             if (lane == 0) dpre_part[warp][j] = d;
@@ -2450,7 +2529,12 @@ static void gpu_mhc_pre_backward(const MhcBlas *bl, float *dX, float *dphi, floa
     }
     float *dS2 = one_pass ? scratch->dS2 : NULL;    /* NULL: the coefficient kernel updates dX itself */
     gpu_sinkhorn_backward(da, dH, a, N, n, iters, eps_sk);
-    mhc_coeffs_pre_backward_kernel<<<N, MHC_TOKEN_THREADS>>>(dX, dS2, dH, da, dalpha_t, dy, X, H, h, r, alpha, n, C);
+    int W = C % 4 == 0 && ((uintptr_t)X | (uintptr_t)dy) % 16 == 0 ? 4 : 1;
+    void (*kernel)(float *, float *, float *, float *, float *, const float *, const float *, const float *, const float *,
+                   const float *, const float *, int, int) =
+        W == 4 ? (one_pass ? mhc_coeffs_pre_backward_kernel<MHC_SK_N, 4> : mhc_coeffs_pre_backward_kernel<0, 4>)
+               : (one_pass ? mhc_coeffs_pre_backward_kernel<MHC_SK_N, 1> : mhc_coeffs_pre_backward_kernel<0, 1>);
+    kernel<<<N, mhc_pre_threads(C / W)>>>(dX, dS2, dH, da, dalpha_t, dy, X, H, h, r, alpha, n, C);
     LAUNCH_CHECK();
     if (!one_pass) {
         gpu_matmul_backward(bl, MHC_GEMM_FP32, dX, dphi, dH, X, phi, N, n * C, m);   /* dH holds dh */

@@ -2577,7 +2577,10 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N, int C)
     c.d_model = C;
     c.hc_mult = n;
     int nC = n * C, m = mhc_m(&c);
-    float *X = gt_randn((size_t)N * nC, 1), *phi = gt_randn((size_t)m * nC, 0.2), *b = gt_randn(m, 1);
+    /* phi's scale falls as 1 / sqrt(nC) (0.2 at nC 160), so that h and the Sinkhorn's exponent stay O(1) at
+       every C: at a fixed scale h grows as sqrt(nC), and exp turns its rounding into |a| times as large
+       relative errors of H_res (at C 4100 and a scale of 0.2 H_res passed 1e-5 on some draws) */
+    float *X = gt_randn((size_t)N * nC, 1), *phi = gt_randn((size_t)m * nC, 0.2 * sqrt(160.0 / nC)), *b = gt_randn(m, 1);
     float alpha[3] = {0.5f, 0.7f, 0.9f};
     MhcStreamParams q;
     memset(&q, 0, sizeof q);
@@ -2681,7 +2684,10 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N, int C)
    backward block (its tape is 43 KB), and alone fills the lone-token forward's 16 x 16 Sinkhorn scratch.
    At n = 4 the backward's one-pass stream kernel owns 64 channels a block over token splits of N / 64:
    C 40 and 42 leave most of a block's threads past C, C 200 and 72 a part-filled last group, and N 2100
-   splits of 33 tokens, two full tiles of 16 and one token (N 130: splits of 3, the last of one). */
+   splits of 33 tokens, two full tiles of 16 and one token (N 130: splits of 3, the last of one). The
+   many-token forward gives a token 32 threads up to C 512 (float4s: MHC_PRE_GROUPS of them a thread and
+   stream), 96 at C 1100, and 256 at C 1030 (one channel at a time: past 1024 its registers no longer hold
+   the streams). */
 static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     gpu_test_mhc_coeffs_case(handle, 4, 1, 40);
     gpu_test_mhc_coeffs_case(handle, 4, 1, 200);
@@ -2689,6 +2695,9 @@ static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     gpu_test_mhc_coeffs_case(handle, 4, 130, 40);   /* C a multiple of 4: the streams as float4s; 42: not */
     gpu_test_mhc_coeffs_case(handle, 4, 7, 42);
     gpu_test_mhc_coeffs_case(handle, 4, 2100, 72);
+    gpu_test_mhc_coeffs_case(handle, 4, 9, 1100);   /* forward blocks of 3 warps, some threads with a group less */
+    gpu_test_mhc_coeffs_case(handle, 4, 3, 1030);   /* not a multiple of 4: more channels than 256 threads keep,
+                                                       so the generic path reads the streams again */
     gpu_test_mhc_coeffs_case(handle, 6, 41, 40);
     gpu_test_mhc_coeffs_case(handle, 16, 5, 40);
     gpu_test_mhc_coeffs_case(handle, 16, 1, 40);

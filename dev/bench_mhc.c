@@ -8,8 +8,10 @@
        ./dev/bench_mhc C N [C N ...]   other shapes
 
    Prints a markdown table. For scale, it also times the pre-stage's GEMM h = X phi^T (exact fp32 through
-   cuBLAS) alone: it reads X once; the whole forward reads it three times (the GEMM, then the streaming
-   kernel's |x|^2 and y passes, the second meant to hit L2). The Sinkhorn kernels, forward and backward
+   cuBLAS) alone: it reads X once; the whole forward reads it twice (the GEMM, then the streaming kernel,
+   which keeps a token's streams in registers from its |x|^2 pass to y). The forward runs twice: without
+   the sublayer's norm, and with it (u = RMSNorm(y), made by the streaming kernel from y in registers,
+   as training runs it); a row times the norm's own kernel on y for comparison. The Sinkhorn kernels, forward and backward
    (which replays the forward), are timed alone as well: they move only n^2 values per token, so their
    row gives the time, not a bandwidth. */
 #define MHC_IMPLEMENTATION
@@ -52,6 +54,7 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     float *dX = bench_buffer((size_t)N * nC, 14, 0), *df = bench_buffer((size_t)N * C, 15, 0), *dH = bench_buffer((size_t)N * m, 16, 0);
     float *da = bench_buffer((size_t)N * m, 17, 0), *dalpha = bench_buffer((size_t)N * 3, 18, 0);
     float *dphi = bench_buffer((size_t)m * nC, 19, 0);
+    float *u = bench_buffer((size_t)N * C, 23, 0), *u_rstd = bench_buffer(N, 24, 0), *gain = bench_buffer(C, 25, 1.0f);
     MhcLoneScratch lone = {bench_buffer((size_t)lone_blocks(C) * (m + 1), 20, 0), NULL};
     MhcPreGradScratch pre_grad = {bench_buffer(N, 21, 0), bench_buffer((size_t)MHC_PG_SPLITS * m * nC, 22, 0)};
     CUDA_CHECK(cudaMalloc((void **)&lone.done, sizeof(unsigned)));
@@ -63,6 +66,20 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     CUDA_CHECK(cudaEventRecord(tm->stop));
     bench_row("pre-stage forward (GEMM + streaming kernel + Sinkhorn)", C, N, f * N * (nC + C + 3.0 * m + n), bench_ms(tm),
               copy_gbs);
+
+    gpu_mhc_pre_forward(bl, y, u, u_rstd, H, a, h, r, X, phi, alpha, b, gain, NULL, NULL, N, n, C, iters, 1e-6, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_mhc_pre_forward(bl, y, u, u_rstd, H, a, h, r, X, phi, alpha, b, gain, NULL, NULL, N, n, C, iters, 1e-6, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("pre-stage forward with the sublayer's norm u (as training runs it)", C, N, f * N * (nC + 2.0 * C + 3.0 * m + n + 1),
+              bench_ms(tm), copy_gbs);
+
+    gpu_rmsnorm_forward(u, u_rstd, y, gain, N, C, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->start));
+    for (int k = 0; k < REPS; k++) gpu_rmsnorm_forward(u, u_rstd, y, gain, N, C, 1e-6);
+    CUDA_CHECK(cudaEventRecord(tm->stop));
+    bench_row("for scale: the norm's own kernel on y (what the streaming kernel now does in registers)", C, N,
+              f * N * (2.0 * C + 1), bench_ms(tm), copy_gbs);
 
     /* decode's: a lone token's whole pre-stage in one launch (h = X phi^T, Sinkhorn, y), phi warm in L2. The
        warm-up also loads the kernel: CUDA loads a kernel's code at its first launch (lazy loading), which
@@ -130,7 +147,7 @@ static void bench_shape(MhcBlas *bl, BenchTimer *tm, int C, int N, double copy_g
     bench_row("for scale: cuBLAS's dX += dh phi, dphi += dh^T X (what the stream kernel took over)", C, N,
               f * N * (3.0 * nC + m), bench_ms(tm), copy_gbs);
 
-    float *all[] = {X, phi, alpha, b, fo, dXo, dy, y, H, a, h, r, Xo, dX, df, dH, da, dalpha, dphi, lone.part,
+    float *all[] = {X, phi, alpha, b, fo, dXo, dy, y, H, a, h, r, Xo, dX, df, dH, da, dalpha, dphi, u, u_rstd, gain, lone.part,
                     pre_grad.dS2, pre_grad.dphi_part};
     CUDA_CHECK(cudaFree(lone.done));
     for (size_t k = 0; k < sizeof all / sizeof all[0]; k++) CUDA_CHECK(cudaFree(all[k]));
