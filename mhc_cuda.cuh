@@ -297,16 +297,18 @@ static cublasHandle_t gpu_blas_handle(void) {
 #define MHC_ROW_WARPS 4          /* warps per block of the one-warp-per-row kernels          */
 static unsigned mhc_blocks(size_t count, int per_block) { return (unsigned)((count + per_block - 1) / per_block); }
 
-/* Programmatic dependent launch (sm_90): decode's kernels are each a few microseconds, and between two
-   of them a GPU otherwise drains the first grid before it launches the next. A kernel launched with
-   overlapped_launch may be launched while the kernel before it in the stream still runs, once that
-   kernel has called grid_dependents_launch; it then first calls grid_dependency_wait, which returns
-   once every grid it depends on has finished and its writes are visible. Such a kernel may do only
-   what depends on no earlier kernel before its wait: compute indices and pull its weights toward L2
-   (prefetch_l2), which decode never writes. It calls grid_dependents_launch right after the wait, not
-   before: the kernel after it then starts while this one runs, never while the one before does. A
-   kernel launched the plain way, or after a memory copy, returns from the wait at once. The host pass
-   (dev/cuda_emu) runs kernels one after another, so there both calls do nothing. */
+/* Programmatic dependent launch (sm_90): decode's kernels are each a few microseconds, and between two of
+   them a GPU otherwise drains the first grid before it launches the next. A kernel launched with
+   overlapped_launch may be launched while the kernel before it in the stream still runs, once that kernel
+   has called grid_dependents_launch; it then first calls grid_dependency_wait, which returns once every
+   grid it depends on has finished and its writes are visible. Such a kernel may do only what depends on
+   no earlier kernel before its wait: compute indices and pull its weights toward L2 (prefetch_l2), or
+   load them (the lone pre-stage's first rows of phi): before its wait only the kernel just before it may
+   still run (that one passed its own wait first), and in decode no kernel writes a weight. It calls
+   grid_dependents_launch right after the wait, not before: the kernel after it then starts while this one
+   runs, never while the one before does. A kernel launched the plain way, or after a memory copy, returns
+   from the wait at once. The host pass (dev/cuda_emu) runs kernels one after another, so there both calls
+   do nothing. */
 __device__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__)
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -937,6 +939,17 @@ __device__ void wg_wait() {
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
+/* The accumulators as operands of an empty instruction, just before wg_fence and just after wg_wait: the
+   fence and the wait name no registers, so without it the compiler could move the accumulators' zeroing
+   past the fence or their first read before the wait (CUTLASS's warpgroup_fence_operand does the same). */
+__device__ void wg_hold(float (&d)[64]) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#pragma unroll
+    for (int v = 0; v < 64; v++) asm volatile("" : "+f"(d[v])::"memory");
+#else
+    (void)d;
+#endif
+}
 /* shared memory written by the threads (cp.async included) and read next by the tensor cores through a
    descriptor: each writer's fence, then the block's barrier */
 __device__ void wg_fence_shared() {
@@ -1213,11 +1226,13 @@ __global__ void __launch_bounds__(EG_THREADS, 2) expert_wgmma_kernel(MhcExpertGe
         if (kt + EGW_STAGES - 1 < slabs) egw_load_slab<A_KMAJOR, B_KMAJOR>(stages, t, g, kt + EGW_STAGES - 1);
         cp_async_commit();
         const unsigned short *As = stages + kt % EGW_STAGES * 2 * EGW_OPERAND, *Bs = As + EGW_OPERAND;
+        wg_hold(acc);
         wg_fence();
 #pragma unroll
         for (int k0 = 0; k0 < EGW_K; k0 += 16) wg_product<A_KMAJOR, B_KMAJOR>(acc, As + 4096 * wg, Bs, k0);
         wg_commit();
         wg_wait();
+        wg_hold(acc);
     }
     int lane = threadIdx.x % 32, i_0 = t.i0 + 64 * wg + 16 * (threadIdx.x / 32 % 4) + lane / 4, j_0 = t.j0 + 2 * (lane % 4);
 #pragma unroll
@@ -2309,6 +2324,9 @@ static void gpu_mhc_pre_forward(const MhcBlas *bl, float *y, float *u, float *u_
             one.prev_f = prev[2];
         }
         size_t smem = sizeof(float) * lone_params_floats(n, C);
+        if (smem > 48 * 1024)                        /* C past about 12,000: more than a launch gets unasked */
+            CUDA_CHECK(cudaFuncSetAttribute((const void *)mhc_pre_lone_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)smem));
         cudaLaunchConfig_t config = overlapped_launch(lone_blocks(C), MHC_TOKEN_THREADS, smem);
         CUDA_CHECK(cudaLaunchKernelEx(&config, mhc_pre_lone_kernel, y, H, a, r, h, X, alpha, b, n, C, (float)eps_rms, one));
         return;
@@ -4269,16 +4287,33 @@ void mhc_gpu_set_precision(MhcGpu *g, int precision) {
 }
 
 void mhc_gpu_set_recompute(MhcGpu *g, int enable) { g->recompute = enable != 0; }
+/* *built = 1 where this build's code for the GPU has Hopper's own instructions (sm_90a), and in the host
+   pass of dev/cuda_emu, which runs wg_product too */
+__global__ void wgmma_built_kernel(int *built) {
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    *built = 1;
+#else
+    *built = 0;
+#endif
+}
+
 int mhc_gpu_has_wgmma(void) {
-    int dev, major;
+    int dev, major, built = 0, *d_built;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    return major == 9;
+    if (major != 9) return 0;
+    CUDA_CHECK(cudaMalloc((void **)&d_built, sizeof(int)));
+    wgmma_built_kernel<<<1, 1>>>(d_built);
+    LAUNCH_CHECK();
+    CUDA_CHECK(cudaMemcpy(&built, d_built, sizeof(int), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaFree(d_built));
+    return built;
 }
 
 int mhc_gpu_set_expert_wgmma(MhcGpu *g, int enable) {
     if (enable && !mhc_gpu_has_wgmma()) {
-        fprintf(stderr, "mhc_gpu_set_expert_wgmma: wgmma needs a Hopper GPU (compute capability 9.x)\n");
+        fprintf(stderr, "mhc_gpu_set_expert_wgmma: wgmma needs a Hopper GPU (compute capability 9.x) and a build for "
+                        "sm_90a (make gpu's default GPU_ARCH_FLAGS)\n");
         return -1;
     }
     g->blas.expert_wgmma = enable != 0;

@@ -2692,6 +2692,7 @@ static void gpu_test_mhc_coeffs(cublasHandle_t handle) {
     gpu_test_mhc_coeffs_case(handle, 4, 1, 40);
     gpu_test_mhc_coeffs_case(handle, 4, 1, 200);
     gpu_test_mhc_coeffs_case(handle, 4, 1, 1100);
+    gpu_test_mhc_coeffs_case(handle, 4, 1, 12300);   /* the lone kernel's parameters past 48 KB of shared memory */
     gpu_test_mhc_coeffs_case(handle, 4, 130, 40);   /* C a multiple of 4: the streams as float4s; 42: not */
     gpu_test_mhc_coeffs_case(handle, 4, 7, 42);
     gpu_test_mhc_coeffs_case(handle, 4, 2100, 72);

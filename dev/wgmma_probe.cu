@@ -33,11 +33,13 @@ __global__ void __launch_bounds__(128) probe_kernel(float *D, const unsigned sho
     float d[64];
 #pragma unroll
     for (int v = 0; v < 64; v++) d[v] = 0.0f;
+    wg_hold(d);
     wg_fence();
 #pragma unroll
     for (int k0 = 0; k0 < PROBE_K; k0 += 16) wg_product<A_MN, B_MN>(d, sa, sb, k0);
     wg_commit();
     wg_wait();
+    wg_hold(d);
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
     for (int v = 0; v < 64; v++)
