@@ -6,7 +6,8 @@
 #   2. train_gpu against its build of commit BASE (below) on small and the 3b cut in bf16, and with
 #      --expert-wgmma: the losses, which should agree to about 4 decimals, and the step times;
 #   3. which shared-memory layouts wgmma reads as a kernel of ours would lay them out (dev/wgmma_probe, a
-#      second); the training attention kernels one by one (dev/bench_attention), as built and with
+#      second), and compute-sanitizer's synccheck on it and racecheck on one bf16 step of tiny with the wgmma
+#      expert kernel; the training attention kernels one by one (dev/bench_attention), as built and with
 #      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas), and the routed-expert GEMMs, ours and
 #      cuBLAS's (bench_expert);
 #   4. the benchmark table (dev/bench.sh: ours against PyTorch, mHC overhead, the 3b cut with 8 micro-batches
@@ -153,6 +154,11 @@ fi
 # ---- 3. the training attention and routed-expert kernels one by one ------------------------------
 {
     step wgmma_probe 20 190 ./dev/wgmma_probe
+    echo
+    echo "compute-sanitizer (what the emulation cannot see: barriers, shared-memory races), the last lines:"
+    step synccheck_probe 20 185 bash -o pipefail -c 'compute-sanitizer --tool synccheck --error-exitcode 9 ./dev/wgmma_probe 2>&1 | tail -n 4'
+    step racecheck_tiny 45 180 bash -o pipefail -c 'compute-sanitizer --tool racecheck --error-exitcode 9 ./train_gpu --preset tiny \
+        --steps 1 --precision bf16 --expert-wgmma --out runs/gpu_check_race 2>&1 | tail -n 8'
     echo
     step bench_attention 45 180 ./dev/bench_attention
     echo
