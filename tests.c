@@ -2579,7 +2579,7 @@ static void gpu_test_mhc_coeffs_case(cublasHandle_t handle, int n, int N, int C)
     int nC = n * C, m = mhc_m(&c);
     /* phi's scale falls as 1 / sqrt(nC) (0.2 at nC 160), so that h and the Sinkhorn's exponent stay O(1) at
        every C: at a fixed scale h grows as sqrt(nC), and exp turns its rounding into |a| times as large
-       relative errors of H_res (at C 4100 and a scale of 0.2 H_res passed 1e-5 on some draws) */
+       relative errors of H_res (at C 4100 and a scale of 0.2 H_res went past 1e-5 on some draws) */
     float *X = gt_randn((size_t)N * nC, 1), *phi = gt_randn((size_t)m * nC, 0.2 * sqrt(160.0 / nC)), *b = gt_randn(m, 1);
     float alpha[3] = {0.5f, 0.7f, 0.9f};
     MhcStreamParams q;
