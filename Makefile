@@ -16,7 +16,7 @@ CFLAGS += -Wno-unknown-pragmas
 endif
 
 NVCC ?= nvcc
-# sm_90a: Hopper with its own instructions (wgmma, for mhc_gpu_set_expert_wgmma); a build for another GPU
+# sm_90a: Hopper with its own instructions (wgmma, for mhc_gpu_set_wgmma); a build for another GPU
 # (e.g. GPU_ARCH_FLAGS=-arch=sm_80) runs everything else
 GPU_ARCH_FLAGS ?= -gencode=arch=compute_90a,code=sm_90a
 NVCCFLAGS ?= -O3 $(GPU_ARCH_FLAGS)

@@ -92,7 +92,7 @@ typedef struct {
     size_t n_params;
     __nv_bfloat16 *scratch[2];            /* BF16: converted A and B operands, scratch_count each        */
     size_t scratch_count;
-    int expert_wgmma;                     /* BF16: routed-expert GEMMs on wgmma (mhc_gpu_set_expert_wgmma) */
+    int wgmma;                            /* BF16: which of our kernels run on wgmma (MHC_WGMMA_*, mhc_gpu_set_wgmma) */
 } MhcBlas;
 
 /* what the blocks of a lone token's pre-stage leave for the last of them (mhc_pre_lone_kernel) */
@@ -223,10 +223,13 @@ void mhc_gpu_set_tf32(MhcGpu *g, int enable);        /* 1: MHC_PREC_TF32, 0: MHC
    forward without targets keeps logits only when B*T <= MHC_LOGIT_CHUNK_ROWS. Call it between steps,
    like mhc_gpu_set_precision. */
 void mhc_gpu_set_recompute(MhcGpu *g, int enable);
-/* 1: with MHC_PREC_BF16, the routed-expert GEMMs on Hopper's wgmma (expert_wgmma_kernel; needs the sm_90a
-   build) in place of mma.sync; the same sums in another order. 0 (default): mma.sync. Returns -1 (with a
-   message) when asked for on a GPU that is not a Hopper (compute capability 9.x), and changes nothing. */
-int mhc_gpu_set_expert_wgmma(MhcGpu *g, int enable);
+/* With MHC_PREC_BF16, which of our own tensor-core kernels run on Hopper's wgmma (needs the sm_90a build)
+   in place of mma.sync, the same sums in another order: MHC_WGMMA_EXPERTS the routed-expert GEMMs
+   (expert_wgmma_kernel), MHC_WGMMA_ATTENTION the training attention's forward (attention_forward_wgmma_kernel,
+   heads with d_v <= 128). 0 (default): none. Returns -1 (with a message) when asked for on a GPU that is not
+   a Hopper (compute capability 9.x), and changes nothing. */
+enum { MHC_WGMMA_EXPERTS = 1, MHC_WGMMA_ATTENTION = 2 };
+int mhc_gpu_set_wgmma(MhcGpu *g, int kernels);
 /* 1 when the current GPU runs wgmma (compute capability 9.x) */
 int mhc_gpu_has_wgmma(void);
 /* device bytes of the activation buffers of a B x T training forward with that precision and recompute
@@ -864,7 +867,7 @@ template <int N> __device__ void cp_async_wait() {
         4096 (r / 64) + 64 k + 8 ((r % 64 / 8) ^ (k % 8)) + r % 8; SBO 1024 bytes between groups of 8
         lines, and a K step of 16 starts 16 lines further.
    The accumulator: thread l of warp w of the warpgroup holds D[16 w + l / 4 + 8 h][8 j + 2 (l % 4) + b] in
-   d[4 j + 2 h + b]. dev/wgmma_probe checks these readings on a GPU against exact sums; the host pass
+   d[j][2 h + b]. dev/wgmma_probe checks these readings on a GPU against exact sums; the host pass
    (dev/cuda_emu) makes each thread's sums from the tiles through wg_offset, in k order, so it checks
    everything around the instruction but not the readings themselves. */
 __host__ __device__ int wg_offset(bool mn_major, int r, int k) {
@@ -883,9 +886,10 @@ __device__ uint64_t wg_descriptor(const unsigned short *tile, bool mn_major, int
 #endif
 
 /* d (+)= A[64 rows from A, k0 .. k0+15] B[128 rows, k0 .. k0+15]^T, issued (not yet complete: wg_wait).
-   A_MN, B_MN: the tiles' orders (MN-major: trans-a, trans-b). */
+   A_MN, B_MN: the tiles' orders (MN-major: trans-a, trans-b). d holds the thread's accumulators as 16 tiles
+   of 8 columns, d[j][2 h + b] (above): mma.sync's D tiles, so code written for those reads them as they are. */
 template <bool A_MN, bool B_MN>
-__device__ void wg_product(float (&d)[64], const unsigned short *A, const unsigned short *B, int k0) {
+__device__ void wg_product(float (&d)[16][4], const unsigned short *A, const unsigned short *B, int k0) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     uint64_t da = wg_descriptor(A, A_MN, k0), db = wg_descriptor(B, B_MN, k0);
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -895,28 +899,80 @@ __device__ void wg_product(float (&d)[64], const unsigned short *A, const unsign
                  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
                  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
                  "%64, %65, p, 1, 1, %67, %68;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-                   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-                   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-                   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-                   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-                   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
                  : "l"(da), "l"(db), "r"(1), "n"(A_MN ? 1 : 0), "n"(B_MN ? 1 : 0));
 #elif defined(__CUDA_ARCH__)
     (void)d, (void)A, (void)B, (void)k0;
-    printf("mhc_cuda: the wgmma expert kernel needs an sm_90a build (make gpu builds one)\n");
+    printf("mhc_cuda: the wgmma kernels need an sm_90a build (make gpu builds one)\n");
     __trap();
 #else
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % 4;
-    for (int v = 0; v < 64; v++) {
-        int r = 16 * warp + lane / 4 + 8 * (v / 2 % 2), c = 8 * (v / 4) + 2 * (lane % 4) + v % 2;
-        float s = d[v];
-        for (int k = k0; k < k0 + 16; k++)
-            s += __uint_as_float((unsigned)A[wg_offset(A_MN, r, k)] << 16) * __uint_as_float((unsigned)B[wg_offset(B_MN, c, k)] << 16);
-        d[v] = s;
-    }
+    for (int j = 0; j < 16; j++)
+        for (int e = 0; e < 4; e++) {
+            int r = 16 * warp + lane / 4 + 8 * (e / 2), c = 8 * j + 2 * (lane % 4) + e % 2;
+            float s = d[j][e];
+            for (int k = k0; k < k0 + 16; k++)
+                s += __uint_as_float((unsigned)A[wg_offset(A_MN, r, k)] << 16) *
+                     __uint_as_float((unsigned)B[wg_offset(B_MN, c, k)] << 16);
+            d[j][e] = s;
+        }
+#endif
+}
+
+/* d (+)= A[the warpgroup's 64 rows, 16 columns] B[128 rows, k0 .. k0+15]^T with A from registers: each warp's
+   16 rows as mma.sync's m16n8k16 A fragment (a, the layout of section 1, which wgmma's register operand
+   shares), B from shared memory as in wg_product. Attention's O += P V takes P this way, straight from the
+   softmax's accumulators (mma_acc_to_a), as FlashAttention-3 does. a must not change until wg_wait. */
+template <bool B_MN>
+__device__ void wg_product_regs(float (&d)[16][4], const MmaFragA<MHC_PREC_BF16> &a, const unsigned short *B, int k0) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    uint64_t db = wg_descriptor(B, B_MN, k0);
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "l"(db), "r"(1), "n"(B_MN ? 1 : 0));
+#elif defined(__CUDA_ARCH__)
+    (void)d, (void)a, (void)B, (void)k0;
+    printf("mhc_cuda: the wgmma kernels need an sm_90a build (make gpu builds one)\n");
+    __trap();
+#else
+    /* as mma_host: the warp's fragments through memory between two warp barriers; row g (+8) of the warp's
+       16 is in lanes 4 g .. 4 g + 3, columns 2 t, 2 t + 1 (+8) in lane 4 g + t */
+    typedef MmaOperand<MHC_PREC_BF16> Op;
+    static MmaFragA<MHC_PREC_BF16> warp_a[32][32];   /* [warp][lane] */
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+    warp_a[warp][lane] = a;
+    __syncwarp();
+    for (int j = 0; j < 16; j++)
+        for (int e = 0; e < 4; e++) {
+            int h = e / 2, c = 8 * j + 2 * (lane % 4) + e % 2;
+            float s = d[j][e];
+            for (int k = 0; k < 16; k++) {
+                unsigned pair = warp_a[warp][4 * g + k % 8 / 2].x[2 * (k / 8) + h];
+                s += (k % 2 ? Op::hi(pair) : Op::lo(pair)) * __uint_as_float((unsigned)B[wg_offset(B_MN, c, k0 + k)] << 16);
+            }
+            d[j][e] = s;
+        }
+    __syncwarp();                                    /* every lane has read before the next product's writes */
 #endif
 }
 
@@ -942,14 +998,26 @@ __device__ void wg_wait() {
 /* The accumulators as operands of an empty instruction, just before wg_fence and just after wg_wait: the
    fence and the wait name no registers, so without it the compiler could move the accumulators' zeroing
    past the fence or their first read before the wait (CUTLASS's warpgroup_fence_operand does the same). */
-__device__ void wg_hold(float (&d)[64]) {
+__device__ void wg_hold(float (&d)[16][4]) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #pragma unroll
-    for (int v = 0; v < 64; v++) asm volatile("" : "+f"(d[v])::"memory");
+    for (int v = 0; v < 64; v++) asm volatile("" : "+f"(d[v / 4][v % 4])::"memory");
 #else
     (void)d;
 #endif
 }
+/* the first 1024-byte boundary of a kernel's dynamic shared memory, where its wgmma tiles start (the
+   128-byte swizzle repeats every 1024 bytes, and the descriptors assume tiles start on one); the kernel
+   asks for 1024 bytes more than its tiles take */
+__device__ unsigned short *wg_tiles(uint8_t *smem) {
+#if defined(__CUDA_ARCH__)
+    unsigned misalign = (unsigned)__cvta_generic_to_shared(smem) % 1024;
+#else
+    unsigned misalign = (unsigned)((uintptr_t)smem % 1024);
+#endif
+    return (unsigned short *)(smem + (1024 - misalign) % 1024);
+}
+
 /* shared memory written by the threads (cp.async included) and read next by the tensor cores through a
    descriptor: each writer's fence, then the block's barrier */
 __device__ void wg_fence_shared() {
@@ -1182,7 +1250,7 @@ __global__ void __launch_bounds__(EG_THREADS, eg_min_blocks(P)) expert_gemm_kern
             for (int e = 0; e < 4; e++) eg_store<P>(t, g.N, i_0 + 16 * x + 8 * (e / 2), j_0 + 8 * y + e % 2, acc[x][y][e]);
 }
 
-/* The BF16 tile kernel on wgmma (mhc_gpu_set_expert_wgmma): the same problems, tiles and cp.async ring,
+/* The BF16 tile kernel on wgmma (mhc_gpu_set_wgmma, MHC_WGMMA_EXPERTS): the same problems, tiles and cp.async ring,
    with slabs 64 deep laid out as wgmma reads them (wg_offset) and each warpgroup's 64 x 128 half of the
    tile made by four m64n128k16 products a slab, 64 accumulators a thread in place of mma.sync's 4 x 4
    tiles. A stage is refilled only once the products that read it are complete (wg_wait before the next
@@ -1204,16 +1272,10 @@ __global__ void __launch_bounds__(EG_THREADS, 2) expert_wgmma_kernel(MhcExpertGe
     extern __shared__ uint8_t egw_smem[];
     MhcExpertTile<MHC_PREC_BF16> t = eg_tile<MHC_PREC_BF16>(g);
     if (!t.M) return;
-#if defined(__CUDA_ARCH__)
-    unsigned misalign = (unsigned)__cvta_generic_to_shared(egw_smem) % 1024;
-#else
-    unsigned misalign = (unsigned)((uintptr_t)egw_smem % 1024);
-#endif
-    unsigned short *stages = (unsigned short *)(egw_smem + (1024 - misalign) % 1024);   /* [S][A, B][EGW_OPERAND] */
+    unsigned short *stages = wg_tiles(egw_smem);  /* [S][A, B][EGW_OPERAND] */
     int wg = threadIdx.x / 128;                    /* this warpgroup's rows of the tile: 64 wg .. 64 wg + 63 */
-    float acc[64];
-#pragma unroll
-    for (int v = 0; v < 64; v++) acc[v] = 0.0f;
+    float acc[16][4];
+    mma_zero(acc);
     int slabs = (t.K + EGW_K - 1) / EGW_K;
     for (int s = 0; s < EGW_STAGES - 1; s++) {
         if (s < slabs) egw_load_slab<A_KMAJOR, B_KMAJOR>(stages, t, g, s);
@@ -1236,7 +1298,9 @@ __global__ void __launch_bounds__(EG_THREADS, 2) expert_wgmma_kernel(MhcExpertGe
     }
     int lane = threadIdx.x % 32, i_0 = t.i0 + 64 * wg + 16 * (threadIdx.x / 32 % 4) + lane / 4, j_0 = t.j0 + 2 * (lane % 4);
 #pragma unroll
-    for (int v = 0; v < 64; v++) eg_store<MHC_PREC_BF16>(t, g.N, i_0 + 8 * (v / 2 % 2), j_0 + 8 * (v / 4) + v % 2, acc[v]);
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) eg_store<MHC_PREC_BF16>(t, g.N, i_0 + 8 * (e / 2), j_0 + 8 * j + e % 2, acc[j][e]);
 }
 
 /* W_e (contiguous [M][N] at e * w_stride) = sum_s partial[s][e] + beta W_e, the splits added in order */
@@ -1340,7 +1404,7 @@ static void gpu_expert_gemm(const MhcBlas *bl, int rounded, float *C, int ldc, c
     /* kseg = 0: every expert's row tiles, at most ceil(M / 128) + E of them, packed along x */
     dim3 grid(kseg ? mhc_blocks((size_t)M, EG_TILE) : mhc_blocks((size_t)M, EG_TILE) + E, mhc_blocks((size_t)N, EG_TILE),
               kseg ? E * splits : 1);
-    if (bl->precision == MHC_PREC_BF16) eg_launch_layout<MHC_PREC_BF16>(grid, g, bl->expert_wgmma);
+    if (bl->precision == MHC_PREC_BF16) eg_launch_layout<MHC_PREC_BF16>(grid, g, bl->wgmma & MHC_WGMMA_EXPERTS);
     else if (bl->precision == MHC_PREC_TF32) eg_launch_layout<MHC_PREC_TF32>(grid, g, 0);
     else eg_launch_layout<MHC_PREC_FP32>(grid, g, 0);
     if (splits > 1) {
@@ -2707,13 +2771,33 @@ template <int P> __device__ MmaElem<P> att_stored(MmaElem<P> x) {
     else return MmaOperand<P>::round(x);
 }
 
+/* How a kernel keeps a tile in shared memory: ATT_ROWS, rows of stride ld (att_ld: the mma.sync kernels);
+   the wgmma forward's tiles of ATT_WG_TILE rows in the 128-byte swizzle (wg_offset), ATT_WG_KMAJOR for Q
+   and K (wgmma's K is the head's columns, in chunks of 64 one after another, each chunk ld = the tile's
+   rows lines of 64) and ATT_WG_MNMAJOR for V (its K is the keys, in halves of 64, its N the columns). */
+enum { ATT_ROWS, ATT_WG_KMAJOR, ATT_WG_MNMAJOR };
+#define ATT_WG_TILE 128                                /* the wgmma forward's queries and keys per tile */
+
+/* where element (row i, column c) of a tile goes, in elements from its start */
+template <int L> __device__ int att_tile_index(int ld, int i, int c) {
+    if constexpr (L == ATT_WG_KMAJOR) return c / 64 * 64 * ld + wg_offset(false, i, c % 64);
+    else if constexpr (L == ATT_WG_MNMAJOR) return i / 64 * 64 * ATT_WG_TILE + wg_offset(true, c, i % 64);
+    else return i * ld + c;
+}
+
+/* the columns a tile of head dim d keeps, zero past d: whole k steps of 16 (ATT_ROWS), whole chunks of 64
+   (ATT_WG_KMAJOR), wgmma's N of 128 (ATT_WG_MNMAJOR, d <= 128) */
+template <int L> static __host__ __device__ int att_tile_width(int d) {
+    return L == ATT_ROWS ? att_width(d) : L == ATT_WG_KMAJOR ? (d + 63) / 64 * 64 : ATT_WG_TILE;
+}
+
 /* dst[i][c0 + c] = src[(b T + t0+i) tok_stride + c] for i < rows, c < d, zero for d <= c < n and for
-   rows past T, as att_stored keeps it: one head's slice of token-major rows into a shared tile (row
-   stride ld). Each thread moves one 16-byte chunk of consecutive columns (4 fp32 words or 8 bf16),
+   rows past T, as att_stored keeps it: one head's slice of token-major rows into a shared tile (laid out
+   as L: att_tile_index). Each thread moves one 16-byte chunk of consecutive columns (4 fp32 words or 8 bf16),
    coalesced, when all offsets are multiples of a chunk (every preset); element by element otherwise (the
    tests' odd dims). BF16 chunks go by cp.async (they need no rounding): they land at the caller's next
    cp_async_wait that covers them, everything else is stored before this returns. */
-template <int P>
+template <int P, int L>
 __device__ void att_load_tile(MmaElem<P> *dst, int ld, int c0, int n, const MmaElem<P> *src, size_t tok_stride, int d, int b,
                               int t0, int rows, MhcAttShape sh) {
     typedef MmaElem<P> elem;
@@ -2723,7 +2807,7 @@ __device__ void att_load_tile(MmaElem<P> *dst, int ld, int c0, int n, const MmaE
     for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
         int i = e / chunks, c = e % chunks * each, t = t0 + i;
         const elem *row = src + ((size_t)b * sh.T + t) * tok_stride;
-        elem *out = dst + i * ld + c0 + c;
+        elem *out = dst + att_tile_index<L>(ld, i, c0 + c);   /* a chunk's elements stay together in every layout */
         bool real = t < sh.T && c < d;
         if (vec && P == MHC_PREC_BF16) {
             cp_async<16>(out, real ? row + c : src, real);
@@ -2731,39 +2815,43 @@ __device__ void att_load_tile(MmaElem<P> *dst, int ld, int c0, int n, const MmaE
             float4 x = real ? *(const float4 *)(row + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             *(float4 *)out = make_float4(att_stored<P>(x.x), att_stored<P>(x.y), att_stored<P>(x.z), att_stored<P>(x.w));
         } else {
-            for (int k = 0; k < each && c + k < n; k++) out[k] = t < sh.T && c + k < d ? att_stored<P>(row[c + k]) : (elem)0;
+            for (int k = 0; k < each && c + k < n; k++)
+                dst[att_tile_index<L>(ld, i, c0 + c + k)] = t < sh.T && c + k < d ? att_stored<P>(row[c + k]) : (elem)0;
         }
     }
 }
 
-/* K tile of keys s0 .. s0+63: [k_nope | k_pe] per row (k_pe shared by the heads), zero-padded */
-template <int P>
+/* K tile of the keys from s0 (MHC_ATT_TILE of them, ATT_WG_TILE in the wgmma layouts): [k_nope | k_pe] per
+   row (k_pe shared by the heads), zero-padded */
+template <int P, int L = ATT_ROWS>
 __device__ void att_load_k(MmaElem<P> *Ks, const MmaElem<P> *kv, const MmaElem<P> *kpe, int b, int h, int s0, MhcAttShape sh) {
-    int dqk = sh.dn + sh.dr, row = sh.dn + sh.dv;
-    att_load_tile<P>(Ks, att_ld(dqk), 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, MHC_ATT_TILE, sh);
-    att_load_tile<P>(Ks, att_ld(dqk), sh.dn, att_width(dqk) - sh.dn, kpe, sh.dr, sh.dr, b, s0, MHC_ATT_TILE, sh);
+    int dqk = sh.dn + sh.dr, row = sh.dn + sh.dv, keys = L == ATT_ROWS ? MHC_ATT_TILE : ATT_WG_TILE;
+    int ld = L == ATT_ROWS ? att_ld(dqk) : keys;
+    att_load_tile<P, L>(Ks, ld, 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, keys, sh);
+    att_load_tile<P, L>(Ks, ld, sh.dn, att_tile_width<L>(dqk) - sh.dn, kpe, sh.dr, sh.dr, b, s0, keys, sh);
 }
 
-/* V tile of keys s0 .. s0+63 */
-template <int P>
+/* V tile of the keys from s0 (as att_load_k) */
+template <int P, int L = ATT_ROWS>
 __device__ void att_load_v(MmaElem<P> *Vs, const MmaElem<P> *kv, int b, int h, int s0, MhcAttShape sh) {
-    int row = sh.dn + sh.dv;
-    att_load_tile<P>(Vs, att_ld(sh.dv), 0, att_width(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row, sh.dv, b, s0,
-                     MHC_ATT_TILE, sh);
+    int row = sh.dn + sh.dv, keys = L == ATT_ROWS ? MHC_ATT_TILE : ATT_WG_TILE;
+    att_load_tile<P, L>(Vs, att_ld(sh.dv), 0, att_tile_width<L>(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row,
+                        sh.dv, b, s0, keys, sh);
 }
 
 /* Q tile of queries t0 .. t0+rows-1 */
-template <int P>
+template <int P, int L = ATT_ROWS>
 __device__ void att_load_q(MmaElem<P> *Qs, const MmaElem<P> *q, int b, int h, int t0, int rows, MhcAttShape sh) {
     int dqk = sh.dn + sh.dr;
-    att_load_tile<P>(Qs, att_ld(dqk), 0, att_width(dqk), q + (size_t)h * dqk, (size_t)sh.H * dqk, dqk, b, t0, rows, sh);
+    att_load_tile<P, L>(Qs, L == ATT_ROWS ? att_ld(dqk) : rows, 0, att_tile_width<L>(dqk), q + (size_t)h * dqk,
+                        (size_t)sh.H * dqk, dqk, b, t0, rows, sh);
 }
 
 /* dO tile of queries t0 .. t0+rows-1 */
 template <int P>
 __device__ void att_load_do(MmaElem<P> *dOs, const MmaElem<P> *d_o, int b, int h, int t0, int rows, MhcAttShape sh) {
-    att_load_tile<P>(dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv, b, t0,
-                     rows, sh);
+    att_load_tile<P, ATT_ROWS>(dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv,
+                               b, t0, rows, sh);
 }
 
 /* the dK, dV kernel's query tile t0 .. t0+63 besides Q: its dO rows, and lse and D of those rows (zero
@@ -2791,19 +2879,19 @@ template <bool MASKED> __device__ float att_prob(float s, float lse, int t, int 
     return !MASKED || (t < sh.T && att_visible<true>(t, k, sh)) ? exp2f(sh.scale_log2 * s - MHC_LOG2E * lse) : 0.0f;
 }
 
-/* One key tile of the online softmax on a warp's score rows S [16, 64] (queries t_0 + row, keys s0 +
+/* One key tile of the online softmax on a warp's score rows S [16, 8 KF] (queries t_0 + row, keys s0 +
    column): the running max m and sum l of this lane's two rows move on, O is rescaled by exp(m_old -
    m_new) row by row, and S becomes exp(scale S - m_new) (0 where not visible). m is in log2 units (the
    max of scale_log2 S), every exponential an exp2. m is finite from the first tile on: key 0 is visible
    to every row. The four lanes of a row (same g) combine with two shuffles. */
-template <bool MASKED, int NF>
-__device__ void att_online_softmax(float (&S)[MHC_ATT_KEY_FRAGS][4], float (&O)[NF][4], float (&m)[2], float (&l)[2],
+template <bool MASKED, int KF, int NF>
+__device__ void att_online_softmax(float (&S)[KF][4], float (&O)[NF][4], float (&m)[2], float (&l)[2],
                                    int t_0, int s0, MhcAttShape sh) {
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         float m_new = m[r], sum = 0.0f;
 #pragma unroll
-        for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
+        for (int j = 0; j < KF; j++)
 #pragma unroll
             for (int e = 2 * r; e < 2 * r + 2; e++) {
                 S[j][e] = att_visible<MASKED>(t_0 + att_acc_row(e), s0 + att_acc_col(j, e), sh) ? sh.scale_log2 * S[j][e]
@@ -2813,7 +2901,7 @@ __device__ void att_online_softmax(float (&S)[MHC_ATT_KEY_FRAGS][4], float (&O)[
         m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 1));
         m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, 2));
 #pragma unroll
-        for (int j = 0; j < MHC_ATT_KEY_FRAGS; j++)
+        for (int j = 0; j < KF; j++)
 #pragma unroll
             for (int e = 2 * r; e < 2 * r + 2; e++) {
                 S[j][e] = exp2f(S[j][e] - m_new);
@@ -2866,15 +2954,22 @@ template <int P> static size_t att_backward_kv_smem_bytes(MhcAttShape sh) {
     return 2 * MHC_ATT_TILE * sizeof(float) + sizeof(typename MmaOperand<P>::elem) * MHC_ATT_TILE * 2 * (qk + v + MHC_ATT_PLD);
 }
 
+/* the wgmma forward's: Q, K [128, d_qk rounded up to 64] and V [128, 128] in bf16, and room to align them to
+   1024 bytes */
+static size_t att_forward_wgmma_smem_bytes(MhcAttShape sh) {
+    size_t qk = (size_t)att_tile_width<ATT_WG_KMAJOR>(sh.dn + sh.dr);
+    return sizeof(unsigned short) * ATT_WG_TILE * (2 * qk + ATT_WG_TILE) + 1024;
+}
+
 /* the most shared memory any attention kernel takes in any precision, for a check at init */
 static size_t att_smem_most(MhcAttShape sh) {
     size_t most = 0;
-    size_t each[9] = {att_forward_smem_bytes<MHC_PREC_FP32>(sh), att_forward_smem_bytes<MHC_PREC_TF32>(sh),
-                      att_forward_smem_bytes<MHC_PREC_BF16>(sh), att_backward_q_smem_bytes<MHC_PREC_FP32>(sh),
-                      att_backward_q_smem_bytes<MHC_PREC_TF32>(sh), att_backward_q_smem_bytes<MHC_PREC_BF16>(sh),
-                      att_backward_kv_smem_bytes<MHC_PREC_FP32>(sh), att_backward_kv_smem_bytes<MHC_PREC_TF32>(sh),
-                      att_backward_kv_smem_bytes<MHC_PREC_BF16>(sh)};
-    for (int k = 0; k < 9; k++) most = each[k] > most ? each[k] : most;
+    size_t each[10] = {att_forward_smem_bytes<MHC_PREC_FP32>(sh), att_forward_smem_bytes<MHC_PREC_TF32>(sh),
+                       att_forward_smem_bytes<MHC_PREC_BF16>(sh), att_backward_q_smem_bytes<MHC_PREC_FP32>(sh),
+                       att_backward_q_smem_bytes<MHC_PREC_TF32>(sh), att_backward_q_smem_bytes<MHC_PREC_BF16>(sh),
+                       att_backward_kv_smem_bytes<MHC_PREC_FP32>(sh), att_backward_kv_smem_bytes<MHC_PREC_TF32>(sh),
+                       att_backward_kv_smem_bytes<MHC_PREC_BF16>(sh), att_forward_wgmma_smem_bytes(sh)};
+    for (int k = 0; k < 10; k++) most = each[k] > most ? each[k] : most;
     return most;
 }
 
@@ -2926,6 +3021,80 @@ attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaEle
     }
     float inv_l[2] = {1.0f / l[0], 1.0f / l[1]};
     att_store_acc(o + (size_t)h * dv, (size_t)sh.H * dv, O, 0, 8, att_width(dv) / 8, 0, dv, inv_l, b, t0 + r0, sh);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int t = t0 + r0 + att_acc_row(2 * r);
+        if (threadIdx.x % 4 == 0 && t < sh.T) lse[(size_t)blockIdx.x * sh.T + t] = (m[r] + log2f(l[r])) / MHC_LOG2E;
+    }
+}
+
+/* The forward on Hopper's wgmma (BF16, mhc_gpu_set_wgmma's MHC_WGMMA_ATTENTION; d_v <= 128): the same grid,
+   sums and softmax as attention_forward_kernel on tiles of ATT_WG_TILE queries and keys. Each of the two
+   warpgroups owns 64 of the query rows: S [64 x 128 keys] = Q K^T is wg_product's m64n128k16 steps over
+   the head's columns, both tiles in shared memory (K-major); the online softmax runs on S as it lies in
+   the registers (16 of mma.sync's D tiles a warp: att_online_softmax as it is); O [64 x 128] += P V takes
+   P from those registers (wg_product_regs, mma_acc_to_a) and V MN-major. K and V take turns in one buffer
+   each, as in the mma.sync kernel. A query tile and a key tile start at multiples of 128, so key s0 is
+   visible to every row of every tile the loop reaches: no warpgroup sits a tile out. d_v below 128 and
+   d_qk not a multiple of 64 are padded with zero columns (the presets from 3b up: 128 and 192, none). Shared memory: att_forward_wgmma_smem_bytes. */
+template <int DN, int DR, int DV>
+__global__ void __launch_bounds__(2 * 128, 1)
+attention_forward_wgmma_kernel(float *o, float *lse, const unsigned short *q, const unsigned short *kv, const unsigned short *kpe,
+                               MhcAttShape dims) {
+    const MhcAttShape sh = att_fixed_dims<DN, DR, DV>(dims);
+    extern __shared__ uint8_t att_wg_smem[];
+    int dqk = sh.dn + sh.dr, dv = sh.dv, qk = att_tile_width<ATT_WG_KMAJOR>(dqk), b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
+    int t0 = (gridDim.y - 1 - blockIdx.y) * ATT_WG_TILE, wg = threadIdx.x / 128, r0 = threadIdx.x / 32 * 16;
+    unsigned short *Qs = wg_tiles(att_wg_smem);
+    unsigned short *Ks = Qs + ATT_WG_TILE * qk, *Vs = Ks + ATT_WG_TILE * qk;
+    int end = min(t0 + ATT_WG_TILE, sh.T);                  /* keys s < end are visible to some row */
+    att_load_q<MHC_PREC_BF16, ATT_WG_KMAJOR>(Qs, q, b, h, t0, ATT_WG_TILE, sh);
+    att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(Ks, kv, kpe, b, h, 0, sh);
+    cp_async_commit();                                      /* group: Q, K of tile 0 */
+    att_load_v<MHC_PREC_BF16, ATT_WG_MNMAJOR>(Vs, kv, b, h, 0, sh);
+    cp_async_commit();                                      /* group: V of tile 0 */
+    float O[16][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   /* the warp's O [16, 128] */
+    mma_zero(O);
+    for (int s0 = 0; s0 < end; s0 += ATT_WG_TILE) {
+        bool more = s0 + ATT_WG_TILE < end;
+        float S[16][4];                                     /* the warp's S [16, 128 keys] */
+        mma_zero(S);
+        cp_async_wait<1>();                                 /* K of this tile is in (V may still come) */
+        wg_fence_shared();
+        __syncthreads();
+        wg_hold(S);
+        wg_fence();
+        for (int c = 0; c < qk; c += 64)                    /* chunk c of the head's columns, 4 k steps */
+#pragma unroll
+            for (int k0 = 0; k0 < 64; k0 += 16)
+                wg_product<false, false>(S, Qs + c * ATT_WG_TILE + 4096 * wg, Ks + c * ATT_WG_TILE, k0);
+        wg_commit();
+        wg_wait();
+        wg_hold(S);
+        __syncthreads();                                    /* every warpgroup is done with K */
+        if (more) att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(Ks, kv, kpe, b, h, s0 + ATT_WG_TILE, sh);
+        cp_async_commit();                                  /* (empty on the last tile: the count stays) */
+        if (att_block_masked(t0 + r0, 16, s0, ATT_WG_TILE, sh)) att_online_softmax<true>(S, O, m, l, t0 + r0, s0, sh);
+        else att_online_softmax<false>(S, O, m, l, t0 + r0, s0, sh);
+        MmaFragA<MHC_PREC_BF16> p[8];                       /* P, rounded, 16 keys a fragment */
+#pragma unroll
+        for (int k = 0; k < 8; k++) p[k] = mma_acc_to_a<MHC_PREC_BF16>(S[2 * k], S[2 * k + 1]);
+        cp_async_wait<1>();                                 /* V of this tile is in (the next K may come) */
+        wg_fence_shared();
+        __syncthreads();
+        wg_hold(O);
+        wg_fence();
+#pragma unroll
+        for (int k = 0; k < 8; k++) wg_product_regs<true>(O, p[k], Vs + k / 4 * 64 * ATT_WG_TILE, 16 * (k % 4));
+        wg_commit();
+        wg_wait();
+        wg_hold(O);
+        __syncthreads();                                    /* every warpgroup is done with V */
+        if (more) att_load_v<MHC_PREC_BF16, ATT_WG_MNMAJOR>(Vs, kv, b, h, s0 + ATT_WG_TILE, sh);
+        cp_async_commit();
+    }
+    float inv_l[2] = {1.0f / l[0], 1.0f / l[1]};
+    att_store_acc(o + (size_t)h * dv, (size_t)sh.H * dv, O, 0, 8, 16, 0, dv, inv_l, b, t0 + r0, sh);
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int t = t0 + r0 + att_acc_row(2 * r);
@@ -3836,12 +4005,22 @@ template <int P> struct MhcAttCall {
     const MmaElem<P> *q, *kv, *kpe, *d_o;
     int B;
     MhcAttShape sh;
+    int wgmma;                    /* BF16, 1: the forward on wgmma where d_v <= 128 (attention_forward_wgmma_kernel) */
 };
 
 /* the kernels of x.which instanced for head dims DN, DR, DV (0: read at run time; att_fixed_dims) */
 template <int P, int DN, int DR, int DV> static void gpu_attention_kernels_at(int which, const MhcAttCall<P> &x) {
     const int rows = att_query_rows(P);
     size_t bytes;
+    if constexpr (P == MHC_PREC_BF16) {
+        if ((which & MHC_ATT_FORWARD) && x.wgmma && x.sh.dv <= ATT_WG_TILE) {
+            bytes = att_smem_optin((const void *)attention_forward_wgmma_kernel<DN, DR, DV>, att_forward_wgmma_smem_bytes(x.sh));
+            attention_forward_wgmma_kernel<DN, DR, DV><<<att_grid(x.B, x.sh, ATT_WG_TILE), 2 * 128, bytes>>>(x.o, x.lse_out, x.q,
+                                                                                                         x.kv, x.kpe, x.sh);
+            LAUNCH_CHECK();
+            which &= ~MHC_ATT_FORWARD;
+        }
+    }
     if (which & MHC_ATT_FORWARD) {
         bytes = att_smem_optin((const void *)attention_forward_kernel<P, DN, DR, DV>, att_forward_smem_bytes<P>(x.sh));
         attention_forward_kernel<P, DN, DR, DV><<<att_grid(x.B, x.sh, rows), 32 * (rows / 16), bytes>>>(x.o, x.lse_out, x.q,
@@ -3882,11 +4061,12 @@ static void gpu_attention_launch(const MhcBlas *bl, int which, float *o, float *
     MhcAttShape sh = att_shape(c, T);
     if (bl->precision == MHC_PREC_BF16) {
         MhcAttBf16 x = att_bf16_copies(bl, q, kv, kpe, d_o, B * T, c);
-        gpu_attention_kernels<MHC_PREC_BF16>(which, {o, lse_out, dq, dkv, dkpe_h, lse, D, x.q, x.kv, x.kpe, x.d_o, B, sh});
+        gpu_attention_kernels<MHC_PREC_BF16>(which, {o, lse_out, dq, dkv, dkpe_h, lse, D, x.q, x.kv, x.kpe, x.d_o, B, sh,
+                                                     (bl->wgmma & MHC_WGMMA_ATTENTION) != 0});
     } else if (bl->precision == MHC_PREC_TF32) {
-        gpu_attention_kernels<MHC_PREC_TF32>(which, {o, lse_out, dq, dkv, dkpe_h, lse, D, q, kv, kpe, d_o, B, sh});
+        gpu_attention_kernels<MHC_PREC_TF32>(which, {o, lse_out, dq, dkv, dkpe_h, lse, D, q, kv, kpe, d_o, B, sh, 0});
     } else {
-        gpu_attention_kernels<MHC_PREC_FP32>(which, {o, lse_out, dq, dkv, dkpe_h, lse, D, q, kv, kpe, d_o, B, sh});
+        gpu_attention_kernels<MHC_PREC_FP32>(which, {o, lse_out, dq, dkv, dkpe_h, lse, D, q, kv, kpe, d_o, B, sh, 0});
     }
 }
 
@@ -4315,13 +4495,13 @@ int mhc_gpu_has_wgmma(void) {
     return built;
 }
 
-int mhc_gpu_set_expert_wgmma(MhcGpu *g, int enable) {
-    if (enable && !mhc_gpu_has_wgmma()) {
-        fprintf(stderr, "mhc_gpu_set_expert_wgmma: wgmma needs a Hopper GPU (compute capability 9.x) and a build for "
+int mhc_gpu_set_wgmma(MhcGpu *g, int kernels) {
+    if (kernels && !mhc_gpu_has_wgmma()) {
+        fprintf(stderr, "mhc_gpu_set_wgmma: wgmma needs a Hopper GPU (compute capability 9.x) and a build for "
                         "sm_90a (make gpu's default GPU_ARCH_FLAGS)\n");
         return -1;
     }
-    g->blas.expert_wgmma = enable != 0;
+    g->blas.wgmma = kernels & (MHC_WGMMA_EXPERTS | MHC_WGMMA_ATTENTION);
     return 0;
 }
 

@@ -662,12 +662,16 @@ typedef struct {
     int grad_accum;           /* micro-batches per step: forward + backward of batch/grad_accum sequences each */
     int precision;            /* index into precision_names: GEMM precision (GPU build)               */
     int recompute;            /* GPU build: --recompute (mhc_gpu_set_recompute)                       */
-    int expert_wgmma;         /* GPU build, bf16: --expert-wgmma (mhc_gpu_set_expert_wgmma)            */
+    int wgmma;                /* GPU build, bf16: WGMMA_* bits of --expert-wgmma, --attention-wgmma   */
     uint64_t seed;
 } Options;
 
 /* --precision values; the order is mhc_cuda.cuh's MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16 */
 static const char *const precision_names[] = {"fp32", "tf32", "bf16"};
+
+/* Options.wgmma's bits, for mhc_cuda.cuh's MHC_WGMMA_EXPERTS and MHC_WGMMA_ATTENTION (trainer_start; the CPU
+   build has no mhc_cuda.cuh) */
+enum { WGMMA_EXPERTS = 1, WGMMA_ATTENTION = 2 };
 
 /* flags that name one config field */
 static const char *const flag_fields[][2] = {
@@ -710,6 +714,8 @@ static void usage(void) {
            "                         attention, for far less activation memory (see --dry-run)\n"
            "  --expert-wgmma         GPU, --precision bf16, Hopper: the routed-expert GEMMs on wgmma tiles in\n"
            "                         place of mma.sync (the same sums in another order; not yet run on a GPU)\n"
+           "  --attention-wgmma      GPU, --precision bf16, Hopper: the attention forward on wgmma, 128 x 128\n"
+           "                         tiles (the same sums in another order; not yet run on a GPU)\n"
            "  --loss-gap PNG DIR...  plot CE(run) - CE(first run) from finished runs' log.csv\n"
            "  --help\n");
 }
@@ -764,11 +770,11 @@ static void parse_args(Options *o, int argc, char **argv) {
             o->recompute = 1;
             continue;
         }
-        if (!strcmp(a, "--expert-wgmma")) {
+        if (!strcmp(a, "--expert-wgmma") || !strcmp(a, "--attention-wgmma")) {
 #ifndef __CUDACC__
-            die("--expert-wgmma needs the GPU build (make gpu)%s%s", "", "");
+            die("%s needs the GPU build (make gpu)%s", a, "");
 #endif
-            o->expert_wgmma = 1;
+            o->wgmma |= !strcmp(a, "--expert-wgmma") ? WGMMA_EXPERTS : WGMMA_ATTENTION;
             continue;
         }
         int known = !strcmp(a, "--preset") || !strcmp(a, "--set") || !strcmp(a, "--train") || !strcmp(a, "--val") ||
@@ -838,7 +844,8 @@ static void parse_args(Options *o, int argc, char **argv) {
         snprintf(msg, sizeof msg, "--grad-accum %d does not divide the batch size %d", o->grad_accum, o->cfg.batch_size);
         die("%s%s", msg, "");
     }
-    if (o->expert_wgmma && strcmp(precision_names[o->precision], "bf16")) die("--expert-wgmma needs --precision bf16%s%s", "", "");
+    if (o->wgmma && strcmp(precision_names[o->precision], "bf16"))
+        die("%s needs --precision bf16%s", o->wgmma & WGMMA_EXPERTS ? "--expert-wgmma" : "--attention-wgmma", "");
 }
 
 /* =============================================================================================
@@ -885,7 +892,7 @@ typedef struct {
     MhcActs probe;            /* B = 1 forward over the diagnostics probe (CPU) */
     int precision;            /* MHC_PREC_* of the GPU GEMMs (Options.precision) */
     int recompute;            /* Options.recompute */
-    int expert_wgmma;         /* Options.expert_wgmma */
+    int wgmma;                /* Options.wgmma */
 #ifdef __CUDACC__
     MhcGpu gpu;
 #endif
@@ -897,7 +904,8 @@ static void trainer_start(Trainer *tr, int grad_accum) {
     if (mhc_gpu_init(&tr->gpu, &tr->m, tr->micro, tr->m.cfg.seq_len)) exit(1);
     mhc_gpu_set_precision(&tr->gpu, tr->precision);       /* precision_names is in MHC_PREC_* order */
     mhc_gpu_set_recompute(&tr->gpu, tr->recompute);
-    if (mhc_gpu_set_expert_wgmma(&tr->gpu, tr->expert_wgmma)) exit(1);
+    int wgmma = (tr->wgmma & WGMMA_EXPERTS ? MHC_WGMMA_EXPERTS : 0) | (tr->wgmma & WGMMA_ATTENTION ? MHC_WGMMA_ATTENTION : 0);
+    if (mhc_gpu_set_wgmma(&tr->gpu, wgmma)) exit(1);
 #endif
     mhc_acts_create(&tr->probe, &tr->m.cfg, 1, tr->m.cfg.seq_len);
 }
@@ -1356,11 +1364,12 @@ int main(int argc, char **argv) {
     for (int t = 0; t < T; t++) probe[t] = (int)val.tokens[t];    /* SPEC §14: the first T validation tokens */
     tr.precision = o.precision;
     tr.recompute = o.recompute;
-    tr.expert_wgmma = o.expert_wgmma;
+    tr.wgmma = o.wgmma;
     trainer_start(&tr, o.grad_accum);
 #ifdef __CUDACC__
-    printf("GPU GEMM precision: %s%s%s\n", precision_names[o.precision], o.recompute ? ", recompute" : "",
-           o.expert_wgmma ? ", routed-expert GEMMs on wgmma" : "");
+    printf("GPU GEMM precision: %s%s%s%s\n", precision_names[o.precision], o.recompute ? ", recompute" : "",
+           o.wgmma & WGMMA_EXPERTS ? ", routed-expert GEMMs on wgmma" : "",
+           o.wgmma & WGMMA_ATTENTION ? ", attention forward on wgmma" : "");
 #endif
     double t_start = now_seconds();
     int first_step = tr.m.step;

@@ -14,7 +14,8 @@
    once per kernel: no float atomics). The rate is set against the H100 SXM's dense peak (989 TFLOP/s bf16,
    495 TF32). The inputs are hashed values; lse, o and D come from a forward and the row sums, as in
    training. The bf16 rows time the kernels on bf16 copies made beforehand; the copies' own time is a row
-   of its own. */
+   of its own. On a Hopper the bf16 forward is timed a second time on wgmma (attention_forward_wgmma_kernel,
+   train's --attention-wgmma). */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #include "mhc_cuda.cuh"
@@ -63,8 +64,13 @@ static void bench_kernels(BenchAtt *x, BenchTimer *tm, const MmaElem<P> *q, cons
                           const MmaElem<P> *d_o, const char *prec, double peak) {
     MhcAttShape sh = x->sh;
     double pairs = (double)x->B * sh.H * sh.T * (sh.T + 1) / 2.0, dqk = sh.dn + sh.dr, dv = sh.dv;
-    MhcAttCall<P> call = {x->o, x->lse, x->dq, x->dkv, x->dkpe_h, x->lse, x->D, q, kv, kpe, d_o, x->B, sh};
+    MhcAttCall<P> call = {x->o, x->lse, x->dq, x->dkv, x->dkpe_h, x->lse, x->D, q, kv, kpe, d_o, x->B, sh, 0};
     bench_row("forward", x, prec, 2 * pairs * (dqk + dv), bench_kernel<P>(MHC_ATT_FORWARD, call, tm), peak);
+    if (P == MHC_PREC_BF16 && mhc_gpu_has_wgmma()) {   /* attention_forward_wgmma_kernel (--attention-wgmma) */
+        call.wgmma = 1;
+        bench_row("forward on wgmma", x, prec, 2 * pairs * (dqk + dv), bench_kernel<P>(MHC_ATT_FORWARD, call, tm), peak);
+        call.wgmma = 0;
+    }
     bench_row("dK, dV", x, prec, 2 * pairs * (2 * dqk + 2 * dv), bench_kernel<P>(MHC_ATT_BACKWARD_KV, call, tm), peak);
     bench_row("dQ", x, prec, 2 * pairs * (2 * dqk + dv), bench_kernel<P>(MHC_ATT_BACKWARD_Q, call, tm), peak);
 }
@@ -90,7 +96,7 @@ static int bench_shape(BenchTimer *tm, const char *preset, int B, int T) {
     x.dq = bench_buffer(N * H * dqk, 8, 0.0f);
     x.dkv = bench_buffer(N * H * (sh.dn + sh.dv), 9, 0.0f);
     x.dkpe_h = bench_buffer(N * H * sh.dr, 10, 0.0f);
-    MhcAttCall<MHC_PREC_TF32> forward = {x.o, x.lse, NULL, NULL, NULL, NULL, NULL, x.q, x.kv, x.kpe, NULL, B, sh};
+    MhcAttCall<MHC_PREC_TF32> forward = {x.o, x.lse, NULL, NULL, NULL, NULL, NULL, x.q, x.kv, x.kpe, NULL, B, sh, 0};
     gpu_attention_kernels<MHC_PREC_TF32>(MHC_ATT_FORWARD, forward);   /* lse, o, D as in training */
     attention_rowdot_kernel<<<mhc_blocks(rows, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS>>>(x.D, x.d_o, x.o, sh, (int)rows);
     LAUNCH_CHECK();

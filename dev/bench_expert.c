@@ -3,7 +3,7 @@
    spread evenly over them, in TF32 and in bf16, with the tensor-core FLOP rate each reaches. bf16 is timed
    twice: with the call's own rounding of its activation operands into the scratch (as training runs it),
    and the kernel alone on copies made beforehand; on a Hopper, both again with the wgmma kernel
-   (mhc_gpu_set_expert_wgmma). Each product is timed again in cuBLAS (strided-batched, one GEMM per
+   (mhc_gpu_set_wgmma, MHC_WGMMA_EXPERTS). Each product is timed again in cuBLAS (strided-batched, one GEMM per
    expert of its even share; the same FLOPs), the rate our kernels are set against. wgmma tiles of our
    own are the way to cuBLAS's rate in bf16: cuBLAS's grouped GEMM (uneven shares) takes bf16 A and B
    only with a bf16 C, and these outputs and weight gradients are fp32 (in TF32 it would serve, at one
@@ -138,12 +138,12 @@ static int bench_preset(BenchTimer *tm, const char *preset, int N) {
             snprintf(label, sizeof label, "%sbf16, kernel alone", who);
             bench_row(preset, &products[p], label, bench_product(&bl, rounded, &x, &products[p], cublas, tm), PEAK_BF16_TFLOPS);
             if (cublas || !wgmma) continue;
-            bl.expert_wgmma = 1;
+            bl.wgmma = MHC_WGMMA_EXPERTS;
             bench_row(preset, &products[p], "bf16 wgmma, rounding its operands", bench_product(&bl, 0, &x, &products[p], 0, tm),
                       PEAK_BF16_TFLOPS);
             bench_row(preset, &products[p], "bf16 wgmma, kernel alone", bench_product(&bl, rounded, &x, &products[p], 0, tm),
                       PEAK_BF16_TFLOPS);
-            bl.expert_wgmma = 0;
+            bl.wgmma = 0;
         }
     }
     float *all[] = {x.slab, x.X, x.dY, x.out_c, x.H, x.dA, x.out_i, x.dW1, x.dW2, x.split};

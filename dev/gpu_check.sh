@@ -4,10 +4,11 @@
 # what matters most, each step under a time limit, so that what did not fit is the least important:
 #   1. the GPU test group (./tests_gpu gpu): every kernel against the CPU reference;
 #   2. train_gpu against its build of commit BASE (below) on small and the 3b cut in bf16, and with
-#      --expert-wgmma: the losses, which should agree to about 4 decimals, and the step times;
+#      --expert-wgmma, --attention-wgmma: the losses, which should agree to about 4 decimals, and the step
+#      times;
 #   3. which shared-memory layouts wgmma reads as a kernel of ours would lay them out (dev/wgmma_probe, a
 #      second), and compute-sanitizer's synccheck on it and racecheck on one bf16 step of tiny with the wgmma
-#      expert kernel; the training attention kernels one by one (dev/bench_attention), as built and with
+#      expert and attention kernels; the training attention kernels one by one (dev/bench_attention), as built and with
 #      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas), and the routed-expert GEMMs, ours and
 #      cuBLAS's (bench_expert);
 #   4. the benchmark table (dev/bench.sh: ours against PyTorch, mHC overhead, the 3b cut with 8 micro-batches
@@ -145,6 +146,7 @@ if [ -x runs/variants/train_gpu_base ]; then
             ab_run runs/variants/train_gpu_base $run
             ab_run ./train_gpu $run
             ab_run ./train_gpu $run --expert-wgmma
+            ab_run ./train_gpu $run --attention-wgmma
         done
     } >"$OUT/ab.md" 2>&1
     note "train_gpu against commit $BASE: done"
@@ -158,7 +160,7 @@ fi
     echo "compute-sanitizer (what the emulation cannot see: barriers, shared-memory races), the last lines:"
     step synccheck_probe 20 185 bash -o pipefail -c 'compute-sanitizer --tool synccheck --error-exitcode 9 ./dev/wgmma_probe 2>&1 | tail -n 4'
     step racecheck_tiny 45 180 bash -o pipefail -c 'compute-sanitizer --tool racecheck --error-exitcode 9 ./train_gpu --preset tiny \
-        --steps 1 --precision bf16 --expert-wgmma --out runs/gpu_check_race 2>&1 | tail -n 8'
+        --steps 1 --precision bf16 --expert-wgmma --attention-wgmma --out runs/gpu_check_race 2>&1 | tail -n 8'
     echo
     step bench_attention 45 180 ./dev/bench_attention
     echo

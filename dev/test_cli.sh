@@ -40,6 +40,7 @@ expect_error "train: unknown --set field" 2 "unknown config field" -- ./train --
 expect_error "train: bad --precision" 2 "bad value 'fp8' for --precision" -- ./train --precision fp8
 expect_error "train: --recompute on the CPU build" 2 "needs the GPU build" -- ./train --recompute
 expect_error "train: --expert-wgmma on the CPU build" 2 "needs the GPU build" -- ./train --expert-wgmma
+expect_error "train: --attention-wgmma on the CPU build" 2 "attention-wgmma needs the GPU build" -- ./train --attention-wgmma
 expect_error "infer: unknown flag" 2 "unknown flag" -- ./infer x.safetensors --frobnicate 1
 expect_error "infer: no checkpoint" 2 "no checkpoint" -- ./infer
 expect_error "infer: --graph out of range" 2 "bad value for --graph" -- ./infer x.safetensors --graph 2
@@ -53,6 +54,7 @@ if [ -x ./train_gpu ]; then      # the CUDA build's --dry-run sizes its buffers 
     awk "BEGIN { exit !($less > 0 && $less < $full / 2) }"
     check "train_gpu --dry-run: --recompute needs under half the activation memory (3b, 2 x 4096: $full -> $less GiB)" $?
     expect_error "train_gpu: --expert-wgmma without bf16" 2 "needs --precision bf16" -- ./train_gpu --expert-wgmma --dry-run
+    expect_error "train_gpu: --attention-wgmma without bf16" 2 "attention-wgmma needs --precision bf16" -- ./train_gpu --attention-wgmma --dry-run
 fi
 
 # --- shards ----------------------------------------------------------------------------------------

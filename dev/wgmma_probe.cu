@@ -1,14 +1,14 @@
 /* dev/wgmma_probe.cu - whether Hopper's wgmma reads shared memory as mhc_cuda.cuh's wg_offset lays it
-   out (issue 5: the MFU target wants the large products on wgmma; the first is the routed-expert GEMM's
-   expert_wgmma_kernel, mhc_gpu_set_expert_wgmma). The CPU emulation cannot tell: it makes the products
-   from the tiles through wg_offset itself, so a misreading of the instruction would pass there. Here one
-   warpgroup multiplies a 64 x 64 bf16 tile A by a 128 x 64 bf16 tile B (D = A B^T, 64 x 128 in fp32, K in
-   4 steps of mhc_cuda.cuh's wg_product) with each operand K-major or MN-major (the kernel's four
-   layouts), and D is checked against the host element by element. The inputs are multiples of 1/4 in
+   out, and registers as its mma.sync A fragments hold them (issue 5: the MFU target wants the large
+   products on wgmma: expert_wgmma_kernel and attention_forward_wgmma_kernel, mhc_gpu_set_wgmma). The CPU
+   emulation cannot tell: it makes the products from the tiles through wg_offset itself, so a misreading
+   of the instruction would pass there. Here one warpgroup multiplies a 64 x 64 bf16 tile A by a 128 x 64
+   bf16 tile B (D = A B^T, 64 x 128 in fp32, K in 4 steps of mhc_cuda.cuh's wg_product or
+   wg_product_regs) in each layout the kernels use: A and B K-major or MN-major, and A from registers
+   with B MN-major. D is checked against the host element by element. The inputs are multiples of 1/4 in
    [-2, 2), so every product and sum is exact in fp32: right readings give an error of exactly 0, and a
-   misread descriptor, swizzle or accumulator fragment gives errors of order 1. Built by `make gpu`;
-   run on the GPU machine: ./dev/wgmma_probe (a second; dev/gpu_check.sh runs it). Exit 0 when every
-   layout matches. */
+   misread descriptor, swizzle or fragment gives errors of order 1. Built by `make gpu`; run on the GPU
+   machine: ./dev/wgmma_probe (a second; dev/gpu_check.sh runs it). Exit 0 when every layout matches. */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #include "mhc_cuda.cuh"
@@ -22,28 +22,38 @@
 #define PROBE_K 64
 
 /* one warpgroup: A [64][64] and B [128][64] (row-major, k inner) from global memory into shared memory
-   through wg_offset, the four K steps, D [64][128] out row-major through the accumulator fragment */
-template <bool A_MN, bool B_MN>
+   through wg_offset (A_REGS: A instead into each warp's mma.sync A fragments, wg_product_regs), the four K
+   steps, D [64][128] out row-major through the accumulator fragment */
+template <bool A_MN, bool B_MN, bool A_REGS>
 __global__ void __launch_bounds__(128) probe_kernel(float *D, const unsigned short *A, const unsigned short *B) {
     __shared__ __align__(1024) unsigned short sa[PROBE_M * PROBE_K], sb[PROBE_N * PROBE_K];
     for (int i = threadIdx.x; i < PROBE_M * PROBE_K; i += blockDim.x) sa[wg_offset(A_MN, i / PROBE_K, i % PROBE_K)] = A[i];
     for (int i = threadIdx.x; i < PROBE_N * PROBE_K; i += blockDim.x) sb[wg_offset(B_MN, i / PROBE_K, i % PROBE_K)] = B[i];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    MmaFragA<MHC_PREC_BF16> a[PROBE_K / 16];          /* A_REGS: (g | g+8, 2t | 2t+8) of the warp's 16 rows */
+    for (int s = 0; s < PROBE_K / 16; s++)
+        for (int x = 0; x < 4; x++) {
+            const unsigned short *p = A + (16 * warp + g + 8 * (x % 2)) * PROBE_K + 16 * s + 2 * t + 8 * (x / 2);
+            a[s].x[x] = (unsigned)p[0] | (unsigned)p[1] << 16;
+        }
     wg_fence_shared();
     __syncthreads();
-    float d[64];
-#pragma unroll
-    for (int v = 0; v < 64; v++) d[v] = 0.0f;
+    float d[16][4];
+    mma_zero(d);
     wg_hold(d);
     wg_fence();
 #pragma unroll
-    for (int k0 = 0; k0 < PROBE_K; k0 += 16) wg_product<A_MN, B_MN>(d, sa, sb, k0);
+    for (int k0 = 0; k0 < PROBE_K; k0 += 16) {
+        if (A_REGS) wg_product_regs<B_MN>(d, a[k0 / 16], sb, k0);
+        else wg_product<A_MN, B_MN>(d, sa, sb, k0);
+    }
     wg_commit();
     wg_wait();
     wg_hold(d);
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-    for (int v = 0; v < 64; v++)
-        D[(16 * warp + lane / 4 + 8 * (v / 2 % 2)) * PROBE_N + 8 * (v / 4) + 2 * (lane % 4) + v % 2] = d[v];
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) D[(16 * warp + g + 8 * (e / 2)) * PROBE_N + 8 * j + 2 * t + e % 2] = d[j][e];
 }
 
 /* a value in {-2, -1.75, ..., 1.75}, exact in bf16 */
@@ -59,11 +69,12 @@ static unsigned short bf16_bits(float x) {           /* exact for these values: 
 }
 
 int main(void) {
-    struct { const char *name; int a_mn, b_mn; } rows[] = {
-        {"A, B K-major (the forward: x W^T, h W2^T)", 0, 0},
-        {"A K-major, B MN-major, trans-b (dh = dy W2, dx = da W1)", 0, 1},
-        {"A, B MN-major, trans-a and trans-b (the weight gradients)", 1, 1},
-        {"A MN-major, B K-major, trans-a", 1, 0},
+    struct { const char *name; int a_mn, b_mn, a_regs; } rows[] = {
+        {"A, B K-major (experts' forward: x W^T, h W2^T; attention's S = Q K^T)", 0, 0, 0},
+        {"A K-major, B MN-major, trans-b (dh = dy W2, dx = da W1)", 0, 1, 0},
+        {"A, B MN-major, trans-a and trans-b (the weight gradients)", 1, 1, 0},
+        {"A MN-major, B K-major, trans-a", 1, 0, 0},
+        {"A in registers, B MN-major, trans-b (attention's O += P V)", 0, 1, 1},
     };
     int na = PROBE_M * PROBE_K, nb = PROBE_N * PROBE_K, nd = PROBE_M * PROBE_N;
     float *a = (float *)mhc_calloc(na, sizeof(float)), *b = (float *)mhc_calloc(nb, sizeof(float));
@@ -84,7 +95,7 @@ int main(void) {
     CUDA_CHECK(cudaMalloc((void **)&dD, sizeof(float) * nd));
     printf("wg_product (wgmma.m64n128k16, bf16 -> fp32) on %s: D [64 x 128] = A B^T over K 64, against the host\n\n",
            prop.name);
-    printf("| operands in shared memory | max abs error | elements wrong |\n|---|---|---|\n");
+    printf("| operands | max abs error | elements wrong |\n|---|---|---|\n");
     int failed = 0;
     unsigned state = 12345u;
     for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
@@ -93,10 +104,11 @@ int main(void) {
         CUDA_CHECK(cudaMemcpy(dA, a16, sizeof(unsigned short) * na, cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemcpy(dB, b16, sizeof(unsigned short) * nb, cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemset(dD, 0xff, sizeof(float) * nd));   /* NaN: an element not written fails */
-        if (rows[r].a_mn && rows[r].b_mn) probe_kernel<true, true><<<1, 128>>>(dD, dA, dB);
-        else if (rows[r].a_mn) probe_kernel<true, false><<<1, 128>>>(dD, dA, dB);
-        else if (rows[r].b_mn) probe_kernel<false, true><<<1, 128>>>(dD, dA, dB);
-        else probe_kernel<false, false><<<1, 128>>>(dD, dA, dB);
+        if (rows[r].a_regs) probe_kernel<false, true, true><<<1, 128>>>(dD, dA, dB);
+        else if (rows[r].a_mn && rows[r].b_mn) probe_kernel<true, true, false><<<1, 128>>>(dD, dA, dB);
+        else if (rows[r].a_mn) probe_kernel<true, false, false><<<1, 128>>>(dD, dA, dB);
+        else if (rows[r].b_mn) probe_kernel<false, true, false><<<1, 128>>>(dD, dA, dB);
+        else probe_kernel<false, false, false><<<1, 128>>>(dD, dA, dB);
         CUDA_CHECK(cudaGetLastError());
         CUDA_CHECK(cudaDeviceSynchronize());
         CUDA_CHECK(cudaMemcpy(got, dD, sizeof(float) * nd, cudaMemcpyDeviceToHost));
@@ -113,6 +125,7 @@ int main(void) {
         printf("| %s | %g | %d of %d |\n", rows[r].name, worst, wrong, nd);
         if (wrong) failed = 1;
     }
-    printf("\n%s\n", failed ? "wgmma does not read some layout as wg_offset writes it" : "every layout reads as wg_offset writes it");
+    printf("\n%s\n", failed ? "wgmma does not read some layout as mhc_cuda.cuh lays it out"
+                            : "every layout reads as mhc_cuda.cuh lays it out");
     return failed;
 }
