@@ -855,7 +855,7 @@ template <int N> __device__ void cp_async_wait() {
 }
 
 /* Hopper's warpgroup products (wgmma, sm_90a only: the Makefile builds for it). A warpgroup, 4 warps from
-   a warp index divisible by 4, makes D[64 x 128] += A[64 x 16] B[16 x 128]^T-as-stored, both operands read
+   a warp index divisible by 4, makes D[64 x N] += A[64 x 16] B[16 x N]^T-as-stored (N 128 or 64), both operands read
    from shared memory through descriptors while the threads go on. Operand tiles are bf16 in the 128-byte
    swizzle: every line of 64 elements in 128 bytes, its eight 16-byte chunks XORed with the line's index
    mod 8, tiles 1024-byte aligned (wg_offset, in elements):
@@ -885,36 +885,51 @@ __device__ uint64_t wg_descriptor(const unsigned short *tile, bool mn_major, int
 }
 #endif
 
-/* d (+)= A[64 rows from A, k0 .. k0+15] B[128 rows, k0 .. k0+15]^T, issued (not yet complete: wg_wait).
-   A_MN, B_MN: the tiles' orders (MN-major: trans-a, trans-b). d holds the thread's accumulators as 16 tiles
-   of 8 columns, d[j][2 h + b] (above): mma.sync's D tiles, so code written for those reads them as they are. */
-template <bool A_MN, bool B_MN>
-__device__ void wg_product(float (&d)[16][4], const unsigned short *A, const unsigned short *B, int k0) {
+/* d (+)= A[64 rows from A, k0 .. k0+15] B[N rows, k0 .. k0+15]^T, issued (not yet complete: wg_wait); N is 128
+   or 64 (m64n128k16, m64n64k16). A_MN, B_MN: the tiles' orders (MN-major: trans-a, trans-b). d holds the
+   thread's accumulators as N / 8 tiles of 8 columns, d[j][2 h + b] (above): mma.sync's D tiles, so code
+   written for those reads them as they are. */
+template <bool A_MN, bool B_MN, int N = 128>
+__device__ void wg_product(float (&d)[N / 8][4], const unsigned short *A, const unsigned short *B, int k0) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     uint64_t da = wg_descriptor(A, A_MN, k0), db = wg_descriptor(B, B_MN, k0);
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-                 "%64, %65, p, 1, 1, %67, %68;\n}\n"
-                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
-                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
-                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
-                   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-                 : "l"(da), "l"(db), "r"(1), "n"(A_MN ? 1 : 0), "n"(B_MN ? 1 : 0));
+    if constexpr (N == 128) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                     "%64, %65, p, 1, 1, %67, %68;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                       "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                       "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                       "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                       "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                       "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                       "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                     : "l"(da), "l"(db), "r"(1), "n"(A_MN ? 1 : 0), "n"(B_MN ? 1 : 0));
+    } else {
+        static_assert(N == 64, "wg_product: N is 128 or 64");
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                     "%32, %33, p, 1, 1, %35, %36;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                       "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                       "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                     : "l"(da), "l"(db), "r"(1), "n"(A_MN ? 1 : 0), "n"(B_MN ? 1 : 0));
+    }
 #elif defined(__CUDA_ARCH__)
     (void)d, (void)A, (void)B, (void)k0;
     printf("mhc_cuda: the wgmma kernels need an sm_90a build (make gpu builds one)\n");
     __trap();
 #else
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32 % 4;
-    for (int j = 0; j < 16; j++)
+    for (int j = 0; j < N / 8; j++)
         for (int e = 0; e < 4; e++) {
             int r = 16 * warp + lane / 4 + 8 * (e / 2), c = 8 * j + 2 * (lane % 4) + e % 2;
             float s = d[j][e];
@@ -926,30 +941,45 @@ __device__ void wg_product(float (&d)[16][4], const unsigned short *A, const uns
 #endif
 }
 
-/* d (+)= A[the warpgroup's 64 rows, 16 columns] B[128 rows, k0 .. k0+15]^T with A from registers: each warp's
-   16 rows as mma.sync's m16n8k16 A fragment (a, the layout of section 1, which wgmma's register operand
-   shares), B from shared memory as in wg_product. Attention's O += P V takes P this way, straight from the
-   softmax's accumulators (mma_acc_to_a), as FlashAttention-3 does. a must not change until wg_wait. */
-template <bool B_MN>
-__device__ void wg_product_regs(float (&d)[16][4], const MmaFragA<MHC_PREC_BF16> &a, const unsigned short *B, int k0) {
+/* d (+)= A[the warpgroup's 64 rows, 16 columns] B[N rows, k0 .. k0+15]^T (N 128 or 64) with A from registers:
+   each warp's 16 rows as mma.sync's m16n8k16 A fragment (a, the layout of section 1, which wgmma's register
+   operand shares: CUTLASS's ALayout_64x16), B from shared memory as in wg_product. Attention takes P and dS
+   this way, straight from the softmax's accumulators (mma_acc_to_a), as FlashAttention-3 does. a must not
+   change until wg_wait. */
+template <bool B_MN, int N = 128>
+__device__ void wg_product_regs(float (&d)[N / 8][4], const MmaFragA<MHC_PREC_BF16> &a, const unsigned short *B, int k0) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
     uint64_t db = wg_descriptor(B, B_MN, k0);
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-                 "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
-                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
-                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
-                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
-                   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-                 : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "l"(db), "r"(1), "n"(B_MN ? 1 : 0));
+    if constexpr (N == 128) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                     "{%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                       "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                       "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                       "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                       "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                       "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                       "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                     : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "l"(db), "r"(1), "n"(B_MN ? 1 : 0));
+    } else {
+        static_assert(N == 64, "wg_product_regs: N is 128 or 64");
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                     "{%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                       "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                       "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                     : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "l"(db), "r"(1), "n"(B_MN ? 1 : 0));
+    }
 #elif defined(__CUDA_ARCH__)
     (void)d, (void)a, (void)B, (void)k0;
     printf("mhc_cuda: the wgmma kernels need an sm_90a build (make gpu builds one)\n");
@@ -962,7 +992,7 @@ __device__ void wg_product_regs(float (&d)[16][4], const MmaFragA<MHC_PREC_BF16>
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
     warp_a[warp][lane] = a;
     __syncwarp();
-    for (int j = 0; j < 16; j++)
+    for (int j = 0; j < N / 8; j++)
         for (int e = 0; e < 4; e++) {
             int h = e / 2, c = 8 * j + 2 * (lane % 4) + e % 2;
             float s = d[j][e];
@@ -998,10 +1028,10 @@ __device__ void wg_wait() {
 /* The accumulators as operands of an empty instruction, just before wg_fence and just after wg_wait: the
    fence and the wait name no registers, so without it the compiler could move the accumulators' zeroing
    past the fence or their first read before the wait (CUTLASS's warpgroup_fence_operand does the same). */
-__device__ void wg_hold(float (&d)[16][4]) {
+template <int NF> __device__ void wg_hold(float (&d)[NF][4]) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #pragma unroll
-    for (int v = 0; v < 64; v++) asm volatile("" : "+f"(d[v / 4][v % 4])::"memory");
+    for (int v = 0; v < 4 * NF; v++) asm volatile("" : "+f"(d[v / 4][v % 4])::"memory");
 #else
     (void)d;
 #endif
@@ -2821,22 +2851,21 @@ __device__ void att_load_tile(MmaElem<P> *dst, int ld, int c0, int n, const MmaE
     }
 }
 
-/* K tile of the keys from s0 (MHC_ATT_TILE of them, ATT_WG_TILE in the wgmma layouts): [k_nope | k_pe] per
-   row (k_pe shared by the heads), zero-padded */
+/* K tile of keys s0 .. s0+keys-1: [k_nope | k_pe] per row (k_pe shared by the heads), zero-padded */
 template <int P, int L = ATT_ROWS>
-__device__ void att_load_k(MmaElem<P> *Ks, const MmaElem<P> *kv, const MmaElem<P> *kpe, int b, int h, int s0, MhcAttShape sh) {
-    int dqk = sh.dn + sh.dr, row = sh.dn + sh.dv, keys = L == ATT_ROWS ? MHC_ATT_TILE : ATT_WG_TILE;
-    int ld = L == ATT_ROWS ? att_ld(dqk) : keys;
+__device__ void att_load_k(MmaElem<P> *Ks, const MmaElem<P> *kv, const MmaElem<P> *kpe, int b, int h, int s0, int keys,
+                           MhcAttShape sh) {
+    int dqk = sh.dn + sh.dr, row = sh.dn + sh.dv, ld = L == ATT_ROWS ? att_ld(dqk) : keys;
     att_load_tile<P, L>(Ks, ld, 0, sh.dn, kv + (size_t)h * row, (size_t)sh.H * row, sh.dn, b, s0, keys, sh);
     att_load_tile<P, L>(Ks, ld, sh.dn, att_tile_width<L>(dqk) - sh.dn, kpe, sh.dr, sh.dr, b, s0, keys, sh);
 }
 
-/* V tile of the keys from s0 (as att_load_k) */
+/* V tile of keys s0 .. s0+keys-1 */
 template <int P, int L = ATT_ROWS>
-__device__ void att_load_v(MmaElem<P> *Vs, const MmaElem<P> *kv, int b, int h, int s0, MhcAttShape sh) {
-    int row = sh.dn + sh.dv, keys = L == ATT_ROWS ? MHC_ATT_TILE : ATT_WG_TILE;
-    att_load_tile<P, L>(Vs, att_ld(sh.dv), 0, att_tile_width<L>(sh.dv), kv + (size_t)h * row + sh.dn, (size_t)sh.H * row,
-                        sh.dv, b, s0, keys, sh);
+__device__ void att_load_v(MmaElem<P> *Vs, const MmaElem<P> *kv, int b, int h, int s0, int keys, MhcAttShape sh) {
+    int row = sh.dn + sh.dv;
+    att_load_tile<P, L>(Vs, L == ATT_ROWS ? att_ld(sh.dv) : keys, 0, att_tile_width<L>(sh.dv), kv + (size_t)h * row + sh.dn,
+                        (size_t)sh.H * row, sh.dv, b, s0, keys, sh);
 }
 
 /* Q tile of queries t0 .. t0+rows-1 */
@@ -2848,18 +2877,18 @@ __device__ void att_load_q(MmaElem<P> *Qs, const MmaElem<P> *q, int b, int h, in
 }
 
 /* dO tile of queries t0 .. t0+rows-1 */
-template <int P>
+template <int P, int L = ATT_ROWS>
 __device__ void att_load_do(MmaElem<P> *dOs, const MmaElem<P> *d_o, int b, int h, int t0, int rows, MhcAttShape sh) {
-    att_load_tile<P, ATT_ROWS>(dOs, att_ld(sh.dv), 0, att_width(sh.dv), d_o + (size_t)h * sh.dv, (size_t)sh.H * sh.dv, sh.dv,
-                               b, t0, rows, sh);
+    att_load_tile<P, L>(dOs, L == ATT_ROWS ? att_ld(sh.dv) : rows, 0, att_tile_width<L>(sh.dv), d_o + (size_t)h * sh.dv,
+                        (size_t)sh.H * sh.dv, sh.dv, b, t0, rows, sh);
 }
 
 /* the dK, dV kernel's query tile t0 .. t0+63 besides Q: its dO rows, and lse and D of those rows (zero
    past T) by 4-byte cp.async */
-template <int P>
+template <int P, int L = ATT_ROWS>
 __device__ void att_load_do_rows(MmaElem<P> *dOs, float *lse_s, float *D_s, const MmaElem<P> *d_o, const float *lse,
                                  const float *D, int b, int h, int t0, MhcAttShape sh) {
-    att_load_do<P>(dOs, d_o, b, h, t0, MHC_ATT_TILE, sh);
+    att_load_do<P, L>(dOs, d_o, b, h, t0, MHC_ATT_TILE, sh);
     if (threadIdx.x < MHC_ATT_TILE) {
         int t = t0 + threadIdx.x;
         size_t at = ((size_t)b * sh.H + h) * sh.T + (t < sh.T ? t : 0);
@@ -2961,15 +2990,35 @@ static size_t att_forward_wgmma_smem_bytes(MhcAttShape sh) {
     return sizeof(unsigned short) * ATT_WG_TILE * (2 * qk + ATT_WG_TILE) + 1024;
 }
 
-/* the most shared memory any attention kernel takes in any precision, for a check at init */
+/* the wgmma dK, dV kernel's: K [64, d_qk], V [64, d_v] and a ring of Q, dO tiles (d_qk, d_v rounded up to
+   64), P^T and dS^T twice, then lse and D of the ring's rows, and room to align to 1024 bytes */
+#define ATT_WG_RING 3                                  /* Q, dO tiles in flight or in use */
+
+static __host__ __device__ size_t att_wg_kv_elems(int qk, int nv) {   /* bf16 elements before lse and D */
+    return (size_t)MHC_ATT_TILE * (1 + ATT_WG_RING) * (qk + nv) + 4 * (size_t)MHC_ATT_TILE * MHC_ATT_TILE;
+}
+
+static size_t att_backward_kv_wgmma_smem_bytes(MhcAttShape sh) {
+    int qk = att_tile_width<ATT_WG_KMAJOR>(sh.dn + sh.dr), nv = att_tile_width<ATT_WG_KMAJOR>(sh.dv);
+    return sizeof(unsigned short) * att_wg_kv_elems(qk, nv) + sizeof(float) * 2 * ATT_WG_RING * MHC_ATT_TILE + 1024;
+}
+
+/* the wgmma dQ kernel's: Q [128, d_qk], dO [128, d_v], K [64, d_qk], V [64, d_v] (rounded up to 64), aligned */
+static size_t att_backward_q_wgmma_smem_bytes(MhcAttShape sh) {
+    int qk = att_tile_width<ATT_WG_KMAJOR>(sh.dn + sh.dr), nv = att_tile_width<ATT_WG_KMAJOR>(sh.dv);
+    return sizeof(unsigned short) * (2 * 64 + MHC_ATT_TILE) * (size_t)(qk + nv) + 1024;
+}
+
+/* the most shared memory any attention kernel on mma.sync takes in any precision, for a check at init (the
+   wgmma kernels' is checked by mhc_gpu_set_wgmma) */
 static size_t att_smem_most(MhcAttShape sh) {
     size_t most = 0;
-    size_t each[10] = {att_forward_smem_bytes<MHC_PREC_FP32>(sh), att_forward_smem_bytes<MHC_PREC_TF32>(sh),
-                       att_forward_smem_bytes<MHC_PREC_BF16>(sh), att_backward_q_smem_bytes<MHC_PREC_FP32>(sh),
-                       att_backward_q_smem_bytes<MHC_PREC_TF32>(sh), att_backward_q_smem_bytes<MHC_PREC_BF16>(sh),
-                       att_backward_kv_smem_bytes<MHC_PREC_FP32>(sh), att_backward_kv_smem_bytes<MHC_PREC_TF32>(sh),
-                       att_backward_kv_smem_bytes<MHC_PREC_BF16>(sh), att_forward_wgmma_smem_bytes(sh)};
-    for (int k = 0; k < 10; k++) most = each[k] > most ? each[k] : most;
+    size_t each[9] = {att_forward_smem_bytes<MHC_PREC_FP32>(sh), att_forward_smem_bytes<MHC_PREC_TF32>(sh),
+                      att_forward_smem_bytes<MHC_PREC_BF16>(sh), att_backward_q_smem_bytes<MHC_PREC_FP32>(sh),
+                      att_backward_q_smem_bytes<MHC_PREC_TF32>(sh), att_backward_q_smem_bytes<MHC_PREC_BF16>(sh),
+                      att_backward_kv_smem_bytes<MHC_PREC_FP32>(sh), att_backward_kv_smem_bytes<MHC_PREC_TF32>(sh),
+                      att_backward_kv_smem_bytes<MHC_PREC_BF16>(sh)};
+    for (int k = 0; k < 9; k++) most = each[k] > most ? each[k] : most;
     return most;
 }
 
@@ -2992,9 +3041,9 @@ attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaEle
     elem *Qs = (elem *)smem, *Ks = Qs + rows * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
     int end = min(t0 + rows, sh.T);                         /* keys s < end are visible to some row */
     att_load_q<P>(Qs, q, b, h, t0, rows, sh);
-    att_load_k<P>(Ks, kv, kpe, b, h, 0, sh);
+    att_load_k<P>(Ks, kv, kpe, b, h, 0, MHC_ATT_TILE, sh);
     cp_async_commit();                                      /* group: Q, K of tile 0 */
-    att_load_v<P>(Vs, kv, b, h, 0, sh);
+    att_load_v<P>(Vs, kv, b, h, 0, MHC_ATT_TILE, sh);
     cp_async_commit();                                      /* group: V of tile 0 */
     float O[MHC_ATT_MAX_DV / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   /* O [16, d_v] */
     mma_zero(O);
@@ -3006,7 +3055,7 @@ attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaEle
         __syncthreads();
         if (active) mma_smem<P, true>(S, Qs, att_ld(dqk), r0, Ks, att_ld(dqk), att_width(dqk), 0, 8, MHC_ATT_KEY_FRAGS);
         __syncthreads();                                    /* every warp is done with K */
-        if (more) att_load_k<P>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, sh);
+        if (more) att_load_k<P>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, MHC_ATT_TILE, sh);
         cp_async_commit();                                  /* (empty on the last tile: the count stays) */
         if (active) {
             if (att_block_masked(t0 + r0, 16, s0, MHC_ATT_TILE, sh)) att_online_softmax<true>(S, O, m, l, t0 + r0, s0, sh);
@@ -3016,7 +3065,7 @@ attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaEle
         __syncthreads();
         if (active) att_mma_scores<P>(O, S, Vs, att_ld(dv), att_width(dv) / 8);
         __syncthreads();                                    /* every warp is done with V */
-        if (more) att_load_v<P>(Vs, kv, b, h, s0 + MHC_ATT_TILE, sh);
+        if (more) att_load_v<P>(Vs, kv, b, h, s0 + MHC_ATT_TILE, MHC_ATT_TILE, sh);
         cp_async_commit();
     }
     float inv_l[2] = {1.0f / l[0], 1.0f / l[1]};
@@ -3049,9 +3098,9 @@ attention_forward_wgmma_kernel(float *o, float *lse, const unsigned short *q, co
     unsigned short *Ks = Qs + ATT_WG_TILE * qk, *Vs = Ks + ATT_WG_TILE * qk;
     int end = min(t0 + ATT_WG_TILE, sh.T);                  /* keys s < end are visible to some row */
     att_load_q<MHC_PREC_BF16, ATT_WG_KMAJOR>(Qs, q, b, h, t0, ATT_WG_TILE, sh);
-    att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(Ks, kv, kpe, b, h, 0, sh);
+    att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(Ks, kv, kpe, b, h, 0, ATT_WG_TILE, sh);
     cp_async_commit();                                      /* group: Q, K of tile 0 */
-    att_load_v<MHC_PREC_BF16, ATT_WG_MNMAJOR>(Vs, kv, b, h, 0, sh);
+    att_load_v<MHC_PREC_BF16, ATT_WG_MNMAJOR>(Vs, kv, b, h, 0, ATT_WG_TILE, sh);
     cp_async_commit();                                      /* group: V of tile 0 */
     float O[16][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   /* the warp's O [16, 128] */
     mma_zero(O);
@@ -3072,7 +3121,7 @@ attention_forward_wgmma_kernel(float *o, float *lse, const unsigned short *q, co
         wg_wait();
         wg_hold(S);
         __syncthreads();                                    /* every warpgroup is done with K */
-        if (more) att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(Ks, kv, kpe, b, h, s0 + ATT_WG_TILE, sh);
+        if (more) att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(Ks, kv, kpe, b, h, s0 + ATT_WG_TILE, ATT_WG_TILE, sh);
         cp_async_commit();                                  /* (empty on the last tile: the count stays) */
         if (att_block_masked(t0 + r0, 16, s0, ATT_WG_TILE, sh)) att_online_softmax<true>(S, O, m, l, t0 + r0, s0, sh);
         else att_online_softmax<false>(S, O, m, l, t0 + r0, s0, sh);
@@ -3090,7 +3139,7 @@ attention_forward_wgmma_kernel(float *o, float *lse, const unsigned short *q, co
         wg_wait();
         wg_hold(O);
         __syncthreads();                                    /* every warpgroup is done with V */
-        if (more) att_load_v<MHC_PREC_BF16, ATT_WG_MNMAJOR>(Vs, kv, b, h, s0 + ATT_WG_TILE, sh);
+        if (more) att_load_v<MHC_PREC_BF16, ATT_WG_MNMAJOR>(Vs, kv, b, h, s0 + ATT_WG_TILE, ATT_WG_TILE, sh);
         cp_async_commit();
     }
     float inv_l[2] = {1.0f / l[0], 1.0f / l[1]};
@@ -3129,25 +3178,25 @@ __device__ void att_score_grads(float (&dS)[MHC_ATT_KEY_FRAGS][4], const float (
         }
 }
 
-/* The dK, dV kernel's P^T and dS^T of a warp's [16 keys, 32 queries] tiles (keys s0 + kr0 + row, queries
+/* The dK, dV kernels' P^T and dS^T of a warp's [16 keys, 8 KF queries] tiles (keys s0 + kr0 + row, queries
    t0 + qc0 + column; St the transposed scores, dPt = V dO^T) into the shared tiles Pt, dSt [64 keys, 64
-   queries], rounded to the operand precision: a lane's two adjacent queries, one pair store each. lse_s,
-   D_s: the query tile's rows. */
-template <int P, bool MASKED>
-__device__ void att_store_score_grads_t(MmaElem<P> *Pt, MmaElem<P> *dSt, const float (&St)[MHC_ATT_KEY_FRAGS / 2][4],
-                                        const float (&dPt)[MHC_ATT_KEY_FRAGS / 2][4], const float *lse_s, const float *D_s,
-                                        int kr0, int qc0, int t0, int s0, MhcAttShape sh) {
+   queries] laid out as L (ld: att_tile_index), rounded to the operand precision: a lane's two adjacent
+   queries, one pair store each. lse_s, D_s: the query tile's rows. */
+template <int P, bool MASKED, int L, int KF>
+__device__ void att_store_score_grads_t(MmaElem<P> *Pt, MmaElem<P> *dSt, int ld, const float (&St)[KF][4],
+                                        const float (&dPt)[KF][4], const float *lse_s, const float *D_s, int kr0, int qc0,
+                                        int t0, int s0, MhcAttShape sh) {
     typedef MmaOperand<P> Op;
 #pragma unroll
-    for (int j = 0; j < MHC_ATT_KEY_FRAGS / 2; j++)
+    for (int j = 0; j < KF; j++)
 #pragma unroll
         for (int e = 0; e < 4; e += 2) {
-            int i = kr0 + att_acc_row(e), c = qc0 + att_acc_col(j, e);
+            int i = kr0 + att_acc_row(e), c = qc0 + att_acc_col(j, e), at = att_tile_index<L>(ld, i, c);
             float p0 = att_prob<MASKED>(St[j][e], lse_s[c], t0 + c, s0 + i, sh);
             float p1 = att_prob<MASKED>(St[j][e + 1], lse_s[c + 1], t0 + c + 1, s0 + i, sh);
             float ds0 = sh.scale * p0 * (dPt[j][e] - D_s[c]), ds1 = sh.scale * p1 * (dPt[j][e + 1] - D_s[c + 1]);
-            *(typename Op::pair *)(Pt + i * MHC_ATT_PLD + c) = Op::make(Op::round(p0), Op::round(p1));
-            *(typename Op::pair *)(dSt + i * MHC_ATT_PLD + c) = Op::make(Op::round(ds0), Op::round(ds1));
+            *(typename Op::pair *)(Pt + at) = Op::make(Op::round(p0), Op::round(p1));   /* c, c + 1 adjacent in every layout */
+            *(typename Op::pair *)(dSt + at) = Op::make(Op::round(ds0), Op::round(ds1));
         }
 }
 
@@ -3170,9 +3219,9 @@ attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, 
     int end = min(t0 + rows, sh.T);
     att_load_q<P>(Qs, q, b, h, t0, rows, sh);
     att_load_do<P>(dOs, d_o, b, h, t0, rows, sh);
-    att_load_v<P>(Vs, kv, b, h, 0, sh);
+    att_load_v<P>(Vs, kv, b, h, 0, MHC_ATT_TILE, sh);
     cp_async_commit();                                      /* group: Q, dO, V of tile 0 */
-    att_load_k<P>(Ks, kv, kpe, b, h, 0, sh);
+    att_load_k<P>(Ks, kv, kpe, b, h, 0, MHC_ATT_TILE, sh);
     cp_async_commit();                                      /* group: K of tile 0 */
     float lse_r[2], D_r[2];                                 /* of this lane's two query rows */
 #pragma unroll
@@ -3192,7 +3241,7 @@ attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, 
         __syncthreads();
         if (active) mma_smem<P, true>(dS, dOs, att_ld(dv), r0, Vs, att_ld(dv), att_width(dv), 0, 8, MHC_ATT_KEY_FRAGS);  /* dP */
         __syncthreads();                                    /* every warp is done with V */
-        if (more) att_load_v<P>(Vs, kv, b, h, s0 + MHC_ATT_TILE, sh);
+        if (more) att_load_v<P>(Vs, kv, b, h, s0 + MHC_ATT_TILE, MHC_ATT_TILE, sh);
         cp_async_commit();
         cp_async_wait<1>();                                 /* K of this tile is in (the next V may come) */
         __syncthreads();
@@ -3203,7 +3252,7 @@ attention_backward_q_kernel(float *dq, const MmaElem<P> *d_o, const float *lse, 
             att_mma_scores<P>(dQ, dS, Ks, att_ld(dqk), att_width(dqk) / 8);
         }
         __syncthreads();                                    /* every warp is done with K */
-        if (more) att_load_k<P>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, sh);
+        if (more) att_load_k<P>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, MHC_ATT_TILE, sh);
         cp_async_commit();
     }
     float one[2] = {1.0f, 1.0f};
@@ -3229,8 +3278,8 @@ attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, c
     float *lse_s = smem, *D_s = lse_s + MHC_ATT_TILE;
     elem *Qs = (elem *)(D_s + MHC_ATT_TILE), *Ks = Qs + MHC_ATT_TILE * att_ld(dqk), *Vs = Ks + MHC_ATT_TILE * att_ld(dqk);
     elem *dOs = Vs + MHC_ATT_TILE * att_ld(dv), *Pt = dOs + MHC_ATT_TILE * att_ld(dv), *dSt = Pt + MHC_ATT_TILE * MHC_ATT_PLD;
-    att_load_k<P>(Ks, kv, kpe, b, h, s0, sh);
-    att_load_v<P>(Vs, kv, b, h, s0, sh);
+    att_load_k<P>(Ks, kv, kpe, b, h, s0, MHC_ATT_TILE, sh);
+    att_load_v<P>(Vs, kv, b, h, s0, MHC_ATT_TILE, sh);
     att_load_do_rows<P>(dOs, lse_s, D_s, d_o, lse, D, b, h, s0, sh);
     cp_async_commit();                                      /* group: K, V, dO (lse, D) of tile s0 */
     att_load_q<P>(Qs, q, b, h, s0, MHC_ATT_TILE, sh);
@@ -3251,9 +3300,9 @@ attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, c
         __syncthreads();
         mma_smem<P, true>(St, Ks, att_ld(dqk), kr0, Qs, att_ld(dqk), att_width(dqk), qc0, 8, MHC_ATT_KEY_FRAGS / 2);
         if (att_block_masked(t0 + qc0, MHC_ATT_TILE / 2, s0 + kr0, 16, sh))
-            att_store_score_grads_t<P, true>(Pt, dSt, St, dPt, lse_s, D_s, kr0, qc0, t0, s0, sh);
+            att_store_score_grads_t<P, true, ATT_ROWS>(Pt, dSt, MHC_ATT_PLD, St, dPt, lse_s, D_s, kr0, qc0, t0, s0, sh);
         else
-            att_store_score_grads_t<P, false>(Pt, dSt, St, dPt, lse_s, D_s, kr0, qc0, t0, s0, sh);
+            att_store_score_grads_t<P, false, ATT_ROWS>(Pt, dSt, MHC_ATT_PLD, St, dPt, lse_s, D_s, kr0, qc0, t0, s0, sh);
         __syncthreads();                                    /* P^T, dS^T are complete */
         mma_smem<P, false>(dV, Pt, MHC_ATT_PLD, kr0, dOs, att_ld(dv), MHC_ATT_TILE, 8 * half, 16, nv);   /* P^T dO */
         __syncthreads();                                    /* every warp is done with dO, lse, D */
@@ -3270,6 +3319,274 @@ attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, c
     att_store_acc(dkv_h, row, dK, 8 * half, 16, nk, 0, sh.dn, one, b, s0 + kr0, sh);
     att_store_acc(dkv_h + sh.dn, row, dV, 8 * half, 16, nv, 0, dv, one, b, s0 + kr0, sh);
     att_store_acc(dkpe_h + (size_t)h * sh.dr, (size_t)sh.H * sh.dr, dK, 8 * half, 16, nk, sh.dn, sh.dr, one, b, s0 + kr0, sh);
+}
+
+/* dQ on wgmma (BF16, MHC_WGMMA_ATTENTION; d_qk <= 192, d_v <= 128, NV: d_v rounded up to 64 or 128): the grid,
+   sums and pipeline of attention_backward_q_kernel (128 queries a block, key tiles of 64, V and K taking
+   turns in one buffer each), each warpgroup 64 of the queries. Per key tile dP = dO V^T and S = Q K^T are
+   m64n64k16 steps from shared memory (all K-major), dS = scale P (dP - D) is made on them in registers
+   (att_score_grads as it is), and dQ += dS K takes dS from the registers (wg_product_regs) with K's tile as
+   the MN-major operand (the same bytes: a 64-row K-major tile), m64n128k16 for d_qk's first 128 columns
+   and m64n64k16 for the last 64 of 192. A warpgroup whose 64 rows all precede a key tile skips its
+   products. Shared memory: att_backward_q_wgmma_smem_bytes. */
+template <int DN, int DR, int DV, int NV>
+__global__ void __launch_bounds__(2 * 128, 1)
+attention_backward_q_wgmma_kernel(float *dq, const unsigned short *d_o, const float *lse, const float *D, const unsigned short *q,
+                                  const unsigned short *kv, const unsigned short *kpe, MhcAttShape dims) {
+    const MhcAttShape sh = att_fixed_dims<DN, DR, DV>(dims);
+    extern __shared__ uint8_t att_wg_smem[];
+    const int rows = 2 * 64;                                /* the block's queries */
+    int qk = att_tile_width<ATT_WG_KMAJOR>(sh.dn + sh.dr), b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
+    int t0 = (gridDim.y - 1 - blockIdx.y) * rows, wg = threadIdx.x / 128, r0 = threadIdx.x / 32 * 16;
+    unsigned short *Qs = wg_tiles(att_wg_smem), *dOs = Qs + rows * qk, *Ks = dOs + rows * NV, *Vs = Ks + MHC_ATT_TILE * qk;
+    int end = min(t0 + rows, sh.T);
+    att_load_q<MHC_PREC_BF16, ATT_WG_KMAJOR>(Qs, q, b, h, t0, rows, sh);
+    att_load_do<MHC_PREC_BF16, ATT_WG_KMAJOR>(dOs, d_o, b, h, t0, rows, sh);
+    att_load_v<MHC_PREC_BF16, ATT_WG_KMAJOR>(Vs, kv, b, h, 0, MHC_ATT_TILE, sh);
+    cp_async_commit();                                      /* group: Q, dO, V of tile 0 */
+    att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(Ks, kv, kpe, b, h, 0, MHC_ATT_TILE, sh);
+    cp_async_commit();                                      /* group: K of tile 0 */
+    float lse_r[2], D_r[2];                                 /* of this lane's two query rows */
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int t = t0 + r0 + att_acc_row(2 * r);
+        lse_r[r] = t < sh.T ? lse[(size_t)blockIdx.x * sh.T + t] : 0.0f;
+        D_r[r] = t < sh.T ? D[(size_t)blockIdx.x * sh.T + t] : 0.0f;
+    }
+    float dQa[16][4], dQb[8][4];                            /* dQ's columns 0 .. 127 (qk >= 128), its last 64 */
+    mma_zero(dQa);
+    mma_zero(dQb);
+    const unsigned short *Qw = Qs + 4096 * wg, *dOw = dOs + 4096 * wg;   /* the warpgroup's rows of each chunk */
+    for (int s0 = 0; s0 < end; s0 += MHC_ATT_TILE) {
+        bool active = t0 + 64 * wg + 63 >= s0, more = s0 + MHC_ATT_TILE < end;
+        float S[MHC_ATT_KEY_FRAGS][4], dS[MHC_ATT_KEY_FRAGS][4];   /* the warp's [16, 64 keys]; dS holds dP first */
+        mma_zero(S);
+        mma_zero(dS);
+        cp_async_wait<1>();                                 /* V of this tile is in (K may still come) */
+        wg_fence_shared();
+        __syncthreads();
+        if (active) {
+            wg_hold(dS);
+            wg_fence();
+#pragma unroll
+            for (int c = 0; c < NV; c += 64)
+#pragma unroll
+                for (int k0 = 0; k0 < 64; k0 += 16) wg_product<false, false, 64>(dS, dOw + c * rows, Vs + c * MHC_ATT_TILE, k0);
+            wg_commit();
+            wg_wait();
+            wg_hold(dS);
+        }
+        __syncthreads();                                    /* every warpgroup is done with V */
+        if (more) att_load_v<MHC_PREC_BF16, ATT_WG_KMAJOR>(Vs, kv, b, h, s0 + MHC_ATT_TILE, MHC_ATT_TILE, sh);
+        cp_async_commit();
+        cp_async_wait<1>();                                 /* K of this tile is in (the next V may come) */
+        wg_fence_shared();
+        __syncthreads();
+        if (active) {
+            wg_hold(S);
+            wg_fence();
+            for (int c = 0; c < qk; c += 64)
+#pragma unroll
+                for (int k0 = 0; k0 < 64; k0 += 16) wg_product<false, false, 64>(S, Qw + c * rows, Ks + c * MHC_ATT_TILE, k0);
+            wg_commit();
+            wg_wait();
+            wg_hold(S);
+            if (att_block_masked(t0 + r0, 16, s0, MHC_ATT_TILE, sh)) att_score_grads<true>(dS, S, lse_r, D_r, t0 + r0, s0, sh);
+            else att_score_grads<false>(dS, S, lse_r, D_r, t0 + r0, s0, sh);
+            MmaFragA<MHC_PREC_BF16> ds[MHC_ATT_KEY_FRAGS / 2];   /* dS, rounded, 16 keys a fragment */
+#pragma unroll
+            for (int k = 0; k < MHC_ATT_KEY_FRAGS / 2; k++) ds[k] = mma_acc_to_a<MHC_PREC_BF16>(dS[2 * k], dS[2 * k + 1]);
+            wg_hold(dQa);
+            wg_hold(dQb);
+            wg_fence();
+#pragma unroll
+            for (int k = 0; k < MHC_ATT_KEY_FRAGS / 2; k++) {
+                if (qk >= 128) wg_product_regs<true, 128>(dQa, ds[k], Ks, 16 * k);
+                if (qk % 128) wg_product_regs<true, 64>(dQb, ds[k], Ks + (qk - 64) * MHC_ATT_TILE, 16 * k);
+            }
+            wg_commit();
+            wg_wait();
+            wg_hold(dQa);
+            wg_hold(dQb);
+        }
+        __syncthreads();                                    /* every warpgroup is done with K */
+        if (more) att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, MHC_ATT_TILE, sh);
+        cp_async_commit();
+    }
+    float one[2] = {1.0f, 1.0f};
+    int dqk = sh.dn + sh.dr;
+    if (qk >= 128) att_store_acc(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dQa, 0, 8, 16, 0, dqk, one, b, t0 + r0, sh);
+    if (qk % 128) att_store_acc(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dQb, qk - 64, 8, 8, 0, dqk, one, b, t0 + r0, sh);
+}
+
+/* dK and dV on wgmma (BF16, mhc_gpu_set_wgmma's MHC_WGMMA_ATTENTION; d_qk <= 192, d_v <= 128, NV: d_v rounded
+   up to 64 or 128): the grid and sums of attention_backward_kv_kernel, 64 keys a block, walking the query
+   tiles of 64 from the diagonal on. The two warpgroups split a tile's work, as FlashAttention-3's producer
+   and consumer do, but both on the tensor cores:
+     warpgroup 0 makes S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each, m64n64k16), and from them
+       P^T and dS^T, rounded to bf16 into shared memory (att_wg_scores);
+     warpgroup 1 takes the tile before's and adds dV += P^T dO and dK += dS^T Q (m64n128k16, and m64n64k16
+       for the last 64 of d_qk's 192 columns), holding dV and dK, 64 + 96 accumulators a thread (att_wg_grads).
+   Each has about half the FLOPs of a tile: 64 x 64 x (d_qk + d_v) multiply-adds. Q and dO come by cp.async
+   through a ring of 3 (warpgroup 0 reads tile i while warpgroup 1 reads tile i - 1 and tile i + 1 lands),
+   P^T and dS^T through two buffers. A 64-row K-major tile is the same bytes as a 64-deep MN-major one, so
+   the copies of dO and Q that the scores read K-major are also the MN-major operands of dV and dK. The
+   warpgroups run loops of their own, so they meet at a named barrier (att_barrier), which PTX counts
+   wherever it is reached from. Shared memory: att_backward_kv_wgmma_smem_bytes. */
+/* bar.sync 1 over the whole block: the warpgroups of a kernel whose loops are their own meet here (PTX's
+   barrier counts the block's arrivals wherever they come from; __syncthreads assumes one place) */
+__device__ void att_barrier() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("bar.sync 1, %0;" ::"r"(blockDim.x) : "memory");
+#else
+    __syncthreads();
+#endif
+}
+
+/* the buffers of attention_backward_kv_wgmma_kernel, carved from its dynamic shared memory in this order */
+typedef struct {
+    unsigned short *K, *V;                   /* [64, qk], [64, NV], K-major                        */
+    unsigned short *Q, *dO;                  /* [ATT_WG_RING][64, qk], [ATT_WG_RING][64, NV]        */
+    unsigned short *Pt, *dSt;                /* [2][64 keys, 64 queries], K-major                   */
+    float *lse, *D;                          /* [ATT_WG_RING][64]                                   */
+    int qk, nv;                              /* d_qk and d_v rounded up to 64                       */
+} MhcAttWgKv;
+
+/* query tile i (queries s0 + 64 i ..) into ring slot i % ATT_WG_RING: Q, dO, and lse, D of its rows; one
+   cp.async group, empty past the last tile */
+__device__ void att_wg_load_queries(const MhcAttWgKv &m, const unsigned short *q, const unsigned short *d_o, const float *lse,
+                                    const float *D, int b, int h, int s0, int i, MhcAttShape sh) {
+    int tiles = (sh.T - s0 + MHC_ATT_TILE - 1) / MHC_ATT_TILE, slot = i % ATT_WG_RING, t0 = s0 + MHC_ATT_TILE * i;
+    if (i < tiles) {
+        att_load_q<MHC_PREC_BF16, ATT_WG_KMAJOR>(m.Q + (size_t)slot * MHC_ATT_TILE * m.qk, q, b, h, t0, MHC_ATT_TILE, sh);
+        att_load_do_rows<MHC_PREC_BF16, ATT_WG_KMAJOR>(m.dO + (size_t)slot * MHC_ATT_TILE * m.nv, m.lse + slot * MHC_ATT_TILE,
+                                                        m.D + slot * MHC_ATT_TILE, d_o, lse, D, b, h, t0, sh);
+    }
+    cp_async_commit();
+}
+
+/* the end of step i of both warpgroups' loops: warpgroup 0's P^T and dS^T of tile i are complete and
+   tile i - 1's slot is free (every product that read it has completed), so tile i + 2 goes there; then
+   tile i + 1 has landed */
+__device__ void att_wg_next_tile(const MhcAttWgKv &m, const unsigned short *q, const unsigned short *d_o, const float *lse,
+                                 const float *D, int b, int h, int s0, int i, MhcAttShape sh) {
+    wg_fence_shared();                                      /* P^T, dS^T: generic stores, for the tensor cores */
+    att_barrier();
+    att_wg_load_queries(m, q, d_o, lse, D, b, h, s0, i + 2, sh);
+    cp_async_wait<1>();                                     /* tile i + 1 (i + 2 may still come) */
+    wg_fence_shared();
+    att_barrier();
+}
+
+/* warpgroup 0, query tile i: S^T = K Q^T and dP^T = V dO^T (the warp's 16 keys kr0 .. of the 64, 64
+   queries), then P^T and dS^T into buffer i % 2 */
+template <int NV>
+__device__ void att_wg_scores(const MhcAttWgKv &m, int s0, int i, MhcAttShape sh) {
+    int slot = i % ATT_WG_RING, t0 = s0 + MHC_ATT_TILE * i, kr0 = threadIdx.x / 32 * 16;
+    const unsigned short *Qi = m.Q + (size_t)slot * MHC_ATT_TILE * m.qk, *dOi = m.dO + (size_t)slot * MHC_ATT_TILE * NV;
+    float St[MHC_ATT_KEY_FRAGS][4], dPt[MHC_ATT_KEY_FRAGS][4];   /* [16 keys, 64 queries] */
+    mma_zero(St);
+    mma_zero(dPt);
+    wg_hold(St);
+    wg_hold(dPt);
+    wg_fence();
+    for (int c = 0; c < m.qk; c += 64)                      /* chunk c of the columns: 4 k steps */
+#pragma unroll
+        for (int k0 = 0; k0 < 64; k0 += 16) wg_product<false, false, 64>(St, m.K + c * MHC_ATT_TILE, Qi + c * MHC_ATT_TILE, k0);
+#pragma unroll
+    for (int c = 0; c < NV; c += 64)
+#pragma unroll
+        for (int k0 = 0; k0 < 64; k0 += 16) wg_product<false, false, 64>(dPt, m.V + c * MHC_ATT_TILE, dOi + c * MHC_ATT_TILE, k0);
+    wg_commit();
+    wg_wait();
+    wg_hold(St);
+    wg_hold(dPt);
+    unsigned short *Pt = m.Pt + i % 2 * MHC_ATT_TILE * MHC_ATT_TILE, *dSt = m.dSt + i % 2 * MHC_ATT_TILE * MHC_ATT_TILE;
+    const float *lse_s = m.lse + slot * MHC_ATT_TILE, *D_s = m.D + slot * MHC_ATT_TILE;
+    if (att_block_masked(t0, MHC_ATT_TILE, s0 + kr0, 16, sh))
+        att_store_score_grads_t<MHC_PREC_BF16, true, ATT_WG_KMAJOR>(Pt, dSt, MHC_ATT_TILE, St, dPt, lse_s, D_s, kr0, 0, t0, s0, sh);
+    else
+        att_store_score_grads_t<MHC_PREC_BF16, false, ATT_WG_KMAJOR>(Pt, dSt, MHC_ATT_TILE, St, dPt, lse_s, D_s, kr0, 0, t0, s0, sh);
+}
+
+/* warpgroup 1, query tile i: dV += P^T dO, dK += dS^T Q (dK's columns 0 .. 127 in dKa where qk >= 128, the
+   last 64 in dKb where qk is not a multiple of 128) */
+template <int NV>
+__device__ void att_wg_grads(float (&dV)[NV / 8][4], float (&dKa)[16][4], float (&dKb)[8][4], const MhcAttWgKv &m, int i) {
+    int slot = i % ATT_WG_RING;
+    const unsigned short *Qi = m.Q + (size_t)slot * MHC_ATT_TILE * m.qk, *dOi = m.dO + (size_t)slot * MHC_ATT_TILE * NV;
+    const unsigned short *Pt = m.Pt + i % 2 * MHC_ATT_TILE * MHC_ATT_TILE, *dSt = m.dSt + i % 2 * MHC_ATT_TILE * MHC_ATT_TILE;
+    wg_hold(dV);
+    wg_hold(dKa);
+    wg_hold(dKb);
+    wg_fence();
+#pragma unroll
+    for (int k0 = 0; k0 < MHC_ATT_TILE; k0 += 16) {         /* the tile's queries, 16 at a time */
+        wg_product<false, true, NV>(dV, Pt, dOi, k0);
+        if (m.qk >= 128) wg_product<false, true, 128>(dKa, dSt, Qi, k0);
+        if (m.qk % 128) wg_product<false, true, 64>(dKb, dSt, Qi + (m.qk - 64) * MHC_ATT_TILE, k0);
+    }
+    wg_commit();
+    wg_wait();
+    wg_hold(dV);
+    wg_hold(dKa);
+    wg_hold(dKb);
+}
+
+template <int DN, int DR, int DV, int NV>
+__global__ void __launch_bounds__(2 * 128, 1)
+attention_backward_kv_wgmma_kernel(float *dkv, float *dkpe_h, const unsigned short *d_o, const float *lse, const float *D,
+                                   const unsigned short *q, const unsigned short *kv, const unsigned short *kpe, MhcAttShape dims) {
+    const MhcAttShape sh = att_fixed_dims<DN, DR, DV>(dims);
+    extern __shared__ uint8_t att_wg_smem[];
+    int b = blockIdx.x / sh.H, h = blockIdx.x % sh.H, s0 = blockIdx.y * MHC_ATT_TILE, wg = threadIdx.x / 128;
+    int tiles = (sh.T - s0 + MHC_ATT_TILE - 1) / MHC_ATT_TILE;
+    MhcAttWgKv m;
+    m.qk = att_tile_width<ATT_WG_KMAJOR>(sh.dn + sh.dr);
+    m.nv = NV;
+    m.K = wg_tiles(att_wg_smem);
+    m.V = m.K + MHC_ATT_TILE * m.qk;
+    m.Q = m.V + MHC_ATT_TILE * NV;
+    m.dO = m.Q + ATT_WG_RING * MHC_ATT_TILE * m.qk;
+    m.Pt = m.dO + ATT_WG_RING * MHC_ATT_TILE * NV;
+    m.dSt = m.Pt + 2 * MHC_ATT_TILE * MHC_ATT_TILE;
+    m.lse = (float *)(m.K + att_wg_kv_elems(m.qk, NV));
+    m.D = m.lse + ATT_WG_RING * MHC_ATT_TILE;
+    att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(m.K, kv, kpe, b, h, s0, MHC_ATT_TILE, sh);
+    att_load_v<MHC_PREC_BF16, ATT_WG_KMAJOR>(m.V, kv, b, h, s0, MHC_ATT_TILE, sh);
+    att_wg_load_queries(m, q, d_o, lse, D, b, h, s0, 0, sh);    /* group: K, V, tile 0 */
+    att_wg_load_queries(m, q, d_o, lse, D, b, h, s0, 1, sh);    /* group: tile 1 */
+    cp_async_wait<1>();
+    wg_fence_shared();
+    att_barrier();
+    if (wg == 0) {
+        for (int i = 0; i <= tiles; i++) {
+            if (i < tiles) att_wg_scores<NV>(m, s0, i, sh);
+            att_wg_next_tile(m, q, d_o, lse, D, b, h, s0, i, sh);
+        }
+        return;
+    }
+    float dV[NV / 8][4], dKa[16][4], dKb[8][4];
+    mma_zero(dV);
+    mma_zero(dKa);
+    mma_zero(dKb);
+    for (int i = 0; i <= tiles; i++) {
+        if (i > 0) att_wg_grads<NV>(dV, dKa, dKb, m, i - 1);
+        att_wg_next_tile(m, q, d_o, lse, D, b, h, s0, i, sh);
+    }
+    int kr0 = threadIdx.x % 128 / 32 * 16;                  /* the warp's 16 keys */
+    float one[2] = {1.0f, 1.0f};
+    size_t row = (size_t)sh.H * (sh.dn + sh.dv);
+    float *dkv_h = dkv + (size_t)h * (sh.dn + sh.dv), *dkpe_hh = dkpe_h + (size_t)h * sh.dr;
+    att_store_acc(dkv_h + sh.dn, row, dV, 0, 8, NV / 8, 0, sh.dv, one, b, s0 + kr0, sh);
+    if (m.qk >= 128) {
+        att_store_acc(dkv_h, row, dKa, 0, 8, 16, 0, sh.dn, one, b, s0 + kr0, sh);
+        att_store_acc(dkpe_hh, (size_t)sh.H * sh.dr, dKa, 0, 8, 16, sh.dn, sh.dr, one, b, s0 + kr0, sh);
+    }
+    if (m.qk % 128) {
+        att_store_acc(dkv_h, row, dKb, m.qk - 64, 8, 8, 0, sh.dn, one, b, s0 + kr0, sh);
+        att_store_acc(dkpe_hh, (size_t)sh.H * sh.dr, dKb, m.qk - 64, 8, 8, sh.dn, sh.dr, one, b, s0 + kr0, sh);
+    }
 }
 
 /* dkpe [N,d_r] = sum_h dkpe_h [N,H,d_r]: the shared k_pe collects the gradient of every head (SPEC §9) */
@@ -4008,17 +4325,44 @@ template <int P> struct MhcAttCall {
     int wgmma;                    /* BF16, 1: the forward on wgmma where d_v <= 128 (attention_forward_wgmma_kernel) */
 };
 
+/* the backward's wgmma kernels of `which` for heads of d_v rounded up to NV (an instance only where DV is 0 or
+   rounds to NV) */
+template <int DN, int DR, int DV, int NV> static void att_backward_wgmma(int which, const MhcAttCall<MHC_PREC_BF16> &x) {
+    if constexpr (DV == 0 || (DV <= 64) == (NV == 64)) {
+        if (which & MHC_ATT_BACKWARD_KV) {
+            size_t bytes = att_smem_optin((const void *)attention_backward_kv_wgmma_kernel<DN, DR, DV, NV>,
+                                          att_backward_kv_wgmma_smem_bytes(x.sh));
+            attention_backward_kv_wgmma_kernel<DN, DR, DV, NV><<<att_grid(x.B, x.sh, MHC_ATT_TILE), 2 * 128, bytes>>>(
+                x.dkv, x.dkpe_h, x.d_o, x.lse, x.D, x.q, x.kv, x.kpe, x.sh);
+            LAUNCH_CHECK();
+        }
+        if (which & MHC_ATT_BACKWARD_Q) {
+            size_t bytes = att_smem_optin((const void *)attention_backward_q_wgmma_kernel<DN, DR, DV, NV>,
+                                          att_backward_q_wgmma_smem_bytes(x.sh));
+            attention_backward_q_wgmma_kernel<DN, DR, DV, NV><<<att_grid(x.B, x.sh, 2 * 64), 2 * 128, bytes>>>(
+                x.dq, x.d_o, x.lse, x.D, x.q, x.kv, x.kpe, x.sh);
+            LAUNCH_CHECK();
+        }
+    }
+}
+
 /* the kernels of x.which instanced for head dims DN, DR, DV (0: read at run time; att_fixed_dims) */
 template <int P, int DN, int DR, int DV> static void gpu_attention_kernels_at(int which, const MhcAttCall<P> &x) {
     const int rows = att_query_rows(P);
     size_t bytes;
     if constexpr (P == MHC_PREC_BF16) {
-        if ((which & MHC_ATT_FORWARD) && x.wgmma && x.sh.dv <= ATT_WG_TILE) {
-            bytes = att_smem_optin((const void *)attention_forward_wgmma_kernel<DN, DR, DV>, att_forward_wgmma_smem_bytes(x.sh));
-            attention_forward_wgmma_kernel<DN, DR, DV><<<att_grid(x.B, x.sh, ATT_WG_TILE), 2 * 128, bytes>>>(x.o, x.lse_out, x.q,
-                                                                                                         x.kv, x.kpe, x.sh);
-            LAUNCH_CHECK();
-            which &= ~MHC_ATT_FORWARD;
+        if (x.wgmma && x.sh.dv <= ATT_WG_TILE && x.sh.dn + x.sh.dr <= MHC_ATT_MAX_DQK) {   /* the wgmma kernels' heads */
+            if (which & MHC_ATT_FORWARD) {
+                bytes = att_smem_optin((const void *)attention_forward_wgmma_kernel<DN, DR, DV>, att_forward_wgmma_smem_bytes(x.sh));
+                attention_forward_wgmma_kernel<DN, DR, DV><<<att_grid(x.B, x.sh, ATT_WG_TILE), 2 * 128, bytes>>>(
+                    x.o, x.lse_out, x.q, x.kv, x.kpe, x.sh);
+                LAUNCH_CHECK();
+            }
+            if (which & (MHC_ATT_BACKWARD_KV | MHC_ATT_BACKWARD_Q)) {
+                if (DV ? DV <= 64 : x.sh.dv <= 64) att_backward_wgmma<DN, DR, DV, 64>(which, x);
+                else att_backward_wgmma<DN, DR, DV, 128>(which, x);
+            }
+            return;
         }
     }
     if (which & MHC_ATT_FORWARD) {
@@ -4500,6 +4844,21 @@ int mhc_gpu_set_wgmma(MhcGpu *g, int kernels) {
         fprintf(stderr, "mhc_gpu_set_wgmma: wgmma needs a Hopper GPU (compute capability 9.x) and a build for "
                         "sm_90a (make gpu's default GPU_ARCH_FLAGS)\n");
         return -1;
+    }
+    if (kernels & MHC_WGMMA_ATTENTION) {           /* (the heads init took always fit a Hopper's 227 KB) */
+        MhcAttShape sh = att_shape(&g->cfg, 1);
+        size_t most = att_forward_wgmma_smem_bytes(sh), kv = att_backward_kv_wgmma_smem_bytes(sh);
+        size_t dq = att_backward_q_wgmma_smem_bytes(sh);
+        int dev, optin;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        most = kv > most ? kv : most;
+        most = dq > most ? dq : most;
+        if (most > (size_t)optin) {
+            fprintf(stderr, "mhc_gpu_set_wgmma: the wgmma attention kernels take %zu bytes of shared memory (max %d)\n", most,
+                    optin);
+            return -1;
+        }
     }
     g->blas.wgmma = kernels & (MHC_WGMMA_EXPERTS | MHC_WGMMA_ATTENTION);
     return 0;

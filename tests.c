@@ -2747,7 +2747,9 @@ static void gpu_test_streams(void) {
    of 4 (16-byte loads); the 3b preset's head dims (d_qk 192, d_v 128) over two tiles, which in bf16 is
    one 128-row query tile with warps that skip key tiles; and multiples of 8 over four tiles, two batch
    rows, so that bf16's cp.async loads (whole 8-element chunks) run the pipelines' buffer turns several
-   times, to a partial last tile. Exact mode (CUDA cores): fp32 on both sides,
+   times, to a partial last tile; and d_qk 104, d_v 96 over five tiles, where the wgmma dK, dV kernel
+   pads both to 128 and its ring of query tiles goes round. The fourth mode runs bf16 with all three
+   kernels on wgmma (mhc_gpu_set_wgmma's MHC_WGMMA_ATTENTION). Exact mode (CUDA cores): fp32 on both sides,
    summed in different orders: 1e-5 forward, 1e-4 backward (two chained products). TF32 tensor cores:
    1e-2 (operands rounded to 10-bit mantissas, relative 2^-11, then two products chained, P or dS
    rounded in between). bf16: 3e-2, the same with 7-bit mantissas (relative 2^-8, 8x TF32's); the H100
@@ -2755,9 +2757,10 @@ static void gpu_test_streams(void) {
 static void gpu_test_attention(void) {
     /* B T H dn dr dv: odd dims (read at run time), and the presets' head dims (3b's 128/64/128, small's
        64/32/64), which TF32 and bf16 run on kernels instanced for them (gpu_attention_kernels) */
-    const int shapes[6][6] = {{2, 37, 3, 8, 6, 10}, {1, 70, 2, 5, 4, 7}, {1, 150, 2, 16, 8, 12},
-                              {1, 100, 2, 128, 64, 128}, {2, 200, 1, 16, 8, 16}, {1, 130, 2, 64, 32, 64}};
-    for (int k = 0; k < 6; k++) {
+    const int shapes[7][6] = {{2, 37, 3, 8, 6, 10}, {1, 70, 2, 5, 4, 7}, {1, 150, 2, 16, 8, 12},
+                              {1, 100, 2, 128, 64, 128}, {2, 200, 1, 16, 8, 16}, {1, 130, 2, 64, 32, 64},
+                              {1, 300, 1, 72, 32, 96}};
+    for (int k = 0; k < 7; k++) {
         MhcConfig c = gt_config(MHC_RESIDUAL_MHC, 0, 0);
         int B = shapes[k][0], T = shapes[k][1], N = B * T;
         c.n_heads = shapes[k][2]; c.qk_nope_head_dim = shapes[k][3]; c.qk_rope_head_dim = shapes[k][4]; c.v_head_dim = shapes[k][5];
@@ -2788,13 +2791,13 @@ static void gpu_test_attention(void) {
                 }
         float *d_q = gt_upload(q, nq), *d_kv = gt_upload(kv, nkv), *d_kpe = gt_upload(kpe, (size_t)N * dr);
         float *d_dout = gt_upload(dout, no);
-        const int precs[4] = {MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16, MHC_PREC_BF16};   /* the last: forward on wgmma */
-        const char *prec_names[4] = {"fp32", "tf32 tensor cores", "bf16 tensor cores", "bf16, forward on wgmma"};
+        const int precs[4] = {MHC_PREC_FP32, MHC_PREC_TF32, MHC_PREC_BF16, MHC_PREC_BF16};   /* the last: wgmma */
+        const char *prec_names[4] = {"fp32", "tf32 tensor cores", "bf16 tensor cores", "bf16 on wgmma"};
         const double tols_f[4] = {1e-5, 1e-2, 3e-2, 3e-2}, tols_b[4] = {1e-4, 1e-2, 3e-2, 3e-2};
         for (int k2 = 0; k2 < 4; k2++) {
             double tol_f = tols_f[k2], tol_b = tols_b[k2];
             if (k2 == 3 && !mhc_gpu_has_wgmma()) {
-                printf("---- gpu flash attention bf16, forward on wgmma: skipped (needs a Hopper GPU)\n");
+                printf("---- gpu flash attention bf16 on wgmma: skipped (needs a Hopper GPU)\n");
                 continue;
             }
             float *d_o = gt_nan(no), *d_lse = gt_nan(nrow), *d_dq = gt_nan(nq), *d_dkv = gt_nan(nkv), *d_dkpe = gt_nan((size_t)N * dr);
@@ -3091,7 +3094,7 @@ static void gpu_test_wgmma_model(const MhcConfig *cfg) {
     int *tokens = (int *)mhc_calloc((size_t)N, sizeof(int)), *targets = (int *)mhc_calloc((size_t)N, sizeof(int));
     gt_tokens(tokens, targets, N, cfg->vocab_size);
     const int kernels[3] = {0, MHC_WGMMA_EXPERTS, MHC_WGMMA_EXPERTS | MHC_WGMMA_ATTENTION};
-    const char *names[3] = {"", "expert GEMMs", "expert GEMMs and attention forward"};
+    const char *names[3] = {"", "expert GEMMs", "expert GEMMs and attention"};
     float *grads[3];
     double loss[3];
     for (int r = 0; r < 3; r++) {

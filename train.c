@@ -714,8 +714,8 @@ static void usage(void) {
            "                         attention, for far less activation memory (see --dry-run)\n"
            "  --expert-wgmma         GPU, --precision bf16, Hopper: the routed-expert GEMMs on wgmma tiles in\n"
            "                         place of mma.sync (the same sums in another order; not yet run on a GPU)\n"
-           "  --attention-wgmma      GPU, --precision bf16, Hopper: the attention forward on wgmma, 128 x 128\n"
-           "                         tiles (the same sums in another order; not yet run on a GPU)\n"
+           "  --attention-wgmma      GPU, --precision bf16, Hopper: the training attention kernels on wgmma\n"
+           "                         (the same sums in another order; not yet run on a GPU)\n"
            "  --loss-gap PNG DIR...  plot CE(run) - CE(first run) from finished runs' log.csv\n"
            "  --help\n");
 }
@@ -1369,7 +1369,7 @@ int main(int argc, char **argv) {
 #ifdef __CUDACC__
     printf("GPU GEMM precision: %s%s%s%s\n", precision_names[o.precision], o.recompute ? ", recompute" : "",
            o.wgmma & WGMMA_EXPERTS ? ", routed-expert GEMMs on wgmma" : "",
-           o.wgmma & WGMMA_ATTENTION ? ", attention forward on wgmma" : "");
+           o.wgmma & WGMMA_ATTENTION ? ", attention on wgmma" : "");
 #endif
     double t_start = now_seconds();
     int first_step = tr.m.step;

@@ -14,8 +14,7 @@
    once per kernel: no float atomics). The rate is set against the H100 SXM's dense peak (989 TFLOP/s bf16,
    495 TF32). The inputs are hashed values; lse, o and D come from a forward and the row sums, as in
    training. The bf16 rows time the kernels on bf16 copies made beforehand; the copies' own time is a row
-   of its own. On a Hopper the bf16 forward is timed a second time on wgmma (attention_forward_wgmma_kernel,
-   train's --attention-wgmma). */
+   of its own. On a Hopper the bf16 kernels are timed a second time on wgmma (train's --attention-wgmma). */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #include "mhc_cuda.cuh"
@@ -66,9 +65,12 @@ static void bench_kernels(BenchAtt *x, BenchTimer *tm, const MmaElem<P> *q, cons
     double pairs = (double)x->B * sh.H * sh.T * (sh.T + 1) / 2.0, dqk = sh.dn + sh.dr, dv = sh.dv;
     MhcAttCall<P> call = {x->o, x->lse, x->dq, x->dkv, x->dkpe_h, x->lse, x->D, q, kv, kpe, d_o, x->B, sh, 0};
     bench_row("forward", x, prec, 2 * pairs * (dqk + dv), bench_kernel<P>(MHC_ATT_FORWARD, call, tm), peak);
-    if (P == MHC_PREC_BF16 && mhc_gpu_has_wgmma()) {   /* attention_forward_wgmma_kernel (--attention-wgmma) */
+    if (P == MHC_PREC_BF16 && mhc_gpu_has_wgmma()) {   /* the wgmma kernels (--attention-wgmma) */
         call.wgmma = 1;
         bench_row("forward on wgmma", x, prec, 2 * pairs * (dqk + dv), bench_kernel<P>(MHC_ATT_FORWARD, call, tm), peak);
+        bench_row("dK, dV on wgmma", x, prec, 2 * pairs * (2 * dqk + 2 * dv), bench_kernel<P>(MHC_ATT_BACKWARD_KV, call, tm),
+                  peak);
+        bench_row("dQ on wgmma", x, prec, 2 * pairs * (2 * dqk + dv), bench_kernel<P>(MHC_ATT_BACKWARD_Q, call, tm), peak);
         call.wgmma = 0;
     }
     bench_row("dK, dV", x, prec, 2 * pairs * (2 * dqk + 2 * dv), bench_kernel<P>(MHC_ATT_BACKWARD_KV, call, tm), peak);
