@@ -225,8 +225,8 @@ void mhc_gpu_set_tf32(MhcGpu *g, int enable);        /* 1: MHC_PREC_TF32, 0: MHC
 void mhc_gpu_set_recompute(MhcGpu *g, int enable);
 /* With MHC_PREC_BF16, which of our own tensor-core kernels run on Hopper's wgmma (needs the sm_90a build)
    in place of mma.sync, the same sums in another order: MHC_WGMMA_EXPERTS the routed-expert GEMMs
-   (expert_wgmma_kernel), MHC_WGMMA_ATTENTION the training attention's forward (attention_forward_wgmma_kernel,
-   heads with d_v <= 128). 0 (default): none. Returns -1 (with a message) when asked for on a GPU that is not
+   (expert_wgmma_kernel), MHC_WGMMA_ATTENTION the training attention's three kernels (forward, dK/dV, dQ:
+   the *_wgmma_kernel, heads with d_qk <= 192, d_v <= 128). 0 (default): none. Returns -1 (with a message) when asked for on a GPU that is not
    a Hopper (compute capability 9.x), and changes nothing. */
 enum { MHC_WGMMA_EXPERTS = 1, MHC_WGMMA_ATTENTION = 2 };
 int mhc_gpu_set_wgmma(MhcGpu *g, int kernels);
@@ -2802,11 +2802,12 @@ template <int P> __device__ MmaElem<P> att_stored(MmaElem<P> x) {
 }
 
 /* How a kernel keeps a tile in shared memory: ATT_ROWS, rows of stride ld (att_ld: the mma.sync kernels);
-   the wgmma forward's tiles of ATT_WG_TILE rows in the 128-byte swizzle (wg_offset), ATT_WG_KMAJOR for Q
-   and K (wgmma's K is the head's columns, in chunks of 64 one after another, each chunk ld = the tile's
-   rows lines of 64) and ATT_WG_MNMAJOR for V (its K is the keys, in halves of 64, its N the columns). */
+   the wgmma kernels' tiles in the 128-byte swizzle (wg_offset): ATT_WG_KMAJOR (wgmma's K is the head's
+   columns, in chunks of 64 one after another, each chunk ld = the tile's rows lines of 64; a 64-row one is
+   also the MN-major operand whose K is the rows) and ATT_WG_MNMAJOR for the forward's V (its K is the keys,
+   in halves of 64, its N the ATT_WG_TILE columns). */
 enum { ATT_ROWS, ATT_WG_KMAJOR, ATT_WG_MNMAJOR };
-#define ATT_WG_TILE 128                                /* the wgmma forward's queries and keys per tile */
+#define ATT_WG_TILE 128                                /* the wgmma forward's queries and keys, dQ's queries */
 
 /* where element (row i, column c) of a tile goes, in elements from its start */
 template <int L> __device__ int att_tile_index(int ld, int i, int c) {
@@ -3006,7 +3007,7 @@ static size_t att_backward_kv_wgmma_smem_bytes(MhcAttShape sh) {
 /* the wgmma dQ kernel's: Q [128, d_qk], dO [128, d_v], K [64, d_qk], V [64, d_v] (rounded up to 64), aligned */
 static size_t att_backward_q_wgmma_smem_bytes(MhcAttShape sh) {
     int qk = att_tile_width<ATT_WG_KMAJOR>(sh.dn + sh.dr), nv = att_tile_width<ATT_WG_KMAJOR>(sh.dv);
-    return sizeof(unsigned short) * (2 * 64 + MHC_ATT_TILE) * (size_t)(qk + nv) + 1024;
+    return sizeof(unsigned short) * (ATT_WG_TILE + MHC_ATT_TILE) * (size_t)(qk + nv) + 1024;
 }
 
 /* the most shared memory any attention kernel on mma.sync takes in any precision, for a check at init (the
@@ -3085,7 +3086,8 @@ attention_forward_kernel(float *o, float *lse, const MmaElem<P> *q, const MmaEle
    P from those registers (wg_product_regs, mma_acc_to_a) and V MN-major. K and V take turns in one buffer
    each, as in the mma.sync kernel. A query tile and a key tile start at multiples of 128, so key s0 is
    visible to every row of every tile the loop reaches: no warpgroup sits a tile out. d_v below 128 and
-   d_qk not a multiple of 64 are padded with zero columns (the presets from 3b up: 128 and 192, none). Shared memory: att_forward_wgmma_smem_bytes. */
+   d_qk not a multiple of 64 are padded with zero columns (the presets from 3b up: 128 and 192, none).
+   Shared memory: att_forward_wgmma_smem_bytes. */
 template <int DN, int DR, int DV>
 __global__ void __launch_bounds__(2 * 128, 1)
 attention_forward_wgmma_kernel(float *o, float *lse, const unsigned short *q, const unsigned short *kv, const unsigned short *kpe,
@@ -3321,6 +3323,15 @@ attention_backward_kv_kernel(float *dkv, float *dkpe_h, const MmaElem<P> *d_o, c
     att_store_acc(dkpe_h + (size_t)h * sh.dr, (size_t)sh.H * sh.dr, dK, 8 * half, 16, nk, sh.dn, sh.dr, one, b, s0 + kr0, sh);
 }
 
+/* att_store_acc of a warp's [16, qk] wgmma accumulator kept as two: columns 0 .. 127 in a128 where qk >= 128, the
+   last 64 in a64 where qk is not a multiple of 128 (qk: d_qk rounded up to 64, at most 192) */
+__device__ void att_store_acc_qk(float *out, size_t stride, const float (&a128)[16][4], const float (&a64)[8][4], int qk,
+                                 int c0, int d, int b, int t_0, MhcAttShape sh) {
+    float one[2] = {1.0f, 1.0f};
+    if (qk >= 128) att_store_acc(out, stride, a128, 0, 8, 16, c0, d, one, b, t_0, sh);
+    if (qk % 128) att_store_acc(out, stride, a64, qk - 64, 8, 8, c0, d, one, b, t_0, sh);
+}
+
 /* dQ on wgmma (BF16, MHC_WGMMA_ATTENTION; d_qk <= 192, d_v <= 128, NV: d_v rounded up to 64 or 128): the grid,
    sums and pipeline of attention_backward_q_kernel (128 queries a block, key tiles of 64, V and K taking
    turns in one buffer each), each warpgroup 64 of the queries. Per key tile dP = dO V^T and S = Q K^T are
@@ -3335,7 +3346,7 @@ attention_backward_q_wgmma_kernel(float *dq, const unsigned short *d_o, const fl
                                   const unsigned short *kv, const unsigned short *kpe, MhcAttShape dims) {
     const MhcAttShape sh = att_fixed_dims<DN, DR, DV>(dims);
     extern __shared__ uint8_t att_wg_smem[];
-    const int rows = 2 * 64;                                /* the block's queries */
+    const int rows = ATT_WG_TILE;                           /* the block's queries */
     int qk = att_tile_width<ATT_WG_KMAJOR>(sh.dn + sh.dr), b = blockIdx.x / sh.H, h = blockIdx.x % sh.H;
     int t0 = (gridDim.y - 1 - blockIdx.y) * rows, wg = threadIdx.x / 128, r0 = threadIdx.x / 32 * 16;
     unsigned short *Qs = wg_tiles(att_wg_smem), *dOs = Qs + rows * qk, *Ks = dOs + rows * NV, *Vs = Ks + MHC_ATT_TILE * qk;
@@ -3413,26 +3424,10 @@ attention_backward_q_wgmma_kernel(float *dq, const unsigned short *d_o, const fl
         if (more) att_load_k<MHC_PREC_BF16, ATT_WG_KMAJOR>(Ks, kv, kpe, b, h, s0 + MHC_ATT_TILE, MHC_ATT_TILE, sh);
         cp_async_commit();
     }
-    float one[2] = {1.0f, 1.0f};
     int dqk = sh.dn + sh.dr;
-    if (qk >= 128) att_store_acc(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dQa, 0, 8, 16, 0, dqk, one, b, t0 + r0, sh);
-    if (qk % 128) att_store_acc(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dQb, qk - 64, 8, 8, 0, dqk, one, b, t0 + r0, sh);
+    att_store_acc_qk(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dQa, dQb, qk, 0, dqk, b, t0 + r0, sh);
 }
 
-/* dK and dV on wgmma (BF16, mhc_gpu_set_wgmma's MHC_WGMMA_ATTENTION; d_qk <= 192, d_v <= 128, NV: d_v rounded
-   up to 64 or 128): the grid and sums of attention_backward_kv_kernel, 64 keys a block, walking the query
-   tiles of 64 from the diagonal on. The two warpgroups split a tile's work, as FlashAttention-3's producer
-   and consumer do, but both on the tensor cores:
-     warpgroup 0 makes S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each, m64n64k16), and from them
-       P^T and dS^T, rounded to bf16 into shared memory (att_wg_scores);
-     warpgroup 1 takes the tile before's and adds dV += P^T dO and dK += dS^T Q (m64n128k16, and m64n64k16
-       for the last 64 of d_qk's 192 columns), holding dV and dK, 64 + 96 accumulators a thread (att_wg_grads).
-   Each has about half the FLOPs of a tile: 64 x 64 x (d_qk + d_v) multiply-adds. Q and dO come by cp.async
-   through a ring of 3 (warpgroup 0 reads tile i while warpgroup 1 reads tile i - 1 and tile i + 1 lands),
-   P^T and dS^T through two buffers. A 64-row K-major tile is the same bytes as a 64-deep MN-major one, so
-   the copies of dO and Q that the scores read K-major are also the MN-major operands of dV and dK. The
-   warpgroups run loops of their own, so they meet at a named barrier (att_barrier), which PTX counts
-   wherever it is reached from. Shared memory: att_backward_kv_wgmma_smem_bytes. */
 /* bar.sync 1 over the whole block: the warpgroups of a kernel whose loops are their own meet here (PTX's
    barrier counts the block's arrivals wherever they come from; __syncthreads assumes one place) */
 __device__ void att_barrier() {
@@ -3533,6 +3528,20 @@ __device__ void att_wg_grads(float (&dV)[NV / 8][4], float (&dKa)[16][4], float 
     wg_hold(dKb);
 }
 
+/* dK and dV on wgmma (BF16, mhc_gpu_set_wgmma's MHC_WGMMA_ATTENTION; d_qk <= 192, d_v <= 128, NV: d_v rounded
+   up to 64 or 128): the grid and sums of attention_backward_kv_kernel, 64 keys a block, walking the query
+   tiles of 64 from the diagonal on. The two warpgroups split a tile's work, as FlashAttention-3's producer
+   and consumer do, but both on the tensor cores:
+     warpgroup 0 makes S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each, m64n64k16), and from them
+       P^T and dS^T, rounded to bf16 into shared memory (att_wg_scores);
+     warpgroup 1 takes the tile before's and adds dV += P^T dO and dK += dS^T Q (m64n128k16, and m64n64k16
+       for the last 64 of d_qk's 192 columns), holding dV and dK, 64 + 96 accumulators a thread (att_wg_grads).
+   Each has about half the FLOPs of a tile: 64 x 64 x (d_qk + d_v) multiply-adds. Q and dO come by cp.async
+   through a ring of 3 (warpgroup 0 reads tile i while warpgroup 1 reads tile i - 1 and tile i + 1 lands),
+   P^T and dS^T through two buffers. A 64-row K-major tile is the same bytes as a 64-deep MN-major one, so
+   the copies of dO and Q that the scores read K-major are also the MN-major operands of dV and dK. The
+   warpgroups run loops of their own, so they meet at a named barrier (att_barrier), which PTX counts
+   wherever it is reached from. Shared memory: att_backward_kv_wgmma_smem_bytes. */
 template <int DN, int DR, int DV, int NV>
 __global__ void __launch_bounds__(2 * 128, 1)
 attention_backward_kv_wgmma_kernel(float *dkv, float *dkpe_h, const unsigned short *d_o, const float *lse, const float *D,
@@ -3579,14 +3588,8 @@ attention_backward_kv_wgmma_kernel(float *dkv, float *dkpe_h, const unsigned sho
     size_t row = (size_t)sh.H * (sh.dn + sh.dv);
     float *dkv_h = dkv + (size_t)h * (sh.dn + sh.dv), *dkpe_hh = dkpe_h + (size_t)h * sh.dr;
     att_store_acc(dkv_h + sh.dn, row, dV, 0, 8, NV / 8, 0, sh.dv, one, b, s0 + kr0, sh);
-    if (m.qk >= 128) {
-        att_store_acc(dkv_h, row, dKa, 0, 8, 16, 0, sh.dn, one, b, s0 + kr0, sh);
-        att_store_acc(dkpe_hh, (size_t)sh.H * sh.dr, dKa, 0, 8, 16, sh.dn, sh.dr, one, b, s0 + kr0, sh);
-    }
-    if (m.qk % 128) {
-        att_store_acc(dkv_h, row, dKb, m.qk - 64, 8, 8, 0, sh.dn, one, b, s0 + kr0, sh);
-        att_store_acc(dkpe_hh, (size_t)sh.H * sh.dr, dKb, m.qk - 64, 8, 8, sh.dn, sh.dr, one, b, s0 + kr0, sh);
-    }
+    att_store_acc_qk(dkv_h, row, dKa, dKb, m.qk, 0, sh.dn, b, s0 + kr0, sh);                        /* k_nope */
+    att_store_acc_qk(dkpe_hh, (size_t)sh.H * sh.dr, dKa, dKb, m.qk, sh.dn, sh.dr, b, s0 + kr0, sh); /* k_pe   */
 }
 
 /* dkpe [N,d_r] = sum_h dkpe_h [N,H,d_r]: the shared k_pe collects the gradient of every head (SPEC §9) */
@@ -4322,7 +4325,7 @@ template <int P> struct MhcAttCall {
     const MmaElem<P> *q, *kv, *kpe, *d_o;
     int B;
     MhcAttShape sh;
-    int wgmma;                    /* BF16, 1: the forward on wgmma where d_v <= 128 (attention_forward_wgmma_kernel) */
+    int wgmma;                    /* BF16, 1: the kernels on wgmma where the heads allow (gpu_attention_kernels_at) */
 };
 
 /* the backward's wgmma kernels of `which` for heads of d_v rounded up to NV (an instance only where DV is 0 or
@@ -4339,7 +4342,7 @@ template <int DN, int DR, int DV, int NV> static void att_backward_wgmma(int whi
         if (which & MHC_ATT_BACKWARD_Q) {
             size_t bytes = att_smem_optin((const void *)attention_backward_q_wgmma_kernel<DN, DR, DV, NV>,
                                           att_backward_q_wgmma_smem_bytes(x.sh));
-            attention_backward_q_wgmma_kernel<DN, DR, DV, NV><<<att_grid(x.B, x.sh, 2 * 64), 2 * 128, bytes>>>(
+            attention_backward_q_wgmma_kernel<DN, DR, DV, NV><<<att_grid(x.B, x.sh, ATT_WG_TILE), 2 * 128, bytes>>>(
                 x.dq, x.d_o, x.lse, x.D, x.q, x.kv, x.kpe, x.sh);
             LAUNCH_CHECK();
         }
