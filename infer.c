@@ -1,14 +1,16 @@
 /* infer.c - sample text from a checkpoint with the absorbed MLA latent cache (SPEC §10).
 
    ./infer out/model.safetensors --prompt "The economy" --max-tokens 100 [--temperature 0.8]
-           [--top-k 40] [--top-p 0.95] [--seed 1] [--tokenizer data/gpt2.tok] [--threads N]
+           [--top-k 40] [--top-p 0.95] [--seed 1] [--tokenizer data/gpt2.tok] [--threads N] [--precision fp32]
 
    The prompt is run once through the training path (prefill, SPEC §9), which fills the latent cache;
    every new token then runs the absorbed decode: per layer only c = RMSNorm(W_dkv u) and the roped
    k_pe are cached (d_c + d_r values per token). Built with nvcc, decoding runs on the GPU, each token
    after the first as one replayed CUDA graph (--graph 0: kernel by kernel, to compare). Greedy decoding
    (--temperature 0) takes the argmax there too, so only the token crosses to the host, and sampling with
-   a --top-k of 1..256 (MHC_TOP_K_MAX) finds the top-k there, so only k candidates cross. */
+   a --top-k of 1..256 (MHC_TOP_K_MAX) finds the top-k there, so only k candidates cross. --precision bf16
+   reads the MLA, FFN, expert and head matrices as bf16 (mhc_round_decode_weights_bf16): on the GPU from
+   its bf16 copy, half the bytes a token moves; on the CPU the same values, rounded in place, no faster. */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #ifdef __CUDACC__
@@ -26,7 +28,7 @@
 
 typedef struct {
     const char *checkpoint, *prompt, *tokenizer;
-    int max_tokens, top_k, threads, graph;
+    int max_tokens, top_k, threads, graph, bf16;
     double temperature, top_p;
     uint64_t seed;
 } Options;
@@ -43,7 +45,11 @@ static void usage(void) {
            "  --tokenizer FILE     default data/gpt2.tok\n"
            "  --threads N          OpenMP threads\n"
            "  --graph 0|1          GPU build: 1 replays each decoded token as one CUDA graph (default), 0 launches\n"
-           "                       its kernels one by one\n");
+           "                       its kernels one by one\n"
+           "  --precision P        fp32 (default) or bf16: the MLA, FFN, expert and head matrices rounded to bf16\n"
+           "                       (the coefficient projections, router and embedding stay fp32); the GPU build\n"
+           "                       reads them from a bf16 copy, half the bytes per token; the CPU build gives\n"
+           "                       the same tokens at its fp32 speed\n");
 }
 
 static void die(const char *msg, const char *arg) {
@@ -88,6 +94,10 @@ static void parse_args(Options *o, int argc, char **argv) {
         else if (!strcmp(a, "--top-p")) o->top_p = parse_real(v, a, 1e-6, 1);
         else if (!strcmp(a, "--seed")) o->seed = (uint64_t)parse_real(v, a, 0, 1e18);
         else if (!strcmp(a, "--graph")) o->graph = (int)parse_real(v, a, 0, 1);
+        else if (!strcmp(a, "--precision")) {
+            if (strcmp(v, "fp32") && strcmp(v, "bf16")) die("--precision takes fp32 or bf16, not ", v);
+            o->bf16 = !strcmp(v, "bf16");
+        }
         else die("unknown flag (see --help): ", a);
     }
     if (!o->checkpoint) die("no checkpoint given (see --help)", "");
@@ -229,6 +239,7 @@ int main(int argc, char **argv) {
     MhcGpu gpu;
     MhcGpuCache cache;
     if (mhc_gpu_init(&gpu, &m, 1, 1) || mhc_gpu_cache_init(&cache, &gpu, total)) return 1;
+    mhc_gpu_set_precision(&gpu, o.bf16 ? MHC_PREC_BF16 : MHC_PREC_FP32);   /* of the decode's weights */
     cache.use_graph &= o.graph;
     /* greedy takes the argmax on the GPU, and a top-k of 1..MHC_TOP_K_MAX the candidates there; a larger
        top-k (or 0, all V) brings every logit to the host */
@@ -239,6 +250,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < P; i++)                                  /* prefill token by token */
         mhc_gpu_decode_step(&gpu, &cache, prompt[i], i == P - 1 ? host_logits : NULL);
 #else
+    if (o.bf16) mhc_round_decode_weights_bf16(&m);
     MhcCache cache;
     mhc_cache_init(&cache, &cfg, total);
     mhc_forward(&m, prompt, NULL, 1, P);                    /* prefill: SPEC §9 path, every position */

@@ -229,6 +229,13 @@ void mhc_cache_free(MhcCache *c);
 int mhc_decode_step(MhcModel *m, MhcCache *c, int token, mhc_real *logits);
 /* copy the latent cache of sequence 0 of the last forward (prefill, SPEC §9 path) into c */
 int mhc_cache_fill_from_forward(MhcModel *m, MhcCache *c, int T);
+/* x rounded to bf16 (8 mantissa bits, to nearest, ties to even, as CUDA's __float2bfloat16), as a float */
+float mhc_bf16_round(float x);
+/* Decode with bf16 weights (infer --precision bf16): rounds to bf16, in place, every matrix a decoded
+   token reads in the precision of the GEMMs: the blocks' MLA, FFN and expert matrices and the head. The
+   mHC / HC coefficient projections, the router, the embedding and the norms' gains stay fp32, as on every
+   path. The GPU's bf16 decode reads these same values from its bf16 copy of the weights. */
+void mhc_round_decode_weights_bf16(MhcModel *m);
 
 /* ---------------------------------------------------------------------------------------------
    10. Files                                                                                     */
@@ -2125,6 +2132,29 @@ int mhc_cache_fill_from_forward(MhcModel *m, MhcCache *c, int T) {
     }
     c->len = T;
     return 0;
+}
+
+float mhc_bf16_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return x;      /* NaN stays NaN */
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;  /* a carry out of the mantissa bumps the exponent */
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* the head, and every matrix of a block but the router (blk.L.moe.gate) */
+static int mhc_is_decode_matrix(const MhcTensor *t) {
+    return !strcmp(t->name, "head") || (t->ndim >= 2 && !strncmp(t->name, "blk.", 4) && !strstr(t->name, ".gate"));
+}
+
+void mhc_round_decode_weights_bf16(MhcModel *m) {
+    for (int k = 0; k < m->n_tensors; k++) {
+        const MhcTensor *t = &m->tensors[k];
+        if (!mhc_is_decode_matrix(t)) continue;
+        mhc_real *w = m->params + t->offset;
+        for (size_t i = 0; i < t->size; i++) w[i] = (mhc_real)mhc_bf16_round((float)w[i]);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------

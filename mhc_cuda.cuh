@@ -24,8 +24,9 @@
                               accumulation stay fp32.
    Our own tensor-core kernels, the routed-expert GEMMs and the flash-attention tile products, follow the
    setting too: exact fp32, or TF32 or bf16 operands on tensor cores (mma.sync), fp32 accumulate (sections
-   1 and 4); decode's FFNs and absorbed attention (its W_uk and W_uv products included) are exact fp32
-   always. Always fp32 whatever the setting: the mHC/HC coefficient products (mHC's h, dX and dphi
+   1 and 4). A decoded token's products (matvec, the FFN kernels, absorbed attention's W_uk and W_uv) read
+   fp32 weights exactly, or in BF16 the weights' bf16 copy (decode_bf16_weight), with fp32 activations and
+   sums. Always fp32 whatever the setting: the mHC/HC coefficient products (mHC's h, dX and dphi
    GEMMs, HC's and the router's: MHC_GEMM_FP32), the attention softmax statistics, and every elementwise
    kernel. Norm statistics, softmaxes, Sinkhorn, routing, losses and AdamW are fp32 or wider.
 
@@ -323,10 +324,11 @@ __device__ void grid_dependents_launch() {
 #endif
 }
 
-/* a line of 128 bytes per lane from p [n floats] toward L2, every lane of the warp calling */
-__device__ void prefetch_l2(const float *p, size_t n) {
+/* a line of 128 bytes per lane from p [n elements] toward L2, every lane of the warp calling */
+template <typename T> __device__ void prefetch_l2(const T *p, size_t n) {
 #if defined(__CUDA_ARCH__)
-    for (size_t k = (threadIdx.x % 32) * 32; k < n; k += 32 * 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + k));
+    constexpr size_t line = 128 / sizeof(T);
+    for (size_t k = (threadIdx.x % 32) * line; k < n; k += 32 * line) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + k));
 #else
     (void)p;
     (void)n;
@@ -383,20 +385,36 @@ template <typename T, typename Op> __device__ T warp_reduce(T v, Op op) {
     return v;
 }
 
-/* a . b over n elements by one warp: lanes stride over the elements (float4 where both rows are 16-byte
-   aligned and n is a multiple of 4), then the butterfly; every lane gets the sum */
-__device__ float warp_dot(const float *a, const float *b, int n) {
+/* an element of a weight as a float: fp32 as it is, or bf16 (decode's bf16 weights) exactly widened */
+__device__ float weight_value(float w) { return w; }
+__device__ float weight_value(__nv_bfloat16 w) { return __bfloat162float(w); }
+
+/* a [16 bytes] . b: 4 fp32 weights, or 8 bf16 ones (a bf16 is the top half of an fp32) */
+__device__ float chunk_dot(const float *a, const float *b) {
+    float4 x = *(const float4 *)a, y = *(const float4 *)b;
+    return x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
+}
+__device__ float chunk_dot(const __nv_bfloat16 *a, const float *b) {
+    uint4 x = *(const uint4 *)a;
+    float4 y = *(const float4 *)b, z = *(const float4 *)(b + 4);
+    return __uint_as_float(x.x << 16) * y.x + __uint_as_float(x.x & 0xffff0000u) * y.y + __uint_as_float(x.y << 16) * y.z +
+           __uint_as_float(x.y & 0xffff0000u) * y.w + __uint_as_float(x.z << 16) * z.x + __uint_as_float(x.z & 0xffff0000u) * z.y +
+           __uint_as_float(x.w << 16) * z.z + __uint_as_float(x.w & 0xffff0000u) * z.w;
+}
+
+/* a . b over n elements by one warp, a of fp32 or bf16 (W), b fp32: lanes stride over 16-byte chunks
+   (chunk_dot, where both rows start on 16 bytes and n is a multiple of a chunk), else over elements; then
+   the butterfly; every lane gets the sum */
+template <typename W> __device__ float warp_dot(const W *a, const float *b, int n) {
+    constexpr int v = 16 / sizeof(W);              /* elements of a chunk */
     int lane = threadIdx.x % 32;
     float s = 0;
-    if (n % 4 == 0 && (uintptr_t)a % 16 == 0 && (uintptr_t)b % 16 == 0) {
+    if (n % v == 0 && (uintptr_t)a % 16 == 0 && (uintptr_t)b % 16 == 0) {
 #pragma unroll 4                                   /* four loads in flight: a lone warp waits on memory */
-        for (int k = 4 * lane; k < n; k += 128) {
-            float4 x = *(const float4 *)(a + k), y = *(const float4 *)(b + k);
-            s += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
-        }
+        for (int k = v * lane; k < n; k += 32 * v) s += chunk_dot(a + k, b + k);
     } else {
 #pragma unroll 4
-        for (int k = lane; k < n; k += 32) s += a[k] * b[k];
+        for (int k = lane; k < n; k += 32) s += weight_value(a[k]) * b[k];
     }
     return warp_reduce(s, SumOp());
 }
@@ -509,13 +527,15 @@ static void gemm(const MhcBlas *bl, int prec, int transA, int transB, int M, int
 }
 
 /* out[O] = W[O,Ci] @ in[Ci], one warp per output: the product of a lone row (decode), a GEMV that only
-   reads W once, so it is done in exact fp32 in every precision. cuBLAS took 5.0 us on average for
-   decode's, this 4.4 (small, H100, 2026-11-23). With W2 given, outputs [O, O + O2) are out2 = W2 @ in in
-   the same launch: two products of one vector, one launch fewer where a launch costs more than the work.
-   Launched overlapped: the warp's row of W heads for L2 while the kernel before still runs. */
-__global__ void matvec_kernel(float *out, const float *W, int O, float *out2, const float *W2, int O2, const float *in, int Ci) {
+   reads W once. cuBLAS took 5.0 us on average for decode's, this 4.4 (small, H100, 2026-11-23). W is fp32
+   (exact), or in BF16 the weight's bf16 twin (MW = __nv_bfloat16: half the bytes, products and sums in
+   fp32), see gpu_matvec. With W2 given, outputs [O, O + O2) are out2 = W2 @ in in the same launch: two
+   products of one vector, one launch fewer where a launch costs more than the work. Launched overlapped:
+   the warp's row of W heads for L2 while the kernel before still runs. */
+template <typename MW>
+__global__ void matvec_kernel(float *out, const MW *W, int O, float *out2, const MW *W2, int O2, const float *in, int Ci) {
     int o = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32;
-    const float *row = o < O ? W + (size_t)o * Ci : o < O + O2 ? W2 + (size_t)(o - O) * Ci : NULL;
+    const MW *row = o < O ? W + (size_t)o * Ci : o < O + O2 ? W2 + (size_t)(o - O) * Ci : NULL;
     if (row) prefetch_l2(row, Ci);
     grid_dependency_wait();
     grid_dependents_launch();
@@ -524,10 +544,24 @@ __global__ void matvec_kernel(float *out, const float *W, int O, float *out2, co
     if (threadIdx.x % 32 == 0) *(o < O ? out + o : out2 + (o - O)) = s;
 }
 
-/* out [O] = W in, and where W2 is given (else NULL, O2 0) out2 [O2] = W2 in, in one launch */
-static void gpu_matvec(float *out, const float *W, int O, float *out2, const float *W2, int O2, const float *in, int Ci) {
+/* Decode's weights: with prec MHC_GEMM_FAST in BF16 a decoded token reads every weight of the slab as its
+   bf16 twin (gemm_bf16_weight), as the GEMMs of a longer forward do, at half the bytes; its activations
+   stay fp32. Else (MHC_GEMM_FP32: the coefficient projections and the router; TF32, FP32) it reads the
+   fp32 weight, exactly. NULL: read W itself. */
+static const __nv_bfloat16 *decode_bf16_weight(const MhcBlas *bl, int prec, const float *W) {
+    return prec == MHC_GEMM_FAST && bl->precision == MHC_PREC_BF16 ? gemm_bf16_weight(bl, W) : NULL;
+}
+
+/* out [O] = W in, and where W2 is given (else NULL, O2 0) out2 [O2] = W2 in, in one launch; the weights
+   as decode_bf16_weight picks them */
+static void gpu_matvec(const MhcBlas *bl, int prec, float *out, const float *W, int O, float *out2, const float *W2, int O2,
+                       const float *in, int Ci) {
     cudaLaunchConfig_t config = overlapped_launch(mhc_blocks((size_t)O + O2, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS, 0);
-    CUDA_CHECK(cudaLaunchKernelEx(&config, matvec_kernel, out, W, O, out2, W2, O2, in, Ci));
+    const __nv_bfloat16 *W16 = decode_bf16_weight(bl, prec, W), *W2_16 = W2 ? decode_bf16_weight(bl, prec, W2) : NULL;
+    if (W16 && (!W2 || W2_16))
+        CUDA_CHECK(cudaLaunchKernelEx(&config, matvec_kernel<__nv_bfloat16>, out, W16, O, out2, W2_16, O2, in, Ci));
+    else
+        CUDA_CHECK(cudaLaunchKernelEx(&config, matvec_kernel<float>, out, W, O, out2, W2, O2, in, Ci));
 }
 
 /* out[N,O] = in[N,Ci] @ W[O,Ci]^T   (y = W @ x for each row; mhc.h matmul_forward); N = 1 by matvec_kernel.
@@ -536,7 +570,7 @@ static void gpu_matvec(float *out, const float *W, int O, float *out2, const flo
 static void gpu_matmul_forward_core(const MhcBlas *bl, int prec, int in_rounded, float *out, const float *in, const float *W,
                                     int N, int Ci, int O) {
     if (N == 1) {
-        gpu_matvec(out, W, O, NULL, NULL, 0, in, Ci);
+        gpu_matvec(bl, prec, out, W, O, NULL, NULL, 0, in, Ci);
         return;
     }
     gemm_core(bl, prec, in_rounded ? MHC_A_ROUNDED : 0, 0, 1, N, O, Ci, 1.0f, in, 0, W, 0, 0.0f, out, 0, 1);
@@ -3647,23 +3681,25 @@ static MhcAttBf16 att_bf16_copies(const MhcBlas *bl, const float *q, const float
    and a thread per column adds them in warp order (the same bits on every run). A lane has a row's 16
    loads in flight at once and every warp loads, where a thread per column walking the rows had 8 loads in
    flight and half the block idle (dc = 512 of 1024 threads); unrolling the rows as well spills registers
-   (64 at 1024 threads). out may not be part; the call ends on a barrier. */
+   (64 at 1024 threads). The rows are fp32 (the cache), or a weight's rows in fp32 or bf16 (R). out may
+   not be part; the call ends on a barrier. */
 #define MHC_DECODE_COLS 512
 #define MHC_DECODE_LANE_COLS (MHC_DECODE_COLS / 32)
 
-__device__ void block_weighted_rows(float *out, const float *__restrict__ base, size_t ld, const float *last,
-                                    const float *weight, int rows, int dc, float *part) {
+template <typename R>
+__device__ void block_weighted_rows(float *out, const R *__restrict__ base, size_t ld, const R *last, const float *weight,
+                                    int rows, int dc, float *part) {
     int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     for (int k0 = 0; k0 < dc; k0 += MHC_DECODE_COLS) {
         float acc[MHC_DECODE_LANE_COLS];
 #pragma unroll
         for (int x = 0; x < MHC_DECODE_LANE_COLS; x++) acc[x] = 0.0f;
         for (int s = warp; s < rows; s += warps) {
-            const float *row = (last && s == rows - 1 ? last : base + (size_t)s * ld) + k0;
+            const R *row = (last && s == rows - 1 ? last : base + (size_t)s * ld) + k0;
             float w = weight[s];
 #pragma unroll
             for (int x = 0; x < MHC_DECODE_LANE_COLS; x++)
-                if (k0 + lane + 32 * x < dc) acc[x] += w * row[lane + 32 * x];
+                if (k0 + lane + 32 * x < dc) acc[x] += w * weight_value(row[lane + 32 * x]);
         }
 #pragma unroll
         for (int x = 0; x < MHC_DECODE_LANE_COLS; x++) part[warp * MHC_DECODE_COLS + lane + 32 * x] = acc[x];
@@ -3704,7 +3740,8 @@ __device__ float lane_dot_rows(const float *a, const float *__restrict__ row, in
    P = softmax, olat = sum_s P[s] c_s (block_weighted_rows again), and o[h] = W_uv[h] olat (a warp per
    output). W_uk[h] and W_uv[h] are rows [0, dn) and [dn, dn + dv) of head h's (dn + dv) x dc block of
    W_ukv. Shared: q_abs, olat, c_t [dc each], q_pe, k_pe,t [dr each], block_weighted_rows' part; the
-   scores go to scores [H, max_len]; exact fp32. A warp has a whole key's loads in flight
+   scores go to scores [H, max_len]. W_ukv is fp32 (exact), or in BF16 its bf16 twin (MW,
+   decode_bf16_weight); the cache and all sums are fp32. A warp has a whole key's loads in flight
    (lane_dot_rows), and a block has MHC_DECODE_ATT_THREADS threads: H blocks leave most SMs idle, so each
    waits on memory, and more warps keep more rows loading at once. Launched overlapped (section 0):
    W_ukv[h] heads for L2 before the wait. */
@@ -3713,15 +3750,17 @@ static size_t decode_attention_smem_bytes(int dc, int dr) {
     return sizeof(float) * (3 * (size_t)dc + 2 * (size_t)dr + MHC_DECODE_ATT_THREADS / 32 * MHC_DECODE_COLS);
 }
 
+template <typename MW>
 __global__ void __launch_bounds__(MHC_DECODE_ATT_THREADS, 1)
 mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, float *__restrict__ ckv, float *__restrict__ kpe,
                             const float *__restrict__ q, const float *__restrict__ raw, const float *__restrict__ g,
-                            const float *__restrict__ wukv, const int *pos, int max_len, int dc, int dr, int dn, int dv,
+                            const MW *__restrict__ wukv, const int *pos, int max_len, int dc, int dr, int dn, int dv,
                             float scale, float eps, double theta) {
     extern __shared__ float smem[];
     float *qa = smem, *ol = qa + dc, *ct = ol + dc, *qp = ct + dc, *kt = qp + dr, *part = kt + dr;
     int h = blockIdx.x, lane = threadIdx.x % 32, warps = blockDim.x / 32, half = dr / 2;
-    const float *qn = q + (size_t)h * (dn + dr), *w = wukv + (size_t)h * (dn + dv) * dc;
+    const float *qn = q + (size_t)h * (dn + dr);
+    const MW *w = wukv + (size_t)h * (dn + dv) * dc;
     for (int i = threadIdx.x / 32; i < dn + dv; i += warps) prefetch_l2(w + (size_t)i * dc, dc);
     grid_dependency_wait();
     grid_dependents_launch();
@@ -3735,7 +3774,7 @@ mla_decode_attention_kernel(float *__restrict__ o, float *__restrict__ scores, f
         if (p < half) rope_pair(qp, qn + dn, t, p, dr, theta, 0);
         else rope_pair(kt, raw + dc, t, p - half, dr, theta, 0);
     }
-    block_weighted_rows(qa, w, dc, NULL, qn, dn, dc, part);
+    block_weighted_rows(qa, w, dc, (const MW *)NULL, qn, dn, dc, part);
     float r = 1.0f / sqrtf(block_reduce(ss, SumOp()) / dc + eps);   /* its barriers: qp and kt are complete */
     for (int k = threadIdx.x; k < dc; k += blockDim.x) {
         ct[k] = g[k] * ct[k] * r;
@@ -3931,21 +3970,22 @@ __global__ void moe_combine_kernel(float *out, const float *src, const int *row,
    one launch each way:
      up:   h[k][i] = silu(W1_k[i] . u) (W3_k[i] . u),   i < rows, each set's slots   grid (K0 + K1, rows / 8)
      down: out[c] = sum over s0's slots, then s1's, of w_k (W2_k[c] . h[k]),  c < C  grid (C / 8)
-   Exact fp32 (warp_dot), the slots summed in order as moe_combine_kernel does. Both are launched
-   overlapped (section 0): the rows of slots that need no selection (sel NULL: dense FFNs, the shared
-   experts) head for L2 before the wait. */
-typedef struct {
-    const float *w1, *w3, *w2;
+   The matrices are fp32, or in BF16 their bf16 twins (MW, decode_bf16_weight); products and sums in fp32
+   (warp_dot), the slots summed in order as moe_combine_kernel does. Both are launched overlapped (section
+   0): the rows of slots that need no selection (sel NULL: dense FFNs, the shared experts) head for L2
+   before the wait. */
+template <typename MW> struct MhcFfnSlots {
+    const MW *w1, *w3, *w2;
     const int *sel;
     const float *w;
     size_t w_stride;
     int K, rows;
     float *h;                            /* [K, rows] */
-} MhcFfnSlots;
+};
 
-__global__ void ffn_decode_up_kernel(MhcFfnSlots s0, MhcFfnSlots s1, const float *u, int C) {
+template <typename MW> __global__ void ffn_decode_up_kernel(MhcFfnSlots<MW> s0, MhcFfnSlots<MW> s1, const float *u, int C) {
     int k = blockIdx.x, i = blockIdx.y * 8 + threadIdx.x / 32;
-    MhcFfnSlots s = k < s0.K ? s0 : s1;
+    MhcFfnSlots<MW> s = k < s0.K ? s0 : s1;
     k = k < s0.K ? k : k - s0.K;
     if (!s.sel && i < s.rows) {
         prefetch_l2(s.w1 + (size_t)i * C, C);
@@ -3959,7 +3999,7 @@ __global__ void ffn_decode_up_kernel(MhcFfnSlots s0, MhcFfnSlots s1, const float
     if (threadIdx.x % 32 == 0) s.h[(size_t)k * s.rows + i] = a * mhc_sigmoidf(a) * g;
 }
 
-__device__ float ffn_decode_down_sum(float acc, const MhcFfnSlots &s, int c) {
+template <typename MW> __device__ float ffn_decode_down_sum(float acc, const MhcFfnSlots<MW> &s, int c) {
     for (int k = 0; k < s.K; k++) {
         float v = warp_dot(s.w2 + (s.sel ? (size_t)s.sel[k] * s.w_stride : 0) + (size_t)c * s.rows, s.h + (size_t)k * s.rows,
                            s.rows);
@@ -3968,7 +4008,7 @@ __device__ float ffn_decode_down_sum(float acc, const MhcFfnSlots &s, int c) {
     return acc;
 }
 
-__global__ void ffn_decode_down_kernel(float *out, MhcFfnSlots s0, MhcFfnSlots s1, int C) {
+template <typename MW> __global__ void ffn_decode_down_kernel(float *out, MhcFfnSlots<MW> s0, MhcFfnSlots<MW> s1, int C) {
     int c = blockIdx.x * 8 + threadIdx.x / 32;
     if (c < C && s0.K && !s0.sel) prefetch_l2(s0.w2 + (size_t)c * s0.rows, s0.rows);
     if (c < C && s1.K && !s1.sel) prefetch_l2(s1.w2 + (size_t)c * s1.rows, s1.rows);
@@ -4269,7 +4309,7 @@ static float *gpu_mla_query(MhcGpu *g, MhcGpuActs *A, int l, const float *u, int
     float *first = dq == 0 ? q : cq_raw;           /* u's product: q itself, or q's latent */
     const float *W = dq == 0 ? b->wq : b->wdq;
     int O = dq == 0 ? H * dqk : dq;
-    if (lat_raw) gpu_matvec(first, W, O, lat_raw, b->wdkv, c->kv_lora_rank + c->qk_rope_head_dim, u, C);
+    if (lat_raw) gpu_matvec(bl, MHC_GEMM_FAST, first, W, O, lat_raw, b->wdkv, c->kv_lora_rank + c->qk_rope_head_dim, u, C);
     else gpu_matmul_forward_core(bl, MHC_GEMM_FAST, u_rounded, first, u, W, N, C, O);
     if (dq > 0) {
         float *cq = A->a.cq + (size_t)ls * N * dq;
@@ -4507,9 +4547,16 @@ static void gpu_mla_decode_forward(MhcGpu *g, MhcGpuCache *cache, int l, const f
     float *ckv = cache->ckv + (size_t)l * cache->max_len * dc, *kpe = cache->kpe + (size_t)l * cache->max_len * dr;
     float *q = gpu_mla_query(g, &cache->acts, l, u, 0, 1, cache->lat_raw), *o = cache->acts.a.o + (size_t)l * H * dv;
     cudaLaunchConfig_t config = overlapped_launch(H, MHC_DECODE_ATT_THREADS, decode_attention_smem_bytes(dc, dr));
-    CUDA_CHECK(cudaLaunchKernelEx(&config, mla_decode_attention_kernel, o, cache->scores, ckv, kpe, q, cache->lat_raw,
-                                  b->kv_norm, b->wukv, cache->pos, cache->max_len, dc, dr, dn, dv,
-                                  (float)(1.0 / sqrt((double)dqk)), (float)c->rms_eps, c->rope_theta));
+    float scale = (float)(1.0 / sqrt((double)dqk)), eps = (float)c->rms_eps;
+    const __nv_bfloat16 *wukv16 = decode_bf16_weight(&g->blas, MHC_GEMM_FAST, b->wukv);
+    if (wukv16)
+        CUDA_CHECK(cudaLaunchKernelEx(&config, mla_decode_attention_kernel<__nv_bfloat16>, o, cache->scores, ckv, kpe, q,
+                                      cache->lat_raw, b->kv_norm, wukv16, cache->pos, cache->max_len, dc, dr, dn, dv, scale,
+                                      eps, c->rope_theta));
+    else
+        CUDA_CHECK(cudaLaunchKernelEx(&config, mla_decode_attention_kernel<float>, o, cache->scores, ckv, kpe, q,
+                                      cache->lat_raw, b->kv_norm, b->wukv, cache->pos, cache->max_len, dc, dr, dn, dv, scale,
+                                      eps, c->rope_theta));
     gpu_matmul_forward(&g->blas, MHC_GEMM_FAST, out, o, b->wo, 1, H * dv, C);
 }
 
@@ -4533,17 +4580,37 @@ static void gpu_moe_combine(float *out, const float *src, const int *row, const 
     LAUNCH_CHECK();
 }
 
+template <typename MW> static void ffn_decode_launch(float *out, const float *u, const MhcFfnSlots<MW> &s0,
+                                                     const MhcFfnSlots<MW> &s1, int C) {
+    int rows = s0.rows > s1.rows ? s0.rows : s1.rows;
+    cudaLaunchConfig_t up = overlapped_launch(dim3(s0.K + s1.K, mhc_blocks((size_t)rows, 8)), 256, 0);
+    CUDA_CHECK(cudaLaunchKernelEx(&up, ffn_decode_up_kernel<MW>, s0, s1, u, C));
+    cudaLaunchConfig_t down = overlapped_launch(mhc_blocks((size_t)C, 8), 256, 0);
+    CUDA_CHECK(cudaLaunchKernelEx(&down, ffn_decode_down_kernel<MW>, out, s0, s1, C));
+}
+
+/* the slots s with their matrices' bf16 twins */
+static MhcFfnSlots<__nv_bfloat16> ffn_slots_bf16(const MhcBlas *bl, const MhcFfnSlots<float> &s) {
+    MhcFfnSlots<__nv_bfloat16> t = {NULL, NULL, NULL, s.sel, s.w, s.w_stride, s.K, s.rows, s.h};
+    if (s.K) {
+        t.w1 = gemm_bf16_weight(bl, s.w1);
+        t.w3 = gemm_bf16_weight(bl, s.w3);
+        t.w2 = gemm_bf16_weight(bl, s.w2);
+    }
+    return t;
+}
+
 /* decode's SwiGLU FFNs on one token (the ffn_decode kernels): out = the sum over the slots of s0, then
-   of s1 (may be NULL) */
-static void gpu_ffn_decode(float *out, const float *u, const MhcFfnSlots *s0, const MhcFfnSlots *s1, int C) {
-    MhcFfnSlots none;
+   of s1 (may be NULL); in BF16 from the matrices' bf16 twins (decode_bf16_weight) */
+static void gpu_ffn_decode(const MhcBlas *bl, float *out, const float *u, const MhcFfnSlots<float> *s0,
+                           const MhcFfnSlots<float> *s1, int C) {
+    MhcFfnSlots<float> none;
     memset(&none, 0, sizeof none);
     if (!s1) s1 = &none;
-    int rows = s0->rows > s1->rows ? s0->rows : s1->rows;
-    cudaLaunchConfig_t up = overlapped_launch(dim3(s0->K + s1->K, mhc_blocks((size_t)rows, 8)), 256, 0);
-    CUDA_CHECK(cudaLaunchKernelEx(&up, ffn_decode_up_kernel, *s0, *s1, u, C));
-    cudaLaunchConfig_t down = overlapped_launch(mhc_blocks((size_t)C, 8), 256, 0);
-    CUDA_CHECK(cudaLaunchKernelEx(&down, ffn_decode_down_kernel, out, *s0, *s1, C));
+    if (decode_bf16_weight(bl, MHC_GEMM_FAST, s0->w1))
+        ffn_decode_launch(out, u, ffn_slots_bf16(bl, *s0), ffn_slots_bf16(bl, *s1), C);
+    else
+        ffn_decode_launch(out, u, *s0, *s1, C);
 }
 
 /* SPEC §11 forward of layer l: out [N,C] = Shared(u) + sum_Sel w_i Expert_i(u); its loads go to
@@ -4561,10 +4628,10 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, s, u, b->gate, N, C, E);          /* z = W_gate u (fp32) */
     gpu_moe_route(sel, w, s, g->expert_bias + (size_t)l * E, N, c);
     if (decode) {
-        MhcFfnSlots shared = {b->sw1, b->sw3, b->sw2, NULL, NULL, 0, 1, NsI, hh + (size_t)NK * I};
-        MhcFfnSlots routed = {b->w1, b->w3, b->w2, sel, w, (size_t)I * C, K, I, hh};
-        if (NsI > 0) gpu_ffn_decode(out, u, &shared, &routed, C);
-        else gpu_ffn_decode(out, u, &routed, NULL, C);
+        MhcFfnSlots<float> shared = {b->sw1, b->sw3, b->sw2, NULL, NULL, 0, 1, NsI, hh + (size_t)NK * I};
+        MhcFfnSlots<float> routed = {b->w1, b->w3, b->w2, sel, w, (size_t)I * C, K, I, hh};
+        if (NsI > 0) gpu_ffn_decode(&g->blas, out, u, &shared, &routed, C);
+        else gpu_ffn_decode(&g->blas, out, u, &routed, NULL, C);
         return;
     }
     if (NsI > 0) {
@@ -4656,8 +4723,8 @@ static void gpu_sublayer_branch_forward(MhcGpu *g, MhcGpuActs *A, int s, int B, 
     } else if (mhc_is_moe(c, l)) {
         gpu_moe_forward(g, A, l, u, f, B, T, cache != NULL);
     } else if (cache) {
-        MhcFfnSlots dense = {b->w1, b->w3, b->w2, NULL, NULL, 0, 1, c->dense_inter_dim, a->ffn_h + (size_t)ls * N * F};
-        gpu_ffn_decode(f, u, &dense, NULL, C);
+        MhcFfnSlots<float> dense = {b->w1, b->w3, b->w2, NULL, NULL, 0, 1, c->dense_inter_dim, a->ffn_h + (size_t)ls * N * F};
+        gpu_ffn_decode(&g->blas, f, u, &dense, NULL, C);
     } else {
         size_t off = (size_t)ls * N * F;
         gpu_swiglu_ffn_forward(&g->blas, f, a->ffn_a + off, a->ffn_g + off, a->ffn_h + off, u, b->w1, b->w3, b->w2, N, C,
@@ -5173,8 +5240,11 @@ int mhc_gpu_cache_init(MhcGpuCache *c, const MhcGpu *g, int max_len) {
                                                          (size_t)mhc_blocks(cfg->vocab_size, MHC_TOP_K_TILE) * MHC_TOP_K_MAX);
     c->top_k = arena_new<MhcTopK>(&c->arena, 1);
     c->use_graph = MHC_DECODE_GRAPH;
-    CUDA_CHECK(cudaFuncSetAttribute((const void *)mla_decode_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)decode_attention_smem_bytes((int)dc, cfg->qk_rope_head_dim)));
+    int att_smem = (int)decode_attention_smem_bytes((int)dc, cfg->qk_rope_head_dim);
+    CUDA_CHECK(cudaFuncSetAttribute((const void *)mla_decode_attention_kernel<float>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    att_smem));
+    CUDA_CHECK(cudaFuncSetAttribute((const void *)mla_decode_attention_kernel<__nv_bfloat16>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, att_smem));
     if (c->arena.failed || gpu_acts_init(&c->acts, cfg, 1, 1, 0)) {   /* decode's GEMMs use g's bf16 scratch */
         fprintf(stderr, "mhc_gpu_cache_init: out of GPU memory for a cache of %d positions\n", max_len);
         arena_free(&c->arena);

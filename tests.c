@@ -2358,8 +2358,11 @@ static void gpu_test_gemm(cublasHandle_t handle) {
     gt_release();
 }
 
-/* a lone row (N = 1, decode) takes matvec_kernel: exact fp32 whatever the precision, so against the CPU
-   only the summation order differs (1e-5); Ci = 53 takes warp_dot's scalar loads, 64 its float4 loads */
+/* a lone row (N = 1, decode) takes matvec_kernel. A W outside any parameter slab is read in exact fp32
+   whatever the precision, so against the CPU only the summation order differs (1e-5); Ci = 53 takes
+   warp_dot's scalar loads, 64 its 16-byte loads. In BF16 a W inside the slab is read from its bf16 twin:
+   against the CPU on W rounded to bf16 only the order differs again (1e-5), and against unrounded W the
+   rounding shows (more than 1e-4: bf16 keeps 8 bits, a relative 2^-9 per weight). */
 static void gpu_test_matvec(cublasHandle_t handle) {
     int O = 29, sizes[2] = {53, 64};
     for (int k = 0; k < 2; k++) {
@@ -2378,11 +2381,36 @@ static void gpu_test_matvec(cublasHandle_t handle) {
         int O2 = 11;                                /* the pair in one launch: outputs 29 + 11, a block split */
         float *W2 = gt_randn((size_t)O2 * Ci, 1), *out2 = gt_host((size_t)O2), *d_out = gt_nan((size_t)O), *d_out2 = gt_nan((size_t)O2);
         matmul_forward(out2, in, W2, 1, Ci, O2);
-        gpu_matvec(d_out, d_W, O, d_out2, gt_upload(W2, (size_t)O2 * Ci), O2, d_in, Ci);
+        MhcBlas fp32 = gt_blas(handle, MHC_PREC_FP32);
+        gpu_matvec(&fp32, MHC_GEMM_FAST, d_out, d_W, O, d_out2, gt_upload(W2, (size_t)O2 * Ci), O2, d_in, Ci);
         double e1 = rel_err(gt_fetch(d_out, (size_t)O), out, (size_t)O), e2 = rel_err(gt_fetch(d_out2, (size_t)O2), out2, (size_t)O2);
         check(e[0] <= 1e-5 && e[1] <= 1e-5 && e[2] <= 1e-5 && e1 <= 1e-5 && e2 <= 1e-5,
               "gpu matvec (N = 1), Ci %d: under fp32 %.1e, tf32 %.1e, bf16 %.1e; a pair in one launch %.1e, %.1e (tol 1e-5)", Ci, e[0],
               e[1], e[2], e1, e2);
+
+        size_t n_slab = (size_t)(O + O2) * Ci;      /* a slab holding W then W2, and its bf16 twin */
+        float *slab = gt_host(n_slab), *rounded = gt_host(n_slab), *want = gt_host((size_t)(O + O2));
+        memcpy(slab, W, sizeof(float) * (size_t)O * Ci);
+        memcpy(slab + (size_t)O * Ci, W2, sizeof(float) * (size_t)O2 * Ci);
+        for (size_t i = 0; i < n_slab; i++) rounded[i] = mhc_bf16_round(slab[i]);
+        matmul_forward(want, in, rounded, 1, Ci, O + O2);
+        MhcBlas bf16 = gt_blas(handle, MHC_PREC_BF16);
+        float *d_slab = gt_upload(slab, n_slab);
+        __nv_bfloat16 *twin = arena_new<__nv_bfloat16>(&gt_dev, n_slab);
+        gpu_to_bf16(twin, d_slab, n_slab);
+        bf16.params = d_slab;
+        bf16.params_bf16 = twin;
+        bf16.n_params = n_slab;
+        float *d_got = gt_nan((size_t)(O + O2));
+        gpu_matvec(&bf16, MHC_GEMM_FAST, d_got, d_slab, O, d_got + O, d_slab + (size_t)O * Ci, O2, d_in, Ci);
+        float *got = gt_fetch(d_got, (size_t)(O + O2));
+        double e_rounded = rel_err(got, want, (size_t)(O + O2)), e_fp32 = rel_err(got, out, (size_t)O);
+        float *d_exact = gt_nan((size_t)O);
+        gpu_matvec(&bf16, MHC_GEMM_FP32, d_exact, d_slab, O, NULL, NULL, 0, d_in, Ci);
+        double e_exact = rel_err(gt_fetch(d_exact, (size_t)O), out, (size_t)O);
+        check(e_rounded <= 1e-5 && e_fp32 > 1e-4 && e_exact <= 1e-5,
+              "gpu matvec (N = 1), Ci %d, BF16 weights of the slab: vs CPU on bf16-rounded W %.1e (tol 1e-5), vs unrounded %.1e "
+              "(must exceed 1e-4); MHC_GEMM_FP32 reads fp32 %.1e (tol 1e-5)", Ci, e_rounded, e_fp32, e_exact);
     }
     gt_release();
 }
@@ -3270,6 +3298,61 @@ static void gpu_test_decode(const MhcConfig *cfg, int P) {
     gt_release();
 }
 
+/* Decode with bf16 weights: in BF16 a decoded token reads every matrix mhc_round_decode_weights_bf16
+   names from the bf16 twin (matvec, the FFN kernels, W_ukv in the attention kernel), the coefficient
+   projections and the router in fp32. So the GPU's decode of the unrounded model equals the CPU's decode
+   of the rounded one up to the order of the sums (1e-4 x max|logit|, as gpu decode), at every token, the
+   graph's replays included; and it is farther than that from the CPU's fp32 decode (4x the tolerance:
+   else the twin was not read). A matrix read in fp32 on one side and bf16 on the other moves the logits
+   by about 1e-3 of their range here. */
+static void gpu_test_decode_bf16(const MhcConfig *cfg, int P) {
+    MhcModel m, m16;
+    MhcGpu g;
+    MhcCache cc, cc16;
+    MhcGpuCache gc;
+    gt_model(&m, cfg, 23);
+    mhc_model_init(&m16, cfg);
+    memcpy(m16.params, m.params, sizeof(mhc_real) * m.n_params);
+    memcpy(m16.expert_bias, m.expert_bias, sizeof(mhc_real) * (size_t)cfg->n_layers * cfg->n_routed_experts);
+    mhc_round_decode_weights_bf16(&m16);
+    int V = cfg->vocab_size;
+    int *tokens = (int *)mhc_calloc((size_t)P, sizeof(int)), *targets = (int *)mhc_calloc((size_t)P, sizeof(int));
+    gt_tokens(tokens, targets, P, V);
+    if (mhc_gpu_init(&g, &m, 1, 1) || mhc_cache_init(&cc, cfg, P) || mhc_cache_init(&cc16, cfg, P) ||
+        mhc_gpu_cache_init(&gc, &g, P)) {
+        check(0, "gpu decode bf16: init failed");
+        return;
+    }
+    mhc_gpu_set_precision(&g, MHC_PREC_BF16);
+    float *l32 = gt_host((size_t)V), *l16 = gt_host((size_t)V), *lg = gt_host((size_t)V);
+    double mx = 0, d16 = 0, d32 = 0;
+    int rc = 0;
+    for (int t = 0; t < P; t++) {
+        rc |= mhc_decode_step(&m, &cc, tokens[t], l32);
+        rc |= mhc_decode_step(&m16, &cc16, tokens[t], l16);
+        for (int v = 0; v < V; v++) lg[v] = NAN;
+        rc |= mhc_gpu_decode_step(&g, &gc, tokens[t], lg);
+        for (int v = 0; v < V; v++) {
+            mx = fmax(mx, fabs((double)l16[v]));
+            double a = fabs((double)lg[v] - l16[v]), b = fabs((double)lg[v] - l32[v]);
+            d16 = a <= d16 ? d16 : a;
+            d32 = b <= d32 ? d32 : b;
+        }
+    }
+    check(!rc && d16 <= 1e-4 * mx && d32 > 4e-4 * mx && gc.graph_captures == 1,
+          "gpu decode bf16 weights, %d tokens: vs CPU decode of the bf16-rounded model %.1e (tol 1e-4 x max|logit| %.2f), "
+          "vs fp32 CPU decode %.1e (must exceed 4e-4 x max), graph captures %d (1)", P, d16, mx, d32, gc.graph_captures);
+    mhc_cache_free(&cc);
+    mhc_cache_free(&cc16);
+    mhc_gpu_cache_free(&gc);
+    mhc_gpu_free(&g);
+    mhc_model_free(&m);
+    mhc_model_free(&m16);
+    free(tokens);
+    free(targets);
+    gt_release();
+}
+
 /* upload/download round trips: host -> GPU -> host is exact; a trained GPU state moved through the host
    into a second GPU continues bit-identically, and the CPU agrees with its loss */
 static void gpu_test_checkpoint(const MhcConfig *cfg) {
@@ -3377,6 +3460,9 @@ void gpu_tests(void) {
     wide.n_layers = 2;
     mhc_config_finish(&wide);
     gpu_test_decode(&wide, 70);
+    gpu_test_decode_bf16(&mhc, 12);
+    gpu_test_decode_bf16(&qg, 12);
+    gpu_test_decode_bf16(&tiny, 12);
     gpu_test_checkpoint(&mhc);
 }
 #endif /* __CUDACC__ */

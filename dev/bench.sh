@@ -274,20 +274,49 @@ infer_stats() {
         "$LOGDIR/$1.log" | tail -n 1
 }
 
+# decode_row SLOT SETUP LABEL NAME WEIGHT_BYTES [LAUNCHES]: the row of infer's run logs/NAME.log (RC: its
+# exit status), its bound from bench_torch.py --info for the model of DECODE_KEPT (decode's flags) with
+# weights of WEIGHT_BYTES (4: fp32, 2: --precision bf16) and an fp32 cache; LAUNCHES: tokens/s of the same
+# run kernel by kernel
+decode_row() {
+    local slot=$1 setup=$2 label=$3 name=$4 wbytes=$5 launches=${6:-} stats prefill gen secs tok_s ctx bytes bound
+    stats=$(infer_stats "$name")
+    if [ -z "$stats" ] || [ "$RC" != 0 ]; then
+        row "${PRESET[$slot]}" "$setup" "$label" "$(why_failed "$name")" "" "" "" "log: logs/$name.log"
+        return 0
+    fi
+    read -r prefill gen secs tok_s <<<"$stats"
+    ctx=$(calc "\"%.1f\", $prefill + $gen / 2")
+    bytes=""
+    [ "$TORCH_OK" != 1 ] || bytes=$(result decode_bytes <("$PYTHON" dev/bench_torch.py --info --preset "${PRESET[$slot]}" \
+        "${DECODE_KEPT[@]}" --residual mhc --context "$ctx" --weight-bytes "$wbytes" 2>&1))
+    local note="$gen tokens in $secs s, greedy, after a $prefill-token prompt" wname=fp32
+    [ "$wbytes" = 4 ] || wname=bf16
+    [ -z "$launches" ] || note="$note (each token one CUDA graph; kernel by kernel, --graph 0: $launches tokens/s)"
+    if [ -n "$bytes" ] && [ -n "$BW_GBS" ]; then
+        bound=$(calc "\"%.6g\", $BW_GBS * 1e9 / $bytes")
+        note="$note; bound $(calc "\"%.0f\", $bound") tok/s = $(calc "\"%.0f\", $BW_GBS") GB/s copy bandwidth / $(calc "\"%.1f\", $bytes / 1e6") MB per token (SPEC §15, $wname weights, fp32 latent cache, mean context $ctx): $(calc "\"%.1f%%\", 100 * $tok_s / $bound") of the bound"
+    else
+        note="$note; no bound (needs the copy bandwidth and bench_torch.py --info)"
+    fi
+    row "${PRESET[$slot]}" "$setup" "$label" "$(calc "\"%.1f\", $tok_s")" "$(calc "\"%.2f\", 1000 / $tok_s")" "" "" "$note"
+}
+
 # decode SLOT: a 2-step train run writes a checkpoint; infer generates DECODE_TOKENS greedily at batch 1
-# (on the GPU also with --graph 0, kernel by kernel)
+# (on the GPU also with --graph 0, kernel by kernel, and with --precision bf16, the weights read as bf16)
 decode() {
-    local slot=$1 flags=() kept=() skip_next=0 a
+    local slot=$1 flags=() skip_next=0 a
+    DECODE_KEPT=()
     read -r -a flags <<<"${FLAGS[$slot]}"
     for a in "${flags[@]}"; do                 # keep --set overrides, replace batch and seq_len
         if [ "$skip_next" = 1 ]; then skip_next=0; continue; fi
-        case $a in --batch | --seq-len) skip_next=1 ;; *) kept+=("$a") ;; esac
+        case $a in --batch | --seq-len) skip_next=1 ;; *) DECODE_KEPT+=("$a") ;; esac
     done
     local label="decode, ours (${INFER#./}), batch 1" ck="$SCRATCH/ckpt_$slot" setup
     setup="${SETUP[$slot]%%,*}"
     [ "$setup" != "${SETUP[$slot]}" ] || setup=""
     setup="${setup:+$setup, }ckpt T=$DECODE_SEQ"
-    run_sub "decode_ckpt_$slot" "$CAP_CKPT" "$TRAIN" --preset "${PRESET[$slot]}" "${kept[@]}" --residual mhc \
+    run_sub "decode_ckpt_$slot" "$CAP_CKPT" "$TRAIN" --preset "${PRESET[$slot]}" "${DECODE_KEPT[@]}" --residual mhc \
         --batch 1 --seq-len "$DECODE_SEQ" --steps 2 --eval-every 2 --eval-batches 1 --out "$ck"
     if [ ! -s "$ck/model.safetensors" ]; then
         row "${PRESET[$slot]}" "$setup" "$label" "$(why_failed "decode_ckpt_$slot")" "" "" "" \
@@ -295,36 +324,20 @@ decode() {
         return 0
     fi
     rm -f "$ck/optim.safetensors"              # only the weights are needed
-    run_sub "decode_$slot" "$CAP_INFER" "$INFER" "$ck/model.safetensors" --prompt "The state of the Union" \
-        --max-tokens "$DECODE_TOKENS" --temperature 0
-    local name="decode_$slot" stats launches=""
-    stats=$(infer_stats "$name")
-    if [ -n "$stats" ] && [ "$RC" = 0 ] && [ "$CPU" != 1 ]; then      # the same without the CUDA graph
-        run_sub "decode_launches_$slot" "$CAP_INFER" "$INFER" "$ck/model.safetensors" --prompt "The state of the Union" \
-            --max-tokens "$DECODE_TOKENS" --temperature 0 --graph 0
+    local infer_args=("$ck/model.safetensors" --prompt "The state of the Union" --max-tokens "$DECODE_TOKENS" --temperature 0)
+    run_sub "decode_$slot" "$CAP_INFER" "$INFER" "${infer_args[@]}"
+    local ok=$RC launches=""
+    if [ "$ok" = 0 ] && [ "$CPU" != 1 ]; then      # the same without the CUDA graph
+        run_sub "decode_launches_$slot" "$CAP_INFER" "$INFER" "${infer_args[@]}" --graph 0
         [ "$RC" != 0 ] || launches=$(infer_stats "decode_launches_$slot" | awk '{print $4}')
-        RC=0
+    fi
+    RC=$ok
+    decode_row "$slot" "$setup" "$label" "decode_$slot" 4 "$launches"
+    if [ "$ok" = 0 ]; then                          # the weights read as bf16 (on the CPU: rounded, no faster)
+        run_sub "decode_bf16_$slot" "$CAP_INFER" "$INFER" "${infer_args[@]}" --precision bf16
+        decode_row "$slot" "$setup" "$label, bf16 weights" "decode_bf16_$slot" 2
     fi
     rm -rf "$ck"
-    if [ -z "$stats" ] || [ "$RC" != 0 ]; then
-        row "${PRESET[$slot]}" "$setup" "$label" "$(why_failed "$name")" "" "" "" "log: logs/$name.log"
-        return 0
-    fi
-    local prefill gen secs tok_s ctx bytes bound
-    read -r prefill gen secs tok_s <<<"$stats"
-    ctx=$(calc "\"%.1f\", $prefill + $gen / 2")
-    bytes=""
-    [ "$TORCH_OK" != 1 ] || bytes=$(result decode_bytes <("$PYTHON" dev/bench_torch.py --info --preset "${PRESET[$slot]}" \
-        "${kept[@]}" --residual mhc --context "$ctx" 2>&1))
-    local note="$gen tokens in $secs s, greedy, after a $prefill-token prompt"
-    [ -z "$launches" ] || note="$note (each token one CUDA graph; kernel by kernel, --graph 0: $launches tokens/s)"
-    if [ -n "$bytes" ] && [ -n "$BW_GBS" ]; then
-        bound=$(calc "\"%.6g\", $BW_GBS * 1e9 / $bytes")
-        note="$note; bound $(calc "\"%.0f\", $bound") tok/s = $(calc "\"%.0f\", $BW_GBS") GB/s copy bandwidth / $(calc "\"%.1f\", $bytes / 1e6") MB per token (SPEC §15, fp32 weights and latent cache, mean context $ctx): $(calc "\"%.1f%%\", 100 * $tok_s / $bound") of the bound"
-    else
-        note="$note; no bound (needs the copy bandwidth and bench_torch.py --info)"
-    fi
-    row "${PRESET[$slot]}" "$setup" "$label" "$(calc "\"%.1f\", $tok_s")" "$(calc "\"%.2f\", 1000 / $tok_s")" "" "" "$note"
 }
 
 declare -A DRY_PARAMS=() DRY_FPT=()

@@ -44,6 +44,7 @@ expect_error "train: --attention-wgmma on the CPU build" 2 "attention-wgmma need
 expect_error "infer: unknown flag" 2 "unknown flag" -- ./infer x.safetensors --frobnicate 1
 expect_error "infer: no checkpoint" 2 "no checkpoint" -- ./infer
 expect_error "infer: --graph out of range" 2 "bad value for --graph" -- ./infer x.safetensors --graph 2
+expect_error "infer: unknown precision" 2 "--precision takes fp32 or bf16, not fp16" -- ./infer x.safetensors --precision fp16
 ./train --preset 27b --dry-run >"$work/dry" 2>&1
 grep -q "total 27048293460" "$work/dry" && grep -q "active 4138873940" "$work/dry"
 check "train --preset 27b --dry-run prints the SPEC parameter counts" $?
@@ -120,6 +121,10 @@ cmp -s "$work/s1" "$work/s2"; check "infer: the same seed gives the same text" $
 ./infer "$work/full/model.safetensors" --prompt "The Congress" --max-tokens 8 --temperature 0 >"$work/g1" 2>/dev/null
 ./infer "$work/full/model.safetensors" --prompt "The Congress" --max-tokens 8 --temperature 5 --top-k 1 >"$work/g2" 2>/dev/null
 cmp -s "$work/g1" "$work/g2"; check "infer: --top-k 1 at temperature 5 gives the greedy text" $?
+./infer "$work/full/model.safetensors" --prompt "The Congress" --max-tokens 8 --temperature 0 --precision bf16 >"$work/b1" \
+    2>"$work/b1e"
+check "infer: decodes with bf16 weights" $? "$(cat "$work/b1e")"
+[ "$(wc -c <"$work/b1")" -gt "$(printf 'The Congress' | wc -c)" ]; check "infer: bf16 weights give text" $?
 expect_error "infer: prompt longer than the context" 2 "exceeds the model's context" -- ./infer "$work/full/model.safetensors" --max-tokens 100
 expect_error "infer: missing tokenizer" 1 "none.tok" -- ./infer "$work/full/model.safetensors" --tokenizer "$work/none.tok"
 head -c 1000 data/gpt2.tok >"$work/trunc.tok"
