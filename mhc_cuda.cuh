@@ -1042,7 +1042,8 @@ __device__ void wg_product_regs(float (&d)[N / 8][4], const MmaFragA<MHC_PREC_BF
 
 /* the warpgroup's ordering around its products: wg_fence before the first of a batch (the accumulators'
    registers, and shared memory that cp.async or ordinary stores wrote, become the tensor cores' to read),
-   wg_commit after the batch, wg_wait until it has completed (its shared memory may then be rewritten).
+   wg_commit after the batch, wg_wait<N> until all but the N latest committed batches have completed (the
+   shared memory the others read may then be rewritten; N = 0: all, and the accumulators may be read).
    The host pass runs the products at once: there they are empty. */
 __device__ void wg_fence() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1054,9 +1055,9 @@ __device__ void wg_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ void wg_wait() {
+template <int N = 0> __device__ void wg_wait() {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
 /* The accumulators as operands of an empty instruction, just before wg_fence and just after wg_wait: the
@@ -1317,12 +1318,27 @@ __global__ void __launch_bounds__(EG_THREADS, eg_min_blocks(P)) expert_gemm_kern
 /* The BF16 tile kernel on wgmma (mhc_gpu_set_wgmma, MHC_WGMMA_EXPERTS): the same problems, tiles and cp.async ring,
    with slabs 64 deep laid out as wgmma reads them (wg_offset) and each warpgroup's 64 x 128 half of the
    tile made by four m64n128k16 products a slab, 64 accumulators a thread in place of mma.sync's 4 x 4
-   tiles. A stage is refilled only once the products that read it are complete (wg_wait before the next
-   barrier); the loads of the next EGW_STAGES - 1 slabs are in flight meanwhile. */
+   tiles. A stage is refilled only once the products that read it are complete: each slab's products end
+   in wg_wait<MHC_EXPERT_WGMMA_INFLIGHT>, before the next barrier, and the refill comes after that barrier.
+   With INFLIGHT 0 a warpgroup waits for its slab's products before the next slab's, and EGW_STAGES - 1
+   slabs load meanwhile. With 1 the next slab's products are issued while the last ones still run (as
+   CUTLASS's Hopper mainloop keeps one batch in flight), so a stage stays busy one slab longer and
+   EGW_STAGES - 2 slabs load ahead. Which is faster is for a GPU to say (dev/gpu_check.sh builds
+   bench_expert both ways); the build knobs are MHC_EXPERT_WGMMA_INFLIGHT (0, 1) and
+   MHC_EXPERT_WGMMA_STAGES (3: two blocks fit an SM's shared memory; 4: one). */
+#ifndef MHC_EXPERT_WGMMA_INFLIGHT
+#define MHC_EXPERT_WGMMA_INFLIGHT 0
+#endif
+#ifndef MHC_EXPERT_WGMMA_STAGES
+#define MHC_EXPERT_WGMMA_STAGES 3
+#endif
 #define EGW_K 64                           /* K slab: one 128-byte line of bf16 per row             */
-#define EGW_STAGES 3                       /* of 32 KB: two blocks fit an SM's shared memory        */
+#define EGW_STAGES MHC_EXPERT_WGMMA_STAGES /* of 32 KB each                                        */
+#define EGW_AHEAD (EGW_STAGES - 1 - MHC_EXPERT_WGMMA_INFLIGHT)   /* slabs loading while one is multiplied */
 #define EGW_OPERAND (EG_TILE * EGW_K)      /* bf16 elements of one operand's slab                  */
 #define EGW_SMEM_BYTES (EGW_STAGES * 2 * EGW_OPERAND * 2 + 1024)   /* the stages, and room to align them */
+static_assert(MHC_EXPERT_WGMMA_INFLIGHT == 0 || MHC_EXPERT_WGMMA_INFLIGHT == 1, "MHC_EXPERT_WGMMA_INFLIGHT is 0 or 1");
+static_assert(EGW_AHEAD >= 1 && EGW_SMEM_BYTES <= 227 * 1024, "MHC_EXPERT_WGMMA_STAGES: from 2 + INFLIGHT to 7");
 
 template <bool A_KMAJOR, bool B_KMAJOR>
 __device__ void egw_load_slab(unsigned short *stages, const MhcExpertTile<MHC_PREC_BF16> &t, const MhcExpertGemm &g, int slab) {
@@ -1332,7 +1348,7 @@ __device__ void egw_load_slab(unsigned short *stages, const MhcExpertTile<MHC_PR
 }
 
 template <bool A_KMAJOR, bool B_KMAJOR>
-__global__ void __launch_bounds__(EG_THREADS, 2) expert_wgmma_kernel(MhcExpertGemm g) {
+__global__ void __launch_bounds__(EG_THREADS, 2 * EGW_SMEM_BYTES <= 227 * 1024 ? 2 : 1) expert_wgmma_kernel(MhcExpertGemm g) {
     extern __shared__ uint8_t egw_smem[];
     MhcExpertTile<MHC_PREC_BF16> t = eg_tile<MHC_PREC_BF16>(g);
     if (!t.M) return;
@@ -1341,15 +1357,16 @@ __global__ void __launch_bounds__(EG_THREADS, 2) expert_wgmma_kernel(MhcExpertGe
     float acc[16][4];
     mma_zero(acc);
     int slabs = (t.K + EGW_K - 1) / EGW_K;
-    for (int s = 0; s < EGW_STAGES - 1; s++) {
+    for (int s = 0; s < EGW_AHEAD; s++) {
         if (s < slabs) egw_load_slab<A_KMAJOR, B_KMAJOR>(stages, t, g, s);
-        cp_async_commit();
+        cp_async_commit();                         /* (empty past the last slab: the count stays) */
     }
     for (int kt = 0; kt < slabs; kt++) {
-        cp_async_wait<EGW_STAGES - 2>();
+        cp_async_wait<EGW_AHEAD - 1>();            /* this thread's copies of slab kt have landed */
         wg_fence_shared();                         /* the landed copies, for the tensor cores */
-        __syncthreads();                           /* everyone's; every warpgroup's products of slab kt - 1 are done */
-        if (kt + EGW_STAGES - 1 < slabs) egw_load_slab<A_KMAJOR, B_KMAJOR>(stages, t, g, kt + EGW_STAGES - 1);
+        __syncthreads();                           /* everyone's; both warpgroups' products of slab kt - 1 - INFLIGHT are
+                                                      complete, so its stage, the one refilled here, is free */
+        if (kt + EGW_AHEAD < slabs) egw_load_slab<A_KMAJOR, B_KMAJOR>(stages, t, g, kt + EGW_AHEAD);
         cp_async_commit();
         const unsigned short *As = stages + kt % EGW_STAGES * 2 * EGW_OPERAND, *Bs = As + EGW_OPERAND;
         wg_hold(acc);
@@ -1357,9 +1374,10 @@ __global__ void __launch_bounds__(EG_THREADS, 2) expert_wgmma_kernel(MhcExpertGe
 #pragma unroll
         for (int k0 = 0; k0 < EGW_K; k0 += 16) wg_product<A_KMAJOR, B_KMAJOR>(acc, As + 4096 * wg, Bs, k0);
         wg_commit();
-        wg_wait();
-        wg_hold(acc);
+        wg_wait<MHC_EXPERT_WGMMA_INFLIGHT>();
     }
+    wg_wait<0>();
+    wg_hold(acc);
     int lane = threadIdx.x % 32, i_0 = t.i0 + 64 * wg + 16 * (threadIdx.x / 32 % 4) + lane / 4, j_0 = t.j0 + 2 * (lane % 4);
 #pragma unroll
     for (int j = 0; j < 16; j++)

@@ -12,6 +12,8 @@
 
        ./dev/bench_expert                     small (B 32, T 1024) and 3b (B 2, T 4096), as dev/bench.sh
        ./dev/bench_expert preset N [...]      other presets and token counts
+       ./dev/bench_expert --wgmma-only [...]  the wgmma rows alone (a build with other wgmma knobs:
+                                              MHC_EXPERT_WGMMA_INFLIGHT, MHC_EXPERT_WGMMA_STAGES)
 
    FLOPs: 2 M N K per product. The rate is set against the H100 SXM's dense peak (989 TFLOP/s bf16, 495
    TF32). The inputs are hashed values. */
@@ -22,6 +24,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define PEAK_BF16_TFLOPS 989.0
 #define PEAK_TF32_TFLOPS 495.0
@@ -82,7 +85,7 @@ static void bench_row(const char *preset, const BenchProduct *p, const char *pre
            100 * tflops / peak);
 }
 
-static int bench_preset(BenchTimer *tm, const char *preset, int N) {
+static int bench_preset(BenchTimer *tm, const char *preset, int N, int wgmma_only) {
     MhcConfig cfg;
     if (mhc_preset(&cfg, preset)) {
         fprintf(stderr, "bench_expert: unknown preset %s\n", preset);
@@ -129,15 +132,18 @@ static int bench_preset(BenchTimer *tm, const char *preset, int N) {
         for (int cublas = 0; cublas <= even; cublas++) {
             const char *who = cublas ? "cuBLAS batched, " : "";
             char label[96];
-            bl.precision = MHC_PREC_TF32;
-            snprintf(label, sizeof label, "%sTF32", who);
-            bench_row(preset, &products[p], label, bench_product(&bl, 0, &x, &products[p], cublas, tm), PEAK_TF32_TFLOPS);
-            bl.precision = MHC_PREC_BF16;
-            snprintf(label, sizeof label, "%sbf16, rounding its operands", who);
-            bench_row(preset, &products[p], label, bench_product(&bl, 0, &x, &products[p], cublas, tm), PEAK_BF16_TFLOPS);
-            snprintf(label, sizeof label, "%sbf16, kernel alone", who);
-            bench_row(preset, &products[p], label, bench_product(&bl, rounded, &x, &products[p], cublas, tm), PEAK_BF16_TFLOPS);
+            if (!wgmma_only) {
+                bl.precision = MHC_PREC_TF32;
+                snprintf(label, sizeof label, "%sTF32", who);
+                bench_row(preset, &products[p], label, bench_product(&bl, 0, &x, &products[p], cublas, tm), PEAK_TF32_TFLOPS);
+                bl.precision = MHC_PREC_BF16;
+                snprintf(label, sizeof label, "%sbf16, rounding its operands", who);
+                bench_row(preset, &products[p], label, bench_product(&bl, 0, &x, &products[p], cublas, tm), PEAK_BF16_TFLOPS);
+                snprintf(label, sizeof label, "%sbf16, kernel alone", who);
+                bench_row(preset, &products[p], label, bench_product(&bl, rounded, &x, &products[p], cublas, tm), PEAK_BF16_TFLOPS);
+            }
             if (cublas || !wgmma) continue;
+            bl.precision = MHC_PREC_BF16;
             bl.wgmma = MHC_WGMMA_EXPERTS;
             bench_row(preset, &products[p], "bf16 wgmma, rounding its operands", bench_product(&bl, 0, &x, &products[p], 0, tm),
                       PEAK_BF16_TFLOPS);
@@ -158,15 +164,16 @@ static int bench_preset(BenchTimer *tm, const char *preset, int N) {
 int main(int argc, char **argv) {
     const char *presets[16] = {"small", "3b"};
     int N[16] = {32 * 1024, 2 * 4096}, n_shapes = 2;
-    if (argc > 1) {
-        if ((argc - 1) % 2 || argc - 1 > 32) {
-            fprintf(stderr, "usage: %s [preset N ...]  (at most 16 pairs; N tokens)\n", argv[0]);
+    int wgmma_only = argc > 1 && !strcmp(argv[1], "--wgmma-only"), first = 1 + wgmma_only;
+    if (argc > first) {
+        if ((argc - first) % 2 || argc - first > 32) {
+            fprintf(stderr, "usage: %s [--wgmma-only] [preset N ...]  (at most 16 pairs; N tokens)\n", argv[0]);
             return 2;
         }
-        n_shapes = (argc - 1) / 2;
+        n_shapes = (argc - first) / 2;
         for (int k = 0; k < n_shapes; k++) {
-            presets[k] = argv[1 + 2 * k];
-            N[k] = atoi(argv[2 + 2 * k]);
+            presets[k] = argv[first + 2 * k];
+            N[k] = atoi(argv[first + 1 + 2 * k]);
             if (N[k] <= 0) {
                 fprintf(stderr, "bench_expert: N must be a positive integer\n");
                 return 2;
@@ -179,8 +186,14 @@ int main(int argc, char **argv) {
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     printf("Routed-expert GEMMs on %s, rows spread evenly over the experts (M x N x K: output rows x columns x depth)\n\n",
            prop.name);
+    if (wgmma_only && !mhc_gpu_has_wgmma()) {
+        fprintf(stderr, "bench_expert --wgmma-only: this GPU or build has no wgmma (an sm_90a build on a Hopper)\n");
+        return 1;
+    }
+    printf("wgmma kernel: MHC_EXPERT_WGMMA_INFLIGHT %d, MHC_EXPERT_WGMMA_STAGES %d\n\n", MHC_EXPERT_WGMMA_INFLIGHT,
+           MHC_EXPERT_WGMMA_STAGES);
     printf("| preset | product | M x N x K | operands | ms | TFLOP/s | of peak |\n|---|---|---|---|---|---|---|\n");
     for (int k = 0; k < n_shapes; k++)
-        if (bench_preset(&tm, presets[k], N[k])) return 1;
+        if (bench_preset(&tm, presets[k], N[k], wgmma_only)) return 1;
     return 0;
 }

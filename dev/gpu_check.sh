@@ -10,14 +10,15 @@
 #      second), and compute-sanitizer's synccheck on it and racecheck on one bf16 step of tiny with the wgmma
 #      expert and attention kernels; the training attention kernels one by one (dev/bench_attention), as built and with
 #      MHC_ATT_MIN_BLOCKS=2 (two blocks per SM asked of ptxas), and the routed-expert GEMMs, ours and
-#      cuBLAS's (bench_expert);
+#      cuBLAS's (bench_expert), with the wgmma kernel's rows again for one batch of products in flight
+#      (MHC_EXPERT_WGMMA_INFLIGHT=1, over 3 and 4 stages);
 #   4. the benchmark table (dev/bench.sh: ours against PyTorch, mHC overhead, the 3b cut with 8 micro-batches
 #      a step (ACCUM=8), decode against its bound, the mHC stream kernels), with what time is left but the
 #      last two steps' share;
 #   5. decode of small at batch 1 with overlapped launches and without (MHC_OVERLAPPED_LAUNCH=0);
 #   6. where a bf16 training step of the 3b cut spends its kernel time (dev/profile.sh under ncu).
 #
-#   bash dev/gpu_check.sh --pack   here, without a GPU: builds the GPU binaries and the two variants into
+#   bash dev/gpu_check.sh --pack   here, without a GPU: builds the GPU binaries and the variants into
 #                                  runs/gpu_carry/ (about 4 minutes on 2 cores), so the GPU machine
 #                                  spends none of its time compiling
 #   bash dev/gpu_check.sh          on the GPU machine; device call:
@@ -41,7 +42,8 @@ NVCC_ONE=(nvcc -O3 -gencode=arch=compute_90a,code=sm_90a -std=c++17 -x cu --defa
 stamp() { sha256sum "${SOURCES[@]}" | sha256sum | cut -c1-16; }
 
 # --build JOBS: the binaries of `make gpu` and the variants the steps compare (attention with two blocks
-# per SM, decode with plain launches, and train_gpu as of commit BASE), all at once. BASE is the commit
+# per SM, the expert wgmma kernel with one batch of products in flight over 3 and 4 stages, decode with
+# plain launches, and train_gpu as of commit BASE), all at once. BASE is the commit
 # before the routed-expert GEMMs' cp.async pipeline and the one-pass mHC pre-stage backward, the changes
 # step 2 measures together (bench_expert and bench_mhc time each alone); its tree comes from git.
 BASE=${BASE:-c627ff5}
@@ -50,11 +52,15 @@ if [ "${1:-}" = --build ]; then
     make -j"${2:-2}" gpu &
     "${NVCC_ONE[@]}" -DMHC_ATT_MIN_BLOCKS=2 dev/bench_attention.c -o runs/variants/bench_attention_mb2 -lcublas &
     "${NVCC_ONE[@]}" -DMHC_OVERLAPPED_LAUNCH=0 infer.c -o runs/variants/infer_gpu_plain -lcublas &
-    jobs=3
+    for stages in 3 4; do
+        "${NVCC_ONE[@]}" -DMHC_EXPERT_WGMMA_INFLIGHT=1 -DMHC_EXPERT_WGMMA_STAGES=$stages dev/bench_expert.c \
+            -o runs/variants/bench_expert_inflight_s$stages -lcublas &
+    done
+    jobs=5
     rm -rf runs/base_src
     if mkdir -p runs/base_src && git archive "$BASE" | tar -x -C runs/base_src; then
         (cd runs/base_src && "${NVCC_ONE[@]}" train.c -o ../variants/train_gpu_base -lcublas) &
-        jobs=4
+        jobs=6
     else
         echo "gpu_check --build: no tree of commit $BASE (git); no base build" >&2
     fi
@@ -168,6 +174,10 @@ fi
     step bench_attention_mb2 45 150 ./runs/variants/bench_attention_mb2
     echo
     step bench_expert 45 150 ./dev/bench_expert
+    echo
+    echo "the wgmma kernel with one batch of products in flight (MHC_EXPERT_WGMMA_INFLIGHT=1), 3 and 4 stages:"
+    step bench_expert_inflight_s3 25 140 ./runs/variants/bench_expert_inflight_s3 --wgmma-only
+    step bench_expert_inflight_s4 25 135 ./runs/variants/bench_expert_inflight_s4 --wgmma-only
 } >"$OUT/kernels.md" 2>&1
 cat "$OUT/kernels.md"
 
