@@ -4643,9 +4643,9 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     float *s = a->moe_s + (size_t)ls * N * E, *w = a->moe_w + (size_t)ls * NK, *eo = a->moe_eo + (size_t)ls * NK * C;
     float *ha = a->ffn_a + (size_t)ls * N * F, *hg = a->ffn_g + (size_t)ls * N * F, *hh = a->ffn_h + (size_t)ls * N * F;
     int *sel = a->moe_sel + (size_t)ls * NK;
-    gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, s, u, b->gate, N, C, E);          /* z = W_gate u (fp32) */
-    gpu_moe_route(sel, w, s, g->expert_bias + (size_t)l * E, N, c);
-    if (decode) {
+    const float *bias = g->expert_bias + (size_t)l * E;
+    if (decode) {                                   /* z = W_gate u (fp32) and the routing, one launch */
+        gpu_moe_route_lone(sel, w, s, b->gate, u, bias, A->lone.route_done, c);
         MhcFfnSlots<float> shared = {b->sw1, b->sw3, b->sw2, NULL, NULL, 0, 1, NsI, hh + (size_t)NK * I};
         MhcFfnSlots<float> routed = {b->w1, b->w3, b->w2, sel, w, (size_t)I * C, K, I, hh};
         if (NsI > 0) gpu_ffn_decode(&g->blas, out, u, &shared, &routed, C);
