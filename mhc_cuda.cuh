@@ -130,6 +130,8 @@ typedef struct {
     int *emb_rows, *emb_start, *emb_order;   /* embedding-gradient groups: [U], [U+1], [N] (backward)   */
     int n_emb_rows;                  /* U, distinct tokens of the last forward                         */
     MhcLoneScratch lone;             /* the lone-token pre-stage's (B*T = 1: decode)                    */
+    unsigned *route_done;            /* the lone-token router's blocks finished (moe_route_lone_kernel);
+                                        0 between launches (the last block resets it)                  */
     MhcPreGradScratch pre_grad;      /* the mhc pre-stage backward's at n = MHC_SK_N (backward)          */
     MhcGpuArena arena;
 } MhcGpuActs;
@@ -3480,11 +3482,13 @@ attention_backward_q_wgmma_kernel(float *dq, const unsigned short *d_o, const fl
     att_store_acc_qk(dq + (size_t)h * dqk, (size_t)sh.H * dqk, dQa, dQb, qk, 0, dqk, b, t0 + r0, sh);
 }
 
-/* bar.sync 1 over the whole block: the warpgroups of a kernel whose loops are their own meet here (PTX's
-   barrier counts the block's arrivals wherever they come from; __syncthreads assumes one place) */
+/* barrier 1 over the whole block: the warpgroups of a kernel whose loops are their own meet here, each
+   from its own loop. That takes PTX's barrier.sync without .aligned, which counts the block's arrivals
+   wherever they come from; bar.sync (and __syncthreads) is the .aligned form, which promises that every
+   thread reaches the same instruction (CUTLASS's NamedBarrier::arrive_and_wait_unaligned is this one) */
 __device__ void att_barrier() {
 #if defined(__CUDA_ARCH__)
-    asm volatile("bar.sync 1, %0;" ::"r"(blockDim.x) : "memory");
+    asm volatile("barrier.sync 1, %0;" ::"r"(blockDim.x) : "memory");
 #else
     __syncthreads();
 #endif
@@ -3848,19 +3852,16 @@ __device__ void route_better(double &v, int &i, double v2, int i2) {
     if (i2 >= 0 && (i < 0 || v2 > v || (v2 == v && i2 < i))) { v = v2; i = i2; }
 }
 
-__global__ void __launch_bounds__(32 * MHC_ROUTE_WARPS) moe_route_kernel(int *sel, float *w, float *s, const float *bias, int N,
-                                                                         int E, int K, int G, int Gk, double rho) {
-    extern __shared__ double route_smem[];
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + warp;
-    grid_dependency_wait();                         /* launched overlapped (section 0): z is the router's */
-    grid_dependents_launch();
-    if (t >= (size_t)N) return;
-    double *score = (double *)((char *)route_smem + warp * route_warp_bytes(E, G, K)), *gscore = score + E;
+/* one token's routing by one warp: z [E] (its gate scores; s = sigma(z) replaces them) into sel, w [K];
+   score [E], gscore [G], picked [K]: the warp's shared scratch (route_warp_bytes). z is read past L1
+   (__ldcg): in decode the blocks of this very launch wrote it (moe_route_lone_kernel). */
+__device__ void route_token(int *sel, float *w, float *st, const float *bias, double *score, int E, int K, int G, int Gk,
+                            double rho) {
+    int lane = threadIdx.x % 32;
+    double *gscore = score + E;
     int *picked = (int *)(gscore + G);
-    float *st = s + t * E;
     for (int i = lane; i < E; i += 32) {
-        st[i] = (float)(1.0 / (1.0 + exp(-(double)st[i])));
+        st[i] = (float)(1.0 / (1.0 + exp(-(double)__ldcg(st + i))));
         score[i] = (double)st[i] + bias[i];
     }
     __syncwarp();
@@ -3903,10 +3904,22 @@ __global__ void __launch_bounds__(32 * MHC_ROUTE_WARPS) moe_route_kernel(int *se
         double Z = 0;
         for (int k = 0; k < K; k++) Z += st[picked[k]];
         for (int k = 0; k < K; k++) {
-            sel[t * K + k] = picked[k];
-            w[t * K + k] = (float)(rho * st[picked[k]] / Z);
+            sel[k] = picked[k];
+            w[k] = (float)(rho * st[picked[k]] / Z);
         }
     }
+}
+
+__global__ void __launch_bounds__(32 * MHC_ROUTE_WARPS) moe_route_kernel(int *sel, float *w, float *s, const float *bias, int N,
+                                                                         int E, int K, int G, int Gk, double rho) {
+    extern __shared__ double route_smem[];
+    int warp = threadIdx.x / 32;
+    size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + warp;
+    grid_dependency_wait();                         /* launched overlapped (section 0): z is the router's */
+    grid_dependents_launch();
+    if (t >= (size_t)N) return;
+    double *score = (double *)((char *)route_smem + warp * route_warp_bytes(E, G, K));
+    route_token(sel + t * K, w + t * K, s + t * E, bias, score, E, K, G, Gk, rho);
 }
 
 static void gpu_moe_route(int *sel, float *w, float *s, const float *bias, int N, const MhcConfig *c) {
@@ -3917,6 +3930,42 @@ static void gpu_moe_route(int *sel, float *w, float *s, const float *bias, int N
     cudaLaunchConfig_t config = overlapped_launch(mhc_blocks((size_t)N, warps), 32 * warps, warps * per);
     CUDA_CHECK(cudaLaunchKernelEx(&config, moe_route_kernel, sel, w, s, bias, N, E, K, G, c->n_limited_groups,
                                   c->route_scale));
+}
+
+/* A lone token's router (decode) in one launch where it took two: z = W_gate u a warp per expert, as
+   matvec_kernel makes it (exact fp32, the same sums), then the last block to finish routes the token
+   (route_token on its warp 0), as the lone pre-stage's last block finishes it. done: blocks finished, 0
+   between launches (the last block resets it). Launched overlapped (section 0): the gate's rows head for
+   L2 before the wait. */
+__global__ void moe_route_lone_kernel(int *sel, float *w, float *s, const float *gate, const float *u, const float *bias,
+                                      unsigned *done, int C, int E, int K, int G, int Gk, double rho) {
+    extern __shared__ double route_smem[];
+    __shared__ int last;
+    int o = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32;
+    if (o < E) prefetch_l2(gate + (size_t)o * C, C);
+    grid_dependency_wait();
+    grid_dependents_launch();
+    if (o < E) {
+        float z = warp_dot(gate + (size_t)o * C, u, C);
+        if (threadIdx.x % 32 == 0) s[o] = z;
+    }
+    __threadfence();                                /* this block's scores, before it counts itself */
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (threadIdx.x < 32) route_token(sel, w, s, bias, route_smem, E, K, G, Gk, rho);
+    if (threadIdx.x == 0) *done = 0;
+}
+
+static void gpu_moe_route_lone(int *sel, float *w, float *s, const float *gate, const float *u, const float *bias,
+                               unsigned *done, const MhcConfig *c) {
+    int E = c->n_routed_experts, G = c->n_expert_groups, K = c->n_activated_experts;
+    cudaLaunchConfig_t config = overlapped_launch(mhc_blocks((size_t)E, MHC_ROW_WARPS), 32 * MHC_ROW_WARPS,
+                                                  route_warp_bytes(E, G, K));
+    CUDA_CHECK(cudaLaunchKernelEx(&config, moe_route_lone_kernel, sel, w, s, gate, u, bias, done, c->d_model, E, K, G,
+                                  c->n_limited_groups, c->route_scale));
 }
 
 __global__ void moe_count_kernel(int *count, const int *sel, int NK) {
@@ -4192,6 +4241,7 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
     A->moe_bal = arena_new<double>(ar, (size_t)c->n_layers * B * c->n_routed_experts);
     A->lone.part = arena_new<float>(ar, (size_t)lone_blocks((int)C) * (mhc_m(c) + 1));
     A->lone.done = arena_new<unsigned>(ar, 1);
+    A->route_done = arena_new<unsigned>(ar, 1);
     if (flags & GPU_ACTS_BF16) {
         A->gemm_bf16_count = gpu_bf16_scratch_count(c, N, (size_t)A->logit_rows);
         A->gemm_bf16[0] = arena_new<__nv_bfloat16>(ar, A->gemm_bf16_count);
@@ -4213,6 +4263,7 @@ static int gpu_acts_init(MhcGpuActs *A, const MhcConfig *c, int B, int T, int fl
     }
     if (!ar->failed) {
         if (A->lone.done) CUDA_CHECK(cudaMemset(A->lone.done, 0, sizeof(unsigned)));
+        if (A->route_done) CUDA_CHECK(cudaMemset(A->route_done, 0, sizeof(unsigned)));
         return 0;
     }
     gpu_acts_free(A);
@@ -4645,13 +4696,15 @@ static void gpu_moe_forward(MhcGpu *g, MhcGpuActs *A, int l, const float *u, flo
     int *sel = a->moe_sel + (size_t)ls * NK;
     const float *bias = g->expert_bias + (size_t)l * E;
     if (decode) {                                   /* z = W_gate u (fp32) and the routing, one launch */
-        gpu_moe_route_lone(sel, w, s, b->gate, u, bias, A->lone.route_done, c);
+        gpu_moe_route_lone(sel, w, s, b->gate, u, bias, A->route_done, c);
         MhcFfnSlots<float> shared = {b->sw1, b->sw3, b->sw2, NULL, NULL, 0, 1, NsI, hh + (size_t)NK * I};
         MhcFfnSlots<float> routed = {b->w1, b->w3, b->w2, sel, w, (size_t)I * C, K, I, hh};
         if (NsI > 0) gpu_ffn_decode(&g->blas, out, u, &shared, &routed, C);
         else gpu_ffn_decode(&g->blas, out, u, &routed, NULL, C);
         return;
     }
+    gpu_matmul_forward(&g->blas, MHC_GEMM_FP32, s, u, b->gate, N, C, E);          /* z = W_gate u (fp32) */
+    gpu_moe_route(sel, w, s, bias, N, c);
     if (NsI > 0) {
         size_t off = (size_t)NK * I;                 /* shared expert after the routed slots */
         gpu_swiglu_ffn_forward(&g->blas, out, ha + off, hg + off, hh + off, u, b->sw1, b->sw3, b->sw2, N, C, NsI);
