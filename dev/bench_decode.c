@@ -8,9 +8,11 @@
    0.968 ms), so their difference is not the host's time. Built by `make gpu` as dev/bench_decode; run
    on the GPU machine:
 
-       ./dev/bench_decode [preset [name=value ...]]      e.g. ./dev/bench_decode 3b n_layers=4
+       ./dev/bench_decode [preset [name=value ...]]      e.g. ./dev/bench_decode 3b n_layers=4 precision=bf16
 
-   Default: small. Prints one markdown table. */
+   Default: small. A setting is a config field (mhc_config_set), or precision=fp32|bf16: the decode's
+   weights, as infer_gpu --precision (bf16: the MLA, FFN, expert and head matrices from the bf16 copy).
+   Prints one markdown table. */
 #define MHC_IMPLEMENTATION
 #include "mhc.h"
 #include "mhc_cuda.cuh"
@@ -33,6 +35,7 @@ int main(int argc, char **argv) {
     MhcConfig cfg;
     const char *preset = argc > 1 ? argv[1] : "small";
     char err[256];
+    int bf16 = 0;
     if (mhc_preset(&cfg, preset)) {
         fprintf(stderr, "bench_decode: unknown preset %s\n", preset);
         return 2;
@@ -45,7 +48,13 @@ int main(int argc, char **argv) {
         }
         memcpy(name, argv[k], eq - argv[k]);
         name[eq - argv[k]] = 0;
-        if (mhc_config_set(&cfg, name, eq + 1)) {
+        if (!strcmp(name, "precision")) {
+            if (strcmp(eq + 1, "fp32") && strcmp(eq + 1, "bf16")) {
+                fprintf(stderr, "bench_decode: precision takes fp32 or bf16, not %s\n", eq + 1);
+                return 2;
+            }
+            bf16 = !strcmp(eq + 1, "bf16");
+        } else if (mhc_config_set(&cfg, name, eq + 1)) {
             fprintf(stderr, "bench_decode: bad setting %s\n", argv[k]);
             return 2;
         }
@@ -61,6 +70,7 @@ int main(int argc, char **argv) {
     MhcGpu g;
     MhcGpuCache c;
     if (mhc_gpu_init(&g, &m, 1, 1) || mhc_gpu_cache_init(&c, &g, 3 * STEPS)) return 1;
+    mhc_gpu_set_precision(&g, bf16 ? MHC_PREC_BF16 : MHC_PREC_FP32);   /* of the decode's weights */
     int V = cfg.vocab_size;
     float *logits = (float *)mhc_calloc((size_t)V, sizeof(float));
 
@@ -116,7 +126,8 @@ int main(int argc, char **argv) {
 
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-    printf("decode of %s%s on %s, batch 1, positions 1..%d\n\n", preset, argc > 2 ? " with settings" : "", prop.name, 3 * STEPS);
+    printf("decode of %s%s on %s, batch 1, positions 1..%d, %s weights\n\n", preset, argc > 2 ? " with settings" : "", prop.name,
+           3 * STEPS, bf16 ? "bf16" : "fp32");
     printf("| what | ms per token |\n|---|---|\n");
     printf("| first step (launch by launch, captures nothing) | %.3f |\n", 1e3 * wall[0]);
     printf("| a step with the graph, logits to the host (wall, mean of %d) | %.3f |\n", STEPS - 1, 1e3 * graph_wall);
