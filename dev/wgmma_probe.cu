@@ -5,7 +5,11 @@
    of the instruction would pass there. Here one warpgroup multiplies a 64 x 64 bf16 tile A by an N x 64
    bf16 tile B (D = A B^T, 64 x N in fp32, K in 4 steps of mhc_cuda.cuh's wg_product or wg_product_regs)
    in each form and layout the kernels use: N 128 with A and B K-major or MN-major; A from registers with
-   B MN-major at N 128 and 64; N 64 with B K-major or MN-major. D is checked against the host element by element.
+   B MN-major at N 128 and 64; N 64 with B K-major or MN-major. Then attention's forward products as its
+   kernel makes them, where the single-tile rows leave out the addressing around the instruction: two
+   warpgroups (the second one's rows 8 KB into each tile), d_qk 192 in three 64-column chunks, the tiles
+   laid out by att_tile_index in dynamic shared memory past wg_tiles' alignment and a nonzero base.
+   D is checked against the host element by element.
    The inputs are multiples of 1/4 in [-2, 2), so every product and sum is exact in fp32: right readings
    give an error of exactly 0, and a misread descriptor, swizzle or fragment gives errors of order 1.
    Built by `make gpu`; run on the GPU machine: ./dev/wgmma_probe (a second; dev/gpu_check.sh runs it).
@@ -57,6 +61,67 @@ __global__ void __launch_bounds__(128) probe_kernel(float *D, const unsigned sho
         for (int e = 0; e < 4; e++) D[(16 * warp + g + 8 * (e / 2)) * PROBE_N + 8 * j + 2 * t + e % 2] = d[j][e];
 }
 
+/* attention_forward_wgmma_kernel's two products at the 3b heads (d_qk 192, d_v 128) on one block of 128
+   queries and 128 keys: S = Q K^T, a warpgroup's 64 queries each, over the three 64-column chunks of Q and
+   K (ATT_WG_KMAJOR), and O = P V with P [queries][keys] from registers (as the kernel's mma_acc_to_a leaves
+   it: each warp's 16 rows as 8 m16n8k16 A fragments of 16 keys) and V [keys][128] MN-major
+   (ATT_WG_MNMAJOR), addressed as the kernel addresses them. S and O [128][128] out row-major. */
+#define PF_ROWS 128                                  /* queries, keys: ATT_WG_TILE */
+#define PF_QK 192
+#define PF_DV 128
+#define PF_BASE 8192                                 /* Q's start past wg_tiles' alignment (16 KB: a nonzero base) */
+#define PF_SMEM_BYTES (2 * (PF_BASE + 2 * PF_ROWS * PF_QK + PF_ROWS * PF_DV) + 1024)
+
+__global__ void __launch_bounds__(256) probe_forward_kernel(float *S, float *O, const unsigned short *Q,
+                                                            const unsigned short *K, const unsigned short *V,
+                                                            const unsigned short *P) {
+    extern __shared__ uint8_t probe_smem[];
+    unsigned short *Qs = wg_tiles(probe_smem) + PF_BASE, *Ks = Qs + PF_ROWS * PF_QK, *Vs = Ks + PF_ROWS * PF_QK;
+    for (int i = threadIdx.x; i < PF_ROWS * PF_QK; i += blockDim.x) {
+        Qs[att_tile_index<ATT_WG_KMAJOR>(PF_ROWS, i / PF_QK, i % PF_QK)] = Q[i];
+        Ks[att_tile_index<ATT_WG_KMAJOR>(PF_ROWS, i / PF_QK, i % PF_QK)] = K[i];
+    }
+    for (int i = threadIdx.x; i < PF_ROWS * PF_DV; i += blockDim.x)
+        Vs[att_tile_index<ATT_WG_MNMAJOR>(PF_ROWS, i / PF_DV, i % PF_DV)] = V[i];
+    int lane = threadIdx.x % 32, wg = threadIdx.x / 128, g = lane / 4, t = lane % 4;
+    int r0 = threadIdx.x / 32 * 16;                  /* the warp's first query, as the kernel's r0 */
+    MmaFragA<MHC_PREC_BF16> p[PF_ROWS / 16];
+    for (int k = 0; k < PF_ROWS / 16; k++)
+        for (int x = 0; x < 4; x++) {
+            const unsigned short *e = P + (r0 + g + 8 * (x % 2)) * PF_ROWS + 16 * k + 2 * t + 8 * (x / 2);
+            p[k].x[x] = (unsigned)e[0] | (unsigned)e[1] << 16;
+        }
+    wg_fence_shared();
+    __syncthreads();
+    float s[16][4], o[16][4];
+    mma_zero(s);
+    mma_zero(o);
+    wg_hold(s);
+    wg_fence();
+#pragma unroll
+    for (int c = 0; c < PF_QK; c += 64)
+#pragma unroll
+        for (int k0 = 0; k0 < 64; k0 += 16) wg_product<false, false>(s, Qs + c * PF_ROWS + 4096 * wg, Ks + c * PF_ROWS, k0);
+    wg_commit();
+    wg_wait();
+    wg_hold(s);
+    wg_hold(o);
+    wg_fence();
+#pragma unroll
+    for (int k = 0; k < 8; k++) wg_product_regs<true>(o, p[k], Vs + k / 4 * 64 * PF_ROWS, 16 * (k % 4));
+    wg_commit();
+    wg_wait();
+    wg_hold(o);
+#pragma unroll
+    for (int j = 0; j < 16; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int at = (r0 + g + 8 * (e / 2)) * PF_ROWS + 8 * j + 2 * t + e % 2;
+            S[at] = s[j][e];
+            O[at] = o[j][e];
+        }
+}
+
 /* a value in {-2, -1.75, ..., 1.75}, exact in bf16 */
 static float quarter(unsigned *state) {
     *state = *state * 1664525u + 1013904223u;
@@ -67,6 +132,76 @@ static unsigned short bf16_bits(float x) {           /* exact for these values: 
     unsigned u;
     memcpy(&u, &x, 4);
     return (unsigned short)(u >> 16);
+}
+
+/* n fresh quarters into x and their bf16 bits into x16 (exact) */
+static void fill_quarters(float *x, unsigned short *x16, int n, unsigned *state) {
+    for (int i = 0; i < n; i++) x[i] = quarter(state), x16[i] = bf16_bits(x[i]);
+}
+
+/* the table's row for D [rows x cols] (rows ld apart) against the host's A [rows][k] B [cols][k]^T; 1 if wrong */
+static int probe_row(const char *name, const float *got, const float *a, const float *b, int rows, int cols, int ld, int k) {
+    double worst = 0;
+    int wrong = 0;
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            double s = 0;
+            for (int q = 0; q < k; q++) s += (double)a[i * k + q] * b[j * k + q];
+            double e = fabs((double)got[i * ld + j] - s);
+            if (!(e == 0)) wrong++;                 /* NaN included */
+            if (!(e <= worst)) worst = e;
+        }
+    printf("| %s | %g | %d of %d |\n", name, worst, wrong, rows * cols);
+    return wrong > 0;
+}
+
+/* probe_forward_kernel's two rows; 1 if either is wrong */
+static int probe_forward(unsigned *state) {
+    int nq = PF_ROWS * PF_QK, nv = PF_ROWS * PF_DV, nd = PF_ROWS * PF_ROWS;
+    float *q = (float *)mhc_calloc(nq, sizeof(float)), *k = (float *)mhc_calloc(nq, sizeof(float));
+    float *v = (float *)mhc_calloc(nv, sizeof(float)), *p = (float *)mhc_calloc(nd, sizeof(float));
+    float *vt = (float *)mhc_calloc(nv, sizeof(float)), *s = (float *)mhc_calloc(nd, sizeof(float));
+    float *o = (float *)mhc_calloc(nd, sizeof(float));
+    unsigned short *h16 = (unsigned short *)mhc_calloc(nq, sizeof(unsigned short));
+    unsigned short *dQ, *dK, *dV, *dP;
+    float *dS, *dO;
+    CUDA_CHECK(cudaMalloc((void **)&dQ, sizeof(unsigned short) * nq));
+    CUDA_CHECK(cudaMalloc((void **)&dK, sizeof(unsigned short) * nq));
+    CUDA_CHECK(cudaMalloc((void **)&dV, sizeof(unsigned short) * nv));
+    CUDA_CHECK(cudaMalloc((void **)&dP, sizeof(unsigned short) * nd));
+    CUDA_CHECK(cudaMalloc((void **)&dS, sizeof(float) * nd));
+    CUDA_CHECK(cudaMalloc((void **)&dO, sizeof(float) * nd));
+    fill_quarters(q, h16, nq, state);
+    CUDA_CHECK(cudaMemcpy(dQ, h16, sizeof(unsigned short) * nq, cudaMemcpyHostToDevice));
+    fill_quarters(k, h16, nq, state);
+    CUDA_CHECK(cudaMemcpy(dK, h16, sizeof(unsigned short) * nq, cudaMemcpyHostToDevice));
+    fill_quarters(v, h16, nv, state);
+    CUDA_CHECK(cudaMemcpy(dV, h16, sizeof(unsigned short) * nv, cudaMemcpyHostToDevice));
+    fill_quarters(p, h16, nd, state);
+    CUDA_CHECK(cudaMemcpy(dP, h16, sizeof(unsigned short) * nd, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemset(dS, 0xff, sizeof(float) * nd));   /* NaN: an element not written fails */
+    CUDA_CHECK(cudaMemset(dO, 0xff, sizeof(float) * nd));
+    CUDA_CHECK(cudaFuncSetAttribute((const void *)probe_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    PF_SMEM_BYTES));
+    probe_forward_kernel<<<1, 256, PF_SMEM_BYTES>>>(dS, dO, dQ, dK, dV, dP);
+    CUDA_CHECK(cudaGetLastError());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaMemcpy(s, dS, sizeof(float) * nd, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(o, dO, sizeof(float) * nd, cudaMemcpyDeviceToHost));
+    for (int i = 0; i < PF_ROWS; i++)               /* V^T [columns][keys]: O = P (V^T)^T */
+        for (int c = 0; c < PF_DV; c++) vt[c * PF_ROWS + i] = v[i * PF_DV + c];
+    int failed = probe_row("attention forward's S = Q K^T as its kernel addresses it: two warpgroups, d_qk 192 in three "
+                           "chunks, tiles past a nonzero base", s, q, k, PF_ROWS, PF_ROWS, PF_ROWS, PF_QK);
+    failed |= probe_row("attention forward's O = P V likewise: P from registers, V MN-major over two 64-key chunks", o, p,
+                        vt, PF_ROWS, PF_DV, PF_ROWS, PF_ROWS);
+    unsigned short *dev[] = {dQ, dK, dV, dP};
+    for (int i = 0; i < 4; i++) CUDA_CHECK(cudaFree(dev[i]));
+    CUDA_CHECK(cudaFree(dS));
+    CUDA_CHECK(cudaFree(dO));
+    float *host[] = {q, k, v, p, vt, s, o};
+    for (int i = 0; i < 7; i++) free(host[i]);
+    free(h16);
+    return failed;
 }
 
 int main(void) {
@@ -103,8 +238,8 @@ int main(void) {
     int failed = 0;
     unsigned state = 12345u;
     for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
-        for (int i = 0; i < na; i++) a[i] = quarter(&state), a16[i] = bf16_bits(a[i]);   /* fresh inputs every row */
-        for (int i = 0; i < nb; i++) b[i] = quarter(&state), b16[i] = bf16_bits(b[i]);
+        fill_quarters(a, a16, na, &state);           /* fresh inputs every row */
+        fill_quarters(b, b16, nb, &state);
         CUDA_CHECK(cudaMemcpy(dA, a16, sizeof(unsigned short) * na, cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemcpy(dB, b16, sizeof(unsigned short) * nb, cudaMemcpyHostToDevice));
         CUDA_CHECK(cudaMemset(dD, 0xff, sizeof(float) * nd));   /* NaN: an element not written fails */
@@ -119,19 +254,9 @@ int main(void) {
         CUDA_CHECK(cudaGetLastError());
         CUDA_CHECK(cudaDeviceSynchronize());
         CUDA_CHECK(cudaMemcpy(got, dD, sizeof(float) * nd, cudaMemcpyDeviceToHost));
-        double worst = 0;
-        int wrong = 0;
-        for (int i = 0; i < PROBE_M; i++)
-            for (int j = 0; j < rows[r].n; j++) {   /* n64: the other columns are left as they were */
-                double s = 0;
-                for (int k = 0; k < PROBE_K; k++) s += (double)a[i * PROBE_K + k] * b[j * PROBE_K + k];
-                double e = fabs((double)got[i * PROBE_N + j] - s);
-                if (!(e == 0)) wrong++;             /* NaN included */
-                if (!(e <= worst)) worst = e;
-            }
-        printf("| %s | %g | %d of %d |\n", rows[r].name, worst, wrong, PROBE_M * rows[r].n);
-        if (wrong) failed = 1;
+        failed |= probe_row(rows[r].name, got, a, b, PROBE_M, rows[r].n, PROBE_N, PROBE_K);   /* n64: D's first 64 columns */
     }
+    failed |= probe_forward(&state);
     printf("\n%s\n", failed ? "wgmma does not read some layout as mhc_cuda.cuh lays it out"
                             : "every layout reads as mhc_cuda.cuh lays it out");
     return failed;
