@@ -2206,13 +2206,25 @@ __device__ void lone_phi_round(float (&ph)[MHC_LONE_OUTS][MHC_MAX_STREAMS], cons
         }
 }
 
+/* Whether this block is the last of the grid to arrive at done (every thread gets the answer): each block's
+   writes so far are fenced before it counts itself, so the last block then sees every block's (reading
+   them past L1, __ldcg). done is 0 between launches: the last block resets it when it is through. */
+__device__ bool grid_last_block(unsigned *done) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 /* A lone token's block blockIdx.x: its slice's merge and parts (above). Returns 1 in the block that
    finished last, which then has h [m] in h and h_shared, |x|^2 in *sumsq and alpha, b, g in params (from
    alpha, b and one->g); 0 in the others, which are done. */
 __device__ int lone_token_slice(float *h, float *h_shared, float *sumsq, float *params, const float *alpha, const float *b,
                                 const float *x, int n, int C, const MhcPreToken *one) {
     constexpr int MMAX = MHC_MAX_STREAMS * MHC_MAX_STREAMS + 2 * MHC_MAX_STREAMS;
-    __shared__ int last;
     __shared__ float prev_H[MMAX], merged[MHC_MAX_STREAMS][MHC_LONE_SLICE];   /* the merge's coefficients; its slice */
     int m = n * n + 2 * n, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     int c = blockIdx.x * MHC_LONE_SLICE + lane;
@@ -2269,13 +2281,9 @@ __device__ int lone_token_slice(float *h, float *h_shared, float *sumsq, float *
         s = warp_reduce(s, SumOp());
         if (lane == 0) part[m] = s;
     }
-    __threadfence();                                /* this block's parts and streams, before it counts itself */
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(one->lone.done, 1u) == gridDim.x - 1;
-    __syncthreads();
+    bool last = grid_last_block(one->lone.done);    /* this block's parts and streams fenced first */
     cp_async_wait<0>();                             /* params have landed (a block leaves none in flight) */
     if (!last) return 0;
-    __threadfence();
     for (int k0 = warp; k0 <= m; k0 += MHC_LONE_OUTS * warps) {   /* a warp per sum, a lane per block */
         float s[MHC_LONE_OUTS] = {0};
         for (unsigned bk = lane; bk < gridDim.x; bk += 32) {
@@ -3940,7 +3948,6 @@ static void gpu_moe_route(int *sel, float *w, float *s, const float *bias, int N
 __global__ void moe_route_lone_kernel(int *sel, float *w, float *s, const float *gate, const float *u, const float *bias,
                                       unsigned *done, int C, int E, int K, int G, int Gk, double rho) {
     extern __shared__ double route_smem[];
-    __shared__ int last;
     int o = blockIdx.x * MHC_ROW_WARPS + threadIdx.x / 32;
     if (o < E) prefetch_l2(gate + (size_t)o * C, C);
     grid_dependency_wait();
@@ -3949,12 +3956,7 @@ __global__ void moe_route_lone_kernel(int *sel, float *w, float *s, const float 
         float z = warp_dot(gate + (size_t)o * C, u, C);
         if (threadIdx.x % 32 == 0) s[o] = z;
     }
-    __threadfence();                                /* this block's scores, before it counts itself */
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!grid_last_block(done)) return;             /* this block's scores fenced first */
     if (threadIdx.x < 32) route_token(sel, w, s, bias, route_smem, E, K, G, Gk, rho);
     if (threadIdx.x == 0) *done = 0;
 }
